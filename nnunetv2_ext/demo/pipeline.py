@@ -1,0 +1,79 @@
+"""Driving nnU-Net's real command-line tools in subprocesses (used by the demo and the e2e tests)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+
+def nnunet_env(work_dir: str, base: dict | None = None) -> dict:
+    """``base`` (default: this process's env) with nnU-Net's three folders under ``work_dir``, unbuffered."""
+    env = dict(os.environ if base is None else base)
+    env['PYTHONUNBUFFERED'] = '1'  # progress lines arrive as they are printed
+    for var, sub in (('nnUNet_raw', 'nnUNet_raw'), ('nnUNet_preprocessed', 'nnUNet_preprocessed'),
+                     ('nnUNet_results', 'nnUNet_results')):
+        env[var] = os.path.join(work_dir, sub)
+        os.makedirs(env[var], exist_ok=True)
+    return env
+
+
+class StepFailed(RuntimeError):
+    """An nnU-Net command exited non-zero; the message has its command line, log file and last lines."""
+
+
+def run_step(cmd: Sequence[str], env: dict, log_path: str,
+             on_line: Callable[[str], None] | None = None) -> float:
+    """Runs ``cmd``, writing its output to ``log_path`` (and each line to ``on_line``); returns seconds.
+
+    Raises :class:`StepFailed` naming the command, the log and its last 30 lines.
+    """
+    start = time.perf_counter()
+    tail: list[str] = []
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.DEVNULL)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            tail = (tail + [line.rstrip()])[-30:]
+            if on_line is not None:
+                on_line(line.rstrip())
+        code = proc.wait()
+    if code != 0:
+        raise StepFailed(f"`{' '.join(cmd)}` exited with {code}. Full log: {log_path}\n--- last lines ---\n"
+                         + '\n'.join(tail))
+    return time.perf_counter() - start
+
+
+def nnunet_command(name: str) -> list[str]:
+    """The console script ``name`` next to this interpreter (falls back to PATH)."""
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    return [candidate] if os.path.exists(candidate) else [name]
+
+
+def write_small_plans(preprocessed_dataset_dir: str, source: str = 'nnUNetPlans', target: str = 'nnUNetSmallPlans',
+                      configuration: str = '3d_fullres', base_features: int = 8, max_features: int = 64) -> str:
+    """Copies plans ``source`` to ``target`` with ``features_per_stage = min(base·2^s, max)``.
+
+    The preprocessed data is shared (same ``data_identifier``), so nothing is preprocessed again.
+    Returns the new plans identifier.
+    """
+    with open(os.path.join(preprocessed_dataset_dir, f'{source}.json')) as f:
+        plans = json.load(f)
+    plans['plans_name'] = target
+    arch = plans['configurations'][configuration]['architecture']['arch_kwargs']
+    arch['features_per_stage'] = [min(base_features * 2 ** s, max_features) for s in range(arch['n_stages'])]
+    with open(os.path.join(preprocessed_dataset_dir, f'{target}.json'), 'w') as f:
+        json.dump(plans, f, indent=2)
+    return target
+
+
+def foreground_dice(summary_json: str) -> tuple[float, dict[str, float]]:
+    """``(mean foreground Dice, {label: Dice})`` from ``nnUNetv2_evaluate_folder``'s summary.json."""
+    with open(summary_json) as f:
+        summary = json.load(f)
+    per_class = {str(k): float(v['Dice']) for k, v in summary['mean'].items()}
+    return float(summary['foreground_mean']['Dice']), per_class

@@ -1,0 +1,17 @@
+"""All trainers of nnunetv2_ext (public API: subclass them to change schedules, losses, ...)."""
+from nnunetv2_ext.discovery import nnunet_version_problem
+
+_problem = nnunet_version_problem()
+if _problem is not None:
+    raise ImportError(_problem)
+
+from nnunetv2_ext.trainers.base import nnUNetTrainerExtBase  # noqa: E402
+from nnunetv2_ext.trainers.demo import nnUNetTrainer_ExtDemo, nnUNetTrainerLightDecoder_ExtDemo  # noqa: E402
+from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder  # noqa: E402
+
+__all__ = [
+    'nnUNetTrainerExtBase',
+    'nnUNetTrainerLightDecoder',
+    'nnUNetTrainer_ExtDemo',
+    'nnUNetTrainerLightDecoder_ExtDemo',
+]

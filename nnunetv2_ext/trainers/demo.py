@@ -1,0 +1,45 @@
+"""Short-schedule trainers for the built-in demo and smoke runs (never for reported results).
+
+``nnUNetTrainer_ExtDemo`` is stock ``nnUNetTrainer``; ``nnUNetTrainerLightDecoder_ExtDemo`` is ours;
+both train ``NNUNETV2_EXT_DEMO_EPOCHS`` epochs (default 2) of ``NNUNETV2_EXT_DEMO_ITERS`` iterations
+(default 20), validating on 2 batches, so the comparison uses identical schedules.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"{name}={raw!r} must be >= 1")
+    return value
+
+
+def _apply_demo_schedule(trainer: nnUNetTrainer) -> None:
+    trainer.num_epochs = _env_int('NNUNETV2_EXT_DEMO_EPOCHS', 2)
+    trainer.num_iterations_per_epoch = _env_int('NNUNETV2_EXT_DEMO_ITERS', 20)
+    trainer.num_val_iterations_per_epoch = 2
+
+
+class nnUNetTrainer_ExtDemo(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _apply_demo_schedule(self)
+
+
+class nnUNetTrainerLightDecoder_ExtDemo(nnUNetTrainerLightDecoder):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        _apply_demo_schedule(self)

@@ -1,0 +1,11 @@
+import os
+import sys
+import tempfile
+
+# nnU-Net reads its folders at import time; give tests private ones before anything imports nnunetv2.
+_NNUNET_TMP = tempfile.mkdtemp(prefix='nnunetv2_ext_tests_')
+for _var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+    os.environ.setdefault(_var, os.path.join(_NNUNET_TMP, _var))
+    os.makedirs(os.environ[_var], exist_ok=True)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/plans_factory.py

@@ -1,0 +1,93 @@
+"""Zero-set-up discovery: the startup hook, the user's own nnUNet_extTrainer, wheels, the env command."""
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from nnunetv2_ext import discovery
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k in ('PATH', 'HOME', 'LANG', 'TMPDIR', 'SYSTEMROOT')}
+    env.update(extra)
+    return env
+
+
+def _python(code: str, env: dict, *flags: str) -> str:
+    return subprocess.run([sys.executable, *flags, '-c', code], env=env, capture_output=True, text=True,
+                          check=True, cwd='/').stdout.strip()
+
+
+def test_startup_hook_registers_shim_folder_without_heavy_imports():
+    out = _python("import os, sys; print(os.environ.get('nnUNet_extTrainer')); "
+                  "print('torch' in sys.modules, 'nnunetv2' in sys.modules)", _clean_env())
+    value, heavy = out.splitlines()
+    assert value == discovery.SHIM_FOLDER
+    assert heavy == 'False False'
+
+
+def test_startup_hook_keeps_users_value_first():
+    user = os.pathsep.join(['/my/trainers', '/other/trainers'])
+    out = _python("import os; print(os.environ['nnUNet_extTrainer'])", _clean_env(nnUNet_extTrainer=user))
+    assert out == os.pathsep.join([user, discovery.SHIM_FOLDER])
+    # idempotent: a child that inherits the variable does not add the folder twice
+    twice = _python("import os; print(os.environ['nnUNet_extTrainer'])",
+                    _clean_env(nnUNet_extTrainer=os.pathsep.join([user, discovery.SHIM_FOLDER])))
+    assert twice == out
+
+
+def test_opt_out_variable():
+    out = _python("import os; print(os.environ.get('nnUNet_extTrainer'))", _clean_env(NNUNETV2_EXT_NO_AUTOREGISTER='1'))
+    assert out == 'None'
+
+
+def test_stock_lookup_finds_our_trainers():
+    code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
+            "import nnunetv2_ext.trainers as t\n"
+            "for name in t.__all__:\n"
+            "    cls = f(name)\n"
+            "    assert cls.__module__.startswith('nnunetv2_ext.trainers'), cls.__module__\n"
+            "    assert cls is getattr(t, name)\n"
+            "print('ok', len(t.__all__))")
+    out = _python(code, _clean_env(nnUNet_raw='/tmp', nnUNet_preprocessed='/tmp', nnUNet_results='/tmp'))
+    assert out.splitlines()[-1] == 'ok 4'
+
+
+def test_wheel_ships_startup_files_and_they_work(tmp_path):
+    subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
+                    str(tmp_path / 'wheel'), REPO], check=True, capture_output=True)
+    (wheel,) = (tmp_path / 'wheel').iterdir()
+    names = zipfile.ZipFile(wheel).namelist()
+    for needed in ('nnunetv2_ext.pth', 'nnunetv2_ext.start', 'nnunetv2_ext/trainer_shims/nnunetv2_ext_trainers.py',
+                   'nnunetv2_ext/discovery.py'):
+        assert needed in names
+    target = tmp_path / 'site'
+    subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(target), str(wheel)],
+                   check=True, capture_output=True)
+    assert (target / 'nnunetv2_ext.start').read_text().strip() == 'nnunetv2_ext.discovery:register'
+    # -S: no site-packages (and no editable install of the repo); the wheel's own .pth must do the work
+    out = _python(f"import site; site.addsitedir({str(target)!r}); import os; print(os.environ['nnUNet_extTrainer'])",
+                  _clean_env(), '-S')
+    assert out == str(target / 'nnunetv2_ext' / 'trainer_shims')
+
+
+def test_env_command_prints_export_line():
+    out = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.cli', 'env'], capture_output=True, text=True,
+                         check=True, env=_clean_env(nnUNet_extTrainer='/mine')).stdout.strip()
+    assert out == f'export nnUNet_extTrainer="/mine{os.pathsep}{discovery.SHIM_FOLDER}"'
+
+
+@pytest.mark.parametrize('installed, ok', [('2.7.0', False), ('2.6.4', False), ('2.8.0', True), ('2.8.1', True),
+                                           ('3.0', True)])
+def test_old_nnunet_gets_a_clear_message(monkeypatch, installed, ok):
+    import importlib.metadata
+    monkeypatch.setattr(importlib.metadata, 'version', lambda name: installed)
+    problem = discovery.nnunet_version_problem()
+    if ok:
+        assert problem is None
+    else:
+        assert f'nnunetv2 {installed} is installed' in problem and ">=2.8" in problem.replace(' ', '')
