@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('demo', help='run the real nnU-Net pipeline on a built-in dataset: ours vs nnU-Net')
     p.add_argument('--work-dir', default=None,
                    help='folder for raw/preprocessed/results (default: ./nnunetv2_ext_demo)')
-    p.add_argument('--epochs', type=int, default=2, help='training epochs per trainer (default 2)')
+    p.add_argument('--epochs', type=int, default=4, help='training epochs per trainer (default 4)')
     p.add_argument('--iterations', type=int, default=25, help='iterations per epoch (default 25)')
     p.add_argument('--num-train', type=int, default=10, help='training cases (>= 5 for the 5-fold split)')
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),

@@ -32,7 +32,7 @@ def test_stock_cli_pipeline_with_user_subclass(tmp_path):
     user_dir = tmp_path / 'user_trainers'
     user_dir.mkdir()
     (user_dir / 'my_e2e_trainers.py').write_text(USER_TRAINER)
-    base = {k: v for k, v in os.environ.items() if k in ('PATH', 'HOME', 'LANG', 'TMPDIR')}
+    base = {k: v for k, v in os.environ.items() if k in ('PATH', 'HOME', 'LANG', 'TMPDIR', 'PYTHONPATH')}
     base.update(nnUNet_extTrainer=str(user_dir), nnUNet_compile='f', nnUNet_n_proc_DA='1', nnUNet_def_n_proc='1',
                 OMP_NUM_THREADS='2')
     env = nnunet_env(str(tmp_path), base)

@@ -41,7 +41,7 @@ def _format_table(rows: list[dict]) -> str:
         f"{r['dice']['1']:.3f} | {r['dice']['2']:.3f} | {r['mean_dice']:.3f} |\n" for r in rows)
 
 
-def run_demo(work_dir: str | None = None, epochs: int = 2, iterations: int = 25, num_train: int = 10,
+def run_demo(work_dir: str | None = None, epochs: int = 4, iterations: int = 25, num_train: int = 10,
              device: str = 'auto') -> int:
     from nnunetv2_ext import discovery
 

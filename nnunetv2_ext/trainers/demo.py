@@ -1,8 +1,8 @@
 """Short-schedule trainers for the built-in demo and smoke runs (never for reported results).
 
 ``nnUNetTrainer_ExtDemo`` is stock ``nnUNetTrainer``; ``nnUNetTrainerLightDecoder_ExtDemo`` is ours;
-both train ``NNUNETV2_EXT_DEMO_EPOCHS`` epochs (default 2) of ``NNUNETV2_EXT_DEMO_ITERS`` iterations
-(default 20), validating on 2 batches, so the comparison uses identical schedules.
+both train ``NNUNETV2_EXT_DEMO_EPOCHS`` epochs (default 4) of ``NNUNETV2_EXT_DEMO_ITERS`` iterations
+(default 25), validating on 2 batches, so the comparison uses identical schedules.
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ def _env_int(name: str, default: int) -> int:
 
 
 def _apply_demo_schedule(trainer: nnUNetTrainer) -> None:
-    trainer.num_epochs = _env_int('NNUNETV2_EXT_DEMO_EPOCHS', 2)
-    trainer.num_iterations_per_epoch = _env_int('NNUNETV2_EXT_DEMO_ITERS', 20)
+    trainer.num_epochs = _env_int('NNUNETV2_EXT_DEMO_EPOCHS', 4)
+    trainer.num_iterations_per_epoch = _env_int('NNUNETV2_EXT_DEMO_ITERS', 25)
     trainer.num_val_iterations_per_epoch = 2
 
 
