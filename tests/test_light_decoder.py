@@ -166,3 +166,33 @@ def test_decoder_rejects_wrong_number_of_features():
     dec = LightDecoder([4, 8], [[1, 1, 1], [2, 2, 2]], [[3] * 3] * 2, 2, nn.Conv3d)
     with pytest.raises(ValueError, match='expected 2 feature maps, got 1'):
         dec([torch.randn(1, 4, 4, 4, 4)])
+
+
+def test_vnet_dice_formula_and_trainer_variant():
+    from nnunetv2.utilities.helpers import softmax_helper_dim1
+    from nnunetv2_ext.losses import SquaredDenominatorDiceLoss
+    from nnunetv2_ext.trainers import nnUNetTrainerLightDecoder_VNetDice
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64)
+    y = torch.randint(0, 3, (2, 1, 5, 6, 7))
+    p = torch.softmax(x, 1)[:, 1:]
+    onehot = F.one_hot(y[:, 0], 3).permute(0, 4, 1, 2, 3)[:, 1:].double()
+    axes = (2, 3, 4)
+    expected = -((2 * (p * onehot).sum(axes) + 1e-5) / ((p * p).sum(axes) + (onehot ** 2).sum(axes) + 1e-5)).mean()
+    loss = SquaredDenominatorDiceLoss(apply_nonlin=softmax_helper_dim1, batch_dice=False, do_bg=False, smooth=1e-5,
+                                      ddp=False)
+    torch.testing.assert_close(loss(x, y).double(), expected)
+    # batch dice sums over the batch before the ratio
+    expected_b = -((2 * (p * onehot).sum((0, *axes)) + 1e-5) /
+                   ((p * p).sum((0, *axes)) + onehot.sum((0, *axes)) + 1e-5)).mean()
+    loss.batch_dice = True
+    torch.testing.assert_close(loss(x, y).double(), expected_b)
+    # differs from nnU-Net's plain-sum Dice, and the variant wires it under deep supervision
+    cm = make_configuration(**PLANS['3d_iso_5'])
+    trainer_loss = make_trainer(nnUNetTrainerLightDecoder_VNetDice, cm)._build_loss()
+    assert isinstance(trainer_loss.loss.dc, SquaredDenominatorDiceLoss) and trainer_loss.loss.dc.do_bg is False
+    np.testing.assert_allclose(trainer_loss.weight_factors, np.array([8, 4, 2, 1]) / 15)
+    stock = make_trainer(nnUNetTrainerLightDecoder, cm)._build_loss().loss.dc
+    loss.batch_dice = False
+    assert not torch.allclose(stock(x, y).double(), loss(x, y).double())
