@@ -7,11 +7,12 @@ if _problem is not None:
 
 from nnunetv2_ext.trainers.base import nnUNetTrainerExtBase  # noqa: E402
 from nnunetv2_ext.trainers.demo import nnUNetTrainer_ExtDemo, nnUNetTrainerLightDecoder_ExtDemo  # noqa: E402
-from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder  # noqa: E402
+from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder, nnUNetTrainerLightDecoder_VNetDice  # noqa: E402,E501
 
 __all__ = [
     'nnUNetTrainerExtBase',
     'nnUNetTrainerLightDecoder',
+    'nnUNetTrainerLightDecoder_VNetDice',
     'nnUNetTrainer_ExtDemo',
     'nnUNetTrainerLightDecoder_ExtDemo',
 ]
