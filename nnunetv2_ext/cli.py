@@ -2,6 +2,7 @@
 
     nnunetv2-ext env     # check the install; print the export line for nnUNet_extTrainer
     nnunetv2-ext demo    # built-in dataset -> plan/preprocess -> train -> predict -> evaluate, ours vs nnU-Net
+    nnunetv2-ext compare -d DATASET -tr T1 T2 ...   # cross-validation results side by side
 """
 from __future__ import annotations
 
@@ -27,6 +28,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     num_train=args.num_train, device=args.device)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from nnunetv2_ext.compare import compare, format_markdown, plot_boxes
+
+    results_root = os.environ.get('nnUNet_results')
+    if not results_root:
+        print('error: nnUNet_results is not set: export nnUNet_results=/path/to/nnUNet_results', file=sys.stderr)
+        return 1
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        dataset = maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    report = compare(os.path.join(results_root, dataset), args.trainers, args.plans, args.configuration, args.folds,
+                     args.baseline, args.metric)
+    found = [t for t, e in report['trainers'].items() if e['n_cases']]
+    if not found:
+        print(f"error: no results for {list(report['trainers'])} in {os.path.join(results_root, dataset)} "
+              f"(plans {args.plans}, configuration {args.configuration}); run nnUNetv2_train first", file=sys.stderr)
+        return 1
+    out = args.output or os.path.join(results_root, dataset, 'nnunetv2_ext_compare')
+    os.makedirs(out, exist_ok=True)
+    table = format_markdown(report)
+    with open(os.path.join(out, 'compare.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, 'compare.md'), 'w') as f:
+        f.write(table)
+    plot_boxes(report, os.path.join(out, 'compare.png'))
+    print(table)
+    print(f'written: {out}/compare.json, compare.md, compare.png')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='nnunetv2-ext', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                    help='training/prediction device (auto: cuda if available)')
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser('compare', help="compare trainers' cross-validation results (nnU-Net's summary.json files)")
+    p.add_argument('-d', '--dataset', required=True, help='dataset name or ID')
+    p.add_argument('-tr', '--trainers', nargs='+', required=True, help='trainer class names')
+    p.add_argument('-c', '--configuration', default='3d_fullres')
+    p.add_argument('-p', '--plans', default='nnUNetPlans')
+    p.add_argument('-f', '--folds', nargs='+', type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument('--baseline', default=None, help='trainer for the paired comparison (default: the first of -tr)')
+    p.add_argument('--metric', default='Dice', help="metric key of nnU-Net's summary.json (Dice, IoU, ...)")
+    p.add_argument('-o', '--output', default=None,
+                   help='output folder (default: $nnUNet_results/<dataset>/nnunetv2_ext_compare)')
+    p.set_defaults(func=_cmd_compare)
     return parser
 
 
