@@ -2,6 +2,7 @@
 
     nnunetv2-ext env     # check the install; print the export line for nnUNet_extTrainer
     nnunetv2-ext demo    # built-in dataset -> plan/preprocess -> train -> predict -> evaluate, ours vs nnU-Net
+    nnunetv2-ext benchmark -d DATASET -c CONFIG     # params, FLOPs, step time, memory per trainer
     nnunetv2-ext compare -d DATASET -tr T1 T2 ...   # cross-validation results side by side
     nnunetv2-ext anatomy-dataset                    # real-anatomy benchmark dataset from packaged templates
 """
@@ -65,6 +66,43 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_benchmark_trainers() -> list[str]:
+    """nnU-Net's baseline plus each of our main trainers (names without a variant suffix)."""
+    import re
+
+    from nnunetv2_ext import trainers
+
+    return ['nnUNetTrainer'] + [t for t in trainers.__all__
+                                if re.fullmatch(r'nnUNetTrainer[A-Za-z0-9]+', t) and t != 'nnUNetTrainerExtBase']
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from nnunetv2_ext.benchmark import BenchmarkError, format_markdown, plot, run_benchmark
+
+    trainers = args.trainers or default_benchmark_trainers()
+    try:
+        report = run_benchmark(args.dataset, args.configuration, args.plans, trainers, args.device, args.batch_size,
+                               args.scaling, args.warmup, args.repeats)
+    except BenchmarkError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    out = args.output or os.path.join('nnunetv2_ext_benchmark',
+                                      f"{report['dataset']}__{args.plans}__{args.configuration}")
+    os.makedirs(out, exist_ok=True)
+    table = format_markdown(report)
+    with open(os.path.join(out, 'benchmark.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, 'benchmark.md'), 'w') as f:
+        f.write(table)
+    plot(report, os.path.join(out, 'benchmark.png'))
+    print(table)
+    print(f'written: {out}/benchmark.json, benchmark.md, benchmark.png')
+    return 0
+
+
 def _cmd_anatomy_dataset(args: argparse.Namespace) -> int:
     import os
 
@@ -104,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'),
                    help='training/prediction device (auto: cuda if available)')
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser('benchmark', help="cost of trainers' networks on a dataset's plans (params, FLOPs, time, "
+                                         "memory)")
+    p.add_argument('-d', '--dataset', required=True, help='dataset name or ID (its plans must exist)')
+    p.add_argument('-c', '--configuration', default='3d_fullres')
+    p.add_argument('-p', '--plans', default='nnUNetPlans')
+    p.add_argument('-tr', '--trainers', nargs='+', default=None,
+                   help='trainer class names (default: nnUNetTrainer and each of our main trainers)')
+    p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    p.add_argument('--batch-size', type=int, default=None, help="default: the plans' batch size")
+    p.add_argument('--scaling', nargs='+', type=float, default=None, metavar='FACTOR',
+                   help='also measure at the planned patch size scaled by these factors, e.g. 0.5 0.75 1 1.25')
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=5)
+    p.add_argument('-o', '--output', default=None,
+                   help='output folder (default: ./nnunetv2_ext_benchmark/<dataset>__<plans>__<configuration>)')
+    p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser('compare', help="compare trainers' cross-validation results (nnU-Net's summary.json files)")
     p.add_argument('-d', '--dataset', required=True, help='dataset name or ID')

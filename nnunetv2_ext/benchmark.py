@@ -1,0 +1,271 @@
+"""``nnunetv2-ext benchmark``: cost of trainers' networks on a dataset's plans.
+
+Per trainer and patch size: parameters, forward FLOPs per patch (``torch.utils.flop_counter``, batch 1),
+training-step time (zero_grad → forward → loss → backward → SGD step, the plans' batch size,
+median of repeats after warm-up; autocast on CUDA as nnU-Net does), peak memory of that step, and
+inference time per patch (batch 1, deep supervision off, no TTA).
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps; on CPU each measurement runs
+in a forked child process whose peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs``) is read after the steps, minus its resident size before them.
+
+The loss is a stand-in with nnU-Net's cost profile: cross-entropy against random labels on every
+deep-supervision output (equal weights). Networks are built with the trainer's own
+``build_network_architecture``, so stock nnU-Net trainers, ours and users' subclasses all work.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Measurement:
+    trainer: str
+    patch_size: list[int]
+    batch_size: int
+    params: int
+    forward_flops: int
+    step_ms: float
+    step_ms_all: list[float] = field(default_factory=list)
+    peak_memory_bytes: int = 0
+    memory_method: str = ''
+    inference_ms: float = math.nan
+
+
+class BenchmarkError(RuntimeError):
+    """Bad input (unknown trainer, missing plans); the message says what to do."""
+
+
+def load_plans(dataset: str, plans: str, configuration: str):
+    """``(PlansManager, ConfigurationManager, dataset_json)`` from ``$nnUNet_preprocessed``."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    if not nnUNet_preprocessed.is_set():
+        raise BenchmarkError('nnUNet_preprocessed is not set: export nnUNet_preprocessed=/path/to/nnUNet_preprocessed')
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise BenchmarkError(str(e)) from None
+    folder = os.path.join(nnUNet_preprocessed.get(), name)
+    plans_file = os.path.join(folder, f'{plans}.json')
+    if not os.path.isfile(plans_file):
+        raise BenchmarkError(f'no plans file {plans_file}: run nnUNetv2_plan_and_preprocess -d {dataset} '
+                             f'(add -pl/-overwrite_plans_name for other plans) first')
+    pm = PlansManager(plans_file)
+    if configuration not in pm.available_configurations:
+        raise BenchmarkError(f"plans {plans} have no configuration '{configuration}' "
+                             f"(available: {pm.available_configurations})")
+    with open(os.path.join(folder, 'dataset.json')) as f:
+        dataset_json = json.load(f)
+    return pm, pm.get_configuration(configuration), dataset_json
+
+
+def find_trainer(name: str):
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    try:
+        return recursive_find_trainer_class_by_name(name)
+    except RuntimeError:
+        raise BenchmarkError(f"unknown trainer '{name}': not in nnU-Net nor in the folders of nnUNet_extTrainer "
+                             f"({os.environ.get('nnUNet_extTrainer', '')})") from None
+
+
+def scaled_patch_sizes(patch_size, strides, factors) -> list[list[int]]:
+    """``patch_size`` scaled by each factor, rounded to a positive multiple of the total stride per axis."""
+    total = np.prod(np.asarray(strides, dtype=int), axis=0)
+    out = []
+    for f in factors:
+        p = [int(max(t, round(s * f / t) * t)) for s, t in zip(patch_size, total)]
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _stand_in_loss(outputs, targets) -> torch.Tensor:
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return sum(torch.nn.functional.cross_entropy(o.float(), t) for o, t in zip(outputs, targets))
+
+
+def _targets(net_out, num_classes: int, device) -> list[torch.Tensor]:
+    outs = net_out if isinstance(net_out, (list, tuple)) else [net_out]
+    return [torch.randint(0, num_classes, (o.shape[0], *o.shape[2:]), device=device) for o in outs]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_size, batch_size: int,
+            device: torch.device, warmup: int = 2, repeats: int = 5) -> Measurement:
+    """All figures for one trainer and patch size, in this process (see the module doc for methods)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net = trainer_cls.build_network_architecture(pm, cm, num_input_channels, num_heads, True).to(device)
+    params = sum(p.numel() for p in net.parameters())
+    x1 = torch.randn(1, num_input_channels, *patch_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        net(x1)
+    flops = counter.get_total_flops()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.99, nesterov=True)
+    x = torch.randn(batch_size, num_input_channels, *patch_size, device=device)
+    with torch.no_grad():
+        targets = _targets(net(x), num_heads, device)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=device.type == 'cuda'):
+            loss = _stand_in_loss(net(x), targets)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated(device) - base if device.type == 'cuda' else 0
+    net.decoder.deep_supervision = False
+    net.eval()
+    infer = []
+    with torch.no_grad(), torch.autocast(device.type, enabled=device.type == 'cuda'):
+        for i in range(warmup + repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            net(x1)
+            _sync(device)
+            if i >= warmup:
+                infer.append((time.perf_counter() - t0) * 1e3)
+    return Measurement(trainer_cls.__name__, list(patch_size), batch_size, params, int(flops),
+                       statistics.median(times), times, int(peak),
+                       'cuda max_memory_allocated above the resident model/optimizer' if device.type == 'cuda'
+                       else '', statistics.median(infer))
+
+
+def _status_kb(field_name: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field_name + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field_name} not in /proc/self/status')
+
+
+def _child(conn, args) -> None:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # reset the peak-RSS counter (VmHWM) to the current RSS
+        before = _status_kb('VmRSS')
+        m = measure(*args)
+        m.peak_memory_bytes = (_status_kb('VmHWM') - before) * 1024
+        m.memory_method = 'CPU: peak RSS growth of a forked process over the whole measurement (VmHWM)'
+        conn.send(('ok', m))
+    except BaseException as e:  # report, never hang the parent
+        conn.send(('error', f'{type(e).__name__}: {e}'))
+    finally:
+        conn.close()
+
+
+def measure_isolated(*args) -> Measurement:
+    """``measure`` in a forked child on CPU (so the peak RSS is this measurement's own)."""
+    ctx = multiprocessing.get_context('fork')
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(child, args))
+    proc.start()
+    child.close()
+    status, payload = parent.recv()
+    proc.join()
+    if status != 'ok':
+        raise RuntimeError(payload)
+    return payload
+
+
+def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[str], device: str = 'auto',
+                  batch_size: int | None = None, scaling: list[float] | None = None, warmup: int = 2,
+                  repeats: int = 5, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    pm, cm, dataset_json = load_plans(dataset, plans, configuration)
+    classes = {t: find_trainer(t) for t in trainers}
+    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
+                       ('cpu' if device == 'auto' else device))
+    lm = pm.get_label_manager(dataset_json)
+    n_in = len(dataset_json.get('channel_names', dataset_json.get('modality', {'0': None})))
+    strides = cm.network_arch_init_kwargs['strides']
+    patches = scaled_patch_sizes(cm.patch_size, strides, scaling or [1.0])
+    bs = batch_size or cm.batch_size
+    jobs = [(t, p) for p in patches for t in trainers]
+    results = []
+    for t, p in tqdm(jobs, disable=not progress, desc='benchmark', unit='run'):
+        args = (classes[t], pm, cm, n_in, lm.num_segmentation_heads, p, bs, dev, warmup, repeats)
+        m = measure(*args) if dev.type == 'cuda' else measure_isolated(*args)
+        m.trainer = t
+        results.append(asdict(m))
+    import nnunetv2
+    from importlib.metadata import version
+    return {'schema': 1, 'dataset': pm.dataset_name, 'plans': plans, 'configuration': configuration,
+            'planned_patch_size': list(cm.patch_size), 'batch_size': bs, 'device': _device_name(dev),
+            'torch': torch.__version__, 'nnunetv2': version('nnunetv2'), 'threads': torch.get_num_threads(),
+            'warmup': warmup, 'repeats': repeats, 'results': results}
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == 'cuda':
+        return torch.cuda.get_device_name(dev)
+    return f'CPU ({os.cpu_count()} cores)'
+
+
+def format_markdown(report: dict) -> str:
+    lines = [f"{report['dataset']} / {report['plans']} / {report['configuration']} on {report['device']} "
+             f"(torch {report['torch']}, nnunetv2 {report['nnunetv2']}), batch {report['batch_size']}, "
+             f"median of {report['repeats']} after {report['warmup']} warm-up.", '',
+             '| trainer | patch | params (M) | GFLOPs fwd/patch | step ms | peak mem (MiB) | infer ms/patch |',
+             '|---|---|---:|---:|---:|---:|---:|']
+    for r in report['results']:
+        lines.append(f"| {r['trainer']} | {'×'.join(map(str, r['patch_size']))} | {r['params'] / 1e6:.2f} | "
+                     f"{r['forward_flops'] / 1e9:.2f} | {r['step_ms']:.0f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+                     f"{r['inference_ms']:.0f} |")
+    if report['results']:
+        lines += ['', f"Memory: {report['results'][0]['memory_method']}."]
+    return '\n'.join(lines) + '\n'
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for t in dict.fromkeys(r['trainer'] for r in report['results']):
+        rows = [r for r in report['results'] if r['trainer'] == t]
+        vox = [math.prod(r['patch_size']) for r in rows]
+        for ax, key, scale in zip(axes, ('step_ms', 'peak_memory_bytes', 'forward_flops'), (1, 2**-20, 1e-9)):
+            ax.plot(vox, [r[key] * scale for r in rows], 'o-', label=t)
+    for ax, title in zip(axes, ('training step (ms)', 'peak memory (MiB)', 'forward GFLOPs per patch')):
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('voxels per patch')
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{report['dataset']} {report['configuration']} on {report['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

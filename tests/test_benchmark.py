@@ -1,0 +1,95 @@
+"""``nnunetv2-ext benchmark`` on tiny plans: fields present and numerically sane."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plans_factory import make_configuration, make_plans
+from nnunetv2_ext.benchmark import BenchmarkError, format_markdown, run_benchmark, scaled_patch_sizes
+from nnunetv2_ext.cli import default_benchmark_trainers
+
+DATASET = 'Dataset977_BenchTiny'
+
+
+@pytest.fixture(scope='module')
+def tiny_plans():
+    cm = make_configuration([16, 16, 16], [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [4, 8, 8])
+    plans = make_plans(cm)
+    plans.pop('continue_training')
+    plans['dataset_name'] = DATASET
+    folder = os.path.join(os.environ['nnUNet_preprocessed'], DATASET)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, 'nnUNetPlans.json'), 'w') as f:
+        json.dump(plans, f)
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump({'channel_names': {'0': 'CT', '1': 'MR'}, 'labels': {'background': 0, 'a': 1, 'b': 2},
+                   'numTraining': 5, 'file_ending': '.nii.gz'}, f)
+    return cm
+
+
+def test_report_fields_and_sanity(tiny_plans):
+    report = run_benchmark(DATASET, '3d_fullres', 'nnUNetPlans', ['nnUNetTrainer', 'nnUNetTrainerLightDecoder'],
+                           device='cpu', scaling=[0.5, 1.0], warmup=1, repeats=2, progress=False)
+    assert report['schema'] == 1 and report['batch_size'] == 2 and report['device'].startswith('CPU')
+    rows = {(r['trainer'], tuple(r['patch_size'])): r for r in report['results']}
+    assert set(rows) == {(t, p) for t in ('nnUNetTrainer', 'nnUNetTrainerLightDecoder') for p in ((8, 8, 8),
+                                                                                                  (16, 16, 16))}
+    from nnunetv2_ext.benchmark import find_trainer, load_plans
+    pm, cm, _ = load_plans(DATASET, 'nnUNetPlans', '3d_fullres')
+    for t in ('nnUNetTrainer', 'nnUNetTrainerLightDecoder'):
+        net = find_trainer(t).build_network_architecture(pm, cm, 2, 3, True)
+        small, big = rows[(t, (8, 8, 8))], rows[(t, (16, 16, 16))]
+        assert small['params'] == big['params'] == sum(p.numel() for p in net.parameters())
+        assert 0 < small['forward_flops'] < big['forward_flops']
+        # convolutions: FLOPs scale with voxels (x8), up to boundary-free terms
+        assert 6 < big['forward_flops'] / small['forward_flops'] <= 8.5
+        for r in (small, big):
+            assert r['step_ms'] > 0 and len(r['step_ms_all']) == 2 and r['inference_ms'] > 0
+            assert r['peak_memory_bytes'] > 0 and 'VmHWM' in r['memory_method']
+    table = format_markdown(report)
+    assert table.count('| nnUNetTrainerLightDecoder |') == 2
+
+
+def test_flops_match_a_hand_count():
+    """One 3x3x3 conv layer: 2 * k^3 * Cin * Cout * voxels FLOPs (what FlopCounterMode reports)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    conv = torch.nn.Conv3d(2, 4, 3, padding=1, bias=False)
+    with FlopCounterMode(display=False) as c:
+        conv(torch.randn(1, 2, 8, 8, 8))
+    assert c.get_total_flops() == 2 * 27 * 2 * 4 * 8 ** 3
+
+
+def test_scaled_patch_sizes_respect_strides():
+    assert scaled_patch_sizes([20, 64, 48], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], [0.5, 1.0, 2.0]) == \
+        [[8, 32, 24], [20, 64, 48], [40, 128, 96]]
+
+
+def test_clear_errors(tiny_plans):
+    with pytest.raises(BenchmarkError, match="unknown trainer 'NoSuchTrainer'"):
+        run_benchmark(DATASET, '3d_fullres', 'nnUNetPlans', ['NoSuchTrainer'], device='cpu', progress=False)
+    with pytest.raises(BenchmarkError, match='run nnUNetv2_plan_and_preprocess'):
+        run_benchmark(DATASET, '3d_fullres', 'OtherPlans', ['nnUNetTrainer'], device='cpu', progress=False)
+    with pytest.raises(BenchmarkError, match="no configuration '2d'"):
+        run_benchmark(DATASET, '2d', 'nnUNetPlans', ['nnUNetTrainer'], device='cpu', progress=False)
+
+
+def test_default_trainers_are_baseline_plus_our_main_ones():
+    names = default_benchmark_trainers()
+    assert names[0] == 'nnUNetTrainer' and 'nnUNetTrainerLightDecoder' in names
+    assert not any(n.endswith('_ExtDemo') or n == 'nnUNetTrainerExtBase' or '_' in n for n in names)
+
+
+def test_cli_writes_outputs(tiny_plans, tmp_path):
+    run = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.cli', 'benchmark', '-d', DATASET, '-tr',
+                          'nnUNetTrainerLightDecoder', '--device', 'cpu', '--warmup', '0', '--repeats', '1', '-o',
+                          str(tmp_path)], capture_output=True, text=True, env=os.environ.copy())
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert [r['trainer'] for r in report['results']] == ['nnUNetTrainerLightDecoder']
+    assert (tmp_path / 'benchmark.png').stat().st_size > 0 and (tmp_path / 'benchmark.md').exists()
+    bad = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.cli', 'benchmark', '-d', DATASET, '-tr', 'Nope',
+                          '--device', 'cpu'], capture_output=True, text=True, env=os.environ.copy())
+    assert bad.returncode == 1 and "unknown trainer 'Nope'" in bad.stderr
