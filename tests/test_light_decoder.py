@@ -196,3 +196,21 @@ def test_vnet_dice_formula_and_trainer_variant():
     stock = make_trainer(nnUNetTrainerLightDecoder, cm)._build_loss().loss.dc
     loss.batch_dice = False
     assert not torch.allclose(stock(x, y).double(), loss(x, y).double())
+
+
+def test_decoder_formula_heads_read_the_residual_sum():
+    torch.manual_seed(0)
+    kw = dict(conv_op=nn.Conv3d, norm_op=nn.InstanceNorm3d, norm_op_kwargs={'affine': True}, nonlin=nn.LeakyReLU,
+              nonlin_kwargs={'inplace': True})
+    dec = LightDecoder([3, 5, 6], [[1, 1, 1], [2, 2, 1], [1, 2, 2]], [[3, 3, 3]] * 3, 2, **kw).double()
+    x0, x1, x2 = (torch.randn(2, c, *s, dtype=torch.float64) for c, s in ((3, (4, 8, 8)), (5, (2, 4, 8)),
+                                                                          (6, (2, 2, 4))))
+    lrelu = lambda t: F.leaky_relu(t, 0.01)  # noqa: E731
+    up1, up0 = dec.upsample
+    b1, b0 = dec.blocks
+    r1 = b1.proj(torch.cat((up1(x2), x1), 1)) + b1.body(torch.cat((up1(x2), x1), 1))
+    g0 = torch.cat((up0(lrelu(r1)), x0), 1)
+    r0 = b0.proj(g0) + b0.body(g0)
+    out = dec([x0, x1, x2])
+    torch.testing.assert_close(out[0], dec.heads[0](r0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[1], dec.heads[1](r1), rtol=0, atol=1e-12)
