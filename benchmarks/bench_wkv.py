@@ -1,0 +1,438 @@
+#!/usr/bin/env python
+"""Benchmark of the exact bidirectional WKV backends: time and peak memory vs T.
+
+For each sequence length T (default 256 ... 262144, B=2, C=64, float32) and backend
+
+* ``kernel`` -- ``cuda_wkv.bi_wkv`` with the compiled C++ (CPU) or CUDA kernel,
+* ``scan``   -- ``cuda_wkv.bi_wkv_scan``: the plain PyTorch ``logcumsumexp``
+  formulation of the same math (also the fallback backend),
+* ``dense``  -- ``cuda_wkv.bi_wkv_dense`` unchunked (one B x C x T x T score tensor),
+  only where its estimated footprint fits ``--dense-budget-gb``,
+
+it measures the median wall time of the forward (under ``torch.no_grad``) and of
+forward + backward (gradients w.r.t. w, u, k, v), and the peak extra memory of each.
+
+Memory method.  CPU: every (backend, T) point runs in a fresh subprocess; the peak is
+``ru_maxrss`` after the first forward (resp. forward+backward) minus the resident set
+size measured just before it (inputs allocated, kernel loaded).  PyTorch's CPU
+allocator returns large blocks to the OS, so this is the op's own peak working set
+(including its outputs and, for fwd+bwd, the saved tensors and the gradients).  CUDA:
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus the memory
+allocated before the op.
+
+Writes ``<out>/wkv_<device>.json``, ``.png`` (log-log time and memory vs T with
+O(T) / O(T^2) guides) and ``.md`` (table incl. the scan / kernel time ratio).
+
+    python benchmarks/bench_wkv.py                 # full CPU sweep (~10-20 min on 2 cores)
+    python benchmarks/bench_wkv.py --device cuda
+    python benchmarks/bench_wkv.py --T 1024 4096 --repeat 3 --out-dir /tmp/bench
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+DEFAULT_T = [256 * 2 ** i for i in range(11)]  # 256 ... 262144
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # pragma: no cover - non-Linux
+        return 0
+
+
+def _maxrss_bytes() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _dense_bytes(B: int, T: int, C: int, itemsize: int, backward: bool) -> int:
+    # scores, where-result, softmax output (+ autograd copies) of B*C*T*T elements
+    return B * C * T * T * itemsize * (6 if backward else 3)
+
+
+# ---------------------------------------------------------------- one measured point
+def run_point(backend: str, T: int, B: int, C: int, device: str, dtype: str, repeat: int,
+              max_seconds: float, modes) -> dict:
+    import torch
+    import cuda_wkv
+
+    dt = getattr(torch, dtype)
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    w = ((torch.rand(C, generator=g) * 2 - 1) * 5.0 / T).to(dev, dt)
+    u = (torch.randn(C, generator=g) * 0.5).to(dev, dt)
+    k = torch.randn(B, T, C, generator=g).to(dev, dt)
+    v = torch.randn(B, T, C, generator=g).to(dev, dt)
+    gy = torch.randn(B, T, C, generator=g).to(dev, dt)
+
+    if backend == "kernel":
+        os.environ["CUDA_WKV_BACKEND"] = "auto"
+        used = cuda_wkv.backend_for(k)
+        if used == "torch":
+            return {"error": "kernel unavailable: fell back to torch"}
+        fn = cuda_wkv.bi_wkv
+    elif backend == "scan":
+        used, fn = "torch", cuda_wkv.bi_wkv_scan
+    elif backend == "dense":
+        used = "dense"
+
+        def fn(w_, u_, k_, v_):
+            return cuda_wkv.bi_wkv_dense(w_, u_, k_, v_, max_chunk_elements=B * C * T * T)
+    else:
+        raise ValueError(backend)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def fwd():
+        with torch.no_grad():
+            return fn(w, u, k, v)
+
+    def fwd_bwd():
+        leaves = [x.detach().requires_grad_() for x in (w, u, k, v)]
+        y = fn(*leaves)
+        return torch.autograd.grad(y, leaves, gy)
+
+    # Warm up on tiny inputs first (kernel load, autograd engine threads, allocator
+    # pools) so that the memory measured below belongs to the op at this T.
+    tiny = [x[..., :16, :] if x.dim() == 3 else x for x in (w, u, k, v)]
+    with torch.no_grad():
+        fn(*tiny)
+    leaves = [x.detach().requires_grad_() for x in tiny]
+    torch.autograd.grad(fn(*leaves), leaves, gy[:, :16])
+    del leaves
+
+    out = {"backend": backend, "impl": used, "T": T}
+    for mode, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        if mode not in modes:
+            continue
+        # first call: peak memory (and warm-up)
+        sync()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        else:
+            base = _rss_bytes()
+        t0 = time.perf_counter()
+        res = f()
+        sync()
+        first = time.perf_counter() - t0
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(dev) - base
+        else:
+            peak = max(0, _maxrss_bytes() - base)
+        del res
+        times = []
+        n = max(1, min(repeat, int(max_seconds / max(first, 1e-6))))
+        for _ in range(n):
+            sync()
+            t0 = time.perf_counter()
+            res = f()
+            sync()
+            times.append(time.perf_counter() - t0)
+            del res
+        out[f"{mode}_s"] = statistics.median(times)
+        out[f"{mode}_min_s"] = min(times)
+        out[f"{mode}_runs"] = len(times)
+        out[f"{mode}_peak_bytes"] = int(peak)
+    return out
+
+
+def _spawn(args, backend, T, modes) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_point", backend, str(T),
+           "--B", str(args.B), "--C", str(args.C), "--device", args.device, "--dtype",
+           args.dtype, "--repeat", str(args.repeat), "--max-seconds", str(args.max_seconds),
+           "--threads", str(args.threads),
+           "--modes", *modes]
+    env = dict(os.environ)
+    # Fixed glibc mmap threshold: blocks >= 128 KiB are mmapped and returned to the OS
+    # on free (no dynamic threshold growth), so RSS follows the live tensors.
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    for line in r.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    return {"backend": backend, "T": T, "error": (r.stderr or r.stdout)[-800:]}
+
+
+# ------------------------------------------------------------------------ reporting
+def _fmt_s(x):
+    if x is None:
+        return "—"
+    return f"{x * 1e3:.1f} ms" if x < 10 else f"{x:.1f} s"
+
+
+def _fmt_b(x):
+    if x is None:
+        return "—"
+    return f"{x / 2 ** 20:.0f} MiB" if x >= 2 ** 20 else f"{x / 2 ** 10:.0f} KiB"
+
+
+def write_markdown(path: Path, meta: dict, rows: list) -> None:
+    by = {(r["backend"], r["T"]): r for r in rows if "error" not in r}
+    Ts = sorted({r["T"] for r in rows})
+    lines = [f"# bi_wkv benchmark ({meta['device']}, {meta['dtype']}, "
+             f"B={meta['B']}, C={meta['C']})", "",
+             f"Generated by `{meta['command']}` on {meta['date']}.", "",
+             f"Machine: {meta['machine']}; torch {meta['torch']}; "
+             f"{meta['threads']} intra-op threads.", "",
+             f"Time: median of up to {meta['repeat']} runs after one warm-up run "
+             "(forward under `torch.no_grad`; fwd+bwd = forward + `autograd.grad` w.r.t. "
+             "w, u, k, v).  Memory: " + meta["memory_method"], "",
+             "`scan` is the plain PyTorch `logcumsumexp` formulation (`bi_wkv_scan`); "
+             "`ratio` = scan time / kernel time.  `dense` = O(T²) reference, run only where "
+             "it fits the memory budget.", "",
+             "| T | kernel fwd | kernel fwd+bwd | scan fwd | scan fwd+bwd | ratio fwd | "
+             "ratio fwd+bwd | dense fwd+bwd | kernel peak fwd+bwd | scan peak fwd+bwd | "
+             "dense peak fwd+bwd |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for T in Ts:
+        kr, sr, dr = by.get(("kernel", T), {}), by.get(("scan", T), {}), by.get(("dense", T), {})
+
+        def ratio(mode):
+            a, b = sr.get(f"{mode}_s"), kr.get(f"{mode}_s")
+            return f"{a / b:.1f}×" if a and b else "—"
+        lines.append(
+            f"| {T} | {_fmt_s(kr.get('fwd_s'))} | {_fmt_s(kr.get('fwd_bwd_s'))} | "
+            f"{_fmt_s(sr.get('fwd_s'))} | {_fmt_s(sr.get('fwd_bwd_s'))} | {ratio('fwd')} | "
+            f"{ratio('fwd_bwd')} | {_fmt_s(dr.get('fwd_bwd_s'))} | "
+            f"{_fmt_b(kr.get('fwd_bwd_peak_bytes'))} | {_fmt_b(sr.get('fwd_bwd_peak_bytes'))} | "
+            f"{_fmt_b(dr.get('fwd_bwd_peak_bytes'))} |")
+    errs = [r for r in rows if "error" in r]
+    if errs:
+        lines += ["", "Points that failed or were skipped:", ""]
+        lines += [f"* {r['backend']} T={r['T']}: {r['error'].strip().splitlines()[-1]}"
+                  for r in errs]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: Path, meta: dict, rows: list) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles = {"kernel": ("C0", "o"), "scan": ("C1", "s"), "dense": ("C3", "^")}
+    for ax, (key, label) in zip(axes, (("s", "time [s]"), ("peak_bytes", "peak memory [MiB]"))):
+        for backend, (color, marker) in styles.items():
+            for mode, ls in (("fwd", "--"), ("fwd_bwd", "-")):
+                pts = sorted((r["T"], r[f"{mode}_{key}"]) for r in rows
+                             if r.get("backend") == backend and f"{mode}_{key}" in r
+                             and r[f"{mode}_{key}"] > 0)
+                if not pts:
+                    continue
+                xs = [p[0] for p in pts]
+                ys = [p[1] / (2 ** 20 if key == "peak_bytes" else 1) for p in pts]
+                ax.plot(xs, ys, ls, color=color, marker=marker,
+                        label=f"{backend} {mode.replace('_', '+')}")
+        # O(T) and O(T^2) guides through the first kernel fwd+bwd point
+        ref = sorted((r["T"], r.get(f"fwd_bwd_{key}")) for r in rows
+                     if r.get("backend") == "kernel" and r.get(f"fwd_bwd_{key}"))
+        if ref:
+            T0, y0 = ref[0]
+            y0 = y0 / (2 ** 20 if key == "peak_bytes" else 1)
+            Ts = sorted({r["T"] for r in rows})
+            ax.plot(Ts, [y0 * t / T0 for t in Ts], ":", color="gray", label="∝ T")
+            ax.plot(Ts, [y0 * (t / T0) ** 2 for t in Ts], ":", color="black", label="∝ T²")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length T")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"bi_wkv on {meta['device']} ({meta['dtype']}, B={meta['B']}, C={meta['C']}, "
+                 f"{meta['threads']} threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------- accuracy
+ACC_CASES = [  # (B, T, C, |w|*T signed, |k| max)
+    (2, 1000, 16, 0.0, 3.0), (2, 1000, 16, 1.0, 3.0), (2, 1000, 16, -1.0, 3.0),
+    (2, 1000, 16, 10.0, 3.0), (2, 1000, 16, -10.0, 3.0), (2, 1000, 16, 10.0, 30.0),
+    (2, 1000, 16, -10.0, 30.0), (1, 4099, 4, 10.0, 30.0), (1, 4099, 4, -10.0, 30.0),
+]
+
+
+def run_accuracy(device: str, out: Path) -> None:
+    """Max errors of every backend vs the float64 dense reference (values and grads)."""
+    import torch
+    import cuda_wkv
+
+    rows = []
+    for B, T, C, wT, kmax in ACC_CASES:
+        g = torch.Generator().manual_seed(0)
+        w = torch.rand(C, generator=g, dtype=torch.float64) * wT / T
+        u = torch.randn(C, generator=g, dtype=torch.float64)
+        k = torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 * kmax - kmax
+        v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+        gy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+        leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+        ref_y = cuda_wkv.bi_wkv_dense(*leaves)
+        ref_g = torch.autograd.grad(ref_y, leaves, gy)
+        ref_y = ref_y.detach()
+        for name, env, fn in (("kernel", "auto", cuda_wkv.bi_wkv),
+                              ("scan", "torch", cuda_wkv.bi_wkv_scan)):
+            os.environ["CUDA_WKV_BACKEND"] = env
+            for dt in (torch.float32, torch.float64):
+                leaves = [x.to(device, dt).requires_grad_() for x in (w, u, k, v)]
+                y = fn(*leaves)
+                grads = torch.autograd.grad(y, leaves, gy.to(device, dt))
+                rec = {"B": B, "T": T, "C": C, "wT": wT, "kmax": kmax, "backend": name,
+                       "impl": cuda_wkv.backend_for(leaves[2]) if name == "kernel" else "torch",
+                       "dtype": str(dt).replace("torch.", ""),
+                       "y": (y.detach().double().cpu() - ref_y).abs().max().item()}
+                for gname, gg, rr in zip(("gw", "gu", "gk", "gv"), grads, ref_g):
+                    rec[gname] = ((gg.double().cpu() - rr).abs().max()
+                                  / rr.abs().max().clamp_min(1e-300)).item()
+                rows.append(rec)
+                print(json.dumps(rec), flush=True)
+    os.environ.pop("CUDA_WKV_BACKEND", None)
+    stem = f"wkv_accuracy_{device}"
+    (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    lines = [f"# bi_wkv accuracy vs the float64 dense reference ({device})", "",
+             "Generated by `python benchmarks/bench_wkv.py --accuracy"
+             + (" --device cuda" if device == "cuda" else "") + "`.  "
+             "`y`: max |y - y_ref| (v ~ N(0,1), so |y| <= ~4); gradients: max abs error "
+             "divided by max |g_ref| (gy ~ N(0,1)).  w = U(0,1) * wT / T, k ~ U(-kmax, kmax).",
+             "", "| B×T×C | w·T | kmax | backend | dtype | y | gw | gu | gk | gv |",
+             "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['B']}×{r['T']}×{r['C']} | {r['wT']:g} | {r['kmax']:g} | "
+                     f"{r['backend']} ({r['impl']}) | {r['dtype']} | {r['y']:.1e} | "
+                     f"{r['gw']:.1e} | {r['gu']:.1e} | {r['gk']:.1e} | {r['gv']:.1e} |")
+    worst = {}
+    for r in rows:
+        key = (r["backend"], r["dtype"])
+        worst[key] = max(worst.get(key, 0.0), *(r[n] for n in ("y", "gw", "gu", "gk", "gv")))
+    lines += ["", "Worst case per backend and dtype (max over all columns and cases): " +
+              ", ".join(f"{b} {d}: {e:.1e}" for (b, d), e in sorted(worst.items())) + "."]
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / stem}.json/.md")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, nargs="+", default=DEFAULT_T, help="sequence lengths")
+    p.add_argument("--B", type=int, default=2)
+    p.add_argument("--C", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--backends", nargs="+", default=["kernel", "scan", "dense"],
+                   choices=["kernel", "scan", "dense"])
+    p.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per point (median)")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="fewer repeats when one run is slow (time budget per mode)")
+    p.add_argument("--dense-budget-gb", type=float, default=6.0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads (0: PyTorch default)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="per point, seconds")
+    p.add_argument("--out-dir", default=str(REPO / "docs" / "benchmarks"))
+    p.add_argument("--accuracy", action="store_true",
+                   help="measure max errors vs the float64 dense reference instead")
+    p.add_argument("--_point", nargs=2, metavar=("BACKEND", "T"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+    if args._point:
+        res = run_point(args._point[0], int(args._point[1]), args.B, args.C, args.device,
+                        args.dtype, args.repeat, args.max_seconds, args.modes)
+        print("RESULT " + json.dumps(res), flush=True)
+        return 0
+
+    import torch
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no GPU is available")
+    if args.accuracy:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        run_accuracy(args.device, out)
+        return 0
+    itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    itemsize = max(itemsize, 4)  # computed in float32
+    rows = []
+    for T in args.T:
+        for backend in args.backends:
+            if backend == "dense":
+                need = _dense_bytes(args.B, T, args.C, itemsize, "fwd_bwd" in args.modes)
+                if need > args.dense_budget_gb * 2 ** 30:
+                    continue
+            t0 = time.time()
+            if args.device == "cpu":
+                res = _spawn(args, backend, T, args.modes)
+            else:
+                res = run_point(backend, T, args.B, args.C, args.device, args.dtype,
+                                args.repeat, args.max_seconds, args.modes)
+            res.setdefault("backend", backend)
+            res.setdefault("T", T)
+            rows.append(res)
+            print(f"T={T:>7} {backend:>6}: " + ", ".join(
+                f"{m} {_fmt_s(res.get(m + '_s'))} / {_fmt_b(res.get(m + '_peak_bytes'))}"
+                for m in args.modes) + (f"  ERROR {res['error'][-200:]}" if "error" in res else "")
+                + f"  ({time.time() - t0:.0f}s)", flush=True)
+
+    if args.device == "cuda":
+        machine = torch.cuda.get_device_name()
+        mem_method = ("`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, "
+                      "minus the memory allocated before the op.")
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for line in fh:
+                    if line.startswith("model name"):
+                        machine = f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
+                        break
+        except OSError:
+            pass
+        mem_method = ("fresh subprocess per (backend, T) with `MALLOC_MMAP_THRESHOLD_=131072`; "
+                      "`ru_maxrss` after the first call minus the resident set size just "
+                      "before it (inputs allocated, kernel loaded, warmed up on tiny inputs), "
+                      "i.e. the op's own peak working set including outputs (and, for "
+                      "fwd+bwd, saved tensors and gradients).  Values below ~1 MiB are "
+                      "at the noise level of this method.")
+    meta = {
+        "device": args.device, "dtype": args.dtype, "B": args.B, "C": args.C,
+        "repeat": args.repeat, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "machine": machine,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "command": "python benchmarks/bench_wkv.py " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:])),
+        "memory_method": mem_method,
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"wkv_{args.device}"
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    write_markdown(out / f"{stem}.md", meta, rows)
+    try:
+        write_plot(out / f"{stem}.png", meta, rows)
+    except ImportError as exc:  # pragma: no cover
+        print(f"no plot ({exc})")
+    print(f"wrote {out / stem}.json/.md/.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""cuda_wkv -- exact bidirectional WKV (Vision-RWKV spatial mixing) for any B, T, C.
+
+    y = cuda_wkv.bi_wkv(w, u, k, v)      # w, u: (C,); k, v: (B, T, C)
+
+Backends (chosen per device, see :func:`backend_for`): a C++ CPU kernel and a CUDA
+kernel, JIT-compiled on first use (importing this package compiles nothing), and a
+pure-PyTorch O(T) fallback.  ``CUDA_WKV_BACKEND`` in {auto, cpu, cuda, torch} forces
+one.  References: :func:`bi_wkv_dense` (O(T^2) definition) and :func:`bi_wkv_scan`
+(O(T) logcumsumexp).  See docs/wkv.md.
+"""
+from .loader import VERSION as __version__
+from .loader import WKVBuildWarning
+from .dispatch import BACKEND_ENV, backend_for, bi_wkv, requested_backend
+from .reference import bi_wkv_dense, bi_wkv_scan
+
+__all__ = [
+    "bi_wkv",
+    "bi_wkv_dense",
+    "bi_wkv_scan",
+    "backend_for",
+    "requested_backend",
+    "BACKEND_ENV",
+    "WKVBuildWarning",
+    "__version__",
+]
