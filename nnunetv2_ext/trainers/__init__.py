@@ -8,6 +8,8 @@ if _problem is not None:
 from nnunetv2_ext.trainers.base import nnUNetTrainerExtBase  # noqa: E402
 from nnunetv2_ext.trainers.demo import nnUNetTrainer_ExtDemo, nnUNetTrainerLightDecoder_ExtDemo  # noqa: E402
 from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder, nnUNetTrainerLightDecoder_VNetDice  # noqa: E402,E501
+from nnunetv2_ext.trainers.glsp import (nnUNetTrainerGLSP, nnUNetTrainerGLSP_BN,  # noqa: E402
+                                        nnUNetTrainerGLSP_Checkpoint, nnUNetTrainerGLSP_NoRWKV)
 
 __all__ = [
     'nnUNetTrainerExtBase',
@@ -15,4 +17,8 @@ __all__ = [
     'nnUNetTrainerLightDecoder_VNetDice',
     'nnUNetTrainer_ExtDemo',
     'nnUNetTrainerLightDecoder_ExtDemo',
+    'nnUNetTrainerGLSP',
+    'nnUNetTrainerGLSP_NoRWKV',
+    'nnUNetTrainerGLSP_BN',
+    'nnUNetTrainerGLSP_Checkpoint',
 ]

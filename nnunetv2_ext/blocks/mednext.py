@@ -1,0 +1,81 @@
+"""MedNeXt-style convolutional encoder (DESIGN §3): ConvNeXt blocks with depthwise 3-D convs.
+
+A block maps ``(B, C_in, *S) -> (B, C_out, *S/stride)``:
+
+    out = res(x) + PW_compress(GELU(PW_expand(N(DW_k,stride(x)))))       PW_expand: C_in -> r·C_in
+
+``res`` is the identity for a regular block (``C_in = C_out``, stride 1) and a strided 1×1×1
+conv for a down block. The encoder has one stage per entry of the plans' ``strides``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nnunetv2_ext.blocks.glsp import DEFAULT_NORM, NormLayer, as_triple
+
+
+def run_checkpointed(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """``module(x)``; with ``enabled`` and autograd on, activations inside ``module`` are recomputed
+    in backward instead of stored (``torch.utils.checkpoint``, non-reentrant)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(module, x, use_reentrant=False)
+    return module(x)
+
+
+class MedNeXtBlock(nn.Module):
+    """MedNeXt block ``(B, dim_in, *S) -> (B, dim_out, *S/stride)``; a down block when ``stride > 1``
+    or ``dim_out != dim_in`` (then the residual path is a strided 1×1×1 conv)."""
+
+    def __init__(self, dim_in: int, dim_out: int | None = None, exp_ratio: int = 2,
+                 kernel_size: int | Sequence[int] = 3, stride: int | Sequence[int] = 1,
+                 norm_layer: NormLayer = DEFAULT_NORM):
+        super().__init__()
+        dim_out = dim_in if dim_out is None else dim_out
+        kernel_size, stride = as_triple(kernel_size), as_triple(stride)
+        self.body = nn.Sequential(
+            nn.Conv3d(dim_in, dim_in, kernel_size, stride=stride, padding=[k // 2 for k in kernel_size],
+                      groups=dim_in),
+            norm_layer(dim_in),
+            nn.Conv3d(dim_in, exp_ratio * dim_in, 1), nn.GELU(),
+            nn.Conv3d(exp_ratio * dim_in, dim_out, 1))
+        identity = dim_in == dim_out and all(s == 1 for s in stride)
+        self.res = nn.Identity() if identity else nn.Conv3d(dim_in, dim_out, 1, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.res(x) + self.body(x)
+
+
+class MedNeXtEncoder(nn.Module):
+    """``x (B, in_channels, *patch) -> [f_0, ..., f_{n-1}]``, ``f_s``: ``(B, features[s], *patch/Π strides[:s+1])``.
+
+    Stage 0 is a conv stem (kernel = stride = ``strides[0]``, 1×1×1 for nnU-Net's usual stride 1);
+    stage ``s > 0`` starts with a down block (stride ``strides[s]``). Each stage then has
+    ``depths[s]`` regular blocks with depthwise kernel ``kernel_sizes[s]``. ``checkpoint``
+    recomputes each stage's activations in backward.
+    """
+
+    def __init__(self, in_channels: int, features: Sequence[int], strides: Sequence[Sequence[int]],
+                 kernel_sizes: Sequence[Sequence[int]], depths: Sequence[int], exp_ratio: int = 2,
+                 norm_layer: NormLayer = DEFAULT_NORM, checkpoint: bool = False):
+        super().__init__()
+        if not len(features) == len(strides) == len(kernel_sizes) == len(depths):
+            raise ValueError("features, strides, kernel_sizes and depths need one entry per stage, got "
+                             f"{len(features)}, {len(strides)}, {len(kernel_sizes)}, {len(depths)}")
+        self.checkpoint = checkpoint
+        self.stages = nn.ModuleList()
+        for s, (dim, stride, kernel, depth) in enumerate(zip(features, strides, kernel_sizes, depths)):
+            entry = (nn.Conv3d(in_channels, dim, as_triple(stride), stride=as_triple(stride)) if s == 0 else
+                     MedNeXtBlock(features[s - 1], dim, exp_ratio, kernel, stride, norm_layer))
+            blocks = [MedNeXtBlock(dim, dim, exp_ratio, kernel, 1, norm_layer) for _ in range(depth)]
+            self.stages.append(nn.Sequential(entry, *blocks))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for stage in self.stages:
+            x = run_checkpointed(stage, x, self.checkpoint)
+            feats.append(x)
+        return feats
