@@ -10,6 +10,8 @@ from nnunetv2_ext.trainers.demo import nnUNetTrainer_ExtDemo, nnUNetTrainerLight
 from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder, nnUNetTrainerLightDecoder_VNetDice  # noqa: E402,E501
 from nnunetv2_ext.trainers.glsp import (nnUNetTrainerGLSP, nnUNetTrainerGLSP_BN,  # noqa: E402
                                         nnUNetTrainerGLSP_Checkpoint, nnUNetTrainerGLSP_NoRWKV)
+from nnunetv2_ext.trainers.pvt_gdla import (nnUNetTrainerPVTGDLA, nnUNetTrainerPVTGDLA_Elliptical,  # noqa: E402
+                                            nnUNetTrainerPVTGDLA_ImageNet, nnUNetTrainerPVTGDLA_Mahalanobis)
 
 __all__ = [
     'nnUNetTrainerExtBase',
@@ -21,4 +23,8 @@ __all__ = [
     'nnUNetTrainerGLSP_NoRWKV',
     'nnUNetTrainerGLSP_BN',
     'nnUNetTrainerGLSP_Checkpoint',
+    'nnUNetTrainerPVTGDLA',
+    'nnUNetTrainerPVTGDLA_Elliptical',
+    'nnUNetTrainerPVTGDLA_Mahalanobis',
+    'nnUNetTrainerPVTGDLA_ImageNet',
 ]
