@@ -13,6 +13,7 @@ from torch import nn
 
 from nnunetv2_ext.blocks.drop_path import DropPath
 from nnunetv2_ext.blocks.spatial_mix import VRWKV_SpatialMix
+from nnunetv2_ext.blocks.tokens import grid_to_tokens, tokens_to_grid
 
 NormLayer = Callable[[int], nn.Module]
 DEFAULT_NORM: NormLayer = partial(nn.InstanceNorm3d, affine=True)
@@ -78,8 +79,8 @@ class GLSP3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv1(x)
-        B, C, *size = h.shape
-        seq = h.flatten(2).transpose(1, 2)  # (B, T, C), T = D·H·W with W fastest
+        size = h.shape[2:]
+        seq = grid_to_tokens(h)  # (B, T, C), T = D·H·W with W fastest
         seq = seq + self.drop_path(self.mix_norm(self.mix(seq, size)))
-        h = self.proj(self.local(seq.transpose(1, 2).reshape(B, C, *size)))
+        h = self.proj(self.local(tokens_to_grid(seq, size)))
         return x + self.drop_path(h) if self.has_skip else h
