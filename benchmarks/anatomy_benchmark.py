@@ -53,6 +53,8 @@ def main(argv=None) -> int:
     ap.add_argument('--iterations', type=int, default=50)
     ap.add_argument('--cases-per-subject', type=int, default=12)
     ap.add_argument('--device', default='cpu')
+    ap.add_argument('--base-features', type=int, default=16, help='plans widths min(base * 2^s, max)')
+    ap.add_argument('--max-features', type=int, default=128)
     args = ap.parse_args(argv)
     work = os.path.abspath(args.work_dir)
     logs = os.path.join(work, 'logs')
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
         cmd = nnunet_command('nnUNetv2_plan_and_preprocess') + ['-d', str(DATASET_ID), '-c', '3d_fullres',
                                                                 '-np', n_proc, '-npfp', n_proc]
         step('plan', cmd)
-    plans = write_small_plans(prep, base_features=16, max_features=128)
+    plans = write_small_plans(prep, base_features=args.base_features, max_features=args.max_features)
     rows = []
     for t in args.trainers:
         tr = f'{t}_Anatomy'
