@@ -30,8 +30,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     num_train=args.num_train, device=args.device)
 
 
-def _cmd_compare(args: argparse.Namespace) -> int:
+def _write_report(out: str, stem: str, report: dict, table: str, plot_fn) -> None:
+    """Writes ``stem.json``, ``stem.md`` and ``stem.png`` to ``out`` (each atomically) and prints the table."""
     import json
+    import os
+
+    def text(content: str):
+        def write(path: str) -> None:
+            with open(path, 'w') as f:
+                f.write(content)
+        return write
+
+    os.makedirs(out, exist_ok=True)
+    writers = {'json': text(json.dumps(report, indent=2)), 'md': text(table),
+               'png': lambda path: plot_fn(report, path)}
+    for ext, write in writers.items():
+        final = os.path.join(out, f'{stem}.{ext}')
+        tmp = os.path.join(out, f'.{stem}.tmp.{ext}')
+        write(tmp)
+        os.replace(tmp, final)
+    print(table)
+    print(f'written: {out}/{stem}.json, {stem}.md, {stem}.png')
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
     import os
 
     from nnunetv2_ext.compare import compare, format_markdown, plot_boxes
@@ -53,16 +75,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"error: no results for {list(report['trainers'])} in {os.path.join(results_root, dataset)} "
               f"(plans {args.plans}, configuration {args.configuration}); run nnUNetv2_train first", file=sys.stderr)
         return 1
-    out = args.output or os.path.join(results_root, dataset, 'nnunetv2_ext_compare')
-    os.makedirs(out, exist_ok=True)
-    table = format_markdown(report)
-    with open(os.path.join(out, 'compare.json'), 'w') as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, 'compare.md'), 'w') as f:
-        f.write(table)
-    plot_boxes(report, os.path.join(out, 'compare.png'))
-    print(table)
-    print(f'written: {out}/compare.json, compare.md, compare.png')
+    _write_report(args.output or os.path.join(results_root, dataset, 'nnunetv2_ext_compare'), 'compare', report,
+                  format_markdown(report), plot_boxes)
     return 0
 
 
@@ -77,7 +91,6 @@ def default_benchmark_trainers() -> list[str]:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> int:
-    import json
     import os
 
     from nnunetv2_ext.benchmark import BenchmarkError, format_markdown, plot, run_benchmark
@@ -89,17 +102,9 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     except BenchmarkError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    out = args.output or os.path.join('nnunetv2_ext_benchmark',
-                                      f"{report['dataset']}__{args.plans}__{args.configuration}")
-    os.makedirs(out, exist_ok=True)
-    table = format_markdown(report)
-    with open(os.path.join(out, 'benchmark.json'), 'w') as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, 'benchmark.md'), 'w') as f:
-        f.write(table)
-    plot(report, os.path.join(out, 'benchmark.png'))
-    print(table)
-    print(f'written: {out}/benchmark.json, benchmark.md, benchmark.png')
+    _write_report(args.output or os.path.join('nnunetv2_ext_benchmark',
+                                              f"{report['dataset']}__{args.plans}__{args.configuration}"),
+                  'benchmark', report, format_markdown(report), plot)
     return 0
 
 
