@@ -12,6 +12,7 @@ from nnunetv2_ext.trainers.glsp import (nnUNetTrainerGLSP, nnUNetTrainerGLSP_BN,
                                         nnUNetTrainerGLSP_Checkpoint, nnUNetTrainerGLSP_NoRWKV)
 from nnunetv2_ext.trainers.pvt_gdla import (nnUNetTrainerPVTGDLA, nnUNetTrainerPVTGDLA_Elliptical,  # noqa: E402
                                             nnUNetTrainerPVTGDLA_ImageNet, nnUNetTrainerPVTGDLA_Mahalanobis)
+from nnunetv2_ext.trainers.enc_refine import nnUNetTrainerGLSP_EncRefine, nnUNetTrainerPVTGDLA_EncRefine  # noqa: E402
 
 __all__ = [
     'nnUNetTrainerExtBase',
@@ -27,4 +28,6 @@ __all__ = [
     'nnUNetTrainerPVTGDLA_Elliptical',
     'nnUNetTrainerPVTGDLA_Mahalanobis',
     'nnUNetTrainerPVTGDLA_ImageNet',
+    'nnUNetTrainerGLSP_EncRefine',
+    'nnUNetTrainerPVTGDLA_EncRefine',
 ]
