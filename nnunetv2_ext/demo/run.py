@@ -7,6 +7,7 @@ nnUNetv2_evaluate_folder -> a Dice/time table (also saved as demo_results.md/.js
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -64,12 +65,14 @@ def run_demo(work_dir: str | None = None, epochs: int = 4, iterations: int = 25,
     env.setdefault('nnUNet_n_proc_DA', n_proc)
     env.setdefault('nnUNet_def_n_proc', n_proc)
     start = time.perf_counter()
-    step_no = [0]
+    step_numbers = itertools.count(1)
     n_steps = 3 + 3 * len(TRAINERS)
 
+    def announce(text: str) -> None:
+        print(f'[{next(step_numbers)}/{n_steps}] {text}', flush=True)
+
     def step(title: str, cmd: list[str], log_name: str) -> float:
-        step_no[0] += 1
-        print(f'[{step_no[0]}/{n_steps}] {title}  (log: {os.path.join(logs, log_name)})', flush=True)
+        announce(f'{title}  (log: {os.path.join(logs, log_name)})')
         seconds = run_step(cmd, env, os.path.join(logs, log_name),
                            on_line=lambda l: any(m in l for m in PROGRESS_MARKERS) and print('      ' + l.strip(),
                                                                                             flush=True))
@@ -77,16 +80,17 @@ def run_demo(work_dir: str | None = None, epochs: int = 4, iterations: int = 25,
         return seconds
 
     try:
-        step_no[0] += 1
-        print(f'[1/{n_steps}] writing the built-in dataset to {env["nnUNet_raw"]}', flush=True)
-        raw = write_dataset(env['nnUNet_raw'], DATASET_ID, 'ExtDemo', num_train=num_train)
+        announce(f'writing the built-in dataset to {env["nnUNet_raw"]}')
+        try:
+            raw = write_dataset(env['nnUNet_raw'], DATASET_ID, 'ExtDemo', num_train=num_train)
+        except ValueError as e:
+            print(f'error: {e}')
+            return 1
         step('nnUNetv2_plan_and_preprocess', nnunet_command('nnUNetv2_plan_and_preprocess') + [
             '-d', str(DATASET_ID), '-c', CONFIGURATION, '-np', n_proc, '-npfp', n_proc, '--verify_dataset_integrity'],
              'plan.log')
-        step_no[0] += 1
-        preprocessed = os.path.join(env['nnUNet_preprocessed'], DATASET_NAME)
-        plans_name = write_small_plans(preprocessed)
-        print(f'[{step_no[0]}/{n_steps}] wrote plans {plans_name} (nnUNetPlans with features 8..64 for a CPU demo)')
+        plans_name = write_small_plans(os.path.join(env['nnUNet_preprocessed'], DATASET_NAME))
+        announce(f'wrote plans {plans_name} (nnUNetPlans with features 8..64 for a CPU demo)')
         rows = []
         for label, trainer in TRAINERS:
             train_s = step(f'nnUNetv2_train {trainer} ({epochs} epochs x {iterations} iterations, {device})',
