@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 
@@ -58,3 +60,10 @@ def make_trainer(trainer_class, configuration: ConfigurationManager, labels: dic
                     **dataset_extra}
     name = '2d' if len(configuration.patch_size) == 2 else '3d_fullres'
     return trainer_class(make_plans(configuration, name), name, 0, dataset_json, device=torch.device('cpu'))
+
+
+def expected_ds_shapes(plans: dict, num_classes: int, batch: int) -> list[tuple[int, ...]]:
+    """Output shapes for ``make_configuration(**plans)``: scales exactly as nnU-Net derives them
+    (1/cumprod(strides)[:-1]), cut to the four finest."""
+    scales = (1 / np.cumprod(np.vstack(plans['strides']), axis=0))[:-1][:4]
+    return [(batch, num_classes, *[round(p * s) for p, s in zip(plans['patch_size'], sc)]) for sc in scales]

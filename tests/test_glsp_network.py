@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from plans_factory import make_configuration, make_trainer
+from plans_factory import expected_ds_shapes, make_configuration, make_trainer
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_ext.blocks.glsp import SE3D
 from nnunetv2_ext.networks.plans import PlansError
@@ -33,11 +33,6 @@ PLANS = {
 }
 
 
-def _expected_shapes(plans: dict, num_classes: int, batch: int):
-    scales = (1 / np.cumprod(np.vstack(plans['strides']), axis=0))[:-1][:4]
-    return [(batch, num_classes, *[round(p * s) for p, s in zip(plans['patch_size'], sc)]) for sc in scales]
-
-
 def _unzero(net: nn.Module) -> nn.Module:
     """Give the zero-initialised LayerNorm weights (identity-at-init residuals) nonzero values and keep the
     SE3D hidden ReLUs active, so "every parameter gets a gradient" tests connectivity, not the init or luck."""
@@ -58,7 +53,7 @@ def test_outputs_match_trainer_scales(name):
     x = torch.randn(2, 2, *plans['patch_size'])
     out = net(x)
     trainer_scales = trainer._get_deep_supervision_scales()
-    assert [tuple(o.shape) for o in out] == _expected_shapes(plans, 3, 2)
+    assert [tuple(o.shape) for o in out] == expected_ds_shapes(plans, 3, 2)
     assert len(out) == len(trainer_scales) == min(4, len(plans['strides']) - 1)
     for o, sc in zip(out, trainer_scales):
         assert list(o.shape[2:]) == [round(p * s) for p, s in zip(plans['patch_size'], sc)]

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from plans_factory import make_configuration, make_trainer
+from plans_factory import expected_ds_shapes, make_configuration, make_trainer
 from nnunetv2_ext.blocks.light_decoder import LightDecoder, LightResidualBlock
 from nnunetv2_ext.networks.light_decoder_unet import LightDecoderUNet
 from nnunetv2_ext.networks.plans import PlansError, check_patch_fits_strides
@@ -27,12 +27,6 @@ PLANS = {
 }
 
 
-def _expected_shapes(plans: dict, num_classes: int, batch: int):
-    """Scales exactly as nnU-Net derives them (1/cumprod(strides)[:-1]), cut to the four finest."""
-    scales = (1 / np.cumprod(np.vstack(plans['strides']), axis=0))[:-1][:4]
-    return [(batch, num_classes, *[round(p * s) for p, s in zip(plans['patch_size'], sc)]) for sc in scales]
-
-
 @pytest.mark.parametrize('name', list(PLANS))
 def test_outputs_match_trainer_scales(name):
     plans = PLANS[name]
@@ -41,7 +35,7 @@ def test_outputs_match_trainer_scales(name):
     net = trainer.build_network_architecture(trainer.plans_manager, cm, 2, 3, enable_deep_supervision=True)
     x = torch.randn(2, 2, *plans['patch_size'])
     out = net(x)
-    expected = _expected_shapes(plans, 3, 2)
+    expected = expected_ds_shapes(plans, 3, 2)
     assert [tuple(o.shape) for o in out] == expected
     trainer_scales = trainer._get_deep_supervision_scales()
     assert len(trainer_scales) == len(out) == min(4, len(plans['strides']) - 1)
