@@ -9,9 +9,9 @@ from torch.nn import functional as F
 from plans_factory import make_configuration, make_trainer
 from nnunetv2_ext.blocks.pvt import overlap_kernel, reduction_ratios
 from nnunetv2_ext.networks.plans import PlansError
-from nnunetv2_ext.networks.pvt_gdla import PVTGDLA, first_transformer_level
+from nnunetv2_ext.networks.pvt_gdla import PVTGDLA, first_transformer_level, plans_widths
 from nnunetv2_ext.trainers import (nnUNetTrainerPVTGDLA, nnUNetTrainerPVTGDLA_Elliptical,
-                                   nnUNetTrainerPVTGDLA_Mahalanobis)
+                                   nnUNetTrainerPVTGDLA_Mahalanobis, nnUNetTrainerPVTGDLA_PlansWidths)
 from nnunetv2_ext.trainers.pvt_gdla import WarmupPolyLRScheduler, weight_decay_groups
 
 TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2),
@@ -62,6 +62,27 @@ def test_trainers_build_b2_networks_with_their_attention(attention):
     stage = net.encoder.stages[0]
     assert stage.embed.proj.out_channels == 64 and len(stage.blocks) == 3           # PVTv2-b2's first stage
     assert {b.attn.attend.variant for b in stage.blocks} == {attention}
+
+
+def test_plans_widths_variant_takes_the_plans_features():
+    strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
+    widths = plans_widths([8, 16, 32, 192, 320], strides)
+    # first transformer level 2 ((1,4,4) reaches stride 4): widths of levels 2..4, heads of 64 channels
+    # (192 -> 3 heads; 320 -> 5 heads as in PVTv2-b2), b2 depths/ratios cut to 3 stages
+    assert widths == dict(embed_dims=[32, 192, 320], num_heads=[1, 3, 5], depths=(3, 4, 6), mlp_ratios=(8, 8, 4),
+                          sr_ratios=(8, 4, 2), stem_channels=8)
+    assert plans_widths([4, 8, 96], [[1, 1], [2, 2], [2, 2]])['num_heads'] == [1]
+    assert plans_widths([4, 8, 16, 100], [[1, 1], [2, 2], [2, 2], [2, 2]])['num_heads'] == [1, 1]  # 100: 1 head
+    cm = make_configuration(patch_size=[16, 32, 32], strides=strides, features=[4, 8, 16, 32, 32])
+    trainer = make_trainer(nnUNetTrainerPVTGDLA_PlansWidths, cm)
+    net = trainer.build_network_architecture(trainer.plans_manager, cm, 1, 3, True)
+    assert net.encoder.output_channels == [16, 32, 32]
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 16, 32, 32))
+    assert [tuple(o.shape) for o in out] == [(1, 3, 16, 32, 32), (1, 3, 16, 16, 16), (1, 3, 8, 8, 8),
+                                             (1, 3, 4, 4, 4)]
+    b2 = make_trainer(nnUNetTrainerPVTGDLA, cm).build_network_architecture(trainer.plans_manager, cm, 1, 3, True)
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in b2.parameters()) / 10
 
 
 def test_plans_mapping():

@@ -268,15 +268,38 @@ class PVTGDLA(nn.Module):
     def from_plans(cls, configuration_manager, num_input_channels: int, num_output_channels: int,
                    deep_supervision: bool = True, **options) -> "PVTGDLA":
         """Builds the network for an nnU-Net ``ConfigurationManager``: patch size, strides, kernels, norm
-        and nonlinearity from the plans; ``options`` go to the constructor (widths, ``attention``, …)."""
+        and nonlinearity from the plans; ``options`` go to the constructor (widths, ``attention``, …);
+        ``widths_from_plans=True`` takes the widths from the plans' ``features_per_stage`` (:func:`plans_widths`)."""
         arch = configuration_manager.network_arch_init_kwargs
         resolved = {key: pydoc.locate(arch[key]) if isinstance(arch[key], str) else arch[key]
                     for key in ('norm_op', 'nonlin')}
+        if options.pop('widths_from_plans', False):
+            options = {**plans_widths(arch['features_per_stage'], arch['strides']), **options}
         return cls(num_input_channels, num_output_channels, configuration_manager.patch_size, arch['strides'],
                    arch['kernel_sizes'], norm_op=resolved['norm_op'] or nn.Identity,
                    norm_op_kwargs=arch['norm_op_kwargs'] if resolved['norm_op'] else {},
                    nonlin=resolved['nonlin'] or nn.Identity, nonlin_kwargs=arch['nonlin_kwargs'],
                    deep_supervision=deep_supervision, **options)
+
+
+def plans_widths(features_per_stage: Sequence[int], strides: Sequence[Sequence[int]],
+                 head_dim: int = 64) -> dict:
+    """PVTv2-b2's depths/ratios with the plans' widths: ``embed_dims`` = ``features_per_stage`` at the
+    transformer levels, ``stem_channels`` = ``features_per_stage[0]``, heads of ``head_dim`` channels (PVTv2's
+    64; fewer when a width does not divide). Gives a PVT-GDLA the same width budget as nnU-Net's U-Net."""
+    k0 = first_transformer_level(strides)
+    dims = [int(d) for d in features_per_stage[k0:k0 + len(PVT_V2_B2['embed_dims'])]]
+
+    def heads(dim: int) -> int:
+        h = max(1, dim // head_dim)
+        while dim % h:
+            h -= 1
+        return h
+
+    n = len(dims)
+    return dict(embed_dims=dims, num_heads=[heads(d) for d in dims], depths=PVT_V2_B2['depths'][:n],
+                mlp_ratios=PVT_V2_B2['mlp_ratios'][:n], sr_ratios=PVT_V2_B2['sr_ratios'][:n],
+                stem_channels=int(features_per_stage[0]))
 
 
 def init_weights(module: nn.Module) -> None:

@@ -11,7 +11,8 @@ from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder, nnUNe
 from nnunetv2_ext.trainers.glsp import (nnUNetTrainerGLSP, nnUNetTrainerGLSP_BN,  # noqa: E402
                                         nnUNetTrainerGLSP_Checkpoint, nnUNetTrainerGLSP_NoRWKV)
 from nnunetv2_ext.trainers.pvt_gdla import (nnUNetTrainerPVTGDLA, nnUNetTrainerPVTGDLA_Elliptical,  # noqa: E402
-                                            nnUNetTrainerPVTGDLA_ImageNet, nnUNetTrainerPVTGDLA_Mahalanobis)
+                                            nnUNetTrainerPVTGDLA_ImageNet, nnUNetTrainerPVTGDLA_Mahalanobis,
+                                            nnUNetTrainerPVTGDLA_PlansWidths)
 from nnunetv2_ext.trainers.enc_refine import nnUNetTrainerGLSP_EncRefine, nnUNetTrainerPVTGDLA_EncRefine  # noqa: E402
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     'nnUNetTrainerPVTGDLA_Elliptical',
     'nnUNetTrainerPVTGDLA_Mahalanobis',
     'nnUNetTrainerPVTGDLA_ImageNet',
+    'nnUNetTrainerPVTGDLA_PlansWidths',
     'nnUNetTrainerGLSP_EncRefine',
     'nnUNetTrainerPVTGDLA_EncRefine',
 ]

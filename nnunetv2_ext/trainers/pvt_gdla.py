@@ -106,6 +106,17 @@ class nnUNetTrainerPVTGDLA_Mahalanobis(nnUNetTrainerPVTGDLA):
                                   enable_deep_supervision, attention='mahalanobis')
 
 
+class nnUNetTrainerPVTGDLA_PlansWidths(nnUNetTrainerPVTGDLA):
+    """As :class:`nnUNetTrainerPVTGDLA` with the plans' ``features_per_stage`` as widths instead of PVTv2-b2's
+    (``pvt_gdla.plans_widths``): the same width budget as ``nnUNetTrainer`` on the same plans."""
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return PVTGDLA.from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                  enable_deep_supervision, attention='softmax', widths_from_plans=True)
+
+
 class nnUNetTrainerPVTGDLA_ImageNet(nnUNetTrainerPVTGDLA):
     """2-D only: timm's ``pvt_v2_b2`` encoder initialised from a local ImageNet checkpoint.
 
