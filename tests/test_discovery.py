@@ -92,3 +92,22 @@ def test_old_nnunet_gets_a_clear_message(monkeypatch, installed, ok):
         assert problem is None
     else:
         assert f'nnunetv2 {installed} is installed' in problem and ">=2.8" in problem.replace(' ', '')
+
+
+def test_startup_line_is_silent_when_the_package_is_gone(tmp_path):
+    """A stale .pth (package source removed, e.g. a deleted editable checkout) must not print a traceback
+    at every interpreter start; other import errors still surface."""
+    with open(os.path.join(REPO, 'nnunetv2_ext', 'startup', 'nnunetv2_ext.pth')) as f:
+        line = f.read().strip()
+    (tmp_path / 'site').mkdir()
+    (tmp_path / 'site' / 'x.pth').write_text(line + '\n')
+    code = f"import site; site.addsitedir({str(tmp_path / 'site')!r}); print('ok')"
+    proc = subprocess.run([sys.executable, '-S', '-c', code], env=_clean_env(PYTHONPATH=''), capture_output=True,
+                          text=True, cwd=str(tmp_path))
+    assert proc.stdout.strip() == 'ok' and proc.stderr == ''
+    broken = tmp_path / 'broken'
+    (broken / 'nnunetv2_ext').mkdir(parents=True)
+    (broken / 'nnunetv2_ext' / '__init__.py').write_text('import a_module_that_does_not_exist\n')
+    proc = subprocess.run([sys.executable, '-S', '-c', code], env=_clean_env(PYTHONPATH=str(broken)),
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert 'a_module_that_does_not_exist' in proc.stderr
