@@ -2,8 +2,10 @@
 
 Per trainer and patch size: parameters, forward FLOPs per patch (``torch.utils.flop_counter``, batch 1),
 training-step time (zero_grad → forward → loss → backward → SGD step, the plans' batch size,
-median of repeats after warm-up; autocast on CUDA as nnU-Net does), peak memory of that step, and
-inference time per patch (batch 1, deep supervision off, no TTA).
+median of repeats after warm-up; autocast on CUDA as nnU-Net does), peak memory of that step, the bytes
+autograd saves for backward in one forward + loss (unique storages, via ``saved_tensors_hooks``: the
+device-independent activation footprint), and inference time per patch (batch 1, deep supervision off,
+no TTA). The markdown table gives step time and memory also as ratios to the first trainer.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps; on CPU each measurement runs
 in a forked child process whose peak resident set size (``VmHWM``, reset through
@@ -39,6 +41,7 @@ class Measurement:
     peak_memory_bytes: int = 0
     memory_method: str = ''
     inference_ms: float = math.nan
+    saved_activation_bytes: int = 0
 
 
 class BenchmarkError(RuntimeError):
@@ -102,6 +105,21 @@ def _targets(net_out, num_classes: int, device) -> list[torch.Tensor]:
     return [torch.randint(0, num_classes, (o.shape[0], *o.shape[2:]), device=device) for o in outs]
 
 
+def saved_activation_bytes(run) -> int:
+    """Bytes of the unique storages autograd saves for backward while ``run()`` executes."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[(storage.data_ptr(), t.device)] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    del out
+    return sum(storages.values())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -124,11 +142,13 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
     with torch.no_grad():
         targets = _targets(net(x), num_heads, device)
 
+    def forward_loss() -> torch.Tensor:
+        with torch.autocast(device.type, enabled=device.type == 'cuda'):
+            return _stand_in_loss(net(x), targets)
+
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=device.type == 'cuda'):
-            loss = _stand_in_loss(net(x), targets)
-        loss.backward()
+        forward_loss().backward()
         opt.step()
 
     for _ in range(warmup):
@@ -144,6 +164,7 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) - base if device.type == 'cuda' else 0
+    saved = saved_activation_bytes(forward_loss)
     net.decoder.deep_supervision = False
     net.eval()
     infer = []
@@ -158,7 +179,7 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
     return Measurement(trainer_cls.__name__, list(patch_size), batch_size, params, int(flops),
                        statistics.median(times), times, int(peak),
                        'cuda max_memory_allocated above the resident model/optimizer' if device.type == 'cuda'
-                       else '', statistics.median(infer))
+                       else '', statistics.median(infer), saved)
 
 
 def _status_kb(field_name: str) -> int:
@@ -201,30 +222,38 @@ def measure_isolated(*args) -> Measurement:
 def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[str], device: str = 'auto',
                   batch_size: int | None = None, scaling: list[float] | None = None, warmup: int = 2,
                   repeats: int = 5, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
+    """The report for a dataset's preprocessed plans (``nnunetv2-ext benchmark``)."""
     pm, cm, dataset_json = load_plans(dataset, plans, configuration)
     classes = {t: find_trainer(t) for t in trainers}
-    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
-                       ('cpu' if device == 'auto' else device))
-    lm = pm.get_label_manager(dataset_json)
-    n_in = len(dataset_json.get('channel_names', dataset_json.get('modality', {'0': None})))
     strides = cm.network_arch_init_kwargs['strides']
     patches = scaled_patch_sizes(cm.patch_size, strides, scaling or [1.0])
-    bs = batch_size or cm.batch_size
-    jobs = [(t, p) for p in patches for t in trainers]
-    results = []
-    for t, p in tqdm(jobs, disable=not progress, desc='benchmark', unit='run'):
-        args = (classes[t], pm, cm, n_in, lm.num_segmentation_heads, p, bs, dev, warmup, repeats)
-        m = measure(*args) if dev.type == 'cuda' else measure_isolated(*args)
-        m.trainer = t
-        results.append(asdict(m))
-    import nnunetv2
-    from importlib.metadata import version
+    jobs = [(t, classes[t], pm, cm, p) for p in patches for t in trainers]
+    report = benchmark_jobs(jobs, dataset_json, device, batch_size or cm.batch_size, warmup, repeats, progress)
     return {'schema': 1, 'dataset': pm.dataset_name, 'plans': plans, 'configuration': configuration,
-            'planned_patch_size': list(cm.patch_size), 'batch_size': bs, 'device': _device_name(dev),
-            'torch': torch.__version__, 'nnunetv2': version('nnunetv2'), 'threads': torch.get_num_threads(),
-            'warmup': warmup, 'repeats': repeats, 'results': results}
+            'planned_patch_size': list(cm.patch_size), **report}
+
+
+def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: int = 2, warmup: int = 2,
+                   repeats: int = 5, progress: bool = True) -> dict:
+    """Measures ``(label, trainer class, PlansManager, ConfigurationManager, patch size)`` jobs (each CPU job
+    in its own forked process); returns the device/version fields and ``results``."""
+    from importlib.metadata import version
+
+    from tqdm import tqdm
+
+    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
+                       ('cpu' if device == 'auto' else device))
+    n_in = len(dataset_json.get('channel_names', dataset_json.get('modality', {'0': None})))
+    results = []
+    for label, trainer_cls, pm, cm, patch in tqdm(jobs, disable=not progress, desc='benchmark', unit='run'):
+        heads = pm.get_label_manager(dataset_json).num_segmentation_heads
+        args = (trainer_cls, pm, cm, n_in, heads, patch, batch_size, dev, warmup, repeats)
+        m = measure(*args) if dev.type == 'cuda' else measure_isolated(*args)
+        m.trainer = label
+        results.append(asdict(m))
+    return {'batch_size': batch_size, 'device': _device_name(dev), 'torch': torch.__version__,
+            'nnunetv2': version('nnunetv2'), 'threads': torch.get_num_threads(), 'warmup': warmup,
+            'repeats': repeats, 'results': results}
 
 
 def _device_name(dev: torch.device) -> str:
@@ -234,15 +263,24 @@ def _device_name(dev: torch.device) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    lines = [f"{report['dataset']} / {report['plans']} / {report['configuration']} on {report['device']} "
-             f"(torch {report['torch']}, nnunetv2 {report['nnunetv2']}), batch {report['batch_size']}, "
-             f"median of {report['repeats']} after {report['warmup']} warm-up.", '',
-             '| trainer | patch | params (M) | GFLOPs fwd/patch | step ms | peak mem (MiB) | infer ms/patch |',
-             '|---|---|---:|---:|---:|---:|---:|']
-    for r in report['results']:
-        lines.append(f"| {r['trainer']} | {'×'.join(map(str, r['patch_size']))} | {r['params'] / 1e6:.2f} | "
-                     f"{r['forward_flops'] / 1e9:.2f} | {r['step_ms']:.0f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
-                     f"{r['inference_ms']:.0f} |")
+    """One table per patch size; ``×`` columns are ratios to the first trainer at that patch size."""
+    head = report.get('title') or f"{report['dataset']} / {report['plans']} / {report['configuration']}"
+    lines = [f"{head} on {report['device']} (torch {report['torch']}, nnunetv2 {report['nnunetv2']}), batch "
+             f"{report['batch_size']}, median of {report['repeats']} after {report['warmup']} warm-up."]
+    for patch in dict.fromkeys(tuple(r['patch_size']) for r in report['results']):
+        rows = [r for r in report['results'] if tuple(r['patch_size']) == patch]
+        base = rows[0]
+        lines += ['', f"Patch {'×'.join(map(str, patch))}:", '',
+                  '| trainer | params (M) | GFLOPs fwd/patch | step ms | × | peak mem (MiB) | × | '
+                  'saved activations (MiB) | × | infer ms/patch |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+        for r in rows:
+            lines.append(
+                f"| {r['trainer']} | {r['params'] / 1e6:.2f} | {r['forward_flops'] / 1e9:.2f} | {r['step_ms']:.0f} | "
+                f"{r['step_ms'] / base['step_ms']:.2f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+                f"{r['peak_memory_bytes'] / max(base['peak_memory_bytes'], 1):.2f} | "
+                f"{r['saved_activation_bytes'] / 2**20:.0f} | "
+                f"{r['saved_activation_bytes'] / max(base['saved_activation_bytes'], 1):.2f} | "
+                f"{r['inference_ms']:.0f} |")
     if report['results']:
         lines += ['', f"Memory: {report['results'][0]['memory_method']}."]
     return '\n'.join(lines) + '\n'
@@ -253,19 +291,21 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    keys = ('step_ms', 'peak_memory_bytes', 'saved_activation_bytes', 'forward_flops')
     for t in dict.fromkeys(r['trainer'] for r in report['results']):
-        rows = [r for r in report['results'] if r['trainer'] == t]
+        rows = sorted((r for r in report['results'] if r['trainer'] == t), key=lambda r: math.prod(r['patch_size']))
         vox = [math.prod(r['patch_size']) for r in rows]
-        for ax, key, scale in zip(axes, ('step_ms', 'peak_memory_bytes', 'forward_flops'), (1, 2**-20, 1e-9)):
+        for ax, key, scale in zip(axes, keys, (1, 2**-20, 2**-20, 1e-9)):
             ax.plot(vox, [r[key] * scale for r in rows], 'o-', label=t)
-    for ax, title in zip(axes, ('training step (ms)', 'peak memory (MiB)', 'forward GFLOPs per patch')):
+    for ax, title in zip(axes, ('training step (ms)', 'peak memory (MiB)', 'saved activations (MiB)',
+                                'forward GFLOPs per patch')):
         ax.set_xscale('log')
         ax.set_yscale('log')
         ax.set_xlabel('voxels per patch')
         ax.set_title(title)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{report['dataset']} {report['configuration']} on {report['device']}")
+    fig.suptitle(f"{report.get('title') or report['dataset'] + ' ' + report['configuration']} on {report['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

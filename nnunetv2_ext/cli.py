@@ -30,7 +30,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     num_train=args.num_train, device=args.device)
 
 
-def _write_report(out: str, stem: str, report: dict, table: str, plot_fn) -> None:
+def write_report(out: str, stem: str, report: dict, table: str, plot_fn) -> None:
     """Writes ``stem.json``, ``stem.md`` and ``stem.png`` to ``out`` (each atomically) and prints the table."""
     import json
     import os
@@ -75,7 +75,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"error: no results for {list(report['trainers'])} in {os.path.join(results_root, dataset)} "
               f"(plans {args.plans}, configuration {args.configuration}); run nnUNetv2_train first", file=sys.stderr)
         return 1
-    _write_report(args.output or os.path.join(results_root, dataset, 'nnunetv2_ext_compare'), 'compare', report,
+    write_report(args.output or os.path.join(results_root, dataset, 'nnunetv2_ext_compare'), 'compare', report,
                   format_markdown(report), plot_boxes)
     return 0
 
@@ -102,7 +102,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     except BenchmarkError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    _write_report(args.output or os.path.join('nnunetv2_ext_benchmark',
+    write_report(args.output or os.path.join('nnunetv2_ext_benchmark',
                                               f"{report['dataset']}__{args.plans}__{args.configuration}"),
                   'benchmark', report, format_markdown(report), plot)
     return 0

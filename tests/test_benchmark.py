@@ -49,8 +49,18 @@ def test_report_fields_and_sanity(tiny_plans):
         for r in (small, big):
             assert r['step_ms'] > 0 and len(r['step_ms_all']) == 2 and r['inference_ms'] > 0
             assert r['peak_memory_bytes'] > 0 and 'VmHWM' in r['memory_method']
+        # saved activations: at least the fp32 input of the first conv at batch 2, growing with the patch
+        assert small['saved_activation_bytes'] >= 2 * 2 * 8 ** 3 * 4
+        assert 4 < big['saved_activation_bytes'] / small['saved_activation_bytes'] <= 8.5
     table = format_markdown(report)
     assert table.count('| nnUNetTrainerLightDecoder |') == 2
+    base = rows[('nnUNetTrainer', (16, 16, 16))]
+    ours = rows[('nnUNetTrainerLightDecoder', (16, 16, 16))]
+    section = table[table.index('Patch 16×16×16'):]
+    cells = next(line for line in section.splitlines() if line.startswith('| nnUNetTrainerLightDecoder |')).split('|')
+    # ratio columns: step, peak memory, saved activations relative to the first trainer
+    assert float(cells[5]) == pytest.approx(ours['step_ms'] / base['step_ms'], abs=0.006)
+    assert float(cells[9]) == pytest.approx(ours['saved_activation_bytes'] / base['saved_activation_bytes'], abs=0.006)
 
 
 def test_flops_match_a_hand_count():
@@ -93,3 +103,21 @@ def test_cli_writes_outputs(tiny_plans, tmp_path):
     bad = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.cli', 'benchmark', '-d', DATASET, '-tr', 'Nope',
                           '--device', 'cpu'], capture_output=True, text=True, env=os.environ.copy())
     assert bad.returncode == 1 and "unknown trainer 'Nope'" in bad.stderr
+
+
+def test_bench_networks_script_measures_synthetic_and_resenc_plans(tmp_path):
+    """benchmarks/bench_networks.py re-plans synthetic plans per patch and measures with the same code."""
+    out = tmp_path / 'nets'
+    proc = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks',
+                                                        'bench_networks.py'),
+                           'nnUNetTrainer', 'nnUNetTrainer@resenc_m', '--patch-sizes', '16x16x16', '--base-features',
+                           '2', '--max-features', '4', '--repeats', '1', '--warmup', '0', '--device', 'cpu',
+                           '--out', str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / 'nets.json').read_text())
+    plain, resenc = report['results']
+    assert (plain['trainer'], resenc['trainer']) == ('nnUNetTrainer', 'nnUNetTrainer@resenc_m')
+    assert resenc['params'] > plain['params'] and resenc['forward_flops'] > plain['forward_flops']
+    # nnU-Net's topology rule for 16^3 at 2.0x0.8x0.8 mm: the planned strides are recorded
+    assert report['plans'][0]['patch_size'] == [16, 16, 16] and report['plans'][0]['features'][0] == 2
+    assert (tmp_path / 'nets.md').read_text().count('| nnUNetTrainer') == 2 and (tmp_path / 'nets.png').exists()
