@@ -265,6 +265,19 @@ def test_trainer_train_step_and_epoch_logging(kind, monkeypatch):
     assert set(trainer.train_step(batch)) == {'loss', 'enc_seg', 'enc_attn'}
 
 
+def test_validation_step_gets_the_segmentation_loss_only():
+    """nnU-Net's own validation_step (eval mode) sees the plain segmentation loss: no tokens are captured."""
+    trainer, batch = _setup('glsp')
+    trainer.train_step(batch)  # installs the hooks, as in training
+    trainer.network.eval()
+    with torch.no_grad():
+        expected = trainer.loss.seg_loss(trainer.network(batch['data']), batch['target'])
+    trainer._enc_terms = {}
+    out = trainer.validation_step(batch)
+    assert out['loss'] == pytest.approx(float(expected), rel=1e-6)
+    assert trainer._enc_terms == {} and 'tokens' not in trainer._enc_cache
+
+
 @pytest.mark.parametrize('kind', ['glsp', 'pvt'])
 def test_aux_gradient_reaches_encoder_only_through_tokens(kind):
     trainer, batch = _setup(kind)

@@ -20,6 +20,8 @@ PVT-GDLA the last PVT stage). The attention mass ``w`` for ``L_attn`` is:
   features (``decoder.upsample[0]``'s output, the transposed-conv read of the deepest tokens) average-pooled
   back onto the token grid, detached.
 
+The terms enter through the loss (:class:`EncRefineLoss` wraps nnU-Net's, so nnU-Net's own
+``train_step`` — AMP, grad scaler, clipping — runs unchanged; validation gets the segmentation loss only).
 Each term and the total are returned by ``train_step`` and logged per epoch (``print_to_log_file`` and the
 nnU-Net logger keys ``enc_seg``, ``enc_attn``, ``enc_contrast``, ``enc_boundary``; ``train_losses`` is the total).
 Label-based terms respect the dataset's ignore label; for region-based training each distinct region
@@ -39,10 +41,9 @@ import os
 
 import numpy as np
 import torch
-from torch import autocast, nn
+from torch import nn
 from torch import distributed as dist
 from torch.nn import functional as F
-from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_ext.networks.pvt_gdla import PVTGDLA
 from nnunetv2_ext.networks.rwkv_unet import RWKVUNet3D
@@ -84,6 +85,19 @@ def _unwrap(network: nn.Module) -> nn.Module:
     network = network.module if hasattr(network, 'module') and isinstance(network, nn.parallel.DistributedDataParallel) \
         else network
     return getattr(network, '_orig_mod', network)
+
+
+class EncRefineLoss(nn.Module):
+    """``aux(seg_loss(output, target), target)``: nnU-Net's loss with the encoder terms added by ``aux``
+    (the trainer's ``_add_encoder_terms``), so nnU-Net's ``train_step`` and ``validation_step`` run unchanged."""
+
+    def __init__(self, seg_loss: nn.Module, aux):
+        super().__init__()
+        self.seg_loss = seg_loss
+        self.aux = aux
+
+    def forward(self, output, target) -> torch.Tensor:
+        return self.aux(self.seg_loss(output, target), target)
 
 
 class EncRefineMixin:
@@ -154,40 +168,29 @@ class EncRefineMixin:
                 out['enc_boundary'] = boundary_loss(tokens, labels, ignore)
         return out
 
+    def _build_loss(self):
+        return EncRefineLoss(super()._build_loss(), self._add_encoder_terms)
+
+    def _add_encoder_terms(self, l_seg: torch.Tensor, target) -> torch.Tensor:
+        """``l_seg + Σ weight·term`` for a training forward (tokens captured); ``l_seg`` otherwise (validation)."""
+        cache = getattr(self, '_enc_cache', None)
+        if not cache or 'tokens' not in cache:
+            return l_seg
+        terms = self.encoder_refinement_losses(target[0] if isinstance(target, (list, tuple)) else target)
+        cache.clear()
+        weights = {'enc_attn': self.attn_weight, 'enc_contrast': self.contrast_weight,
+                   'enc_boundary': self.boundary_weight}
+        self._enc_terms = {'enc_seg': l_seg.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return l_seg + sum(weights[k] * v for k, v in terms.items())
+
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's ``train_step`` (AMP, grad scaler, clipping at 12 kept) with the auxiliary terms added."""
-        data = batch['data']
-        target = batch['target']
-        data = data.to(self.device, non_blocking=True)
-        if isinstance(target, list):
-            target = [i.to(self.device, non_blocking=True) for i in target]
-        else:
-            target = target.to(self.device, non_blocking=True)
+        """nnU-Net's own ``train_step`` (AMP, grad scaler, clipping) — the terms come in through ``self.loss``;
+        adds each term's value to the returned dict for the epoch log."""
         self._enc_refine_setup()
         self._enc_cache.clear()
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
-            output = self.network(data)
-            l_seg = self.loss(output, target)
-            terms = self.encoder_refinement_losses(target[0] if isinstance(target, list) else target)
-            weights = {'enc_attn': self.attn_weight, 'enc_contrast': self.contrast_weight,
-                       'enc_boundary': self.boundary_weight}
-            l = l_seg + sum(weights[k] * v for k, v in terms.items())
-        self._enc_cache.clear()
-
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(l).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            l.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        result = {'loss': l.detach().cpu().numpy(), 'enc_seg': l_seg.detach().cpu().numpy()}
-        result.update({k: v.detach().float().cpu().numpy() for k, v in terms.items()})
+        self._enc_terms = {}
+        result = super().train_step(batch)
+        result.update({k: v.float().cpu().numpy() for k, v in self._enc_terms.items()})
         return result
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
