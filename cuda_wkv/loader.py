@@ -55,7 +55,7 @@ _SOURCES = {
     "cpu": ["wkv_cpu.cpp"],
     "cuda": ["wkv_cuda_binding.cpp", "wkv_cuda.cu"],
 }
-_HEADERS = ["wkv_recurrence.h"]
+_HEADERS = ["wkv_checks.h", "wkv_recurrence.h"]
 _KINDS = ("cpu", "cuda")
 _TORCH_LOCK = "lock"  # torch.utils.file_baton.FileBaton's lock file name
 _OUR_LOCK = "cuda_wkv_build.lock"

@@ -227,6 +227,25 @@ def test_forced_torch_backend_matches(monkeypatch, cpu_kernel):
     torch.testing.assert_close(y_kernel, y_torch, rtol=1e-10, atol=1e-10)
 
 
+def test_kernel_checks_its_own_arguments(cpu_kernel):
+    """Called directly (not through bi_wkv), the C++ kernel still refuses bad tensors with a clear message
+    (the checks in csrc/wkv_checks.h, shared with the CUDA binding)."""
+    w, u, k, v = _inputs(2, 6, 3)
+    with pytest.raises(RuntimeError, match=r"wkv_cpu: k must be \(B, T, C\)"):
+        cpu_kernel.forward(w, u, k[0], v[0])
+    with pytest.raises(RuntimeError, match=r"wkv_cpu: w must be \(C,\) = \(3,\)"):
+        cpu_kernel.forward(w[:2].contiguous(), u, k, v)
+    with pytest.raises(RuntimeError, match="wkv_cpu: tensors must be contiguous"):
+        cpu_kernel.forward(w, u, k.transpose(0, 1).contiguous().transpose(0, 1), v)
+    with pytest.raises(RuntimeError, match="wkv_cpu: dtypes must match"):
+        cpu_kernel.forward(w.float(), u, k, v)
+    with pytest.raises(RuntimeError, match="wkv_cpu: float32 or float64 expected"):
+        cpu_kernel.forward(w.half(), u.half(), k.half(), v.half())
+    y, m, r = cpu_kernel.forward(w, u, k, v)
+    with pytest.raises(RuntimeError, match="wkv_cpu backward: saved tensors / grad must match k"):
+        cpu_kernel.backward(w, u, k, v, y, m, r, torch.ones_like(y)[:, :-1])
+
+
 def test_input_validation():
     w, u, k, v = _inputs(2, 4, 3)
     with pytest.raises(ValueError, match=r"k must have shape \(B, T, C\)"):

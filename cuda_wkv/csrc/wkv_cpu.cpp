@@ -10,6 +10,7 @@
 
 #include <vector>
 
+#include "wkv_checks.h"
 #include "wkv_recurrence.h"
 
 namespace {
@@ -123,25 +124,9 @@ void backward_block(const F* __restrict__ k, const F* __restrict__ v,
   }
 }
 
-void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
-                  const at::Tensor& v) {
-  TORCH_CHECK(k.dim() == 3, "wkv_cpu: k must be (B, T, C), got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "wkv_cpu: v ", v.sizes(), " != k ", k.sizes());
-  const int64_t C = k.size(2);
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == C, "wkv_cpu: w must be (C,) = (", C, ",)");
-  TORCH_CHECK(u.dim() == 1 && u.size(0) == C, "wkv_cpu: u must be (C,) = (", C, ",)");
-  for (const at::Tensor* x : {&w, &u, &k, &v}) {
-    TORCH_CHECK(x->device().is_cpu(), "wkv_cpu: tensors must be on the CPU");
-    TORCH_CHECK(x->scalar_type() == k.scalar_type(), "wkv_cpu: dtypes must match");
-    TORCH_CHECK(x->is_contiguous(), "wkv_cpu: tensors must be contiguous");
-  }
-  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kDouble,
-              "wkv_cpu: float32 or float64 expected");
-}
-
 std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
                                     at::Tensor v) {
-  check_inputs(w, u, k, v);
+  wkv::check_inputs("wkv_cpu", c10::DeviceType::CPU, w, u, k, v);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto y = at::empty_like(k), m = at::empty_like(k), r = at::empty_like(k);
   if (k.numel() == 0) return {y, m, r};
@@ -175,12 +160,8 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
 std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                                      at::Tensor v, at::Tensor y, at::Tensor m,
                                      at::Tensor r, at::Tensor gy) {
-  check_inputs(w, u, k, v);
-  for (const at::Tensor* x : {&y, &m, &r, &gy}) {
-    TORCH_CHECK(x->sizes() == k.sizes() && x->scalar_type() == k.scalar_type() &&
-                    x->is_contiguous() && x->device().is_cpu(),
-                "wkv_cpu backward: saved tensors / grad must match k");
-  }
+  wkv::check_inputs("wkv_cpu", c10::DeviceType::CPU, w, u, k, v);
+  wkv::check_saved("wkv_cpu", k, {&y, &m, &r, &gy});
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto gk = at::empty_like(k), gv = at::empty_like(k);
   auto gw_part = at::zeros({B, C}, k.options().dtype(at::kDouble));

@@ -9,6 +9,8 @@
 
 #include <vector>
 
+#include "wkv_checks.h"
+
 cudaError_t wkv_cuda_forward(const float* w, const float* u, const float* k,
                              const float* v, float* y, float* m, float* r, int64_t B,
                              int64_t T, int64_t C, cudaStream_t stream);
@@ -28,27 +30,9 @@ cudaError_t wkv_cuda_backward(const double* w, const double* u, const double* k,
 
 namespace {
 
-void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
-                  const at::Tensor& v) {
-  TORCH_CHECK(k.dim() == 3, "wkv_cuda: k must be (B, T, C), got ", k.sizes());
-  TORCH_CHECK(v.sizes() == k.sizes(), "wkv_cuda: v ", v.sizes(), " != k ", k.sizes());
-  const int64_t C = k.size(2);
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == C, "wkv_cuda: w must be (C,) = (", C, ",)");
-  TORCH_CHECK(u.dim() == 1 && u.size(0) == C, "wkv_cuda: u must be (C,) = (", C, ",)");
-  for (const at::Tensor* x : {&w, &u, &k, &v}) {
-    TORCH_CHECK(x->is_cuda() && x->device() == k.device(),
-                "wkv_cuda: all tensors must be on the same CUDA device");
-    TORCH_CHECK(x->scalar_type() == k.scalar_type(), "wkv_cuda: dtypes must match");
-    TORCH_CHECK(x->is_contiguous(), "wkv_cuda: tensors must be contiguous");
-  }
-  TORCH_CHECK(k.scalar_type() == at::kFloat || k.scalar_type() == at::kDouble,
-              "wkv_cuda: float32 or float64 expected (half/bfloat16 are computed in "
-              "float32 by cuda_wkv.bi_wkv)");
-}
-
 std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
                                     at::Tensor v) {
-  check_inputs(w, u, k, v);
+  wkv::check_inputs("wkv_cuda", c10::DeviceType::CUDA, w, u, k, v);
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto y = at::empty_like(k), m = at::empty_like(k), r = at::empty_like(k);
@@ -72,12 +56,8 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
 std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                                      at::Tensor v, at::Tensor y, at::Tensor m,
                                      at::Tensor r, at::Tensor gy) {
-  check_inputs(w, u, k, v);
-  for (const at::Tensor* x : {&y, &m, &r, &gy}) {
-    TORCH_CHECK(x->sizes() == k.sizes() && x->scalar_type() == k.scalar_type() &&
-                    x->is_contiguous() && x->device() == k.device(),
-                "wkv_cuda backward: saved tensors / grad must match k");
-  }
+  wkv::check_inputs("wkv_cuda", c10::DeviceType::CUDA, w, u, k, v);
+  wkv::check_saved("wkv_cuda", k, {&y, &m, &r, &gy});
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto gk = at::empty_like(k), gv = at::empty_like(k);
