@@ -163,11 +163,15 @@ def main(argv=None) -> int:
 
     def train(spec: TrainerSpec, fold: int) -> float | None:
         timing = os.path.join(fold_dir(spec, fold), 'anatomy_train_seconds.txt')
+        command = nnunet_command('nnUNetv2_train') + [str(DATASET_ID), '3d_fullres', str(fold), '-tr',
+                                                      spec.class_name, '-p', plans, '-device', args.device]
         if os.path.isfile(os.path.join(fold_dir(spec, fold), 'checkpoint_final.pth')):
             print(f'== train {spec.label} fold {fold}: checkpoint_final.pth exists, not trained again', flush=True)
+            if not os.path.isfile(os.path.join(fold_dir(spec, fold), 'validation', 'summary.json')):
+                # nnU-Net saves checkpoint_final before its final validation: finish an interrupted one
+                step(f'validate_{spec.class_name}_fold{fold}', command + ['--val'])
             return float(open(timing).read()) if os.path.isfile(timing) else None
-        seconds = step(f'train_{spec.class_name}_fold{fold}', nnunet_command('nnUNetv2_train') + [
-            str(DATASET_ID), '3d_fullres', str(fold), '-tr', spec.class_name, '-p', plans, '-device', args.device])
+        seconds = step(f'train_{spec.class_name}_fold{fold}', command)
         with open(timing, 'w') as f:
             f.write(f'{seconds:.1f}')
         return seconds
