@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from plans_factory import expected_ds_shapes, make_configuration, make_trainer
+from nnunetv2_ext.benchmark import saved_activation_bytes
 from nnunetv2_ext.blocks.light_decoder import LightDecoder, LightResidualBlock
 from nnunetv2_ext.networks.light_decoder_unet import LightDecoderUNet
 from nnunetv2_ext.networks.plans import PlansError, check_patch_fits_strides
@@ -67,6 +68,19 @@ def test_residual_block_formula():
     expected = F.leaky_relu(block.proj(g) + r2, 0.01)
     torch.testing.assert_close(block(g), expected, rtol=0, atol=1e-12)
     assert isinstance(LightResidualBlock(4, 4, nn.Conv3d, [3] * 3, None, None, nn.ReLU, None).proj, nn.Identity)
+
+
+def test_inner_activation_runs_in_place_as_planned_and_saves_one_tensor():
+    def block(inplace):
+        torch.manual_seed(0)
+        return LightResidualBlock(4, 4, nn.Conv3d, [3] * 3, nn.InstanceNorm3d, {'affine': True}, nn.LeakyReLU,
+                                  {'inplace': inplace})
+    lean, plain = block(True), block(False)
+    assert lean.body[2].inplace and not lean.act.inplace  # the outer σ never: the heads read r1 + r2
+    g = torch.randn(2, 4, 6, 6, 6, requires_grad=True)
+    torch.testing.assert_close(lean(g), plain(g), rtol=0, atol=0)
+    one_tensor = 2 * 4 * 6 ** 3 * 4
+    assert saved_activation_bytes(lambda: plain(g)) - saved_activation_bytes(lambda: lean(g)) == one_tensor
 
 
 def test_deep_supervision_weights():

@@ -43,19 +43,22 @@ class LightResidualBlock(nn.Module):
         def norm(ch: int) -> nn.Module:
             return nn.Identity() if norm_op is None else norm_op(ch, **(norm_op_kwargs or {}))
 
-        def act() -> nn.Module:
-            # never in-place: the residual sum needs both branches intact
-            kwargs = {k: v for k, v in (nonlin_kwargs or {}).items() if k != 'inplace'}
+        def act(inplace_allowed: bool) -> nn.Module:
+            # the inner σ may run in place as the plans say (its input, a norm output, has no other use);
+            # the outer σ never: the heads read the residual sum r1 + r2 it would overwrite
+            kwargs = dict(nonlin_kwargs or {})
+            if not inplace_allowed:
+                kwargs.pop('inplace', None)
             return nn.Identity() if nonlin is None else nonlin(**kwargs)
 
         self.proj = (nn.Identity() if in_channels == out_channels
                      else conv_op(in_channels, out_channels, 1, bias=conv_bias))
         self.body = nn.Sequential(
             conv_op(in_channels, out_channels, kernel_size, padding=padding, bias=conv_bias), norm(out_channels),
-            act(),
+            act(inplace_allowed=True),
             conv_op(out_channels, out_channels, kernel_size, padding=padding, bias=conv_bias), norm(out_channels),
         )
-        self.act = act()
+        self.act = act(inplace_allowed=False)
 
     def residual_sum(self, g: torch.Tensor) -> torch.Tensor:
         return self.proj(g) + self.body(g)

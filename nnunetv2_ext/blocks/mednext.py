@@ -5,7 +5,9 @@ A block maps ``(B, C_in, *S) -> (B, C_out, *S/stride)``:
     out = res(x) + PW_compress(GELU(PW_expand(N(DW_k,stride(x)))))       PW_expand: C_in -> r·C_in
 
 ``res`` is the identity for a regular block (``C_in = C_out``, stride 1) and a strided 1×1×1
-conv for a down block. The encoder has one stage per entry of the plans' ``strides``.
+conv for a down block. The encoder has one stage per entry of the plans' ``strides``. The pointwise
+part runs through :func:`~nnunetv2_ext.blocks.pointwise_mlp.pointwise_mlp`, which stores 2 of the 3
+expanded tensors plain autograd would keep (same outputs and gradients).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from nnunetv2_ext.blocks.glsp import DEFAULT_NORM, NormLayer, as_triple
+from nnunetv2_ext.blocks.pointwise_mlp import pointwise_mlp
 
 
 def run_checkpointed(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
@@ -28,7 +31,10 @@ def run_checkpointed(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch
 
 class MedNeXtBlock(nn.Module):
     """MedNeXt block ``(B, dim_in, *S) -> (B, dim_out, *S/stride)``; a down block when ``stride > 1``
-    or ``dim_out != dim_in`` (then the residual path is a strided 1×1×1 conv)."""
+    or ``dim_out != dim_in`` (then the residual path is a strided 1×1×1 conv).
+
+    ``body`` (DW conv, norm, PW expand, GELU, PW compress) defines the maths; ``forward`` evaluates it with
+    the memory-lean :func:`pointwise_mlp` for the last three."""
 
     def __init__(self, dim_in: int, dim_out: int | None = None, exp_ratio: int = 2,
                  kernel_size: int | Sequence[int] = 3, stride: int | Sequence[int] = 1,
@@ -46,7 +52,8 @@ class MedNeXtBlock(nn.Module):
         self.res = nn.Identity() if identity else nn.Conv3d(dim_in, dim_out, 1, stride=stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.res(x) + self.body(x)
+        dw, norm, expand, _, compress = self.body
+        return self.res(x) + pointwise_mlp(norm(dw(x)), expand, compress)
 
 
 class MedNeXtEncoder(nn.Module):
