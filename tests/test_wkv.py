@@ -384,10 +384,16 @@ def test_fallback_when_build_fails(tmp_path):
     assert not list(tmp_path.rglob(loader._OUR_LOCK))
 
 
-def test_stale_locks_do_not_hang(cpu_kernel):
-    """Leftover locks of a killed build (torch's `lock` and ours) are detected and removed."""
-    build_dir = loader.extension_dir("cpu")
-    assert build_dir.is_dir()
+def test_stale_locks_do_not_hang(cpu_kernel, tmp_path):
+    """Leftover locks of a killed build (torch's `lock` and ours) are detected and removed.
+
+    Runs on a private copy of the built kernel's directory, so other processes using the shared cache
+    (another test run, a training) cannot take the locks first."""
+    shared = loader.extension_dir("cpu")
+    assert shared.is_dir()
+    ext_root = tmp_path / "ext"
+    build_dir = ext_root / shared.parent.name / shared.name
+    shutil.copytree(shared, build_dir, ignore=shutil.ignore_patterns(loader._OUR_LOCK, loader._TORCH_LOCK))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     import socket
@@ -402,7 +408,7 @@ def test_stale_locks_do_not_hang(cpu_kernel):
         loader._torch_lock_file_blocks = lambda: True
         assert loader.load_extension('cpu') is not None, loader.failure_reason('cpu')
         print('ok')
-        """, timeout=240)
+        """, timeout=240, TORCH_EXTENSIONS_DIR=str(ext_root))
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
     assert "removing stale build lock" in r.stderr
     assert "removing stale torch build lock" in r.stderr
