@@ -8,6 +8,7 @@ from torch import nn
 
 from plans_factory import expected_ds_shapes, make_configuration, make_trainer
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_ext.benchmark import saved_activation_bytes
 from nnunetv2_ext.blocks.glsp import SE3D
 from nnunetv2_ext.networks.plans import PlansError
 from nnunetv2_ext.networks.rwkv_unet import RWKVUNet3D, depths_from_plans
@@ -121,18 +122,40 @@ def test_checkpointing_gives_identical_outputs_and_gradients():
     plans = PLANS['3d_iso_5']
     cm = make_configuration(**plans)
     torch.manual_seed(0)
-    plain = _unzero(nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2))
+    plain = _unzero(RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_levels=0))
+    default = nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2)
     ckpt = nnUNetTrainerGLSP_Checkpoint.build_network_architecture(None, cm, 1, 2)
-    ckpt.load_state_dict(plain.state_dict())
-    assert ckpt.encoder.checkpoint and ckpt.branch.checkpoint
+    assert (plain.encoder.checkpoint_stages, default.encoder.checkpoint_stages) == (0, 1)
+    assert ckpt.encoder.checkpoint_stages == len(ckpt.encoder.stages) and ckpt.branch.checkpoint
+    nets = (plain, default, ckpt)
+    for net in nets[1:]:
+        net.load_state_dict(plain.state_dict())
     x = torch.randn(2, 1, *plans['patch_size'])
-    outs = [net(x) for net in (plain, ckpt)]
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
-    for net, out in zip((plain, ckpt), outs):
+    outs = [net(x) for net in nets]
+    for out in outs[1:]:
+        for a, b in zip(outs[0], out):
+            torch.testing.assert_close(a, b)
+    for net, out in zip(nets, outs):
         sum((o ** 2).mean() for o in out).backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for net in nets[1:]:
+        for (name, p), q in zip(plain.named_parameters(), net.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_default_recomputes_the_full_resolution_stage_except_with_batch_norm():
+    """Stage 0 stores ~1/4 of the activations for ~1 % of the FLOPs (docs/glsp.md): the default recomputes it,
+    so the stored activations drop by all of stage 0's except its input (which the checkpoint keeps); BatchNorm
+    (running statistics would be updated twice) keeps it stored."""
+    plans = PLANS['3d_iso_5']
+    cm = make_configuration(**plans)
+    x = torch.randn(2, 1, *plans['patch_size'])
+    plain = RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_levels=0)
+    default = nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2)
+    stage0 = saved_activation_bytes(lambda: plain.encoder.stages[0](x))
+    assert stage0 > 0
+    dropped = saved_activation_bytes(lambda: plain(x)) - saved_activation_bytes(lambda: default(x))
+    assert dropped >= stage0 - x.numel() * x.element_size()
+    assert nnUNetTrainerGLSP_BN.build_network_architecture(None, cm, 1, 2).encoder.checkpoint_stages == 0
 
 
 def test_regions_and_ignore_label():

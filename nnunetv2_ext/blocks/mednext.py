@@ -61,18 +61,18 @@ class MedNeXtEncoder(nn.Module):
 
     Stage 0 is a conv stem (kernel = stride = ``strides[0]``, 1×1×1 for nnU-Net's usual stride 1);
     stage ``s > 0`` starts with a down block (stride ``strides[s]``). Each stage then has
-    ``depths[s]`` regular blocks with depthwise kernel ``kernel_sizes[s]``. ``checkpoint``
-    recomputes each stage's activations in backward.
+    ``depths[s]`` regular blocks with depthwise kernel ``kernel_sizes[s]``. The ``checkpoint_stages``
+    finest stages recompute their activations in backward instead of storing them.
     """
 
     def __init__(self, in_channels: int, features: Sequence[int], strides: Sequence[Sequence[int]],
                  kernel_sizes: Sequence[Sequence[int]], depths: Sequence[int], exp_ratio: int = 2,
-                 norm_layer: NormLayer = DEFAULT_NORM, checkpoint: bool = False):
+                 norm_layer: NormLayer = DEFAULT_NORM, checkpoint_stages: int = 0):
         super().__init__()
         if not len(features) == len(strides) == len(kernel_sizes) == len(depths):
             raise ValueError("features, strides, kernel_sizes and depths need one entry per stage, got "
                              f"{len(features)}, {len(strides)}, {len(kernel_sizes)}, {len(depths)}")
-        self.checkpoint = checkpoint
+        self.checkpoint_stages = checkpoint_stages
         self.stages = nn.ModuleList()
         for s, (dim, stride, kernel, depth) in enumerate(zip(features, strides, kernel_sizes, depths)):
             entry = (nn.Conv3d(in_channels, dim, as_triple(stride), stride=as_triple(stride)) if s == 0 else
@@ -82,7 +82,7 @@ class MedNeXtEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
-        for stage in self.stages:
-            x = run_checkpointed(stage, x, self.checkpoint)
+        for s, stage in enumerate(self.stages):
+            x = run_checkpointed(stage, x, s < self.checkpoint_stages)
             feats.append(x)
         return feats

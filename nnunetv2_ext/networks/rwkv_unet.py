@@ -88,7 +88,10 @@ class RWKVUNet3D(nn.Module):
         mednext_exp_ratio: MedNeXt expansion ratio r.
         rwkv_branch: build the GLSP3D branch and fusions (False: MedNeXt encoder + light decoder only).
         glsp_exp_ratio, se_ratio, drop_path, shift_gamma: GLSP3D options (see :class:`GLSP3D`).
-        checkpoint_blocks: recompute encoder stages and GLSP3D blocks in backward (less memory, ~1.3× time).
+        checkpoint_levels: the finest encoder stages recomputed in backward instead of stored (None: 1, or 0
+            with a BatchNorm, whose running statistics a recomputation would update twice). Stage 0 holds
+            ~1/4 of the stored activations for ~1 % of the FLOPs (docs/glsp.md).
+        checkpoint_blocks: recompute every encoder stage and GLSP3D block in backward (least memory).
     """
 
     def __init__(self, in_channels: int, num_classes: int, features_per_stage: Sequence[int],
@@ -97,12 +100,16 @@ class RWKVUNet3D(nn.Module):
                  nonlin: Type[nn.Module] = nn.LeakyReLU, nonlin_kwargs: dict | None = None, conv_bias: bool = True,
                  mednext_exp_ratio: int = 2, rwkv_branch: bool = True, glsp_exp_ratio: float = 1.0,
                  se_ratio: float = 0.25, drop_path: float = 0.0, shift_gamma: float = 1 / 8,
-                 checkpoint_blocks: bool = False, deep_supervision: bool = True):
+                 checkpoint_levels: int | None = None, checkpoint_blocks: bool = False,
+                 deep_supervision: bool = True):
         super().__init__()
         norm_op_kwargs = dict(affine=True) if norm_op_kwargs is None else norm_op_kwargs
         norm_layer = partial(norm_op, **norm_op_kwargs)
+        if checkpoint_levels is None:
+            checkpoint_levels = 0 if issubclass(norm_op, nn.modules.batchnorm._BatchNorm) else 1
         self.encoder = MedNeXtEncoder(in_channels, features_per_stage, strides, kernel_sizes, depths,
-                                      mednext_exp_ratio, norm_layer, checkpoint_blocks)
+                                      mednext_exp_ratio, norm_layer,
+                                      len(features_per_stage) if checkpoint_blocks else checkpoint_levels)
         self.branch = self.fuse = None
         if rwkv_branch:
             self.branch = RWKVBranch3D(features_per_stage, strides, kernel_sizes, norm_layer, BRANCH_START,
@@ -128,7 +135,8 @@ class RWKVUNet3D(nn.Module):
         Widths, strides and kernels are the plans'; MedNeXt depths come from :func:`depths_from_plans`;
         the norm is the plans' ``norm_op`` unless ``batch_norm`` (BatchNorm3d; nnU-Net turns it into
         SyncBatchNorm under DDP). ``options`` go to the constructor (e.g. ``rwkv_branch=False``,
-        ``checkpoint_blocks=True``). Raises :class:`PlansError` for plans it cannot serve.
+        ``checkpoint_levels=0``, ``checkpoint_blocks=True``). Raises :class:`PlansError` for plans it cannot
+        serve.
         """
         arch = configuration_manager.network_arch_init_kwargs
         patch = configuration_manager.patch_size
