@@ -14,8 +14,12 @@ CT-like plans (spacing ``--spacing``, widths ``min(base·2^s, max)``). For each 
 and kernels are re-derived with nnU-Net's planner rule (``get_pool_and_conv_props``, feature maps ≥ 4).
 
 Measurements are ``nnunetv2-ext benchmark``'s (``nnunetv2_ext.benchmark``: params, forward FLOPs per patch,
-step time, peak memory, saved activations, inference time; each CPU measurement in a forked process), so
+step time, peak memory, saved activations, inference time), so
 both commands report the same quantities. Writes ``OUT.json``, ``OUT.md`` and ``OUT.png``.
+
+``--fake`` computes nothing: stored activations (float32, and float16 as under nnU-Net's CUDA AMP) and FLOPs
+of a training step are counted on fake tensors (``nnunetv2_ext.benchmark.fake_step_cost``), so real patch
+sizes and widths can be evaluated on a CPU in seconds. Writes ``OUT.json`` and ``OUT.md``.
 """
 from __future__ import annotations
 
@@ -113,6 +117,8 @@ def parse_args(argv=None):
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=0, help='CPU threads (0: torch default)')
     p.add_argument('--device', default='auto', choices=('auto', 'cpu', 'cuda'))
+    p.add_argument('--fake', action='store_true',
+                   help='count stored activations and FLOPs on fake tensors instead of measuring (any size, seconds)')
     p.add_argument('--out', default='docs/benchmarks/networks', help='output path without extension')
     return p.parse_args(argv)
 
@@ -143,6 +149,49 @@ def jobs_for(entries: list[str], configurations: list[dict]) -> list[tuple]:
     return jobs
 
 
+def fake_report(jobs, args) -> dict:
+    """``fake_step_cost`` in float32 and under emulated CUDA AMP for every job."""
+    from importlib.metadata import version
+
+    import torch
+
+    from nnunetv2_ext.benchmark import fake_step_cost
+
+    results = []
+    for label, trainer_cls, pm, cm, patch in jobs:
+        heads = pm.get_label_manager({'labels': {'background': 0, **{f'c{i}': i for i in range(1, args.classes)}}}
+                                     ).num_segmentation_heads
+        fp32 = fake_step_cost(trainer_cls, pm, cm, args.in_channels, heads, patch, args.batch_size)
+        amp = fake_step_cost(trainer_cls, pm, cm, args.in_channels, heads, patch, args.batch_size, amp=True)
+        results.append(dict(trainer=label, patch_size=patch, strides=cm.network_arch_init_kwargs['strides'],
+                            features=cm.network_arch_init_kwargs['features_per_stage'], **fp32,
+                            stored_activation_bytes_amp=amp['stored_activation_bytes']))
+    return {'schema': 1, 'method': 'fake tensors (nothing computed)', 'batch_size': args.batch_size,
+            'torch': torch.__version__, 'nnunetv2': version('nnunetv2'), 'results': results}
+
+
+def format_fake_markdown(report: dict) -> str:
+    lines = [f"# {report['title']}", '',
+             f"Counted on fake tensors (nothing computed), batch {report['batch_size']}, torch {report['torch']}, "
+             f"nnunetv2 {report['nnunetv2']}. Stored activations = bytes autograd keeps for backward after forward "
+             "+ loss; AMP = float16 autocast as nnU-Net uses on CUDA (emulated). Ratios to the first entry.", '']
+    for patch in dict.fromkeys(tuple(r['patch_size']) for r in report['results']):
+        rows = [r for r in report['results'] if tuple(r['patch_size']) == patch]
+        base = rows[0]
+        lines += [f"Patch {'×'.join(map(str, patch))} (strides {base['strides']}, widths {base['features']})", '',
+                  '| network | params (M) | step TFLOPs | × | stored fp32 (MiB) | × | stored AMP (MiB) | × |',
+                  '|---|---:|---:|---:|---:|---:|---:|---:|']
+        for r in rows:
+            lines.append(
+                f"| {r['trainer']} | {r['params'] / 1e6:.2f} | {r['step_flops'] / 1e12:.2f} | "
+                f"{r['step_flops'] / base['step_flops']:.2f} | {r['stored_activation_bytes'] / 2**20:.0f} | "
+                f"{r['stored_activation_bytes'] / base['stored_activation_bytes']:.2f} | "
+                f"{r['stored_activation_bytes_amp'] / 2**20:.0f} | "
+                f"{r['stored_activation_bytes_amp'] / base['stored_activation_bytes_amp']:.2f} |")
+        lines.append('')
+    return '\n'.join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import torch
@@ -151,7 +200,7 @@ def main(argv=None) -> None:
     from nnunetv2_ext.cli import write_report
 
     if args.threads:
-        torch.set_num_threads(args.threads)  # inherited by the forked measurement processes
+        torch.set_num_threads(args.threads)
     base = base_configuration(args)
     if args.patch_sizes:
         configurations = [with_patch(base, [int(v) for v in p.split('x')]) for p in args.patch_sizes]
@@ -162,14 +211,19 @@ def main(argv=None) -> None:
     dataset_json = {'channel_names': {str(i): 'CT' for i in range(args.in_channels)},
                     'labels': {'background': 0, **{f'c{i}': i for i in range(1, args.classes)}},
                     'numTraining': 5, 'file_ending': '.nii.gz'}
-    report = benchmark_jobs(jobs_for(args.entries, configurations), dataset_json, args.device, args.batch_size,
-                            args.warmup, args.repeats)
+    jobs = jobs_for(args.entries, configurations)
     command = ' '.join(['python benchmarks/bench_networks.py'] + (argv if argv is not None else sys.argv[1:]))
+    out_dir, stem = os.path.split(os.path.abspath(args.out))
+    if args.fake:
+        report = fake_report(jobs, args)
+        report.update(title=f'`{command}`', command=command)
+        write_report(out_dir, stem, report, format_fake_markdown(report), None)
+        return
+    report = benchmark_jobs(jobs, dataset_json, args.device, args.batch_size, args.warmup, args.repeats)
     arch = [c['architecture']['arch_kwargs'] for c in configurations]
     report.update(schema=1, title=f'`{command}`', command=command,
                   plans=[dict(patch_size=c['patch_size'], strides=a['strides'], features=a['features_per_stage'])
                          for c, a in zip(configurations, arch)])
-    out_dir, stem = os.path.split(os.path.abspath(args.out))
     write_report(out_dir, stem, report, format_markdown(report), plot)
 
 

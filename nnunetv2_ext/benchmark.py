@@ -7,9 +7,9 @@ autograd saves for backward in one forward + loss (unique storages, via ``saved_
 device-independent activation footprint), and inference time per patch (batch 1, deep supervision off,
 no TTA). The markdown table gives step time and memory also as ratios to the first trainer.
 
-Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps; on CPU each measurement runs
-in a forked child process whose peak resident set size (``VmHWM``, reset through
-``/proc/self/clear_refs``) is read after the steps, minus its resident size before them.
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps, above what was allocated before
+them; on CPU the same quantity for one extra training step, from the allocator's events in the PyTorch
+profiler's memory timeline (:func:`peak_tensor_bytes`).
 
 The loss is a stand-in with nnU-Net's cost profile: cross-entropy against random labels on every
 deep-supervision output (equal weights). Networks are built with the trainer's own
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import statistics
 import time
@@ -111,13 +110,80 @@ def saved_activation_bytes(run) -> int:
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        storages[(storage.data_ptr(), t.device)] = storage.nbytes()
+        storages[storage._cdata] = storage.nbytes()  # the StorageImpl: unique, also for fake tensors
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = run()
     del out
     return sum(storages.values())
+
+
+def peak_tensor_bytes(run) -> int:
+    """Peak bytes of tensors allocated while ``run()`` executes, above those alive before it — on CPU what
+    ``torch.cuda.max_memory_allocated`` measures on a GPU (allocations and frees from the profiler's memory
+    timeline)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        run()
+    live = peak = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        peak = max(peak, live)
+    return peak
+
+
+def fake_step_cost(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_size, batch_size: int,
+                   amp: bool = False) -> dict:
+    """Stored activations and FLOPs of one training step, counted on fake tensors: nothing is computed or
+    allocated, so any patch size can be evaluated on any machine in seconds.
+
+    Returns ``params``, ``stored_activation_bytes`` (:func:`saved_activation_bytes` of forward + loss) and, without
+    ``amp``, ``step_flops`` (forward + backward incl. recomputation, ``FlopCounterMode``). ``amp``: CUDA
+    autocast (float16) on fake CUDA tensors, i.e. the dtypes a GPU run with nnU-Net's AMP stores (forward
+    only: autograd's engine needs a real GPU for CUDA tensors); the WKV call is counted as the CUDA
+    kernel's custom op (its fake implementation gives the shapes).
+    """
+    from contextlib import ExitStack
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import cuda_wkv.dispatch
+
+    device = torch.device('cuda' if amp else 'cpu')
+    with ExitStack() as stack:
+        stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        if amp:
+            stack.enter_context(mock.patch.object(cuda_wkv.dispatch, '_select_for_call', lambda _: 'cuda'))
+            was_enabled, was_dtype = torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda')
+            stack.callback(torch.set_autocast_dtype, 'cuda', was_dtype)
+            stack.callback(torch.set_autocast_enabled, 'cuda', was_enabled)
+        with device:
+            net = trainer_cls.build_network_architecture(pm, cm, num_input_channels, num_heads, True)
+        x = torch.randn(batch_size, num_input_channels, *patch_size, device=device)
+
+        def forward_loss() -> torch.Tensor:
+            torch.set_autocast_enabled('cuda', amp)  # autocast('cuda') refuses to start without a GPU
+            torch.set_autocast_dtype('cuda', torch.float16)
+            out = net(x)
+            torch.set_autocast_enabled('cuda', False)
+            return _stand_in_loss(out, _targets(out, num_heads, device))
+
+        cost = {'params': sum(p.numel() for p in net.parameters()),
+                'stored_activation_bytes': saved_activation_bytes(forward_loss)}
+        if not amp:
+            with FlopCounterMode(display=False) as counter:
+                forward_loss().backward()
+            cost['step_flops'] = int(counter.get_total_flops())
+    return cost
 
 
 def _sync(device: torch.device) -> None:
@@ -163,7 +229,8 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
         step()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated(device) - base if device.type == 'cuda' else 0
+    peak = (torch.cuda.max_memory_allocated(device) - base if device.type == 'cuda'
+            else peak_tensor_bytes(step))
     saved = saved_activation_bytes(forward_loss)
     net.decoder.deep_supervision = False
     net.eval()
@@ -179,44 +246,8 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
     return Measurement(trainer_cls.__name__, list(patch_size), batch_size, params, int(flops),
                        statistics.median(times), times, int(peak),
                        'cuda max_memory_allocated above the resident model/optimizer' if device.type == 'cuda'
-                       else '', statistics.median(infer), saved)
-
-
-def _status_kb(field_name: str) -> int:
-    with open('/proc/self/status') as f:
-        for line in f:
-            if line.startswith(field_name + ':'):
-                return int(line.split()[1])
-    raise RuntimeError(f'{field_name} not in /proc/self/status')
-
-
-def _child(conn, args) -> None:
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')  # reset the peak-RSS counter (VmHWM) to the current RSS
-        before = _status_kb('VmRSS')
-        m = measure(*args)
-        m.peak_memory_bytes = (_status_kb('VmHWM') - before) * 1024
-        m.memory_method = 'CPU: peak RSS growth of a forked process over the whole measurement (VmHWM)'
-        conn.send(('ok', m))
-    except BaseException as e:  # report, never hang the parent
-        conn.send(('error', f'{type(e).__name__}: {e}'))
-    finally:
-        conn.close()
-
-
-def measure_isolated(*args) -> Measurement:
-    """``measure`` in a forked child on CPU (so the peak RSS is this measurement's own)."""
-    ctx = multiprocessing.get_context('fork')
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, args))
-    proc.start()
-    child.close()
-    status, payload = parent.recv()
-    proc.join()
-    if status != 'ok':
-        raise RuntimeError(payload)
-    return payload
+                       else 'CPU: peak tensor allocation of one step above the resident model/optimizer '
+                            '(profiler memory timeline)', statistics.median(infer), saved)
 
 
 def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[str], device: str = 'auto',
@@ -235,8 +266,8 @@ def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[s
 
 def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: int = 2, warmup: int = 2,
                    repeats: int = 5, progress: bool = True) -> dict:
-    """Measures ``(label, trainer class, PlansManager, ConfigurationManager, patch size)`` jobs (each CPU job
-    in its own forked process); returns the device/version fields and ``results``."""
+    """Measures ``(label, trainer class, PlansManager, ConfigurationManager, patch size)`` jobs; returns the
+    device/version fields and ``results``."""
     from importlib.metadata import version
 
     from tqdm import tqdm
@@ -248,7 +279,7 @@ def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: i
     for label, trainer_cls, pm, cm, patch in tqdm(jobs, disable=not progress, desc='benchmark', unit='run'):
         heads = pm.get_label_manager(dataset_json).num_segmentation_heads
         args = (trainer_cls, pm, cm, n_in, heads, patch, batch_size, dev, warmup, repeats)
-        m = measure(*args) if dev.type == 'cuda' else measure_isolated(*args)
+        m = measure(*args)
         m.trainer = label
         results.append(asdict(m))
     return {'batch_size': batch_size, 'device': _device_name(dev), 'torch': torch.__version__,

@@ -31,7 +31,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def write_report(out: str, stem: str, report: dict, table: str, plot_fn) -> None:
-    """Writes ``stem.json``, ``stem.md`` and ``stem.png`` to ``out`` (each atomically) and prints the table."""
+    """Writes ``stem.json``, ``stem.md`` and (unless ``plot_fn`` is None) ``stem.png`` to ``out`` (each
+    atomically) and prints the table."""
     import json
     import os
 
@@ -42,15 +43,16 @@ def write_report(out: str, stem: str, report: dict, table: str, plot_fn) -> None
         return write
 
     os.makedirs(out, exist_ok=True)
-    writers = {'json': text(json.dumps(report, indent=2)), 'md': text(table),
-               'png': lambda path: plot_fn(report, path)}
+    writers = {'json': text(json.dumps(report, indent=2)), 'md': text(table)}
+    if plot_fn is not None:
+        writers['png'] = lambda path: plot_fn(report, path)
     for ext, write in writers.items():
         final = os.path.join(out, f'{stem}.{ext}')
         tmp = os.path.join(out, f'.{stem}.tmp.{ext}')
         write(tmp)
         os.replace(tmp, final)
     print(table)
-    print(f'written: {out}/{stem}.json, {stem}.md, {stem}.png')
+    print(f"written: {out}/{stem}." + ', '.join(f'{stem}.{ext}' for ext in writers)[len(stem) + 1:])
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

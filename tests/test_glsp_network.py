@@ -122,10 +122,11 @@ def test_checkpointing_gives_identical_outputs_and_gradients():
     plans = PLANS['3d_iso_5']
     cm = make_configuration(**plans)
     torch.manual_seed(0)
-    plain = _unzero(RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_levels=0))
+    plain = _unzero(RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_levels=0, checkpoint_branch=False))
     default = nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2)
     ckpt = nnUNetTrainerGLSP_Checkpoint.build_network_architecture(None, cm, 1, 2)
     assert (plain.encoder.checkpoint_stages, default.encoder.checkpoint_stages) == (0, 1)
+    assert not plain.branch.checkpoint and default.branch.checkpoint
     assert ckpt.encoder.checkpoint_stages == len(ckpt.encoder.stages) and ckpt.branch.checkpoint
     nets = (plain, default, ckpt)
     for net in nets[1:]:
@@ -142,20 +143,22 @@ def test_checkpointing_gives_identical_outputs_and_gradients():
             torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def test_default_recomputes_the_full_resolution_stage_except_with_batch_norm():
-    """Stage 0 stores ~1/4 of the activations for ~1 % of the FLOPs (docs/glsp.md): the default recomputes it,
-    so the stored activations drop by all of stage 0's except its input (which the checkpoint keeps); BatchNorm
-    (running statistics would be updated twice) keeps it stored."""
+def test_default_recomputes_stage_0_and_the_glsp_blocks_except_with_batch_norm():
+    """They store ~40 % of the activations for ~1 % of the FLOPs (docs/glsp.md): the default recomputes them, so
+    the stored activations drop by all of stage 0's except its input (which the checkpoint keeps) and more;
+    BatchNorm (running statistics would be updated twice) keeps everything stored."""
     plans = PLANS['3d_iso_5']
     cm = make_configuration(**plans)
     x = torch.randn(2, 1, *plans['patch_size'])
-    plain = RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_levels=0)
+    plain = RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_levels=0, checkpoint_branch=False)
+    stage0_only = RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_branch=False)
     default = nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2)
+    stored = [saved_activation_bytes(lambda: net(x)) for net in (plain, stage0_only, default)]
     stage0 = saved_activation_bytes(lambda: plain.encoder.stages[0](x))
-    assert stage0 > 0
-    dropped = saved_activation_bytes(lambda: plain(x)) - saved_activation_bytes(lambda: default(x))
-    assert dropped >= stage0 - x.numel() * x.element_size()
-    assert nnUNetTrainerGLSP_BN.build_network_architecture(None, cm, 1, 2).encoder.checkpoint_stages == 0
+    assert stored[0] - stored[1] >= stage0 - x.numel() * x.element_size() > 0
+    assert stored[2] < stored[1]
+    bn = nnUNetTrainerGLSP_BN.build_network_architecture(None, cm, 1, 2)
+    assert bn.encoder.checkpoint_stages == 0 and not bn.branch.checkpoint
 
 
 def test_regions_and_ignore_label():

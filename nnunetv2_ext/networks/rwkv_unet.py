@@ -88,9 +88,11 @@ class RWKVUNet3D(nn.Module):
         mednext_exp_ratio: MedNeXt expansion ratio r.
         rwkv_branch: build the GLSP3D branch and fusions (False: MedNeXt encoder + light decoder only).
         glsp_exp_ratio, se_ratio, drop_path, shift_gamma: GLSP3D options (see :class:`GLSP3D`).
-        checkpoint_levels: the finest encoder stages recomputed in backward instead of stored (None: 1, or 0
-            with a BatchNorm, whose running statistics a recomputation would update twice). Stage 0 holds
-            ~1/4 of the stored activations for ~1 % of the FLOPs (docs/glsp.md).
+        checkpoint_levels: the finest encoder stages recomputed in backward instead of stored (None: 1).
+        checkpoint_branch: recompute the GLSP3D blocks in backward (None: True).
+            At realistic plans stage 0 holds ~1/4 and the GLSP3D blocks ~1/6 of the stored activations for
+            ~1 % of a step's FLOPs together (docs/glsp.md). With a BatchNorm both default to off: a
+            recomputation would update its running statistics twice.
         checkpoint_blocks: recompute every encoder stage and GLSP3D block in backward (least memory).
     """
 
@@ -100,20 +102,24 @@ class RWKVUNet3D(nn.Module):
                  nonlin: Type[nn.Module] = nn.LeakyReLU, nonlin_kwargs: dict | None = None, conv_bias: bool = True,
                  mednext_exp_ratio: int = 2, rwkv_branch: bool = True, glsp_exp_ratio: float = 1.0,
                  se_ratio: float = 0.25, drop_path: float = 0.0, shift_gamma: float = 1 / 8,
-                 checkpoint_levels: int | None = None, checkpoint_blocks: bool = False,
-                 deep_supervision: bool = True):
+                 checkpoint_levels: int | None = None, checkpoint_branch: bool | None = None,
+                 checkpoint_blocks: bool = False, deep_supervision: bool = True):
         super().__init__()
         norm_op_kwargs = dict(affine=True) if norm_op_kwargs is None else norm_op_kwargs
         norm_layer = partial(norm_op, **norm_op_kwargs)
+        recompute_safe = not issubclass(norm_op, nn.modules.batchnorm._BatchNorm)
         if checkpoint_levels is None:
-            checkpoint_levels = 0 if issubclass(norm_op, nn.modules.batchnorm._BatchNorm) else 1
+            checkpoint_levels = int(recompute_safe)
+        if checkpoint_branch is None:
+            checkpoint_branch = recompute_safe
         self.encoder = MedNeXtEncoder(in_channels, features_per_stage, strides, kernel_sizes, depths,
                                       mednext_exp_ratio, norm_layer,
                                       len(features_per_stage) if checkpoint_blocks else checkpoint_levels)
         self.branch = self.fuse = None
         if rwkv_branch:
             self.branch = RWKVBranch3D(features_per_stage, strides, kernel_sizes, norm_layer, BRANCH_START,
-                                       glsp_exp_ratio, se_ratio, drop_path, shift_gamma, checkpoint_blocks)
+                                       glsp_exp_ratio, se_ratio, drop_path, shift_gamma,
+                                       checkpoint_blocks or checkpoint_branch)
             self.fuse = nn.ModuleList(Fuse(c, norm_layer, nonlin, nonlin_kwargs)
                                       for c in features_per_stage[BRANCH_START:])
         self.decoder = LightDecoder(features_per_stage, strides, kernel_sizes, num_classes, nn.Conv3d, norm_op,
@@ -135,7 +141,7 @@ class RWKVUNet3D(nn.Module):
         Widths, strides and kernels are the plans'; MedNeXt depths come from :func:`depths_from_plans`;
         the norm is the plans' ``norm_op`` unless ``batch_norm`` (BatchNorm3d; nnU-Net turns it into
         SyncBatchNorm under DDP). ``options`` go to the constructor (e.g. ``rwkv_branch=False``,
-        ``checkpoint_levels=0``, ``checkpoint_blocks=True``). Raises :class:`PlansError` for plans it cannot
+        ``checkpoint_levels=0, checkpoint_branch=False``, ``checkpoint_blocks=True``). Raises :class:`PlansError` for plans it cannot
         serve.
         """
         arch = configuration_manager.network_arch_init_kwargs

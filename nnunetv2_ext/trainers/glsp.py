@@ -1,7 +1,8 @@
 """RWKV-UNet-3D trainers (DESIGN §3): ``nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerGLSP``.
 
 * ``nnUNetTrainerGLSP``: MedNeXt encoder + GLSP3D/WKV branch + light decoder, the plans' norm; the
-  full-resolution encoder stage is recomputed in backward (~1/4 of the activations, <1 % of the FLOPs).
+  full-resolution encoder stage and the GLSP3D blocks are recomputed in backward (~40 % of the stored
+  activations at realistic plans for ~1 % of a step's FLOPs).
 * ``nnUNetTrainerGLSP_NoRWKV``: the same network without the RWKV branch and its fusions (ablation).
 * ``nnUNetTrainerGLSP_BN``: BatchNorm3d everywhere (the design notes' choice); under DDP nnU-Net's
   ``initialize`` converts it to SyncBatchNorm (``nn.SyncBatchNorm.convert_sync_batchnorm``); nothing is
