@@ -13,7 +13,7 @@ from nnunetv2_ext.blocks.glsp import SE3D
 from nnunetv2_ext.networks.plans import PlansError
 from nnunetv2_ext.networks.rwkv_unet import RWKVUNet3D, depths_from_plans
 from nnunetv2_ext.trainers import (nnUNetTrainerGLSP, nnUNetTrainerGLSP_BN, nnUNetTrainerGLSP_Checkpoint,
-                                   nnUNetTrainerGLSP_NoRWKV)
+                                   nnUNetTrainerGLSP_NoRecompute, nnUNetTrainerGLSP_NoRWKV)
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +122,7 @@ def test_checkpointing_gives_identical_outputs_and_gradients():
     plans = PLANS['3d_iso_5']
     cm = make_configuration(**plans)
     torch.manual_seed(0)
-    plain = _unzero(RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_levels=0, checkpoint_branch=False))
+    plain = _unzero(nnUNetTrainerGLSP_NoRecompute.build_network_architecture(None, cm, 1, 2))
     default = nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2)
     ckpt = nnUNetTrainerGLSP_Checkpoint.build_network_architecture(None, cm, 1, 2)
     assert (plain.encoder.checkpoint_stages, default.encoder.checkpoint_stages) == (0, 1)

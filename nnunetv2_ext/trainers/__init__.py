@@ -9,7 +9,8 @@ from nnunetv2_ext.trainers.base import nnUNetTrainerExtBase  # noqa: E402
 from nnunetv2_ext.trainers.demo import nnUNetTrainer_ExtDemo, nnUNetTrainerLightDecoder_ExtDemo  # noqa: E402
 from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder, nnUNetTrainerLightDecoder_VNetDice  # noqa: E402,E501
 from nnunetv2_ext.trainers.glsp import (nnUNetTrainerGLSP, nnUNetTrainerGLSP_BN,  # noqa: E402
-                                        nnUNetTrainerGLSP_Checkpoint, nnUNetTrainerGLSP_NoRWKV)
+                                        nnUNetTrainerGLSP_Checkpoint, nnUNetTrainerGLSP_NoRecompute,
+                                        nnUNetTrainerGLSP_NoRWKV)
 from nnunetv2_ext.trainers.pvt_gdla import (nnUNetTrainerPVTGDLA, nnUNetTrainerPVTGDLA_Elliptical,  # noqa: E402
                                             nnUNetTrainerPVTGDLA_ImageNet, nnUNetTrainerPVTGDLA_Mahalanobis,
                                             nnUNetTrainerPVTGDLA_PlansWidths)
@@ -25,6 +26,7 @@ __all__ = [
     'nnUNetTrainerGLSP_NoRWKV',
     'nnUNetTrainerGLSP_BN',
     'nnUNetTrainerGLSP_Checkpoint',
+    'nnUNetTrainerGLSP_NoRecompute',
     'nnUNetTrainerPVTGDLA',
     'nnUNetTrainerPVTGDLA_Elliptical',
     'nnUNetTrainerPVTGDLA_Mahalanobis',

@@ -7,8 +7,9 @@
 * ``nnUNetTrainerGLSP_BN``: BatchNorm3d everywhere (the design notes' choice); under DDP nnU-Net's
   ``initialize`` converts it to SyncBatchNorm (``nn.SyncBatchNorm.convert_sync_batchnorm``); nothing is
   recomputed (a recomputation would update the running statistics twice).
-* ``nnUNetTrainerGLSP_Checkpoint``: gradient checkpointing of encoder stages and GLSP3D blocks, for
+* ``nnUNetTrainerGLSP_Checkpoint``: gradient checkpointing of every encoder stage and GLSP3D block, for
   large patches (same results, less memory, more time).
+* ``nnUNetTrainerGLSP_NoRecompute``: nothing recomputed (same results, more memory, a little less time).
 
 Training, loss and deep supervision ((8,4,2,1)/15) are :class:`nnUNetTrainerExtBase`'s. The networks
 compile with ``torch.compile`` (the WKV call is a graph break, see ``spatial_mix.wkv_float32``).
@@ -51,3 +52,11 @@ class nnUNetTrainerGLSP_Checkpoint(nnUNetTrainerGLSP):
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         return RWKVUNet3D.from_plans(configuration_manager, num_input_channels, num_output_channels,
                                      enable_deep_supervision, checkpoint_blocks=True)
+
+
+class nnUNetTrainerGLSP_NoRecompute(nnUNetTrainerGLSP):
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        return RWKVUNet3D.from_plans(configuration_manager, num_input_channels, num_output_channels,
+                                     enable_deep_supervision, checkpoint_levels=0, checkpoint_branch=False)
