@@ -149,7 +149,7 @@ def jobs_for(entries: list[str], configurations: list[dict]) -> list[tuple]:
     return jobs
 
 
-def fake_report(jobs, args) -> dict:
+def fake_report(jobs, dataset_json: dict, args) -> dict:
     """``fake_step_cost`` in float32 and under emulated CUDA AMP for every job."""
     from importlib.metadata import version
 
@@ -159,8 +159,7 @@ def fake_report(jobs, args) -> dict:
 
     results = []
     for label, trainer_cls, pm, cm, patch in jobs:
-        heads = pm.get_label_manager({'labels': {'background': 0, **{f'c{i}': i for i in range(1, args.classes)}}}
-                                     ).num_segmentation_heads
+        heads = pm.get_label_manager(dataset_json).num_segmentation_heads
         fp32 = fake_step_cost(trainer_cls, pm, cm, args.in_channels, heads, patch, args.batch_size)
         amp = fake_step_cost(trainer_cls, pm, cm, args.in_channels, heads, patch, args.batch_size, amp=True)
         results.append(dict(trainer=label, patch_size=patch, strides=cm.network_arch_init_kwargs['strides'],
@@ -215,7 +214,7 @@ def main(argv=None) -> None:
     command = ' '.join(['python benchmarks/bench_networks.py'] + (argv if argv is not None else sys.argv[1:]))
     out_dir, stem = os.path.split(os.path.abspath(args.out))
     if args.fake:
-        report = fake_report(jobs, args)
+        report = fake_report(jobs, dataset_json, args)
         report.update(title=f'`{command}`', command=command)
         write_report(out_dir, stem, report, format_fake_markdown(report), None)
         return

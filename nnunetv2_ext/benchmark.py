@@ -171,10 +171,12 @@ def fake_step_cost(trainer_cls, pm, cm, num_input_channels: int, num_heads: int,
         x = torch.randn(batch_size, num_input_channels, *patch_size, device=device)
 
         def forward_loss() -> torch.Tensor:
-            torch.set_autocast_enabled('cuda', amp)  # autocast('cuda') refuses to start without a GPU
-            torch.set_autocast_dtype('cuda', torch.float16)
+            if amp:  # set directly: autocast('cuda') refuses to start without a GPU
+                torch.set_autocast_enabled('cuda', True)
+                torch.set_autocast_dtype('cuda', torch.float16)
             out = net(x)
-            torch.set_autocast_enabled('cuda', False)
+            if amp:
+                torch.set_autocast_enabled('cuda', False)  # end the emulation; the stand-in loss is float32
             return _stand_in_loss(out, _targets(out, num_heads, device))
 
         cost = {'params': sum(p.numel() for p in net.parameters()),

@@ -6,7 +6,7 @@ A block maps ``(B, C_in, *S) -> (B, C_out, *S/stride)``:
 
 ``res`` is the identity for a regular block (``C_in = C_out``, stride 1) and a strided 1×1×1
 conv for a down block. The encoder has one stage per entry of the plans' ``strides``. The pointwise
-part runs through :func:`~nnunetv2_ext.blocks.pointwise_mlp.pointwise_mlp`, which stores 2 of the 3
+part runs through :func:`~nnunetv2_ext.blocks.pointwise_mlp.pointwise_mlp`, which stores one of the two
 expanded tensors plain autograd would keep (same outputs and gradients).
 """
 from __future__ import annotations
