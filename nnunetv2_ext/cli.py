@@ -52,7 +52,7 @@ def write_report(out: str, stem: str, report: dict, table: str, plot_fn) -> None
         write(tmp)
         os.replace(tmp, final)
     print(table)
-    print(f"written: {out}/{stem}." + ', '.join(f'{stem}.{ext}' for ext in writers)[len(stem) + 1:])
+    print('written: ' + ', '.join(os.path.join(out, f'{stem}.{ext}') for ext in writers))
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -141,8 +141,8 @@ class RWKVUNet3D(nn.Module):
         Widths, strides and kernels are the plans'; MedNeXt depths come from :func:`depths_from_plans`;
         the norm is the plans' ``norm_op`` unless ``batch_norm`` (BatchNorm3d; nnU-Net turns it into
         SyncBatchNorm under DDP). ``options`` go to the constructor (e.g. ``rwkv_branch=False``,
-        ``checkpoint_levels=0, checkpoint_branch=False``, ``checkpoint_blocks=True``). Raises :class:`PlansError` for plans it cannot
-        serve.
+        ``checkpoint_levels=0, checkpoint_branch=False``, ``checkpoint_blocks=True``). Raises
+        :class:`PlansError` for plans it cannot serve.
         """
         arch = configuration_manager.network_arch_init_kwargs
         patch = configuration_manager.patch_size
