@@ -6,21 +6,17 @@ affine=True)``), so the network decides the norm (the plans' ``norm_op`` or Batc
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
+from nnunetv2_ext.blocks.common import NormLayer, as_triple
 from nnunetv2_ext.blocks.drop_path import DropPath
 from nnunetv2_ext.blocks.spatial_mix import VRWKV_SpatialMix
 from nnunetv2_ext.blocks.tokens import grid_to_tokens, tokens_to_grid
 
-NormLayer = Callable[[int], nn.Module]
 DEFAULT_NORM: NormLayer = partial(nn.InstanceNorm3d, affine=True)
-
-
-def as_triple(k: int | Sequence[int]) -> tuple[int, int, int]:
-    return (k,) * 3 if isinstance(k, int) else tuple(int(i) for i in k)
 
 
 class SE3D(nn.Module):

@@ -15,18 +15,10 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from nnunetv2_ext.blocks.glsp import DEFAULT_NORM, NormLayer, as_triple
+from nnunetv2_ext.blocks.common import NormLayer, as_triple, run_checkpointed
+from nnunetv2_ext.blocks.glsp import DEFAULT_NORM
 from nnunetv2_ext.blocks.pointwise_mlp import pointwise_mlp
-
-
-def run_checkpointed(module: nn.Module, x: torch.Tensor, enabled: bool) -> torch.Tensor:
-    """``module(x)``; with ``enabled`` and autograd on, activations inside ``module`` are recomputed
-    in backward instead of stored (``torch.utils.checkpoint``, non-reentrant)."""
-    if enabled and torch.is_grad_enabled():
-        return checkpoint(module, x, use_reentrant=False)
-    return module(x)
 
 
 class MedNeXtBlock(nn.Module):

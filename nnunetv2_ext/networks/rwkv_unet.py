@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
-from nnunetv2_ext.blocks.glsp import GLSP3D, Downsample3D, NormLayer
+from nnunetv2_ext.blocks.common import NormLayer, run_checkpointed
+from nnunetv2_ext.blocks.glsp import GLSP3D, Downsample3D
 from nnunetv2_ext.blocks.light_decoder import LightDecoder
-from nnunetv2_ext.blocks.mednext import MedNeXtEncoder, run_checkpointed
+from nnunetv2_ext.blocks.mednext import MedNeXtEncoder
 from nnunetv2_ext.networks.plans import PlansError, check_patch_fits_strides
 
 BRANCH_START = 2  # the RWKV branch reads encoder stage 2 (1/4 resolution in the seed)
