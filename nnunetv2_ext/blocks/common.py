@@ -8,6 +8,7 @@
   (Katharopoulos et al. 2020, "Transformers are RNNs", eq. 7).
 * :func:`float32_region` — run a block of maths in (at least) float32 with autocast off.
 * :func:`split_heads` / :func:`merge_heads` — ``(B, N, C) <-> (B, h, N, C/h)``.
+* :func:`depthwise_conv` — a depthwise conv with per-axis (plans') kernel and 'same' padding.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Callable, Iterator, Sequence, Type
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from dynamic_network_architectures.building_blocks.helper import get_matching_instancenorm
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, get_matching_instancenorm
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -110,3 +111,13 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """``(B, h, N, D) -> (B, N, h·D)``; inverse of :func:`split_heads`."""
     b, h, n, d = x.shape
     return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def depthwise_conv(conv_op: Type[nn.Module], channels: int, kernel_size: int | Sequence[int]) -> nn.Module:
+    """Depthwise ``conv_op`` (``groups = channels``) with a per-axis odd ``kernel_size`` (e.g. the plans'
+    ``(1, 3, 3)``) and padding ``k // 2`` per axis, so the grid keeps its shape and an axis with kernel 1 is
+    never mixed. Raises ``ValueError`` for an even kernel (no symmetric 'same' padding exists)."""
+    kernel = per_axis(kernel_size, convert_conv_op_to_dim(conv_op), 'kernel_size')
+    if any(k % 2 == 0 for k in kernel):
+        raise ValueError(f"depthwise kernel {list(kernel)} has an even entry: use odd kernel sizes (1, 3, 5, ...)")
+    return conv_op(channels, channels, kernel, padding=[k // 2 for k in kernel], groups=channels)
