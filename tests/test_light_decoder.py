@@ -220,5 +220,5 @@ def test_decoder_formula_heads_read_the_residual_sum():
     g0 = torch.cat((up0(lrelu(r1)), x0), 1)
     r0 = b0.proj(g0) + b0.body(g0)
     out = dec([x0, x1, x2])
-    torch.testing.assert_close(out[0], dec.heads[0](r0), rtol=0, atol=1e-12)
-    torch.testing.assert_close(out[1], dec.heads[1](r1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[0], dec.seg_layers[0](r0), rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[1], dec.seg_layers[1](r1), rtol=0, atol=1e-12)

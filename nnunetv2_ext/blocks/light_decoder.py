@@ -108,8 +108,9 @@ class LightDecoder(nn.Module):
                                            strides[s + 1], bias=conv_bias))
             self.blocks.append(LightResidualBlock(2 * encoder_channels[s], encoder_channels[s],
                                                   kernel_size=kernel_sizes[s], **block_kwargs))
-        # heads[j] predicts at level j (0 = full resolution)
-        self.heads = nn.ModuleList(conv_op(encoder_channels[j], num_classes, 1, bias=True)
+        # seg_layers[j] predicts at level j (0 = full resolution); the name makes nnU-Net's
+        # load_pretrained_weights skip them (fine-tuning with another class count)
+        self.seg_layers = nn.ModuleList(conv_op(encoder_channels[j], num_classes, 1, bias=True)
                                    for j in range(self.num_ds_outputs))
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
@@ -126,5 +127,5 @@ class LightDecoder(nn.Module):
             if s > 0:
                 h = block.act(r)
         if not self.deep_supervision:
-            return self.heads[0](levels[0])
-        return [self.heads[j](levels[j]) for j in range(self.num_ds_outputs)]
+            return self.seg_layers[0](levels[0])
+        return [self.seg_layers[j](levels[j]) for j in range(self.num_ds_outputs)]

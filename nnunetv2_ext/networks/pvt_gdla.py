@@ -175,7 +175,7 @@ class GDLADecoder(nn.Module):
                 GDLAM(channels[lvl], block_heads[lvl], conv_op, mlp_ratio) if lvl >= first_transformer else
                 LightResidualBlock(channels[lvl], channels[lvl], conv_op, kernel_sizes[lvl], norm_op, norm_op_kwargs,
                                    nonlin, nonlin_kwargs))
-        self.heads = nn.ModuleList(conv_op(channels[j], num_classes, 1) for j in range(self.num_ds_outputs))
+        self.seg_layers = nn.ModuleList(conv_op(channels[j], num_classes, 1) for j in range(self.num_ds_outputs))
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         deepest = len(skips) - 1
@@ -185,8 +185,8 @@ class GDLADecoder(nn.Module):
             h = self.blocks[str(lvl)](self.upsample[str(lvl)](h) + skips[lvl])
             levels[lvl] = h
         if not self.deep_supervision:
-            return self.heads[0](levels[0])
-        return [self.heads[j](levels[j]) for j in range(self.num_ds_outputs)]
+            return self.seg_layers[0](levels[0])
+        return [self.seg_layers[j](levels[j]) for j in range(self.num_ds_outputs)]
 
 
 def gdla_heads(dim: int, head_dim: int) -> int:
