@@ -1,4 +1,4 @@
-"""Training-free refinement of encoder features at inference (DESIGN §7). Off by default (strength 0).
+"""Training-free refinement of encoder features at inference. Off by default (strength 0).
 
 Both functions map ``x (B, C, *S)`` (2-D or 3-D) to a tensor of the same shape and dtype, are the
 identity at ``strength = 0`` and keep a spatially constant field unchanged.
@@ -14,6 +14,8 @@ identity at ``strength = 0`` and keep a spatially constant field unchanged.
 hands to the decoder), only in eval mode.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -72,6 +74,11 @@ class FeatureRefinementHook:
 
     def __init__(self, box_strength: float = 0.0, fft_strength: float = 0.0, kernel: int = 3, cutoff: float = 0.25,
                  levels=(-1,)):
+        for name, value in (('box_strength', box_strength), ('fft_strength', fft_strength), ('cutoff', cutoff)):
+            if not math.isfinite(value):
+                raise ValueError(f'{name}={value} is not finite: it would turn every refined feature into NaN')
+        if kernel < 1 or kernel % 2 != 1:
+            raise ValueError(f'kernel={kernel}: the box kernel must be a positive odd integer')
         self.box_strength, self.fft_strength = box_strength, fft_strength
         self.kernel, self.cutoff, self.levels = kernel, cutoff, levels
 

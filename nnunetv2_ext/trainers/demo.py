@@ -6,28 +6,16 @@ both train ``NNUNETV2_EXT_DEMO_EPOCHS`` epochs (default 4) of ``NNUNETV2_EXT_DEM
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunetv2_ext.env_options import env_int
 from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, str(default))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"{name}={raw!r} must be >= 1")
-    return value
-
-
 def _apply_demo_schedule(trainer: nnUNetTrainer) -> None:
-    trainer.num_epochs = _env_int('NNUNETV2_EXT_DEMO_EPOCHS', 4)
-    trainer.num_iterations_per_epoch = _env_int('NNUNETV2_EXT_DEMO_ITERS', 25)
+    trainer.num_epochs = env_int('NNUNETV2_EXT_DEMO_EPOCHS', 4, 1, 100_000)
+    trainer.num_iterations_per_epoch = env_int('NNUNETV2_EXT_DEMO_ITERS', 25, 1, 100_000)
     trainer.num_val_iterations_per_epoch = 2
 
 

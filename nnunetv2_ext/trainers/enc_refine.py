@@ -15,7 +15,7 @@ PVT-GDLA the last PVT stage). The attention mass ``w`` for ``L_attn`` is:
   averaged over both maps and the heads, computed in O(N) (:func:`linear_attention_mass`) from the q/k the
   core receives (forward pre-hook), under ``no_grad``. The differential weight λ is not applied (it can make
   the mass negative).
-* GLSP (RWKV-UNet-3D): its decoder is convolutional (the WKV attention lives in the encoder branch), so
+* GLSP (RWKV-UNet, 2-D or 3-D): its decoder is convolutional (the WKV attention lives in the encoder branch), so
   there is no decoder attention; the documented proxy is the channel norm of the decoder's first-stage
   features (``decoder.upsample[0]``'s output, the transposed-conv read of the deepest tokens) average-pooled
   back onto the token grid, detached.
@@ -37,16 +37,14 @@ built (e.g. by ``nnUNetv2_predict``); ``NNUNETV2_EXT_REFINE_KERNEL`` (3) and ``N
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from torch import nn
 from torch import distributed as dist
 from torch.nn import functional as F
 
+from nnunetv2_ext.env_options import env_float, env_int
 from nnunetv2_ext.networks.pvt_gdla import PVTGDLA
-from nnunetv2_ext.networks.rwkv_unet import RWKVUNet3D
 from nnunetv2_ext.refinement.inference import FeatureRefinementHook
 from nnunetv2_ext.refinement.losses import (attention_distillation_loss, boundary_loss, linear_attention_mass,
                                             mask_contrastive_loss)
@@ -75,10 +73,15 @@ def attach_inference_refinement(network: nn.Module, box_strength: float = 0.0, f
 
 
 def refinement_from_env(network: nn.Module):
-    box = float(os.environ.get(REFINE_ENV['box'], 0) or 0)
-    fft = float(os.environ.get(REFINE_ENV['fft'], 0) or 0)
-    return attach_inference_refinement(network, box, fft, int(os.environ.get(REFINE_ENV['kernel'], 3)),
-                                       float(os.environ.get(REFINE_ENV['cutoff'], 0.25)))
+    """:func:`attach_inference_refinement` with the ``REFINE_ENV`` options: strengths in [0, 1] (default 0),
+    an odd kernel in [1, 15] (3), a cutoff in [0, 2] (0.25; ``sqrt(3)`` already keeps every frequency).
+
+    Raises :class:`~nnunetv2_ext.env_options.EnvOptionError` for an invalid value (nan, inf, out of range).
+    """
+    return attach_inference_refinement(network, env_float(REFINE_ENV['box'], 0.0, 0.0, 1.0),
+                                       env_float(REFINE_ENV['fft'], 0.0, 0.0, 1.0),
+                                       env_int(REFINE_ENV['kernel'], 3, 1, 15, odd=True),
+                                       env_float(REFINE_ENV['cutoff'], 0.25, 0.0, 2.0))
 
 
 def _unwrap(network: nn.Module) -> nn.Module:
@@ -218,13 +221,13 @@ class EncRefineMixin:
 
 
 class nnUNetTrainerGLSP_EncRefine(EncRefineMixin, nnUNetTrainerGLSP):
-    """RWKV-UNet-3D with the §7 auxiliary losses; ``L_attn`` uses the decoder-response proxy (module docstring)."""
+    """RWKV-UNet with the auxiliary encoder losses; ``L_attn`` uses the decoder-response proxy (module docstring)."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        network = RWKVUNet3D.from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                        enable_deep_supervision)
+        network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                     num_output_channels, enable_deep_supervision)
         refinement_from_env(network)
         return network
 
