@@ -67,3 +67,17 @@ def expected_ds_shapes(plans: dict, num_classes: int, batch: int) -> list[tuple[
     (1/cumprod(strides)[:-1]), cut to the four finest."""
     scales = (1 / np.cumprod(np.vstack(plans['strides']), axis=0))[:-1][:4]
     return [(batch, num_classes, *[round(p * s) for p, s in zip(plans['patch_size'], sc)]) for sc in scales]
+
+
+def make_initialised_trainer(trainer_class, configuration: ConfigurationManager, root: str):
+    """``make_trainer`` initialised (network, optimizer, loss) with nnU-Net's preprocessed/results folders under
+    ``root`` (sets ``nnUNet_preprocessed``/``nnUNet_results``; no data written beyond a format probe file)."""
+    import os
+
+    os.environ['nnUNet_preprocessed'] = os.path.join(root, 'preprocessed')
+    os.environ['nnUNet_results'] = os.path.join(root, 'results')
+    trainer = make_trainer(trainer_class, configuration)
+    os.makedirs(trainer.preprocessed_dataset_folder, exist_ok=True)
+    open(os.path.join(trainer.preprocessed_dataset_folder, 'case.b2nd'), 'w').close()  # nnU-Net's format probe
+    trainer.initialize()
+    return trainer

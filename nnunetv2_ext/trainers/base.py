@@ -1,5 +1,12 @@
-"""Base trainer: stock nnU-Net training, deep supervision on the four finest outputs (DESIGN §4)."""
+"""What all our trainers share: checkpoints that survive a crash, deep supervision on the four finest outputs.
+
+:class:`CrashSafeCheckpoints` makes every checkpoint appear only when complete and lets ``--c`` resume from
+the newest readable checkpoint; :class:`nnUNetTrainerExtBase` adds the light decoder's supervision.
+"""
 from __future__ import annotations
+
+import os
+import zipfile
 
 import numpy as np
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -17,7 +24,95 @@ def deep_supervision_weights(num_outputs: int) -> np.ndarray:
     return w / w.sum()
 
 
-class nnUNetTrainerExtBase(nnUNetTrainer):
+#: nnU-Net's checkpoint names, in the order ``nnUNetv2_train --c`` looks for them.
+CHECKPOINT_NAMES = ('checkpoint_final.pth', 'checkpoint_latest.pth', 'checkpoint_best.pth')
+
+
+def partial_checkpoint_path(filename: str) -> str:
+    """The hidden file in ``filename``'s folder that a checkpoint is written to before it is renamed."""
+    folder, name = os.path.split(os.path.abspath(filename))
+    return os.path.join(folder, f'.{name}.partial')
+
+
+def checkpoint_problem(filename: str) -> str | None:
+    """Why ``torch.load`` cannot read the checkpoint ``filename`` (torn, truncated, corrupted), or ``None``.
+
+    ``torch.save`` writes a zip archive; it is intact when its central directory (written last) is present
+    and every member passes its CRC-32 check. Reads the whole file once; unpickles nothing.
+    """
+    try:
+        with zipfile.ZipFile(filename) as archive:
+            bad_member = archive.testzip()
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+        return f'{type(e).__name__}: {e}'
+    if bad_member is not None:
+        return f'member {bad_member!r} fails its CRC check (the file is corrupted)'
+    return None
+
+
+def _fsync(path: str) -> None:
+    """Flush ``path`` (a file, or on POSIX a folder) to disk."""
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CrashSafeCheckpoints:
+    """Mixin for an ``nnUNetTrainer``: no interruption can leave a torn checkpoint, and ``--c`` survives one.
+
+    * :meth:`save_checkpoint` lets nnU-Net write its usual checkpoint (same content) to a hidden
+      ``.<name>.partial`` file in the same folder, flushes it to disk, then renames it over ``<name>``
+      (``os.replace``, atomic): a crash or ``kill -9`` at any moment leaves the previous checkpoint whole.
+    * :meth:`load_checkpoint`: if the requested checkpoint (one of :data:`CHECKPOINT_NAMES`) cannot be read,
+      e.g. torn by a crash under an older version, it loads the newest (modification time) of the others
+      that can, printing which and why; a ``RuntimeError`` naming every file and its problem if none can.
+    """
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)  # writes nothing (logs that checkpointing is off)
+        partial = partial_checkpoint_path(filename)
+        if os.path.lexists(partial):
+            os.remove(partial)  # left by an interrupted save; never a complete checkpoint
+        super().save_checkpoint(partial)
+        _fsync(partial)
+        os.replace(partial, filename)
+        if os.name == 'posix':
+            _fsync(os.path.dirname(partial))  # make the rename itself durable
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        if not (isinstance(filename_or_checkpoint, str) and os.path.isfile(filename_or_checkpoint)):
+            return super().load_checkpoint(filename_or_checkpoint)  # nnU-Net's own handling and errors
+        chosen, problem = self._readable_checkpoint(filename_or_checkpoint)
+        super().load_checkpoint(chosen)
+        if chosen != filename_or_checkpoint:
+            self.print_to_log_file(
+                f"WARNING: {filename_or_checkpoint} cannot be read ({problem}); it was probably torn by an "
+                f"interrupted write. Loaded {os.path.basename(chosen)} instead, the newest readable checkpoint "
+                f"(epoch {self.current_epoch}).")
+
+    @staticmethod
+    def _readable_checkpoint(requested: str) -> tuple[str, str | None]:
+        """``(requested, None)`` if it can be read, else the newest readable checkpoint beside it and the
+        requested file's problem; raises ``RuntimeError`` if there is none."""
+        folder, name = os.path.split(os.path.abspath(requested))
+        problems = {name: checkpoint_problem(requested)}
+        if problems[name] is None:
+            return requested, None
+        others = [os.path.join(folder, n) for n in CHECKPOINT_NAMES if name in CHECKPOINT_NAMES and n != name]
+        for candidate in sorted(filter(os.path.isfile, others), key=os.path.getmtime, reverse=True):
+            problems[os.path.basename(candidate)] = checkpoint_problem(candidate)
+            if problems[os.path.basename(candidate)] is None:
+                return candidate, problems[name]
+        listing = '; '.join(f'{n}: {p}' for n, p in problems.items())
+        raise RuntimeError(
+            f"No readable checkpoint in {folder} ({listing}). Restore a checkpoint from a backup, or start this "
+            f"fold afresh: move the folder away and run nnUNetv2_train without --c.")
+
+
+class nnUNetTrainerExtBase(CrashSafeCheckpoints, nnUNetTrainer):
     """nnU-Net's trainer with the light decoder's supervision: the ``min(4, n_stages-1)`` finest
     outputs, weighted ``(8, 4, 2, 1)/15`` on nnU-Net's own CE+Dice (or BCE+Dice for regions, with the
     ignore label handled as upstream). Subclasses override only ``build_network_architecture``;

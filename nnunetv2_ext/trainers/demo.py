@@ -10,6 +10,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_ext.env_options import env_int
+from nnunetv2_ext.trainers.base import CrashSafeCheckpoints
 from nnunetv2_ext.trainers.light_decoder import nnUNetTrainerLightDecoder
 
 
@@ -19,7 +20,7 @@ def _apply_demo_schedule(trainer: nnUNetTrainer) -> None:
     trainer.num_val_iterations_per_epoch = 2
 
 
-class nnUNetTrainer_ExtDemo(nnUNetTrainer):
+class nnUNetTrainer_ExtDemo(CrashSafeCheckpoints, nnUNetTrainer):  # stock training, crash-safe files
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
