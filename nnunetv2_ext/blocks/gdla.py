@@ -1,4 +1,4 @@
-"""Gated Differential Linear Attention (GDLA) and the GDLAM decoder block (DESIGN §5, arXiv 2603.02727).
+"""Gated Differential Linear Attention (GDLA) and the GDLAM decoder block (arXiv 2603.02727).
 
 Per head (head dim ``D``, halves ``d = D/2``), with ``φ(x) = ELU(x) + 1``:
 
@@ -9,7 +9,9 @@ Per head (head dim ``D``, halves ``d = D/2``), with ``φ(x) = ELU(x) + 1``:
 ``λ ∈ R^{heads×D}`` is learnable (init N(0, 0.1²), no weight decay). :class:`GDLA` computes Q, K, V, G
 with one linear layer, runs this core on them and, with its own λ, on ``PW(DWConv(QKVG))`` (a local
 token-mixing pass), then fuses both outputs with a linear layer. Works on 2-D or 3-D token grids
-(``conv_op``); tokens are ``(B, N, C)`` in row-major grid order.
+(``conv_op``); tokens are ``(B, N, C)`` in row-major grid order. Every depthwise conv takes a per-axis
+kernel (the plans' kernel of its level, e.g. ``(1, 3, 3)``), so an axis nnU-Net does not convolve is not
+mixed by the convolutions either (the attention itself is global).
 """
 from __future__ import annotations
 
@@ -19,23 +21,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nnunetv2_ext.blocks.common import depthwise_conv, elu_feature_map, float32_region, merge_heads, split_heads
 from nnunetv2_ext.blocks.drop_path import DropPath
 from nnunetv2_ext.blocks.tokens import grid_to_tokens, tokens_to_grid
 
 
-def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """``φ(x) = ELU(x) + 1`` (positive, so the linear-attention normaliser is positive)."""
-    return F.elu(x) + 1
-
-
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
-    """``q = φ(Q) (…, N, d)``, ``k = φ(K) (…, N, d)``, ``v (…, N, D)`` -> ``q (kᵀv) / (q (kᵀ1) + eps)`` ``(…, N, D)``.
+    """``q = φ(Q) (…, N, d)``, ``k = φ(K) (…, N, d)``, ``v (…, N, D)`` -> ``q (kᵀv) / (q (kᵀ1) + eps)`` ``(…, N, D)``
+    (Katharopoulos et al. 2020, eq. 6).
 
     Computed in (at least) float32 even under autocast: the sums over N overflow half precision on large grids.
     """
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    with float32_region(q, k, v) as (q, k, v):
         kv = k.transpose(-2, -1) @ v                            # (…, d, D)
         normaliser = q @ k.sum(dim=-2).unsqueeze(-1)            # (…, N, 1)
         return (q @ kv) / (normaliser + eps)
@@ -60,35 +57,37 @@ class GatedDiffLinearAttentionCore(nn.Module):
         self.rms_weight = nn.Parameter(torch.ones(num_heads, self.head_dim))
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, N, D)
+        """``(B, N, C) -> (B, h, N, D)``."""
+        return split_heads(x, self.num_heads)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        b, n, c = q.shape
-        q, k = elu_feature_map(self._heads(q)), elu_feature_map(self._heads(k))
-        v = self._heads(v)
+        # φ is applied in the (B, N, C) token layout, before the head split: on the transposed (B, h, N, D) view
+        # the fake-tensor stride rule of elu_backward (output laid out like the forward input) disagrees with the
+        # eager kernel (laid out like the incoming gradient), so torch.compile's AOT backward reshaped a gradient
+        # with a `view` that is invalid at run time ("view size is not compatible with input tensor's size and
+        # stride"). Elementwise, so the maths is the same.
+        q, k, v = self._heads(elu_feature_map(q)), self._heads(elu_feature_map(k)), self._heads(v)
         d = self.head_dim // 2
         y1 = linear_attention(q[..., :d], k[..., :d], v, self.eps)
         y2 = linear_attention(q[..., d:], k[..., d:], v, self.eps)
         y = y1 - self.lam[None, :, None, :] * y2                              # (B, h, N, D)
         y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + self.rms_eps) * self.rms_weight[None, :, None, :]
-        y = y.transpose(1, 2).reshape(b, n, c).to(g.dtype)
-        return y * torch.sigmoid(g)
+        return merge_heads(y).to(g.dtype) * torch.sigmoid(g)
 
 
 class GDLA(nn.Module):
     """``x (B, N, C)`` on a grid ``spatial_shape`` -> ``(B, N, C)``.
 
     ``qkvg = Linear(x)``; ``Y_main = core(qkvg)``; ``Y_aux = core'(PW(DWConv(qkvg)))`` (depthwise
-    ``local_kernel`` conv on the grid, then a pointwise conv); ``out = Linear(concat(Y_main, Y_aux))``.
-    Cost O(N) in tokens.
+    ``local_kernel`` conv on the grid, an int or one odd size per axis, then a pointwise conv);
+    ``out = Linear(concat(Y_main, Y_aux))``. Cost O(N) in tokens.
     """
 
-    def __init__(self, dim: int, num_heads: int, conv_op: Type[nn.Module], local_kernel: int = 3,
+    def __init__(self, dim: int, num_heads: int, conv_op: Type[nn.Module], local_kernel: int | Sequence[int] = 3,
                  qkv_bias: bool = True, lambda_std: float = 0.1):
         super().__init__()
         self.qkvg = nn.Linear(dim, 4 * dim, bias=qkv_bias)
-        self.local_dw = conv_op(4 * dim, 4 * dim, local_kernel, padding=local_kernel // 2, groups=4 * dim)
+        self.local_dw = depthwise_conv(conv_op, 4 * dim, local_kernel)
         self.local_pw = conv_op(4 * dim, 4 * dim, 1)
         self.main = GatedDiffLinearAttentionCore(dim, num_heads, lambda_std=lambda_std)
         self.aux = GatedDiffLinearAttentionCore(dim, num_heads, lambda_std=lambda_std)
@@ -103,13 +102,15 @@ class GDLA(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """``(B, C, *S) -> (B, C, *S)``: ``W_out(a ⊙ SiLU(b))`` with ``(a, b) = DWConv(W_in x)`` split in two."""
+    """``(B, C, *S) -> (B, C, *S)``: ``W_out(a ⊙ SiLU(b))`` with ``(a, b) = DWConv(W_in x)`` split in two
+    (depthwise ``kernel_size``: an int or one odd size per axis)."""
 
-    def __init__(self, dim: int, conv_op: Type[nn.Module], mlp_ratio: float = 2.0, kernel_size: int = 3):
+    def __init__(self, dim: int, conv_op: Type[nn.Module], mlp_ratio: float = 2.0,
+                 kernel_size: int | Sequence[int] = 3):
         super().__init__()
         hidden = int(dim * mlp_ratio)
         self.expand = conv_op(dim, 2 * hidden, 1)
-        self.dwconv = conv_op(2 * hidden, 2 * hidden, kernel_size, padding=kernel_size // 2, groups=2 * hidden)
+        self.dwconv = depthwise_conv(conv_op, 2 * hidden, kernel_size)
         self.project = conv_op(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,14 +125,15 @@ class GDLAM(nn.Module):
         x = x + GatedMLP(LN(x))
 
     LN normalises channels per voxel; the depthwise conv gives the (position-free) linear attention
-    local position information.
+    local position information. ``kernel_size`` (an int or one odd size per axis, e.g. the plans' kernel
+    of the level) is used by all three depthwise convs (this one, GDLA's local pass, the GatedMLP's).
     """
 
     def __init__(self, dim: int, num_heads: int, conv_op: Type[nn.Module], mlp_ratio: float = 2.0,
-                 kernel_size: int = 3, drop_path: float = 0.0):
+                 kernel_size: int | Sequence[int] = 3, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.conv = conv_op(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv = depthwise_conv(conv_op, dim, kernel_size)
         self.attn = GDLA(dim, num_heads, conv_op, local_kernel=kernel_size)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = GatedMLP(dim, conv_op, mlp_ratio, kernel_size)

@@ -1,4 +1,5 @@
-"""PVT-GDLA (DESIGN §5): a PVTv2 encoder + a gated differential linear attention decoder, built from nnU-Net plans.
+"""PVT-GDLA: a PVTv2 encoder (Wang et al. 2022) + a gated differential linear attention decoder (arXiv 2603.02727),
+built from nnU-Net plans.
 
 Plans mapping (``strides[j]`` = the plans' stride of level ``j``, ``c_j = strides[0] · … · strides[j]``):
 
@@ -7,6 +8,10 @@ Plans mapping (``strides[j]`` = the plans' stride of level ``j``, ``c_j = stride
   patch embedding strides by ``c_k0`` straight from the image; each further stage takes one more plans
   stride, up to ``len(embed_dims)`` (4) stages. Deeper plans levels are not used (the attention is
   global already).
+* every convolution uses the plans' kernel of its level, per axis: the stage at level ``l`` embeds with
+  :func:`~nnunetv2_ext.blocks.pvt.overlap_kernel` of its stride and ``kernel_sizes[l]`` and uses
+  ``kernel_sizes[l]`` in its ConvFFNs; the GDLAM at level ``l`` in its three depthwise convs. With
+  ``(1, 3, 3)`` kernels (thick slices) no conv mixes slices where nnU-Net's U-Net would not.
 * a full-resolution residual conv stem (plans' kernels, norm and nonlinearity) gives the levels
   ``0 … k0−1`` that the transformer skips.
 * the decoder applies GDLAM to the deepest level, then walks back level by level: transposed conv
@@ -51,18 +56,20 @@ def first_transformer_level(strides: Sequence[Sequence[int]], first_stride: int 
 class PVTEncoder(nn.Module):
     """Native PVTv2 (2-D or 3-D): ``x (B, C_in, *P) -> [(B, embed_dims[i], *P / c_{k0+i})]``.
 
-    ``stage_strides[0]`` is the first embedding's total stride, then one plans stride per stage.
+    ``stage_strides[0]`` is the first embedding's total stride, then one plans stride per stage;
+    ``stage_kernels`` the plans' conv kernel of each stage's level (default 3 per axis).
     Spatial-reduction ratios are per axis (:func:`reduction_ratios`) on the grid of ``patch_size``.
     """
 
     def __init__(self, in_channels: int, patch_size: Sequence[int], stage_strides: Sequence[Sequence[int]],
                  embed_dims: Sequence[int], depths: Sequence[int], num_heads: Sequence[int],
                  mlp_ratios: Sequence[float], sr_ratios: Sequence[int], attention: str = 'softmax',
-                 drop_path_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, stage_kernels: Sequence[Sequence[int]] | None = None):
         super().__init__()
         conv_op = convert_dim_to_conv_op(len(patch_size))
         rates = np.linspace(0, drop_path_rate, sum(depths)).tolist()
         grid = np.asarray(patch_size, dtype=int)
+        stage_kernels = stage_kernels or [[3] * len(patch_size)] * len(stage_strides)
         self.stages = nn.ModuleList()
         prev = in_channels
         for i, stride in enumerate(stage_strides):
@@ -70,7 +77,7 @@ class PVTEncoder(nn.Module):
             sr = reduction_ratios(grid.tolist(), sr_ratios[i])
             dp = rates[sum(depths[:i]):sum(depths[:i + 1])]
             self.stages.append(PVTStage(prev, embed_dims[i], stride, depths[i], num_heads[i], mlp_ratios[i], sr,
-                                        conv_op, attention, dp))
+                                        conv_op, attention, dp, stage_kernels[i]))
             prev = embed_dims[i]
         self.output_channels = list(embed_dims[:len(stage_strides)])
 
@@ -150,10 +157,10 @@ class GDLADecoder(nn.Module):
     """``skips`` (levels ``0 … L−1``, highest resolution first) -> logits.
 
     ``h = block_{L−1}(skip_{L−1})`` at the deepest level (so even shallow plans get a GDLAM), then
-    ``h = block_l(U_l(h) + skip_l)`` with ``U_l`` a transposed conv undoing
-    ``strides[l+1]`` and ``block_l`` = GDLAM for ``l ≥ k0`` (transformer levels), a light residual conv
-    block below. Heads: 1×1 convs on the ``num_ds_outputs`` finest levels; ``deep_supervision`` selects
-    the list ``[level 0, level 1, …]`` or the full-resolution tensor alone.
+    ``h = block_l(U_l(h) + skip_l)`` with ``U_l`` a transposed conv undoing ``strides[l+1]`` and ``block_l`` =
+    GDLAM for ``l ≥ k0`` (transformer levels), a light residual conv block below; both with the plans' kernel
+    ``kernel_sizes[l]``. Heads: 1×1 convs on the ``num_ds_outputs`` finest levels; ``deep_supervision``
+    selects the list ``[level 0, level 1, …]`` or the full-resolution tensor alone.
     """
 
     def __init__(self, channels: Sequence[int], strides: Sequence[Sequence[int]], first_transformer: int,
@@ -172,7 +179,8 @@ class GDLADecoder(nn.Module):
                 self.upsample[str(lvl)] = transp_op(channels[lvl + 1], channels[lvl], strides[lvl + 1],
                                                     strides[lvl + 1])
             self.blocks[str(lvl)] = (
-                GDLAM(channels[lvl], block_heads[lvl], conv_op, mlp_ratio) if lvl >= first_transformer else
+                GDLAM(channels[lvl], block_heads[lvl], conv_op, mlp_ratio, kernel_sizes[lvl])
+                if lvl >= first_transformer else
                 LightResidualBlock(channels[lvl], channels[lvl], conv_op, kernel_sizes[lvl], norm_op, norm_op_kwargs,
                                    nonlin, nonlin_kwargs))
         self.seg_layers = nn.ModuleList(conv_op(channels[j], num_classes, 1) for j in range(self.num_ds_outputs))
@@ -205,7 +213,8 @@ class PVTGDLA(nn.Module):
     or with ``decoder.deep_supervision`` the list over the ``min(4, len(strides) − 1)`` finest plans levels.
 
     Args:
-        strides / kernel_sizes: the plans' per-level strides and conv kernels (any number ≥ 2 of levels).
+        strides / kernel_sizes: the plans' per-level strides and conv kernels (any number ≥ 2 of levels); the
+            kernels shape every conv of their level (stem, patch embedding, ConvFFN, GDLAM).
         embed_dims, depths, num_heads, mlp_ratios, sr_ratios: per transformer stage (PVTv2-b2 by default).
         attention: the encoder's softmax attention: ``'softmax'``, ``'elliptical'`` or ``'mahalanobis'``.
         stem_channels: width of the stem at full resolution, doubled per stem level (capped at embed_dims[0]).
@@ -242,7 +251,7 @@ class PVTGDLA(nn.Module):
         if timm_encoder is None:
             self.encoder = PVTEncoder(in_channels, patch_size, stage_strides, embed_dims[:num_stages],
                                       depths[:num_stages], num_heads[:num_stages], mlp_ratios[:num_stages],
-                                      sr_ratios[:num_stages], attention, drop_path_rate)
+                                      sr_ratios[:num_stages], attention, drop_path_rate, kernel_sizes[k0:used])
         else:
             expected = [[4, 4], [2, 2], [2, 2], [2, 2]]
             if dim != 2 or stage_strides != expected:
