@@ -7,6 +7,10 @@ autograd saves for backward in one forward + loss (unique storages, via ``saved_
 device-independent activation footprint), and inference time per patch (batch 1, deep supervision off,
 no TTA). The markdown table gives step time and memory also as ratios to the first trainer.
 
+A run that fails (out of memory at a large patch, a network that cannot serve the plans, e.g. a 3-D-only
+network on ``2d``) becomes a row with its ``error`` and the other runs go on; ``on_result`` sees the report
+after every row, so the CLI publishes results as they complete.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps, above what was allocated before
 them; on CPU the same quantity for one extra training step, from the allocator's events in the PyTorch
 profiler's memory timeline (:func:`peak_tensor_bytes`).
@@ -17,6 +21,7 @@ deep-supervision output (equal weights). Networks are built with the trainer's o
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -254,22 +259,32 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
 
 def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[str], device: str = 'auto',
                   batch_size: int | None = None, scaling: list[float] | None = None, warmup: int = 2,
-                  repeats: int = 5, progress: bool = True) -> dict:
-    """The report for a dataset's preprocessed plans (``nnunetv2-ext benchmark``)."""
+                  repeats: int = 5, progress: bool = True, on_result=None) -> dict:
+    """The report for a dataset's preprocessed plans (``nnunetv2-ext benchmark``); ``on_result(report)``
+    after every row (see the module doc)."""
     pm, cm, dataset_json = load_plans(dataset, plans, configuration)
     classes = {t: find_trainer(t) for t in trainers}
     strides = cm.network_arch_init_kwargs['strides']
     patches = scaled_patch_sizes(cm.patch_size, strides, scaling or [1.0])
     jobs = [(t, classes[t], pm, cm, p) for p in patches for t in trainers]
-    report = benchmark_jobs(jobs, dataset_json, device, batch_size or cm.batch_size, warmup, repeats, progress)
-    return {'schema': 1, 'dataset': pm.dataset_name, 'plans': plans, 'configuration': configuration,
-            'planned_patch_size': list(cm.patch_size), **report}
+    header = {'schema': 2, 'dataset': pm.dataset_name, 'plans': plans, 'configuration': configuration,
+              'planned_patch_size': list(cm.patch_size)}
+    report = benchmark_jobs(jobs, dataset_json, device, batch_size or cm.batch_size, warmup, repeats, progress,
+                            on_result and (lambda partial: on_result({**header, **partial})))
+    return {**header, **report}
+
+
+def _failure(error: BaseException) -> str:
+    """``Type: first line of the message`` (at most 300 characters) for a failed run's row."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0] if lines else ""}'[:300]
 
 
 def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: int = 2, warmup: int = 2,
-                   repeats: int = 5, progress: bool = True) -> dict:
+                   repeats: int = 5, progress: bool = True, on_result=None) -> dict:
     """Measures ``(label, trainer class, PlansManager, ConfigurationManager, patch size)`` jobs; returns the
-    device/version fields and ``results``."""
+    device/version fields and ``results``: one :class:`Measurement` dict per job, or for a job that raised
+    ``{trainer, patch_size, batch_size, error}``. ``on_result(report so far)`` after each job."""
     from importlib.metadata import version
 
     from tqdm import tqdm
@@ -277,16 +292,25 @@ def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: i
     dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
                        ('cpu' if device == 'auto' else device))
     n_in = len(dataset_json.get('channel_names', dataset_json.get('modality', {'0': None})))
-    results = []
+    report = {'batch_size': batch_size, 'device': _device_name(dev), 'torch': torch.__version__,
+              'nnunetv2': version('nnunetv2'), 'threads': torch.get_num_threads(), 'warmup': warmup,
+              'repeats': repeats, 'results': []}
     for label, trainer_cls, pm, cm, patch in tqdm(jobs, disable=not progress, desc='benchmark', unit='run'):
-        heads = pm.get_label_manager(dataset_json).num_segmentation_heads
-        args = (trainer_cls, pm, cm, n_in, heads, patch, batch_size, dev, warmup, repeats)
-        m = measure(*args)
-        m.trainer = label
-        results.append(asdict(m))
-    return {'batch_size': batch_size, 'device': _device_name(dev), 'torch': torch.__version__,
-            'nnunetv2': version('nnunetv2'), 'threads': torch.get_num_threads(), 'warmup': warmup,
-            'repeats': repeats, 'results': results}
+        try:
+            heads = pm.get_label_manager(dataset_json).num_segmentation_heads
+            m = measure(trainer_cls, pm, cm, n_in, heads, patch, batch_size, dev, warmup, repeats)
+            m.trainer = label
+            row = asdict(m)
+        except Exception as e:  # recorded as the run's result; the other runs go on
+            row = {'trainer': label, 'patch_size': list(patch), 'batch_size': batch_size, 'error': _failure(e)}
+            tqdm.write(f"benchmark: {label} at patch {list(patch)} failed: {row['error']}")
+            gc.collect()
+            if dev.type == 'cuda':
+                torch.cuda.empty_cache()
+        report['results'].append(row)
+        if on_result is not None:
+            on_result(report)
+    return report
 
 
 def _device_name(dev: torch.device) -> str:
@@ -296,17 +320,21 @@ def _device_name(dev: torch.device) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    """One table per patch size; ``×`` columns are ratios to the first trainer at that patch size."""
+    """One table per patch size; ``×`` columns are ratios to the first trainer measured at that patch size;
+    failed runs are rows with their reason."""
     head = report.get('title') or f"{report['dataset']} / {report['plans']} / {report['configuration']}"
     lines = [f"{head} on {report['device']} (torch {report['torch']}, nnunetv2 {report['nnunetv2']}), batch "
              f"{report['batch_size']}, median of {report['repeats']} after {report['warmup']} warm-up."]
     for patch in dict.fromkeys(tuple(r['patch_size']) for r in report['results']):
         rows = [r for r in report['results'] if tuple(r['patch_size']) == patch]
-        base = rows[0]
+        base = next((r for r in rows if 'error' not in r), None)
         lines += ['', f"Patch {'×'.join(map(str, patch))}:", '',
                   '| trainer | params (M) | GFLOPs fwd/patch | step ms | × | peak mem (MiB) | × | '
                   'saved activations (MiB) | × | infer ms/patch |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
         for r in rows:
+            if 'error' in r:
+                lines.append(f"| {r['trainer']} | failed: {r['error'].replace('|', '/')} |" + ' |' * 8)
+                continue
             lines.append(
                 f"| {r['trainer']} | {r['params'] / 1e6:.2f} | {r['forward_flops'] / 1e9:.2f} | {r['step_ms']:.0f} | "
                 f"{r['step_ms'] / base['step_ms']:.2f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
@@ -314,8 +342,9 @@ def format_markdown(report: dict) -> str:
                 f"{r['saved_activation_bytes'] / 2**20:.0f} | "
                 f"{r['saved_activation_bytes'] / max(base['saved_activation_bytes'], 1):.2f} | "
                 f"{r['inference_ms']:.0f} |")
-    if report['results']:
-        lines += ['', f"Memory: {report['results'][0]['memory_method']}."]
+    measured = [r for r in report['results'] if 'error' not in r]
+    if measured:
+        lines += ['', f"Memory: {measured[0]['memory_method']}."]
     return '\n'.join(lines) + '\n'
 
 
@@ -326,8 +355,9 @@ def plot(report: dict, path: str) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     keys = ('step_ms', 'peak_memory_bytes', 'saved_activation_bytes', 'forward_flops')
-    for t in dict.fromkeys(r['trainer'] for r in report['results']):
-        rows = sorted((r for r in report['results'] if r['trainer'] == t), key=lambda r: math.prod(r['patch_size']))
+    measured = [r for r in report['results'] if 'error' not in r]
+    for t in dict.fromkeys(r['trainer'] for r in measured):
+        rows = sorted((r for r in measured if r['trainer'] == t), key=lambda r: math.prod(r['patch_size']))
         vox = [math.prod(r['patch_size']) for r in rows]
         for ax, key, scale in zip(axes, keys, (1, 2**-20, 2**-20, 1e-9)):
             ax.plot(vox, [r[key] * scale for r in rows], 'o-', label=t)

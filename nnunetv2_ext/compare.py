@@ -5,6 +5,10 @@ Reads ``$nnUNet_results/<Dataset>/<Trainer>__<Plans>__<Config>/fold_<f>/validati
 ``crossval_results_folds_*/summary.json`` of ``nnUNetv2_find_best_configuration``. Reports per class
 mean ± std over folds, a paired per-case comparison against a baseline (wins/losses/ties and the
 Wilcoxon signed-rank p-value of the per-case foreground-mean differences) and a box plot.
+
+Refuses (:class:`CompareError`, naming the file or the trainers and the fix) what would give misleading
+numbers: an unreadable or incomplete ``summary.json``, a metric no summary has, and trainers evaluated on
+different label sets.
 """
 from __future__ import annotations
 
@@ -33,6 +37,10 @@ class TrainerResults:
     source: str = 'folds'
 
 
+class CompareError(ValueError):
+    """Results that cannot be compared as asked; the message names the file or trainers and the fix."""
+
+
 def _case_id(entry: dict) -> str:
     name = os.path.basename(entry['reference_file'])
     for ending in ('.nii.gz', '.nrrd', '.mha', '.nii', '.png', '.tif', '.tiff', '.npz', '.b2nd'):
@@ -41,10 +49,25 @@ def _case_id(entry: dict) -> str:
     return os.path.splitext(name)[0]
 
 
-def _read_summary(path: str) -> dict:
-    with open(path) as f:
-        summary = json.load(f)
-    summary['per_case'] = {_case_id(e): e['metrics'] for e in summary['metric_per_case']}
+def _read_summary(path: str, keys: tuple[str, ...] = ('metric_per_case', 'mean', 'foreground_mean')) -> dict:
+    """nnU-Net's ``summary.json`` at ``path`` with ``per_case`` ``{case: {label: {metric: value}}}`` added."""
+    fix = ('regenerate it with `nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER --val` (fold summaries) or '
+           '`nnUNetv2_find_best_configuration` (pooled), or move it away')
+    try:
+        with open(path, encoding='utf-8') as f:
+            summary = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CompareError(f'{path} is not valid JSON ({e}); it was probably cut off while being written: {fix}') \
+            from None
+    missing = [k for k in keys if not isinstance(summary, dict) or k not in summary]
+    if missing:
+        raise CompareError(f"{path} has no {', '.join(map(repr, missing))}: not a summary.json as nnU-Net writes it; "
+                           f"{fix}")
+    try:
+        summary['per_case'] = {_case_id(e): e['metrics'] for e in summary['metric_per_case']}
+    except (KeyError, TypeError) as e:
+        raise CompareError(f"{path}: an entry of 'metric_per_case' lacks {e} (each needs 'reference_file' and "
+                           f"'metrics'); {fix}") from None
     return summary
 
 
@@ -63,7 +86,7 @@ def load_trainer_results(results_dir: str, trainer: str, plans: str, configurati
     if not res.fold_means:
         pooled = sorted(glob.glob(os.path.join(folder, 'crossval_results_folds_*', 'summary.json')))
         if pooled:
-            res.per_case = _read_summary(pooled[-1])['per_case']
+            res.per_case = _read_summary(pooled[-1], ('metric_per_case',))['per_case']
             res.source = os.path.relpath(pooled[-1], folder)
     return res
 
@@ -104,12 +127,12 @@ def compare(results_dir: str, trainers: list[str], plans: str = 'nnUNetPlans', c
     baseline = baseline or trainers[0]
     names = trainers if baseline in trainers else [baseline, *trainers]
     results = {t: load_trainer_results(results_dir, t, plans, configuration, folds) for t in names}
+    _check_comparable(results, metric)
     report: dict = {'results_dir': results_dir, 'plans': plans, 'configuration': configuration, 'folds': folds,
                     'metric': metric, 'baseline': baseline, 'trainers': {}}
     base_scores = {c: case_score(m, metric) for c, m in results[baseline].per_case.items()}
     for t, res in results.items():
-        labels = sorted({lab for fm in res.fold_means.values() for lab in fm} or
-                        {lab for m in res.per_case.values() for lab in m}, key=_label_key)
+        labels = sorted(_labels(res), key=_label_key)
         per_class = {}
         for lab in labels:
             if res.fold_means:
@@ -128,6 +151,27 @@ def compare(results_dir: str, trainers: list[str], plans: str = 'nnUNetPlans', c
             entry['vs_baseline'] = paired_comparison(scores, base_scores)
         report['trainers'][t] = entry
     return report
+
+
+def _labels(res: TrainerResults) -> set[str]:
+    return ({lab for fm in res.fold_means.values() for lab in fm} |
+            {lab for m in res.per_case.values() for lab in m})
+
+
+def _check_comparable(results: dict[str, TrainerResults], metric: str) -> None:
+    """Raises :class:`CompareError` if ``metric`` is in no summary or the trainers' label sets differ."""
+    found = {t: r for t, r in results.items() if r.per_case}
+    metrics = {k for r in found.values() for m in r.per_case.values() for lab in m.values() for k in lab}
+    if found and metric not in metrics:
+        raise CompareError(f"metric '{metric}' is not in the summaries; they have: {', '.join(sorted(metrics))} "
+                           f"(pass one of them with --metric)")
+    label_sets = {t: sorted(_labels(r), key=_label_key) for t, r in found.items()}
+    if len({tuple(v) for v in label_sets.values()}) > 1:
+        listed = '; '.join(f'{t}: {v}' for t, v in label_sets.items())
+        raise CompareError(f'the trainers were evaluated on different label sets ({listed}): their means and '
+                           f'per-case pairs are not comparable. Compare results of the same dataset version and '
+                           f'labels (re-run nnUNetv2_train --val on the current dataset, or compare each group '
+                           f'separately with -tr)')
 
 
 def _label_key(label: str):

@@ -34,8 +34,11 @@ def register() -> None:
 
 
 def export_line() -> str:
-    """The shell line that does what :func:`register` does, for environments without startup hooks."""
-    return f'export {ENV_VAR}="{_with_shim_folder(os.environ.get(ENV_VAR, ""))}"'
+    """The shell line that does what :func:`register` does, for environments without startup hooks (the value
+    shell-quoted, so ``eval`` runs nothing in it)."""
+    import shlex
+
+    return f'export {ENV_VAR}={shlex.quote(_with_shim_folder(os.environ.get(ENV_VAR, "")))}'
 
 
 def nnunet_version_problem() -> str | None:

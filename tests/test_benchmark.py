@@ -34,7 +34,7 @@ def tiny_plans():
 def test_report_fields_and_sanity(tiny_plans):
     report = run_benchmark(DATASET, '3d_fullres', 'nnUNetPlans', ['nnUNetTrainer', 'nnUNetTrainerLightDecoder'],
                            device='cpu', scaling=[0.5, 1.0], warmup=1, repeats=2, progress=False)
-    assert report['schema'] == 1 and report['batch_size'] == 2 and report['device'].startswith('CPU')
+    assert report['schema'] == 2 and report['batch_size'] == 2 and report['device'].startswith('CPU')
     rows = {(r['trainer'], tuple(r['patch_size'])): r for r in report['results']}
     assert set(rows) == {(t, p) for t in ('nnUNetTrainer', 'nnUNetTrainerLightDecoder') for p in ((8, 8, 8),
                                                                                                   (16, 16, 16))}
@@ -165,3 +165,45 @@ def test_peak_tensor_bytes_follows_the_allocator():
         return b.numel() + c.numel() + resident.numel()
 
     assert peak_tensor_bytes(run) == 12_000_000
+
+
+OOM_TRAINER = """
+import json, os
+import torch
+from nnunetv2_ext.trainers import nnUNetTrainerLightDecoder
+
+
+class nnUNetTrainer_BenchOOM(nnUNetTrainerLightDecoder):
+    @staticmethod
+    def build_network_architecture(*args, **kwargs):
+        published = os.path.join(os.environ['BENCH_OUT'], 'benchmark.json')
+        rows = len(json.load(open(published))['results']) if os.path.exists(published) else 0
+        raise torch.OutOfMemoryError(f'CUDA out of memory. Tried to allocate 20.00 GiB (rows published before: {rows})'
+                                     '\\nsecond line of the message')
+"""
+
+
+def test_a_failing_trainer_is_a_row_and_the_others_are_kept(tiny_plans, tmp_path):
+    """One trainer running out of memory must not throw away the other measurements; each result is published
+    as soon as it is measured (the failing trainer sees the first row already on disk)."""
+    folder = tmp_path / 'user_trainers'
+    folder.mkdir()
+    (folder / 'bench_oom_trainers.py').write_text(OOM_TRAINER)
+    out = tmp_path / 'out'
+    env = {**os.environ, 'nnUNet_extTrainer': str(folder), 'BENCH_OUT': str(out)}
+    cmd = [sys.executable, '-m', 'nnunetv2_ext.cli', 'benchmark', '-d', DATASET, '--device', 'cpu', '--warmup', '0',
+           '--repeats', '1', '-o', str(out), '-tr']
+    run = subprocess.run(cmd + ['nnUNetTrainer', 'nnUNetTrainer_BenchOOM', 'nnUNetTrainerLightDecoder'],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert '1 of 3 runs failed' in run.stderr
+    rows = json.loads((out / 'benchmark.json').read_text())['results']
+    assert [r['trainer'] for r in rows] == ['nnUNetTrainer', 'nnUNetTrainer_BenchOOM', 'nnUNetTrainerLightDecoder']
+    assert rows[1]['error'] == ('OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 GiB '
+                                '(rows published before: 1)')
+    assert rows[0]['step_ms'] > 0 and rows[2]['step_ms'] > 0 and 'error' not in rows[2]
+    table = (out / 'benchmark.md').read_text()
+    assert '| nnUNetTrainer_BenchOOM | failed: OutOfMemoryError: CUDA out of memory.' in table
+    assert table.count('| nnUNetTrainerLightDecoder | ') == 1 and (out / 'benchmark.png').stat().st_size > 0
+    everything_failed = subprocess.run(cmd + ['nnUNetTrainer_BenchOOM'], capture_output=True, text=True, env=env)
+    assert everything_failed.returncode == 1 and '1 of 1 runs failed' in everything_failed.stderr

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from nnunetv2_ext.compare import compare, format_markdown, paired_comparison
+from nnunetv2_ext.compare import CompareError, compare, format_markdown, paired_comparison
 
 # per trainer, per fold: {case: (Dice label 1, Dice label 2)}
 CASES = {
@@ -100,3 +100,78 @@ def test_cli_writes_files_and_fails_clearly(tmp_path):
         assert (tmp_path / 'out' / name).stat().st_size > 0
     bad = subprocess.run(cmd[:-2] + ['-tr', 'NoSuchTrainer'], env=env, capture_output=True, text=True)
     assert bad.returncode == 1 and 'no results for' in bad.stderr and 'run nnUNetv2_train first' in bad.stderr
+
+
+def _cli(tmp_path, *extra):
+    env = {**os.environ, 'nnUNet_results': str(tmp_path / 'results'), 'nnUNet_raw': str(tmp_path),
+           'nnUNet_preprocessed': str(tmp_path)}
+    cmd = [sys.executable, '-m', 'nnunetv2_ext.cli', 'compare', '-d', 'Dataset555_Fake', '-tr', 'nnUNetTrainer',
+           'nnUNetTrainerLightDecoder', '-f', '0', '1', *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+
+def _summary(root, trainer='nnUNetTrainer', fold=0):
+    return root / f'{trainer}__nnUNetPlans__3d_fullres' / f'fold_{fold}' / 'validation' / 'summary.json'
+
+
+def test_malformed_summary_names_the_file_and_the_fix(tmp_path):
+    root = tmp_path / 'results' / 'Dataset555_Fake'
+    _write_tree(root)
+    path = _summary(root)
+    path.write_text(path.read_text()[:200])  # cut off while being written
+    run = _cli(tmp_path, '-o', str(tmp_path / 'out'))
+    assert run.returncode == 1 and 'Traceback' not in run.stderr
+    assert f'{path} is not valid JSON' in run.stderr and '--val' in run.stderr
+    assert not (tmp_path / 'out').exists()
+
+
+def test_summary_without_metric_per_case_is_a_clear_error(tmp_path):
+    _write_tree(tmp_path)
+    path = _summary(tmp_path, 'nnUNetTrainerLightDecoder', 1)
+    summary = json.loads(path.read_text())
+    del summary['metric_per_case']
+    path.write_text(json.dumps(summary))
+    with pytest.raises(CompareError, match=rf"{path} has no 'metric_per_case': not a summary.json as nnU-Net"):
+        compare(str(tmp_path), ['nnUNetTrainer', 'nnUNetTrainerLightDecoder'], folds=[0, 1])
+
+
+def test_unknown_metric_lists_the_metrics_that_exist(tmp_path):
+    _write_tree(tmp_path)
+    with pytest.raises(CompareError, match="metric 'Dicey' is not in the summaries; they have: Dice, IoU"):
+        compare(str(tmp_path), ['nnUNetTrainer', 'nnUNetTrainerLightDecoder'], folds=[0, 1], metric='Dicey')
+    assert compare(str(tmp_path), ['nnUNetTrainer'], folds=[0, 1], metric='IoU')['metric'] == 'IoU'
+
+
+def test_different_label_sets_are_refused(tmp_path):
+    _write_tree(tmp_path)
+    for fold in (0, 1):  # the candidate was evaluated on a dataset version with a third label
+        path = _summary(tmp_path, 'nnUNetTrainerLightDecoder', fold)
+        summary = json.loads(path.read_text())
+        for entry in summary['metric_per_case']:
+            entry['metrics']['3'] = {'Dice': 0.5, 'IoU': 0.3}
+        summary['mean']['3'] = {'Dice': 0.5, 'IoU': 0.3}
+        path.write_text(json.dumps(summary))
+    with pytest.raises(CompareError, match=r"different label sets \(nnUNetTrainer: \['1', '2'\]; "
+                                           r"nnUNetTrainerLightDecoder: \['1', '2', '3'\]\)"):
+        compare(str(tmp_path), ['nnUNetTrainer', 'nnUNetTrainerLightDecoder'], folds=[0, 1])
+
+
+def test_compare_json_is_strict_json(tmp_path):
+    """Identical results give a NaN Wilcoxon p: it must be written as null, not as a bare NaN."""
+    results = tmp_path / 'results' / 'Dataset555_Fake'
+    _write_tree(results, {'nnUNetTrainer': CASES['nnUNetTrainer'], 'nnUNetTrainerLightDecoder': CASES['nnUNetTrainer']})
+    run = _cli(tmp_path, '-o', str(tmp_path / 'out'))
+    assert run.returncode == 0, run.stderr
+    text = (tmp_path / 'out' / 'compare.json').read_text()
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f'non-standard JSON constant {c}'))
+    assert report['trainers']['nnUNetTrainerLightDecoder']['vs_baseline']['wilcoxon_p'] is None
+
+
+def test_output_folder_with_other_files_is_refused(tmp_path):
+    _write_tree(tmp_path / 'results' / 'Dataset555_Fake')
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'notes.txt').write_text('mine')
+    run = _cli(tmp_path, '-o', str(out))
+    assert run.returncode == 1 and 'holds other files (notes.txt)' in run.stderr and '-o NEW_FOLDER' in run.stderr
+    assert os.listdir(out) == ['notes.txt']

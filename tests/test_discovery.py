@@ -79,7 +79,7 @@ def test_wheel_ships_startup_files_and_they_work(tmp_path):
 def test_env_command_prints_export_line():
     out = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.cli', 'env'], capture_output=True, text=True,
                          check=True, env=_clean_env(nnUNet_extTrainer='/mine')).stdout.strip()
-    assert out == f'export nnUNet_extTrainer="/mine{os.pathsep}{discovery.SHIM_FOLDER}"'
+    assert __import__('shlex').split(out) == ['export', f'nnUNet_extTrainer=/mine{os.pathsep}{discovery.SHIM_FOLDER}']
 
 
 @pytest.mark.parametrize('installed, ok', [('2.7.0', False), ('2.6.4', False), ('2.8.0', True), ('2.8.1', True),

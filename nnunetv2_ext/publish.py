@@ -1,0 +1,91 @@
+"""Publishing a report set (``stem.json``, ``stem.md``, ``stem.png``) so that readers never see a mix.
+
+All files of a set are first written and fsynced into a private staging folder next to the target
+(``.<folder>.partial-<pid>``), then published:
+
+* a folder that holds nothing but files of this report (``stem.*``) or does not exist yet is replaced
+  as a whole: ``folder -> .<folder>.previous-<pid>``, ``staging -> folder``, then the previous one is
+  deleted. A kill at any moment leaves either the complete old or the complete new set (between the two
+  renames: none, and the old one is put back by the next publication);
+* a folder shared with other files (e.g. ``docs/benchmarks``) gets the finished files moved in one
+  ``os.replace`` after another — only a kill within those microseconds can mix generations, so
+  ``nnunetv2-ext compare/benchmark`` refuse such folders (:func:`foreign_entries`).
+
+Staging and previous folders of a killed process (its pid no longer runs) are removed, or restored, by the
+next publication into the same place; on an exception the staging folder is removed at once.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Callable
+
+
+def foreign_entries(folder: str, stem: str) -> list[str]:
+    """Names in ``folder`` that are not files of the report ``stem`` (empty if the folder does not exist)."""
+    if not os.path.isdir(folder):
+        return []
+    return sorted(n for n in os.listdir(folder) if not n.startswith(f'{stem}.'))
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        return os.kill(pid, 0) is None
+    except PermissionError:  # running, as another user
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _clean_leftovers(parent: str, base: str, target: str) -> None:
+    """Removes staging folders of dead processes; puts back a previous set a killed swap left aside."""
+    pattern = re.compile(rf'\.{re.escape(base)}\.(partial|previous)-(\d+)')
+    for name in sorted(os.listdir(parent)):
+        m = pattern.fullmatch(name)
+        if m is None or int(m.group(2)) == os.getpid() or _pid_running(int(m.group(2))):
+            continue
+        path = os.path.join(parent, name)
+        if m.group(1) == 'previous' and not os.path.exists(target):
+            os.rename(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_files(folder: str, files: dict[str, Callable[[str], None]]) -> list[str]:
+    """Writes ``files`` (file name -> ``writer(path)``) into ``folder`` as one set (see the module doc);
+    returns the published paths. The stem is the part of the first name before its first dot."""
+    folder = os.path.abspath(folder)
+    parent, base = os.path.split(folder)
+    os.makedirs(parent, exist_ok=True)
+    _clean_leftovers(parent, base, folder)
+    staging = os.path.join(parent, f'.{base}.partial-{os.getpid()}')
+    shutil.rmtree(staging, ignore_errors=True)
+    os.mkdir(staging)
+    try:
+        for name, write in files.items():
+            write(os.path.join(staging, name))
+            _fsync(os.path.join(staging, name))
+        stem = next(iter(files)).split('.')[0]
+        if foreign_entries(folder, stem):
+            for name in files:
+                os.replace(os.path.join(staging, name), os.path.join(folder, name))
+        elif os.path.exists(folder):
+            previous = os.path.join(parent, f'.{base}.previous-{os.getpid()}')
+            os.rename(folder, previous)
+            os.rename(staging, folder)
+            shutil.rmtree(previous)
+        else:
+            os.rename(staging, folder)
+        _fsync(parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [os.path.join(folder, name) for name in files]

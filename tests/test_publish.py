@@ -1,0 +1,98 @@
+"""Report sets are published as a whole: a failure or kill never leaves mixed generations or hidden files."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nnunetv2_ext.cli import write_report
+from nnunetv2_ext.publish import foreign_entries, publish_files
+
+
+def _plot_text(text: str):
+    def plot(report, path):
+        with open(path, 'w') as f:
+            f.write(text)
+    return plot
+
+
+def _files(folder) -> dict[str, str]:
+    return {n: (folder / n).read_text() for n in sorted(os.listdir(folder))}
+
+
+def _hidden(parent) -> list[str]:
+    return [n for n in os.listdir(parent) if n.startswith('.')]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_a_failure_between_files_keeps_the_previous_set(tmp_path):
+    out = tmp_path / 'report'
+    write_report(str(out), 'compare', {'v': 1}, 'table 1\n', _plot_text('png 1'), quiet=True)
+    old = _files(out)
+    assert set(old) == {'compare.json', 'compare.md', 'compare.png'}
+
+    def failing_plot(report, path):  # json and md of the new set are already written
+        raise RuntimeError('disk full while plotting')
+
+    with pytest.raises(RuntimeError, match='disk full'):
+        write_report(str(out), 'compare', {'v': 2}, 'table 2\n', failing_plot, quiet=True)
+    assert _files(out) == old and _hidden(tmp_path) == []
+    write_report(str(out), 'compare', {'v': 2}, 'table 2\n', _plot_text('png 2'), quiet=True)
+    assert _files(out) == {'compare.json': json.dumps({'v': 2}, indent=2), 'compare.md': 'table 2\n',
+                           'compare.png': 'png 2'}
+    assert _hidden(tmp_path) == []
+
+
+def test_a_killed_publication_leaves_the_old_set_and_the_next_one_cleans_up(tmp_path):
+    out = tmp_path / 'report'
+    write_report(str(out), 'benchmark', {'v': 1}, 'table 1\n', _plot_text('png 1'), quiet=True)
+    old = _files(out)
+    child = ('import os, signal, sys\n'
+             'from nnunetv2_ext.cli import write_report\n'
+             'def plot(report, path):\n'
+             '    os.kill(os.getpid(), signal.SIGKILL)\n'
+             f'write_report({str(out)!r}, "benchmark", {{"v": 2}}, "table 2", plot, quiet=True)\n')
+    run = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True)
+    assert run.returncode == -9, run.stderr
+    assert _files(out) == old
+    assert len(_hidden(tmp_path)) == 1  # the dead process's staging folder ...
+    write_report(str(out), 'benchmark', {'v': 3}, 'table 3\n', _plot_text('png 3'), quiet=True)
+    assert _hidden(tmp_path) == []  # ... is removed by the next publication
+    assert _files(out)['benchmark.md'] == 'table 3\n'
+
+
+def test_a_swap_killed_between_its_renames_is_undone(tmp_path):
+    """Killed after `folder -> .folder.previous-PID` and before `staging -> folder`: no folder, the old set aside."""
+    out = tmp_path / 'report'
+    write_report(str(out), 'compare', {'v': 1}, 'table 1\n', None, quiet=True)
+    old = _files(out)
+    os.rename(out, tmp_path / f'.report.previous-{_dead_pid()}')
+    publish_files(str(tmp_path / 'other'), {'x.md': lambda p: open(p, 'w').close()})  # an unrelated report
+    assert not out.exists() and len(_hidden(tmp_path)) == 1  # leftovers of other names are not touched
+    with pytest.raises(RuntimeError):
+        publish_files(str(out), {'compare.json': lambda p: (_ for _ in ()).throw(RuntimeError('boom'))})
+    assert _files(out) == old and _hidden(tmp_path) == []  # restored, even though the new publication failed
+
+
+def test_a_shared_folder_keeps_its_other_files(tmp_path):
+    (tmp_path / 'README.md').write_text('mine')
+    write_report(str(tmp_path), 'glsp_cpu', {'v': 1}, 'table\n', None, quiet=True)
+    assert _files(tmp_path)['README.md'] == 'mine' and 'glsp_cpu.md' in _files(tmp_path)
+    assert foreign_entries(str(tmp_path), 'glsp_cpu') == ['README.md']
+    assert foreign_entries(str(tmp_path / 'missing'), 'glsp_cpu') == []
+    assert _hidden(tmp_path) == []
+
+
+def test_report_json_is_strict(tmp_path):
+    report = {'mean': math.nan, 'rows': [{'p': math.inf, 'q': -math.inf, 'ok': 0.5}], 'n': 3}
+    write_report(str(tmp_path / 'r'), 'compare', report, 't\n', None, quiet=True)
+    text = (tmp_path / 'r' / 'compare.json').read_text()
+    assert 'NaN' not in text and 'Infinity' not in text
+    parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f'non-standard JSON constant {c}'))
+    assert parsed == {'mean': None, 'rows': [{'p': None, 'q': None, 'ok': 0.5}], 'n': 3}
