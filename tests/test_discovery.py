@@ -111,3 +111,55 @@ def test_startup_line_is_silent_when_the_package_is_gone(tmp_path):
     proc = subprocess.run([sys.executable, '-S', '-c', code], env=_clean_env(PYTHONPATH=str(broken)),
                           capture_output=True, text=True, cwd=str(tmp_path))
     assert 'a_module_that_does_not_exist' in proc.stderr
+
+
+LOOKUP_AFTER_OVERWRITE = '''
+import json, os, sys
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find
+
+model = sys.argv[1]
+predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False, allow_tqdm=False)
+os.environ['nnUNet_extTrainer'] = '/somewhere/else'  # nnU-Net's own advice, overwriting what the hook set
+try:
+    predictor.initialize_from_trained_model_folder(model, use_folds=(0,), checkpoint_name='checkpoint_final.pth')
+except RuntimeError as e:
+    print('before:', str(e).split(' in ')[0])
+import nnunetv2_ext
+import nnunetv2_ext.trainers as ours
+names = nnunetv2_ext.register_trainers()
+os.environ['nnUNet_extTrainer'] = '/yet/another'  # whatever the variable holds afterwards
+predictor.initialize_from_trained_model_folder(model, use_folds=(0,), checkpoint_name='checkpoint_final.pth')
+print('after:', type(predictor.network).__name__)
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+found = {n: find(n) is getattr(ours, n) for n in names}
+print(json.dumps({'names': sorted(names), 'all_found': all(found.values()), 'stock': find('nnUNetTrainer') is nnUNetTrainer}))
+'''
+
+
+def test_register_trainers_survives_an_overwritten_variable(tmp_path, monkeypatch):
+    """A script that sets nnUNet_extTrainer itself, then uses nnUNetPredictor on a model of ours."""
+    import json
+
+    from plans_factory import make_configuration, make_initialised_trainer
+
+    from nnunetv2_ext.trainers import __all__ as all_ours
+    from nnunetv2_ext.trainers import nnUNetTrainerLightDecoder
+
+    for var in ('nnUNet_preprocessed', 'nnUNet_results'):
+        monkeypatch.setenv(var, os.environ[var])  # restored after the test
+    cm = make_configuration([16, 16, 16], [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [4, 8, 16])
+    trainer = make_initialised_trainer(nnUNetTrainerLightDecoder, cm, str(tmp_path))
+    trainer.save_checkpoint(os.path.join(trainer.output_folder, 'checkpoint_final.pth'))
+    model = trainer.output_folder_base
+    for name, content in (('plans.json', trainer.plans_manager.plans), ('dataset.json', trainer.dataset_json)):
+        with open(os.path.join(model, name), 'w') as f:
+            json.dump(content, f)
+    env = _clean_env(nnUNet_raw='/tmp', nnUNet_preprocessed='/tmp', nnUNet_results='/tmp', OMP_NUM_THREADS='1',
+                     PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(__file__),
+                                                              os.environ.get('PYTHONPATH', '')])))
+    before, after, found = _python(LOOKUP_AFTER_OVERWRITE.replace('sys.argv[1]', repr(model)), env).splitlines()[-3:]
+    assert before == 'before: Could not find requested nnunet trainer nnUNetTrainerLightDecoder'
+    assert after == 'after: LightDecoderUNet'
+    assert json.loads(found) == {'names': sorted(all_ours), 'all_found': True, 'stock': True}
