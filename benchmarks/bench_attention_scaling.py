@@ -1,10 +1,10 @@
-"""How a decoder block's cost grows with the number of 3-D tokens (DESIGN §5, §8).
+"""How a decoder block's cost grows with the number of 3-D tokens.
 
 Compares, at width ``--dim`` on cubic grids ``s³`` (N = s³ tokens, batch 1):
 
 * ``gdla``: the GDLAM block (GDLA linear attention + GatedMLP), O(N);
 * ``softmax``: a 3-D softmax self-attention block (pre-norm MHSA over all N tokens with the N×N
-  attention matrix materialised, + MLP) — the quadratic reference of the light-decoder design note;
+  attention matrix materialised, + MLP) — the quadratic reference;
 * ``light_conv``: the light residual conv decoder stage (two 3×3×3 convs, InstanceNorm, LeakyReLU), O(N).
 
 Per block and grid: forward+backward time (median of ``--repeats`` after one warm-up) and the activation

@@ -1,5 +1,5 @@
 """Cost of nnU-Net trainers' networks on identical plans: parameters, FLOPs per patch, fwd+bwd step time,
-peak memory, and how they grow with the patch size (DESIGN §8).
+peak memory, and how they grow with the patch size.
 
     python benchmarks/bench_networks.py nnUNetTrainer nnUNetTrainer@resenc_m nnUNetTrainerGLSP \\
         --patch-sizes 16x32x32 24x48x48 32x64x64 --base-features 8 --max-features 64 --out docs/benchmarks/glsp_cpu

@@ -7,7 +7,7 @@ from nnunetv2.utilities.ddp_allgather import AllGatherGrad
 
 
 class SquaredDenominatorDiceLoss(MemoryEfficientSoftDiceLoss):
-    """V-Net soft Dice (design note on light decoders): ``-(2⟨Y,Ŷ⟩ + s) / (‖Y‖² + ‖Ŷ‖² + s)``.
+    """V-Net soft Dice (Milletari et al. 2016, eq. 1): ``-(2⟨Y,Ŷ⟩ + s) / (‖Y‖² + ‖Ŷ‖² + s)``.
 
     Same interface and options as nnU-Net's ``MemoryEfficientSoftDiceLoss`` (``apply_nonlin``,
     ``batch_dice``, ``do_bg``, ``smooth``, ``ddp``, ``loss_mask`` for the ignore label), which uses

@@ -1,4 +1,4 @@
-"""Decoder-aware encoder refinement (DESIGN §7): token losses, O(N) attention mass, inference refinement."""
+"""Decoder-aware encoder refinement: token losses, O(N) attention mass, inference refinement."""
 import math
 
 import numpy as np

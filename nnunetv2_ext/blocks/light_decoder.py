@@ -1,4 +1,4 @@
-"""Light convolutional decoder (DESIGN §4).
+"""Light convolutional decoder.
 
 One decoder stage at level ``s`` (``g`` = the fused feature, i.e. the upsampled coarser output
 concatenated with the encoder skip):
@@ -12,7 +12,7 @@ concatenated with the encoder skip):
 Cost and memory are O(voxels), against O(voxels²) for a 3-D self-attention decoder. The heads read
 the residual sum before σ: with σ in front of the 1x1 head, the full-resolution output learned markedly
 slower in our tests (one class stayed at Dice 0 for 60+ iterations while coarser heads had learned it);
-the path to the next stage keeps σ(r1 + r2) as in the design note. ``conv_op`` selects 2-D or 3-D; every width,
+the path to the next stage keeps σ(r1 + r2). ``conv_op`` selects 2-D or 3-D; every width,
 kernel and stride comes from the caller (the plans), so one code path serves every configuration.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from dynamic_network_architectures.building_blocks.helper import get_matching_convtransp
 
-# DESIGN §4: four supervised levels, weights (8, 4, 2, 1) / 15, highest resolution first.
+# Four supervised levels, weights (8, 4, 2, 1) / 15, highest resolution first.
 NUM_DS_OUTPUTS = 4
 
 

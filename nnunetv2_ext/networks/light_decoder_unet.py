@@ -1,4 +1,4 @@
-"""nnU-Net's encoder (from the plans) + the light conv decoder (DESIGN §4)."""
+"""nnU-Net's encoder (from the plans) + the light conv decoder (:mod:`nnunetv2_ext.blocks.light_decoder`)."""
 from __future__ import annotations
 
 import torch

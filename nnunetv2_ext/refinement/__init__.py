@@ -1,4 +1,4 @@
-"""Decoder-aware encoder refinement (DESIGN §7): auxiliary token losses and training-free inference refinement.
+"""Decoder-aware encoder refinement (docs/enc_refine.md): auxiliary token losses and training-free inference refinement.
 
 * :mod:`nnunetv2_ext.refinement.losses`: attention-mass (O(N)), attention distillation, mask-aware
   contrastive and boundary losses on encoder tokens;

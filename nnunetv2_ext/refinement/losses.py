@@ -1,4 +1,4 @@
-"""Auxiliary losses on encoder tokens (DESIGN §7). Pure functions, 2-D/3-D agnostic, O(N) memory in tokens.
+"""Auxiliary losses on encoder tokens (docs/enc_refine.md). Pure functions, 2-D/3-D agnostic, O(N) memory in tokens.
 
 Notation: ``B`` batch, ``C`` channels, ``S`` a 2-D or 3-D token grid, ``N = prod(S)`` tokens,
 ``H`` heads, ``D`` head dim. Labels are nnU-Net integer label maps ``(B, 1, *S_full)`` (or ``(B, *S_full)``)

@@ -1,4 +1,4 @@
-"""Decoder-aware encoder refinement trainers (DESIGN §7, docs/enc_refine.md).
+"""Decoder-aware encoder refinement trainers (docs/enc_refine.md).
 
 ``nnUNetv2_train DATASET 3d_fullres FOLD -tr nnUNetTrainerGLSP_EncRefine`` (or ``nnUNetTrainerPVTGDLA_EncRefine``)
 trains with
@@ -104,7 +104,7 @@ class EncRefineLoss(nn.Module):
 
 
 class EncRefineMixin:
-    """Adds the DESIGN §7 auxiliary encoder-token losses to nnU-Net's ``train_step`` (see module docstring).
+    """Adds the auxiliary encoder-token losses to nnU-Net's ``train_step`` (see module docstring).
 
     Subclasses implement :meth:`_install_attention_hook` (store the detached ``(B, N)`` mass of the
     deepest tokens in ``self._enc_cache['mass']``).

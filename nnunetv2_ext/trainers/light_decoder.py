@@ -1,4 +1,4 @@
-"""``nnUNetTrainerLightDecoder``: nnU-Net's planned encoder + the light conv decoder (DESIGN §4).
+"""``nnUNetTrainerLightDecoder``: nnU-Net's planned encoder + the light conv decoder.
 
 The ablation "does the decoder matter?": everything but the decoder is stock nnU-Net.
 """
@@ -21,7 +21,7 @@ class nnUNetTrainerLightDecoder(nnUNetTrainerExtBase):
 
 
 class nnUNetTrainerLightDecoder_VNetDice(nnUNetTrainerLightDecoder):
-    """The design note's Dice, ``1 − 2⟨Y,Ŷ⟩/(‖Y‖² + ‖Ŷ‖²)``, in place of nnU-Net's plain-sum soft Dice."""
+    """The V-Net Dice (Milletari et al. 2016, eq. 1), ``1 − 2⟨Y,Ŷ⟩/(‖Y‖² + ‖Ŷ‖²)``, in place of nnU-Net's plain-sum soft Dice."""
 
     def _build_loss(self):
         loss = super()._build_loss()
