@@ -44,6 +44,8 @@ setup(
     description='nnU-Net v2 plugin: RWKV/GLSP, light-decoder and PVT-GDLA trainers, exact bidirectional WKV op',
     long_description=open(os.path.join(HERE, 'README.md'), encoding='utf-8').read(),
     long_description_content_type='text/markdown',
+    license_expression='Apache-2.0',
+    license_files=['LICENSE'],
     python_requires='>=3.10',
     packages=find_packages(include=['nnunetv2_ext', 'nnunetv2_ext.*', 'cuda_wkv', 'cuda_wkv.*']),
     package_data={

@@ -60,6 +60,22 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
+def write_atomically(path: str, data: bytes | str) -> None:
+    """Writes ``data`` (text as UTF-8) to ``path`` through a temporary file in the same folder (flushed,
+    fsynced, then ``os.replace``): readers see the old file or the complete new one."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{name}.partial-{os.getpid()}')
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data.encode('utf-8') if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def publish_files(folder: str, files: dict[str, Callable[[str], None]]) -> list[str]:
     """Writes ``files`` (file name -> ``writer(path)``) into ``folder`` as one set (see the module doc);
     returns the published paths. The stem is the part of the first name before its first dot."""

@@ -1,4 +1,5 @@
 import os
+import shutil
 import sys
 import tempfile
 
@@ -9,3 +10,8 @@ for _var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
     os.makedirs(os.environ[_var], exist_ok=True)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/plans_factory.py
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The private nnU-Net folders go with the session: a test run leaves no nnunetv2_ext_tests_* behind."""
+    shutil.rmtree(_NNUNET_TMP, ignore_errors=True)

@@ -90,3 +90,26 @@ def test_bad_numbers_are_argument_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_test_run_leaves_no_temporary_folders(tmp_path):
+    temp = tmp_path / 'tmp'
+    temp.mkdir()
+    run = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                          os.path.join(REPO, 'tests', 'test_env_options.py'), '-k', 'env_int_default_and_valid'],
+                         env={**_env(TMPDIR=str(temp)), 'PYTHONPATH': os.environ.get('PYTHONPATH', '')},
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert '1 passed' in run.stdout and os.listdir(temp) == []
+
+
+def test_licence_is_declared():
+    """Apache-2.0 like nnU-Net: the LICENSE text ships and the wheel's metadata declares it."""
+    probe = ('import setuptools; from distutils.core import run_setup; '
+             'd = run_setup("setup.py", stop_after="config"); '
+             'print(d.metadata.license_expression, d.metadata.license_files)')
+    run = subprocess.run([sys.executable, '-W', 'ignore', '-c', probe], cwd=REPO, capture_output=True, text=True)
+    assert run.stdout.split() == ['Apache-2.0', "['LICENSE']"], run.stderr[-2000:]
+    with open(os.path.join(REPO, 'LICENSE')) as f:
+        text = f.read()
+    assert text.split()[:4] == ['Apache', 'License', 'Version', '2.0,'] and 'END OF TERMS AND CONDITIONS' in text

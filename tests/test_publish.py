@@ -96,3 +96,17 @@ def test_report_json_is_strict(tmp_path):
     assert 'NaN' not in text and 'Infinity' not in text
     parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f'non-standard JSON constant {c}'))
     assert parsed == {'mean': None, 'rows': [{'p': None, 'q': None, 'ok': 0.5}], 'n': 3}
+
+
+def test_write_atomically_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    from nnunetv2_ext import publish
+
+    path = tmp_path / 'plans.json'
+    publish.write_atomically(str(path), '{"old": 1}')
+    monkeypatch.setattr(publish.os, 'replace', lambda *a: (_ for _ in ()).throw(OSError('no space left')))
+    with pytest.raises(OSError, match='no space left'):
+        publish.write_atomically(str(path), b'{"new": 2}')
+    assert path.read_text() == '{"old": 1}' and os.listdir(tmp_path) == ['plans.json']
+    monkeypatch.undo()
+    publish.write_atomically(str(path), b'{"new": 2}')
+    assert path.read_bytes() == b'{"new": 2}' and os.listdir(tmp_path) == ['plans.json']
