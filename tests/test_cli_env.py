@@ -113,3 +113,20 @@ def test_licence_is_declared():
     with open(os.path.join(REPO, 'LICENSE')) as f:
         text = f.read()
     assert text.split()[:4] == ['Apache', 'License', 'Version', '2.0,'] and 'END OF TERMS AND CONDITIONS' in text
+
+
+def test_readme_for_a_newcomer():
+    """Starts with the two commands; says nnU-Net needs its folders before the first nnU-Net command; no suite
+    counts or timings that go stale; no reference to a document that is not in the repository."""
+    import re
+
+    with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    assert readme.startswith('# nnunetv2_ext\n\n```bash\npython -m pip install -e . && nnunetv2-ext demo\n'
+                             'python -m pip install -e ".[test]" && python -m pytest -ra tests\n```\n')
+    first_nnunet_command = readme.index('nnUNetv2_plan_and_preprocess -d')
+    for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        assert f'{var}=' in readme[:first_nnunet_command], var
+    assert not re.search(r'\d+ tests|GPU-only skips|\d+ s measured', readme)
+    assert 'DESIGN' not in readme and 'design note' not in readme
+    assert '## Which trainer to choose' in readme
