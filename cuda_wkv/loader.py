@@ -1,38 +1,64 @@
-"""Lazy JIT build of the C++ CPU and CUDA kernels.
+"""Lazy JIT build of the C++ CPU and CUDA kernels, and their on-disk cache.
 
 Nothing is compiled at import time.  :func:`load_extension` builds the requested
 kernel on first use with ``torch.utils.cpp_extension.load`` + ninja and caches the
-result (in this process and on disk).  Any failure -- no compiler, no ninja, no CUDA
-toolkit, a compile error, a lock held for too long -- is turned into one
-:class:`WKVBuildWarning` per kernel kind and ``None`` is returned, so callers fall
-back to the pure-PyTorch path instead of crashing.
+result, in this process and on disk.  Any failure -- no compiler, no ninja, no CUDA
+toolkit, a compile error, an unsafe cache folder, a build lock held for too long -- is
+turned into one :class:`WKVBuildWarning` per kernel kind and ``None`` is returned, so
+callers fall back to the pure-PyTorch path instead of crashing or hanging.
 
-Cache layout (per user; ``TORCH_EXTENSIONS_DIR`` respected)::
+Cache layout (per user)::
 
-    $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions/
-        cuda_wkv-<version>-py<XY>-torch<version>/
-            cuda_wkv_cpu_<hash>/     # hash of sources, flags, toolchain, arch, CPU
-            cuda_wkv_cuda_<hash>/
+    <root>/cuda_wkv-<version>-py<XY>-torch<version>/      # mode 0700
+        cuda_wkv_<kind>_<hash>/             # a complete build (appears by rename only)
+            cuda_wkv_<kind>_<hash>.so
+            cuda_wkv_build.json             # completion record: module, file, size, sha256
+        cuda_wkv_<kind>_<hash>.lock         # held while one process builds it
+        .cuda_wkv_<kind>_<hash>.build-*/    # a build in progress (private folder)
+
+``<root>`` is ``TORCH_EXTENSIONS_DIR``, else ``$XDG_CACHE_HOME/torch_extensions`` or
+``~/.cache/torch_extensions``, else (when that cannot be created)
+``$TMPDIR/torch_extensions_<uid>``; ``<hash>`` covers the sources, flags, toolchain,
+CUDA archs and (CPU kernel) the host CPU.
+
+* Complete or absent: a build is compiled in a private folder, its completion record
+  is written last, and the folder is renamed into place.  A build whose ``.so`` does
+  not match its record (torn copy, full disk, no record) is never loaded: one log
+  warning, then it is rebuilt.
+* A complete build is loaded without looking at any lock.  Otherwise one process
+  builds while holding ``<name>.lock`` (pid, host, time; its mtime is a heartbeat
+  refreshed every 10 s).  A lock whose owner is dead (same host) or whose heartbeat
+  stopped 60 s ago (any host: shared NFS caches) is removed.  A live builder is waited
+  for with a visible log message, at most ``CUDA_WKV_LOCK_TIMEOUT`` seconds, then the
+  PyTorch path is used.
+* Private: folders are created with mode 0700.  The cache root and everything in it
+  must belong to the current user and not be writable by group/others, and no folder
+  above the root may be writable by group/others unless it is sticky (like ``/tmp``);
+  otherwise the cache is refused (warning, PyTorch path) -- a library planted there
+  would run inside this process.
 
 Environment variables: ``TORCH_EXTENSIONS_DIR`` (cache root), ``TORCH_CUDA_ARCH_LIST``
 (CUDA archs; default: the current GPU's), ``CUDA_HOME`` / ``CUDA_PATH`` (toolkit
 root), ``CXX`` (host compiler), ``CUDA_WKV_VERBOSE=1`` (show the build log),
 ``CUDA_WKV_NATIVE=0`` (no ``-march=native`` for the CPU kernel),
-``CUDA_WKV_LOCK_TIMEOUT`` (seconds, default 1800: a build lock older than this, or
-held by a dead process on this host, is removed; waiting for a live builder gives
-up after this long).
+``CUDA_WKV_LOCK_TIMEOUT`` (seconds to wait for another process's build, finite and
+>= 0, default 300).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import logging
+import math
 import os
 import platform
 import re
+import secrets
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -41,7 +67,7 @@ import time
 import warnings
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Iterator, List, Optional, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 __all__ = ["VERSION", "WKVBuildWarning", "load_extension", "failure_reason",
            "resolve_cuda_home", "extension_dir", "clear_state"]
@@ -57,8 +83,13 @@ _SOURCES = {
 }
 _HEADERS = ["wkv_checks.h", "wkv_recurrence.h"]
 _KINDS = ("cpu", "cuda")
-_TORCH_LOCK = "lock"  # torch.utils.file_baton.FileBaton's lock file name
-_OUR_LOCK = "cuda_wkv_build.lock"
+_LAYOUT = "2"  # cache layout version (part of the build key)
+_RECORD = "cuda_wkv_build.json"
+_LOCK_TIMEOUT_ENV = "CUDA_WKV_LOCK_TIMEOUT"
+_DEFAULT_LOCK_TIMEOUT_S = 300.0
+_HEARTBEAT_S = 10.0  # a builder touches its lock this often
+_LOCK_STALE_S = 60.0  # a lock without heartbeat for this long is abandoned
+_LEFTOVER_BUILD_S = 3600.0  # private build folders older than this were abandoned
 
 
 class WKVBuildWarning(RuntimeWarning):
@@ -68,6 +99,14 @@ class WKVBuildWarning(RuntimeWarning):
 class _Failure:
     def __init__(self, reason: str):
         self.reason = reason
+
+
+class _Fallback(RuntimeError):
+    """An expected reason to use the PyTorch path; the message is shown as is."""
+
+
+class _Incomplete(Exception):
+    """A cache entry that must not be loaded; the message says why."""
 
 
 _state_lock = threading.RLock()
@@ -171,62 +210,248 @@ def _flags(kind: str) -> Dict[str, List[str]]:
             "extra_cuda_cflags": cuda_cflags}
 
 
-def _cache_base() -> Path:
-    import torch
-    env = os.environ.get("TORCH_EXTENSIONS_DIR")
-    if env:
-        root = Path(env)
-    else:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-            os.path.expanduser("~"), ".cache")
-        root = Path(cache) / "torch_extensions"
-    tv = re.sub(r"[^A-Za-z0-9_.]", "_", torch.__version__)
-    sub = f"cuda_wkv-{VERSION}-py{sys.version_info[0]}{sys.version_info[1]}-torch{tv}"
-    path = root / sub
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK):
-            raise PermissionError(str(path))
-    except OSError:
-        if env:
-            raise
-        uid = os.getuid() if hasattr(os, "getuid") else os.getlogin()
-        path = Path(tempfile.gettempdir()) / f"torch_extensions_{uid}" / sub
-        path.mkdir(parents=True, exist_ok=True)
-    return path
+class _Target(NamedTuple):
+    """What one build is made from; ``name`` is both the module and the folder name."""
+    kind: str
+    name: str
+    flags: Dict[str, List[str]]
+    arch: Optional[str]
+    cuda_home: Optional[str]
 
 
-def _build_key(kind: str, flags: Dict[str, List[str]], arch: Optional[str],
-               cuda_home: Optional[str]) -> str:
+def _target(kind: str) -> _Target:
     import torch
+    flags = _flags(kind)
+    arch = _cuda_arch_list() if kind == "cuda" else None
+    cuda_home = resolve_cuda_home() if kind == "cuda" else None
     h = hashlib.sha256()
     for fname in _SOURCES[kind] + _HEADERS:
         h.update(fname.encode())
         h.update((CSRC / fname).read_bytes())
-    parts = [kind, VERSION, torch.__version__, str(torch.version.cuda), sys.version,
-             json.dumps(flags, sort_keys=True), os.environ.get("CXX", "c++"),
+    parts = [kind, VERSION, _LAYOUT, torch.__version__, str(torch.version.cuda),
+             sys.version, json.dumps(flags, sort_keys=True), os.environ.get("CXX", "c++"),
              str(shutil.which(os.environ.get("CXX", "c++")))]
     if kind == "cpu":
         parts.append(_cpu_signature())
     else:
         parts += [str(arch), str(cuda_home)]
     h.update("\n".join(parts).encode())
-    return h.hexdigest()[:12]
+    return _Target(kind, f"cuda_wkv_{kind}_{h.hexdigest()[:12]}", flags, arch, cuda_home)
+
+
+# ----------------------------------------------------------------- private cache folders
+def _unsafe(path: Path, must_own: bool) -> Optional[str]:
+    """Why someone other than the current user could change ``path``, or None.
+
+    ``must_own``: the cache's own folders and files must belong to the current user and
+    not be writable by group/others; a folder above the cache root may belong to anyone
+    but must not be writable by group/others unless it is sticky (like ``/tmp``)."""
+    st = os.stat(path)
+    if must_own and st.st_uid != os.geteuid():
+        return (f"{path} belongs to uid {st.st_uid}, not to the current user "
+                f"(uid {os.geteuid()})")
+    sticky = not must_own and stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if st.st_mode & 0o022 and not sticky:
+        return (f"{path} is writable by group/others (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}; fix: chmod go-w {path})")
+    return None
+
+
+def _make_private_dir(path: Path) -> None:
+    """``mkdir -p`` with mode 0700 for every folder it creates."""
+    missing = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(p, 0o700)
+
+
+def _private_root(root: Path, origin: str) -> Path:
+    """``root`` created (0700) and checked; :class:`_Fallback` if others could change it."""
+    _make_private_dir(root)
+    real = Path(os.path.realpath(root))
+    problem = next(filter(None, (_unsafe(p, must_own=False) for p in reversed(real.parents))),
+                   None) or _unsafe(real, must_own=True)
+    if problem:
+        raise _Fallback(f"refusing the kernel cache {root} ({origin}): {problem}. A "
+                        "library planted there would run in this process; set "
+                        "TORCH_EXTENSIONS_DIR to a folder only you can write")
+    if not os.access(real, os.W_OK | os.X_OK):
+        raise PermissionError(f"kernel cache {root} ({origin}) is not writable")
+    return real
+
+
+def _cache_base() -> Path:
+    """This version's cache folder, created 0700 and checked (see :func:`_unsafe`)."""
+    import torch
+    tv = re.sub(r"[^A-Za-z0-9_.]", "_", torch.__version__)
+    sub = f"cuda_wkv-{VERSION}-py{sys.version_info[0]}{sys.version_info[1]}-torch{tv}"
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        root = _private_root(Path(env), "TORCH_EXTENSIONS_DIR")
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".cache")
+        try:
+            root = _private_root(Path(cache) / "torch_extensions", "the default")
+        except OSError as exc:  # e.g. a read-only home: use a private folder in TMPDIR
+            fallback = Path(tempfile.gettempdir()) / f"torch_extensions_{os.geteuid()}"
+            log.info("cuda_wkv: %s; using %s", exc, fallback)
+            root = _private_root(fallback, "the fallback for an unwritable home cache")
+    base = root / sub
+    _make_private_dir(base)
+    problem = _unsafe(base, must_own=True)
+    if problem:
+        raise _Fallback(f"refusing the kernel cache {base}: {problem}")
+    return base
 
 
 def extension_dir(kind: str) -> Path:
-    """Build directory that :func:`load_extension` uses for ``kind`` right now."""
-    arch = _cuda_arch_list() if kind == "cuda" else None
-    home = resolve_cuda_home() if kind == "cuda" else None
-    return _cache_base() / f"cuda_wkv_{kind}_{_build_key(kind, _flags(kind), arch, home)}"
+    """Folder holding the complete build of ``kind`` that :func:`load_extension` uses now
+    (it may not exist yet).  Raises RuntimeError if the cache folder is unsafe."""
+    return _cache_base() / _target(kind).name
+
+
+# --------------------------------------------------------------- complete builds
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or folder's data and metadata to disk (where the system allows)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _verified_library(folder: Path) -> Tuple[str, Path]:
+    """(module name, .so path) of the complete build in ``folder``.
+
+    Raises FileNotFoundError if there is no build, :class:`_Incomplete` if the folder
+    must not be loaded: no or unreadable record, a ``.so`` whose size or SHA-256 differs
+    from the record, or a folder/file that is not private."""
+    if not os.path.lexists(folder):
+        raise FileNotFoundError(folder)
+    record = folder / _RECORD
+    try:
+        for p in (folder, record):
+            problem = _unsafe(p, must_own=True)
+            if problem:
+                raise _Incomplete(problem)
+        info = json.loads(record.read_text())
+        module, fname = str(info["module"]), str(info["file"])
+        size, digest = int(info["size"]), str(info["sha256"])
+    except FileNotFoundError:
+        raise _Incomplete(f"no completion record {_RECORD}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _Incomplete(f"unreadable completion record: {exc}") from None
+    so = folder / fname
+    if Path(fname).name != fname or not so.is_file():
+        raise _Incomplete(f"the recorded library {fname!r} is missing")
+    problem = _unsafe(so, must_own=True)
+    if problem:
+        raise _Incomplete(problem)
+    actual = so.stat().st_size
+    if actual != size:
+        raise _Incomplete(f"{fname} has {actual} bytes, the record says {size}")
+    if _sha256(so) != digest:
+        raise _Incomplete(f"the SHA-256 of {fname} differs from the record")
+    return module, so
+
+
+def _import_library(module: str, path: Path) -> ModuleType:
+    """Import the extension module ``module`` from ``path`` (once per process)."""
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        return loaded
+    spec = importlib.util.spec_from_file_location(module, str(path))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path} as module {module}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules[module] = mod
+    return mod
+
+
+def _load_complete(folder: Path, warned: set) -> Optional[ModuleType]:
+    """The module of the complete build in ``folder``; None if there is none (an
+    incomplete one is reported once per reason in ``warned`` and left to be rebuilt)."""
+    try:
+        return _import_library(*_verified_library(folder))
+    except FileNotFoundError:
+        return None
+    except (_Incomplete, ImportError) as exc:
+        reason = str(exc)
+        if reason not in warned:
+            warned.add(reason)
+            log.warning("cuda_wkv: not loading the build in %s (%s); rebuilding it",
+                        folder, reason)
+        return None
+
+
+def _discard(folder: Path) -> None:
+    """Move a cache entry out of the way (rename, then delete)."""
+    trash = folder.with_name(f".{folder.name}.old-{secrets.token_hex(4)}")
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(mod: ModuleType, build_dir: Path, folder: Path) -> None:
+    """Write the completion record of the build in ``build_dir`` (last) and rename the
+    folder to ``folder``; if a complete build got there first, keep that one."""
+    so = Path(mod.__file__ or "")
+    if so.parent != build_dir or not so.is_file():
+        raise RuntimeError(f"the built module {mod.__name__} is not in {build_dir}")
+    os.chmod(so, stat.S_IMODE(so.stat().st_mode) & ~0o022)
+    _fsync(so)
+    record = {"module": mod.__name__, "file": so.name, "size": so.stat().st_size,
+              "sha256": _sha256(so), "host": socket.gethostname(), "time": time.time()}
+    with open(build_dir / _RECORD, "w") as fh:
+        json.dump(record, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync(build_dir)
+    for _ in range(3):
+        try:
+            os.rename(build_dir, folder)
+            break
+        except OSError:
+            try:
+                _verified_library(folder)
+            except (FileNotFoundError, _Incomplete):
+                _discard(folder)
+                continue
+            shutil.rmtree(build_dir, ignore_errors=True)  # same build, published first
+            break
+    _fsync(folder.parent)
 
 
 # ------------------------------------------------------------------------ build lock
 def _lock_timeout() -> float:
+    """``CUDA_WKV_LOCK_TIMEOUT`` in seconds; ValueError naming it when not finite >= 0."""
+    raw = os.environ.get(_LOCK_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return _DEFAULT_LOCK_TIMEOUT_S
     try:
-        return float(os.environ.get("CUDA_WKV_LOCK_TIMEOUT", "1800"))
+        value = float(raw)
     except ValueError:
-        return 1800.0
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{_LOCK_TIMEOUT_ENV}={raw!r}: expected a finite number of seconds "
+                         f">= 0 to wait for another process's kernel build (default "
+                         f"{_DEFAULT_LOCK_TIMEOUT_S:.0f}; 0 = never wait)")
+    return value
 
 
 def _pid_alive(pid: int) -> bool:
@@ -241,81 +466,99 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _lock_is_stale(path: Path, stale_after: float) -> Optional[str]:
-    """Reason string if the cuda_wkv lock at ``path`` is stale, else None."""
+def _read_lock(path: Path) -> Tuple[dict, Optional[float]]:
+    """(owner record or {}, seconds since the last heartbeat; None if there is no lock)."""
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
-        return None
+        return {}, None
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         info = None
-    if info is None:
-        return f"unreadable lock, {age:.0f}s old" if age > 10 else None
-    if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
-        return f"owner pid {info.get('pid')} is not running"
-    if age > stale_after:
-        return f"lock is {age:.0f}s old (> {stale_after:.0f}s)"
+    return (info if isinstance(info, dict) else {}), age
+
+
+def _stale_reason(info: dict, age: float) -> Optional[str]:
+    """Why a lock with owner ``info`` and heartbeat age ``age`` is abandoned, or None."""
+    pid = info.get("pid")
+    if info.get("host") == socket.gethostname() and isinstance(pid, int) \
+            and not _pid_alive(pid):
+        return f"its owner pid {pid} on this host is not running"
+    if age > _LOCK_STALE_S:
+        return f"no heartbeat for {age:.0f}s (> {_LOCK_STALE_S:.0f}s)"
     return None
 
 
-def _torch_lock_file_blocks() -> bool:
-    """True for PyTorch versions whose JIT build lock is a FileBaton (the mere existence
-    of ``lock`` blocks forever).  Newer versions hold an OS-level lock on that file,
-    which the kernel releases when the holder dies, and leave the file behind."""
-    ce = _cpp_extension()
-    return hasattr(ce, "FileBaton") and not hasattr(ce, "FileLock")
+def _owner(info: dict, age: float) -> str:
+    return (f"held by pid {info.get('pid', '?')} on host {info.get('host', '?')}, "
+            f"last heartbeat {age:.0f}s ago")
+
+
+def _acquire_lock(path: Path, token: str, timeout: float,
+                  ready: Callable[[], bool]) -> bool:
+    """Take the build lock ``path`` (True), or return False as soon as ``ready()``.
+
+    Abandoned locks (:func:`_stale_reason`) are removed with a log warning.  A live
+    owner is waited for, with a log warning saying who and how to skip, for at most
+    ``timeout`` seconds; then :class:`_Fallback` is raised."""
+    start = time.monotonic()
+    next_note = 0.0
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                           "time": time.time(), "token": token}, fh)
+            return True
+        if ready():
+            return False
+        info, age = _read_lock(path)
+        if age is None:
+            continue
+        reason = _stale_reason(info, age)
+        if reason:
+            log.warning("cuda_wkv: removing stale build lock %s (%s)", path, reason)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            continue
+        waited = time.monotonic() - start
+        if waited >= timeout:
+            raise _Fallback(f"gave up after {waited:.0f}s waiting for the build lock {path} "
+                            f"({_owner(info, age)}; {_LOCK_TIMEOUT_ENV}={timeout:g}); delete "
+                            "the lock if no build is running")
+        if waited >= next_note:
+            log.warning("cuda_wkv: another process is building this kernel: lock %s (%s); "
+                        "waiting up to %.0fs more (%s), then using the PyTorch path. To skip: "
+                        "CUDA_WKV_BACKEND=torch, or delete the lock if no build is running",
+                        path, _owner(info, age), timeout - waited, _LOCK_TIMEOUT_ENV)
+            next_note = waited + 60.0
+        time.sleep(min(0.5, max(timeout - waited, 0.01)))
 
 
 @contextlib.contextmanager
-def _build_lock(build_dir: Path) -> Iterator[None]:
-    """Inter-process lock around one build directory, robust to killed builders.
+def _holding_lock(path: Path, token: str) -> Iterator[None]:
+    """Refresh the held lock's mtime every few seconds; remove it at the end if still ours."""
+    stop = threading.Event()
 
-    torch's own FileBaton (``lock``) waits forever on a lock left by a killed build.
-    cuda_wkv builders first take this lock (O_EXCL file holding pid/host/time); while
-    it is held no other cuda_wkv builder can be inside torch's build, so a leftover
-    torch ``lock`` is stale and is removed (only for such FileBaton-based torch
-    versions; newer ones use an OS lock that dies with its holder).  Our own lock is removed when its owner
-    process is dead (same host) or it is older than CUDA_WKV_LOCK_TIMEOUT.
-    """
-    path = build_dir / _OUR_LOCK
-    timeout = _lock_timeout()
-    deadline = time.monotonic() + timeout
-    announced = False
-    while True:
-        try:
-            fd = os.open(str(path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            reason = _lock_is_stale(path, timeout)
-            if reason:
-                log.warning("cuda_wkv: removing stale build lock %s (%s)", path, reason)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"waited {timeout:.0f}s for the build lock {path} "
-                                   "held by another process (CUDA_WKV_LOCK_TIMEOUT)")
-            if not announced:
-                log.info("cuda_wkv: waiting for another process building in %s", build_dir)
-                announced = True
-            time.sleep(0.5)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                       "time": time.time()}, fh)
-        break
+    def beat() -> None:
+        while not stop.wait(_HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    thread = threading.Thread(target=beat, name="cuda_wkv-lock-heartbeat", daemon=True)
+    thread.start()
     try:
-        torch_lock = build_dir / _TORCH_LOCK
-        if _torch_lock_file_blocks() and torch_lock.exists():
-            log.warning("cuda_wkv: removing stale torch build lock %s (left by a killed "
-                        "build)", torch_lock)
-            with contextlib.suppress(FileNotFoundError):
-                torch_lock.unlink()
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        stop.set()
+        thread.join()
+        if _read_lock(path)[0].get("token") == token:  # not taken over meanwhile
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 # ---------------------------------------------------------------------------- build
@@ -350,6 +593,8 @@ def _precheck(kind: str) -> Optional[str]:
 
 def _summarise(exc: BaseException) -> str:
     """Short cause for the warning: the exception headline + the compiler's error lines."""
+    if isinstance(exc, _Fallback):
+        return str(exc)
     text = str(exc).strip() or type(exc).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     head = lines[0].split(": [", 1)[0][:200] if lines else ""
@@ -359,45 +604,76 @@ def _summarise(exc: BaseException) -> str:
     return " | ".join(parts)
 
 
-def _build(kind: str) -> ModuleType:
+def _compile(target: _Target, build_dir: Path) -> ModuleType:
+    """Compile and import ``target`` with torch's JIT; the ``.so`` lands in ``build_dir``."""
     ce = _cpp_extension()
-
-    flags = _flags(kind)
-    arch = cuda_home = None
     env_patch: Dict[str, str] = {}
-    if kind == "cuda":
-        cuda_home = resolve_cuda_home()
-        arch = _cuda_arch_list()
-        if ce.CUDA_HOME is None or os.path.realpath(ce.CUDA_HOME) != cuda_home:
-            log.info("cuda_wkv: using CUDA toolkit %s (torch guessed %s)", cuda_home,
-                     ce.CUDA_HOME)
-            ce.CUDA_HOME = cuda_home  # torch's guess from nvcc on PATH can be wrong
-        else:
-            log.info("cuda_wkv: using CUDA toolkit %s", cuda_home)
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            env_patch["TORCH_CUDA_ARCH_LIST"] = arch  # the visible GPUs' archs
-    key = _build_key(kind, flags, arch, cuda_home)
-    name = f"cuda_wkv_{kind}_{key}"
-    build_dir = _cache_base() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
+    if target.kind == "cuda":
+        if ce.CUDA_HOME is None or os.path.realpath(ce.CUDA_HOME) != target.cuda_home:
+            log.info("cuda_wkv: torch guessed the CUDA toolkit %s; compiling with %s",
+                     ce.CUDA_HOME, target.cuda_home)
+            ce.CUDA_HOME = target.cuda_home  # torch's guess from nvcc on PATH can be wrong
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and target.arch:
+            env_patch["TORCH_CUDA_ARCH_LIST"] = target.arch  # the visible GPUs' archs
     verbose = os.environ.get("CUDA_WKV_VERBOSE", "0") not in ("", "0")
-    sources = [str(CSRC / s) for s in _SOURCES[kind]]
-    log.info("cuda_wkv: loading the %s kernel from %s (first use compiles it, "
-             "~1-2 min)", kind, build_dir)
     old = {k: os.environ.get(k) for k in env_patch}
-    t0 = time.time()
     try:
         os.environ.update(env_patch)
-        with _build_lock(build_dir):
-            mod = ce.load(name=name, sources=sources, extra_include_paths=[str(CSRC)],
-                          build_directory=str(build_dir), verbose=verbose,
-                          with_cuda=(kind == "cuda"), **flags)
+        return ce.load(name=target.name, sources=[str(CSRC / s) for s in _SOURCES[target.kind]],
+                       extra_include_paths=[str(CSRC)], build_directory=str(build_dir),
+                       verbose=verbose, with_cuda=(target.kind == "cuda"), **target.flags)
     finally:
         for k, val in old.items():
             if val is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = val
+
+
+def _remove_leftovers(base: Path, name: str) -> None:
+    """Delete build folders of ``name`` abandoned by killed processes (lock held)."""
+    now = time.time()
+    for p in base.glob(f".{name}.*"):
+        with contextlib.suppress(OSError):
+            if ".old-" in p.name or now - p.stat().st_mtime > _LEFTOVER_BUILD_S:
+                shutil.rmtree(p)
+
+
+def _load_or_build(kind: str, timeout: float) -> ModuleType:
+    target = _target(kind)
+    if kind == "cuda":
+        log.info("cuda_wkv: using CUDA toolkit %s", target.cuda_home)
+    base = _cache_base()
+    folder = base / target.name
+    lock = base / f"{target.name}.lock"
+    warned: set = set()
+
+    def ready() -> bool:
+        return os.path.isdir(folder) and _load_complete(folder, warned) is not None
+
+    token = secrets.token_hex(8)
+    while True:
+        mod = _load_complete(folder, warned)
+        if mod is not None:
+            return mod
+        if _acquire_lock(lock, token, timeout, ready):
+            break
+    with _holding_lock(lock, token):
+        mod = _load_complete(folder, warned)  # published just before we took the lock
+        if mod is not None:
+            return mod
+        _discard(folder)
+        _remove_leftovers(base, target.name)
+        build_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=base))
+        log.info("cuda_wkv: building the %s kernel in %s (first use only, ~1-2 min)",
+                 kind, folder)
+        t0 = time.time()
+        try:
+            mod = _compile(target, build_dir)
+            sys.modules.setdefault(mod.__name__, mod)
+            _publish(mod, build_dir, folder)
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)  # gone after a publication
     log.info("cuda_wkv: %s kernel ready in %.1fs", kind, time.time() - t0)
     return mod
 
@@ -405,19 +681,22 @@ def _build(kind: str) -> ModuleType:
 def load_extension(kind: str) -> Optional[ModuleType]:
     """The compiled ``kind`` ('cpu' or 'cuda') kernel module, or None after a failure.
 
-    Builds on first call (thread-safe; at most once per process).  On failure emits a
-    single :class:`WKVBuildWarning` naming the cause and returns None from then on.
+    Loads the complete build from the cache, or builds it on first use (thread-safe; at
+    most once per process).  On failure emits a single :class:`WKVBuildWarning` naming
+    the cause and returns None from then on.  Raises ValueError for an unknown ``kind``
+    or an invalid ``CUDA_WKV_LOCK_TIMEOUT``.
     """
     if kind not in _KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; expected one of {_KINDS}")
     with _state_lock:
         entry = _state.get(kind)
         if entry is None:
+            timeout = _lock_timeout()
             reason = None
             try:
                 reason = _precheck(kind)
                 if reason is None:
-                    entry = _build(kind)
+                    entry = _load_or_build(kind, timeout)
             except Exception as exc:  # noqa: BLE001 - any build problem means fallback
                 reason = _summarise(exc)
             if reason is not None:

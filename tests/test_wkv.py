@@ -1,16 +1,11 @@
 """Tests of cuda_wkv: values vs the float64 dense reference, gradients, determinism,
-lazy loading, fallbacks, AMP dtypes.  CUDA tests are skipped without a GPU; the nvcc
-compile test lives in test_wkv_build.py."""
+AMP dtypes.  CUDA tests are skipped without a GPU; the kernel cache (lazy loading, build
+fallbacks, locks) is tested in test_wkv_cache.py, the nvcc compile in test_wkv_build.py."""
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +13,7 @@ import torch
 import cuda_wkv
 from cuda_wkv import bi_wkv, bi_wkv_dense, bi_wkv_scan, loader
 
-REPO = Path(__file__).resolve().parents[1]
 HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
-needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler")
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
@@ -66,19 +59,6 @@ def cpu_kernel():
 def backend(request, monkeypatch, cpu_kernel):
     monkeypatch.setenv("CUDA_WKV_BACKEND", request.param)
     return request.param
-
-
-def _sub_env(**extra):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("CUDA_WKV_BACKEND", None)
-    env.update(extra)
-    return env
-
-
-def _run_py(code, timeout=300, **env):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_sub_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
 
 
 # ----------------------------------------------------------------------- references
@@ -327,106 +307,6 @@ def test_autocast_cpu(cpu_kernel):
     y.float().sum().backward()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
     assert w.grad is not None and torch.isfinite(w.grad).all()
-
-
-# ------------------------------------------------------- lazy load / build fallbacks
-def test_import_does_not_build(tmp_path):
-    r = _run_py("""
-        import sys, os, cuda_wkv, torch
-        assert not any(m.startswith('cuda_wkv_') for m in sys.modules), sys.modules
-        assert 'torch.utils.cpp_extension' not in sys.modules
-        x = torch.zeros(1, 2, 3)
-        assert cuda_wkv.backend_for(x, build=False) == 'cpu'
-        assert not any(m.startswith('cuda_wkv_') for m in sys.modules)
-        print(os.listdir(os.environ['TORCH_EXTENSIONS_DIR']))
-        """, TORCH_EXTENSIONS_DIR=str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
-
-
-_FALLBACK_SCRIPT = """
-    import warnings, torch, cuda_wkv
-    from cuda_wkv import loader
-    w = torch.rand(3) * 0.1; u = torch.randn(3)
-    k = torch.randn(2, 20, 3, dtype=torch.float64); v = torch.randn(2, 20, 3, dtype=torch.float64)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter('always')
-        y1 = cuda_wkv.bi_wkv(w.double(), u.double(), k, v)
-        y2 = cuda_wkv.bi_wkv(w.double(), u.double(), k, v)
-        backend = cuda_wkv.backend_for(k)
-    msgs = [str(r.message) for r in rec if issubclass(r.category, cuda_wkv.WKVBuildWarning)]
-    assert len(msgs) == 1, msgs
-    assert backend == 'torch', backend
-    err = (y1 - cuda_wkv.bi_wkv_dense(w.double(), u.double(), k, v)).abs().max().item()
-    assert err < 1e-10, err
-    print(msgs[0])
-"""
-
-
-def test_fallback_when_compiler_missing(tmp_path):
-    r = _run_py(_FALLBACK_SCRIPT, TORCH_EXTENSIONS_DIR=str(tmp_path),
-                CXX="/nonexistent/bin/c++")
-    assert r.returncode == 0, r.stderr
-    assert "C++ compiler '/nonexistent/bin/c++' not found" in r.stdout
-    assert "pure-PyTorch" in r.stdout
-
-
-@needs_cxx
-def test_fallback_when_build_fails(tmp_path):
-    """A toolchain that runs but fails (here: CXX=false) -> one warning, correct output."""
-    false = shutil.which("false")
-    if false is None:
-        pytest.skip("no `false` executable")
-    r = _run_py(_FALLBACK_SCRIPT, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=false)
-    assert r.returncode == 0, r.stderr
-    assert "could not build the C++ CPU kernel" in r.stdout
-    # the build lock is released after a failed build
-    assert not list(tmp_path.rglob(loader._OUR_LOCK))
-
-
-def test_stale_locks_do_not_hang(cpu_kernel, tmp_path):
-    """Leftover locks of a killed build (torch's `lock` and ours) are detected and removed.
-
-    Runs on a private copy of the built kernel's directory, so other processes using the shared cache
-    (another test run, a training) cannot take the locks first."""
-    shared = loader.extension_dir("cpu")
-    assert shared.is_dir()
-    ext_root = tmp_path / "ext"
-    build_dir = ext_root / shared.parent.name / shared.name
-    shutil.copytree(shared, build_dir, ignore=shutil.ignore_patterns(loader._OUR_LOCK, loader._TORCH_LOCK))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    import socket
-    (build_dir / loader._OUR_LOCK).write_text(json.dumps(
-        {"pid": dead.pid, "host": socket.gethostname(), "time": 0}))
-    (build_dir / loader._TORCH_LOCK).write_text("")
-    r = _run_py("""
-        import logging; logging.basicConfig(level=logging.INFO)
-        import torch
-        from cuda_wkv import loader
-        # behave as with PyTorch versions whose FileBaton blocks on a leftover `lock`
-        loader._torch_lock_file_blocks = lambda: True
-        assert loader.load_extension('cpu') is not None, loader.failure_reason('cpu')
-        print('ok')
-        """, timeout=240, TORCH_EXTENSIONS_DIR=str(ext_root))
-    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
-    assert "removing stale build lock" in r.stderr
-    assert "removing stale torch build lock" in r.stderr
-    # torch >= 2.x may leave an (unlocked) `lock` file behind by design; ours must be gone
-    assert not (build_dir / loader._OUR_LOCK).exists()
-
-
-def test_lock_staleness_rules(tmp_path):
-    import socket
-    lock = tmp_path / loader._OUR_LOCK
-    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": 0}))
-    assert loader._lock_is_stale(lock, 600) is None  # live owner, fresh
-    os.utime(lock, (0, 0))
-    assert "old" in loader._lock_is_stale(lock, 600)  # too old even if pid is alive
-    lock.write_text("garbage")
-    assert loader._lock_is_stale(lock, 600) is None  # unreadable but fresh: being written
-    os.utime(lock, (0, 0))
-    assert loader._lock_is_stale(lock, 600) is not None  # unreadable and old
 
 
 # ------------------------------------------------------------------------------ CUDA

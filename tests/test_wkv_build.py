@@ -1,6 +1,6 @@
 """Build tests of cuda_wkv: the CUDA source must compile (and import) wherever nvcc
-exists, with or without a GPU.  Uses the per-user extension cache, so the ~1-2 min
-nvcc build happens once per source version."""
+exists, with or without a GPU, and be published complete in the cache.  Uses the per-user
+extension cache, so the ~1-2 min nvcc build happens once per source version."""
 from __future__ import annotations
 
 import os
@@ -42,7 +42,9 @@ def test_cuda_kernel_compiles():
         mod = loader.load_extension('cuda')
         assert mod is not None, loader.failure_reason('cuda')
         assert callable(mod.forward) and callable(mod.backward)
-        print('BUILT', loader.extension_dir('cuda'))
+        module, so = loader._verified_library(loader.extension_dir('cuda'))  # published whole
+        assert module == mod.__name__, (module, mod.__name__)
+        print('BUILT', so)
         """)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                        text=True, timeout=900)

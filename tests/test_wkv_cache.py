@@ -1,0 +1,420 @@
+"""Tests of the compiled-kernel cache of cuda_wkv (cuda_wkv/loader.py): lazy loading, build
+fallbacks, complete-or-absent builds, build locks, private cache folders.
+
+Most tests run a subprocess on a private cache (TORCH_EXTENSIONS_DIR=tmp_path/...) in which
+the compiler is replaced by a fake that copies the CPU kernel built once by the
+`good_library` fixture, so they exercise the real load path without minutes of compiling."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cuda_wkv import loader
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
+needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root")
+OTHER_UID = 54321  # any uid that is not ours
+
+
+def _sub_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("CUDA_WKV_BACKEND", None)
+    env.update(extra)
+    return env
+
+
+def _run_py(code, timeout=300, **env):
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=_sub_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def good_library():
+    """(module name, .so path) of the complete CPU build in the user's cache (built by the
+    real compiler on first use)."""
+    if not HAS_CXX:
+        pytest.skip("no C++ compiler")
+    assert loader.load_extension("cpu") is not None, loader.failure_reason("cpu")
+    return loader._verified_library(loader.extension_dir("cpu"))
+
+
+def _private_folder(tmp_path, monkeypatch, kind="cpu"):
+    """(cache root, build folder of `kind`) of a private cache under tmp_path."""
+    root = tmp_path / "ext"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    folder = loader.extension_dir(kind)
+    monkeypatch.undo()
+    return root, folder
+
+
+def _install(folder: Path, good_library, record: bool = True) -> Path:
+    """Put a copy of the good library (and its completion record) into `folder`."""
+    module, so = good_library
+    folder.mkdir(mode=0o700)
+    dest = folder / so.name
+    shutil.copyfile(so, dest)
+    if record:
+        data = dest.read_bytes()
+        (folder / loader._RECORD).write_text(json.dumps(
+            {"module": module, "file": so.name, "size": len(data),
+             "sha256": hashlib.sha256(data).hexdigest()}))
+    return dest
+
+
+# A run of bi_wkv in a subprocess whose "compiler" copies the good library (the real
+# compiler takes minutes); prints one JSON line with what happened.
+_BI_WKV_SCRIPT = """
+    import json, logging, shutil, warnings
+    from pathlib import Path
+    logging.basicConfig(level=logging.INFO)
+    import torch, cuda_wkv
+    from cuda_wkv import loader
+    compiled = []
+    def fake_compile(target, build_dir):
+        compiled.append(target.name)
+        so = Path(shutil.copyfile({so!r}, build_dir / Path({so!r}).name))
+        return loader._import_library({module!r}, so)
+    loader._compile = fake_compile
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(3, generator=g, dtype=torch.float64) * 0.1
+    u = torch.randn(3, generator=g, dtype=torch.float64)
+    k = torch.randn(2, 20, 3, generator=g, dtype=torch.float64)
+    v = torch.randn(2, 20, 3, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        y = cuda_wkv.bi_wkv(w, u, k, v)
+        backend = cuda_wkv.backend_for(k)
+    err = (y - cuda_wkv.bi_wkv_dense(w, u, k, v)).abs().max().item()
+    print(json.dumps({{"backend": backend, "compiled": len(compiled), "err": err,
+        "warnings": [str(r.message) for r in rec
+                     if issubclass(r.category, cuda_wkv.WKVBuildWarning)]}}))
+"""
+
+
+def _run_bi_wkv(good_library, timeout=300, **env):
+    """Run _BI_WKV_SCRIPT; returns (its JSON result, stderr).  Fails on a crash/signal."""
+    module, so = good_library
+    r = _run_py(_BI_WKV_SCRIPT.format(module=module, so=str(so)), timeout=timeout, **env)
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["err"] < 1e-10, result
+    return result, r.stderr
+
+
+# ------------------------------------------------------- lazy load / build fallbacks
+def test_import_does_not_build(tmp_path):
+    r = _run_py("""
+        import sys, os, cuda_wkv, torch
+        assert not any(m.startswith('cuda_wkv_') for m in sys.modules), sys.modules
+        assert 'torch.utils.cpp_extension' not in sys.modules
+        x = torch.zeros(1, 2, 3)
+        assert cuda_wkv.backend_for(x, build=False) == 'cpu'
+        assert not any(m.startswith('cuda_wkv_') for m in sys.modules)
+        print(os.listdir(os.environ['TORCH_EXTENSIONS_DIR']))
+        """, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+_FALLBACK_SCRIPT = """
+    import warnings, torch, cuda_wkv
+    from cuda_wkv import loader
+    w = torch.rand(3) * 0.1; u = torch.randn(3)
+    k = torch.randn(2, 20, 3, dtype=torch.float64); v = torch.randn(2, 20, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter('always')
+        y1 = cuda_wkv.bi_wkv(w.double(), u.double(), k, v)
+        y2 = cuda_wkv.bi_wkv(w.double(), u.double(), k, v)
+        backend = cuda_wkv.backend_for(k)
+    msgs = [str(r.message) for r in rec if issubclass(r.category, cuda_wkv.WKVBuildWarning)]
+    assert len(msgs) == 1, msgs
+    assert backend == 'torch', backend
+    err = (y1 - cuda_wkv.bi_wkv_dense(w.double(), u.double(), k, v)).abs().max().item()
+    assert err < 1e-10, err
+    print(msgs[0])
+"""
+
+
+def test_fallback_when_compiler_missing(tmp_path):
+    r = _run_py(_FALLBACK_SCRIPT, TORCH_EXTENSIONS_DIR=str(tmp_path),
+                CXX="/nonexistent/bin/c++")
+    assert r.returncode == 0, r.stderr
+    assert "C++ compiler '/nonexistent/bin/c++' not found" in r.stdout
+    assert "pure-PyTorch" in r.stdout
+
+
+@needs_cxx
+def test_fallback_when_build_fails(tmp_path):
+    """A toolchain that runs but fails (here: CXX=false) -> one warning, correct output, and
+    neither a lock nor a half-built folder is left behind."""
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` executable")
+    r = _run_py(_FALLBACK_SCRIPT, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=false)
+    assert r.returncode == 0, r.stderr
+    assert "could not build the C++ CPU kernel" in r.stdout
+    (base,) = tmp_path.iterdir()
+    assert list(base.iterdir()) == []
+
+
+# --------------------------------------------------------- complete-or-absent builds
+def test_published_build_is_complete_and_private(good_library):
+    """The fixture's real build: a 0700 folder whose record matches the library, no lock or
+    private build folder left behind."""
+    module, so = good_library
+    folder = so.parent
+    assert module == folder.name and so.name == f"{module}{so.suffix}"
+    for p in (folder, folder.parent):
+        assert p.stat().st_mode & 0o777 == 0o700, oct(p.stat().st_mode)
+    assert not (folder.parent / f"{folder.name}.lock").exists()
+    assert not list(folder.parent.glob(f".{folder.name}.build-*"))
+
+
+def test_complete_build_is_loaded_without_compiling(tmp_path, monkeypatch, good_library):
+    root, folder = _private_folder(tmp_path, monkeypatch)
+    _install(folder, good_library)
+    result, err = _run_bi_wkv(good_library, TORCH_EXTENSIONS_DIR=str(root))
+    assert result["backend"] == "cpu" and result["compiled"] == 0, (result, err)
+    assert "not loading" not in err
+
+
+def _truncate(so: Path) -> None:
+    so.write_bytes(so.read_bytes()[: so.stat().st_size // 3])
+
+
+def _flip_byte(so: Path) -> None:
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    so.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_truncate, "the record says"),
+    (_flip_byte, "SHA-256"),
+    (lambda so: (so.parent / loader._RECORD).unlink(), "no completion record"),
+    (lambda so: (so.parent / loader._RECORD).write_text('{"module": '),
+     "unreadable completion record"),
+    (lambda so: so.unlink(), "is missing"),
+    (lambda so: so.chmod(0o775), "writable by group/others"),
+], ids=["truncated", "corrupt", "no-record", "torn-record", "no-library", "group-writable"])
+def test_damaged_build_is_rebuilt_not_loaded(tmp_path, monkeypatch, good_library, damage,
+                                             message):
+    """A torn copy, a full disk, a missing record or a library others could change is never
+    loaded (a truncated .so killed the process with SIGBUS): one log warning, then a rebuild
+    that is published complete."""
+    root, folder = _private_folder(tmp_path, monkeypatch)
+    damage(_install(folder, good_library))
+    result, err = _run_bi_wkv(good_library, TORCH_EXTENSIONS_DIR=str(root))
+    assert result["backend"] == "cpu" and result["compiled"] == 1, (result, err)
+    assert result["warnings"] == []
+    assert err.count("not loading the build") == 1 and message in err, err
+    module, so = loader._verified_library(folder)  # replaced by a complete build
+    assert module == good_library[0]
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
+@needs_root
+def test_build_folder_of_another_user_is_rebuilt(tmp_path, monkeypatch, good_library):
+    root, folder = _private_folder(tmp_path, monkeypatch)
+    _install(folder, good_library)
+    os.chown(folder, OTHER_UID, -1)
+    result, err = _run_bi_wkv(good_library, TORCH_EXTENSIONS_DIR=str(root))
+    assert result["compiled"] == 1 and f"belongs to uid {OTHER_UID}" in err, (result, err)
+    assert folder.stat().st_uid == os.geteuid()
+
+
+# ------------------------------------------------------------------------ build locks
+def _write_lock(folder: Path, pid: int, host: str, age: float = 0.0) -> Path:
+    lock = folder.parent / f"{folder.name}.lock"
+    lock.write_text(json.dumps({"pid": pid, "host": host, "time": 0}))
+    if age:
+        t = lock.stat().st_mtime - age
+        os.utime(lock, (t, t))
+    return lock
+
+
+def test_complete_build_is_loaded_whatever_the_lock(tmp_path, monkeypatch, good_library):
+    """A lock held by a live process does not delay loading a complete build."""
+    root, folder = _private_folder(tmp_path, monkeypatch)
+    _install(folder, good_library)
+    lock = _write_lock(folder, os.getpid(), socket.gethostname())
+    result, err = _run_bi_wkv(good_library, timeout=120, TORCH_EXTENSIONS_DIR=str(root),
+                              CUDA_WKV_LOCK_TIMEOUT="600")
+    assert result["backend"] == "cpu" and result["compiled"] == 0, (result, err)
+    assert "another process" not in err and lock.exists()
+
+
+def test_live_lock_is_announced_then_falls_back(tmp_path, monkeypatch, good_library):
+    """A lock with a fresh heartbeat from another host: wait visibly (path, owner, how long,
+    how to skip), then use the PyTorch path with a warning instead of hanging."""
+    root, folder = _private_folder(tmp_path, monkeypatch)
+    lock = _write_lock(folder, 4242, "node-17.cluster")
+    result, err = _run_bi_wkv(good_library, timeout=120, TORCH_EXTENSIONS_DIR=str(root),
+                              CUDA_WKV_LOCK_TIMEOUT="2")
+    assert result["backend"] == "torch" and result["compiled"] == 0, (result, err)
+    for text in (str(lock), "pid 4242 on host node-17.cluster", "waiting up to 2s",
+                 "CUDA_WKV_LOCK_TIMEOUT", "CUDA_WKV_BACKEND=torch", "delete the lock"):
+        assert text in err, (text, err)
+    (warning,) = result["warnings"]
+    assert "gave up after" in warning and str(lock) in warning, warning
+    assert lock.exists() and not folder.exists()
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.parametrize("owner, reason", [
+    (lambda: (_dead_pid(), socket.gethostname(), 0.0), "is not running"),
+    (lambda: (4242, "node-17.cluster", 120.0), "no heartbeat for"),
+    (lambda: (os.getpid(), socket.gethostname(), 120.0), "no heartbeat for"),
+], ids=["dead-pid", "other-host-old", "live-pid-old"])
+def test_abandoned_lock_is_removed(tmp_path, monkeypatch, good_library, owner, reason):
+    """Locks of killed builds (dead pid on this host; no heartbeat for a minute on any host,
+    e.g. a reused pid or a node that died) are removed with a message, then built."""
+    root, folder = _private_folder(tmp_path, monkeypatch)
+    pid, host, age = owner()
+    lock = _write_lock(folder, pid, host, age)
+    result, err = _run_bi_wkv(good_library, timeout=120, TORCH_EXTENSIONS_DIR=str(root),
+                              CUDA_WKV_LOCK_TIMEOUT="60")
+    assert result["backend"] == "cpu" and result["compiled"] == 1, (result, err)
+    assert f"removing stale build lock {lock}" in err and reason in err, err
+    assert not lock.exists()
+    loader._verified_library(folder)
+
+
+def test_waiter_loads_the_build_published_meanwhile(tmp_path, monkeypatch, good_library):
+    """While waiting for another builder, its published build is loaded at once."""
+    root, folder = _private_folder(tmp_path, monkeypatch)
+    lock = _write_lock(folder, 4242, "node-17.cluster")
+    module, so = good_library
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_BI_WKV_SCRIPT.format(module=module, so=str(so)))],
+        env=_sub_env(TORCH_EXTENSIONS_DIR=str(root), CUDA_WKV_LOCK_TIMEOUT="120"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "another process is building" in line:
+                break
+        staging = folder.with_name(".staging")
+        _install(staging, good_library)
+        os.rename(staging, folder)
+        out, rest = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, "".join(seen) + rest
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["backend"] == "cpu" and result["compiled"] == 0 and not result["warnings"]
+    assert lock.exists()  # the other builder's lock is its own business
+
+
+def test_lock_timeout_is_validated(monkeypatch):
+    monkeypatch.setattr(loader, "_state", {})
+    for bad in ("abc", "-1", "nan", "inf"):
+        monkeypatch.setenv("CUDA_WKV_LOCK_TIMEOUT", bad)
+        with pytest.raises(ValueError, match=f"CUDA_WKV_LOCK_TIMEOUT='{bad}'.*finite"):
+            loader.load_extension("cpu")
+    monkeypatch.setenv("CUDA_WKV_LOCK_TIMEOUT", "2.5")
+    assert loader._lock_timeout() == 2.5
+    monkeypatch.delenv("CUDA_WKV_LOCK_TIMEOUT")
+    assert loader._lock_timeout() == loader._DEFAULT_LOCK_TIMEOUT_S
+
+
+def test_lock_staleness_rules():
+    host = socket.gethostname()
+    assert loader._stale_reason({"pid": os.getpid(), "host": host}, 5) is None
+    assert "not running" in loader._stale_reason({"pid": _dead_pid(), "host": host}, 5)
+    assert loader._stale_reason({"pid": _dead_pid(), "host": "elsewhere"}, 5) is None
+    assert "heartbeat" in loader._stale_reason({"pid": os.getpid(), "host": host}, 61)
+    assert loader._stale_reason({}, 5) is None  # being written
+    assert "heartbeat" in loader._stale_reason({}, 61)  # unreadable and abandoned
+
+
+# -------------------------------------------------------------- private cache folders
+def test_cache_folders_are_created_private(tmp_path, monkeypatch):
+    root = tmp_path / "new" / "ext"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    base = loader.extension_dir("cpu").parent
+    for p in (tmp_path / "new", root, base):
+        assert p.stat().st_mode & 0o777 == 0o700, (p, oct(p.stat().st_mode))
+
+
+def _assert_refused(good_library, folder: Path, **env):
+    result, err = _run_bi_wkv(good_library, **env)
+    assert result["backend"] == "torch" and result["compiled"] == 0, (result, err)
+    (warning,) = result["warnings"]
+    assert f"refusing the kernel cache {folder}" in warning, warning
+    assert "TORCH_EXTENSIONS_DIR" in warning
+    return warning
+
+
+def test_cache_writable_by_others_is_refused(tmp_path, good_library):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    warning = _assert_refused(good_library, shared, TORCH_EXTENSIONS_DIR=str(shared))
+    assert "mode 0777" in warning and "chmod go-w" in warning
+    assert list(shared.iterdir()) == []
+    # a private folder inside a folder others can write is no better (they can swap it)
+    _assert_refused(good_library, shared / "mine", TORCH_EXTENSIONS_DIR=str(shared / "mine"))
+
+
+@needs_root
+def test_cache_of_another_user_is_refused(tmp_path, good_library):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, OTHER_UID, -1)
+    warning = _assert_refused(good_library, theirs, TORCH_EXTENSIONS_DIR=str(theirs))
+    assert f"belongs to uid {OTHER_UID}" in warning
+
+
+@needs_cxx
+def test_planted_tmp_fallback_is_never_loaded(tmp_path, monkeypatch, good_library):
+    """The home cache cannot be created, and the TMPDIR fallback was pre-created by another
+    user with a library whose constructor would run in our process: refuse it."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")  # XDG_CACHE_HOME below a file: the home cache cannot be made
+    planted_root = tmp / f"torch_extensions_{os.geteuid()}"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(planted_root))
+    folder = loader.extension_dir("cpu")  # where the TMPDIR fallback would load it from
+    monkeypatch.undo()
+    marker = tmp_path / "constructor_ran"
+    src = tmp_path / "planted.c"
+    src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void f(void) '
+                   '{ FILE *f = fopen("%s", "w"); if (f) fclose(f); }\n' % marker)
+    folder.mkdir()
+    so = folder / f"{folder.name}.so"
+    subprocess.run([os.environ.get("CXX", "c++"), "-x", "c", "-shared", "-fPIC", "-o", str(so),
+                    str(src)], check=True)
+    data = so.read_bytes()
+    (folder / loader._RECORD).write_text(json.dumps(
+        {"module": folder.name, "file": so.name, "size": len(data),
+         "sha256": hashlib.sha256(data).hexdigest()}))
+    if os.geteuid() == 0:
+        for p in [planted_root, *planted_root.rglob("*")]:
+            os.chown(p, OTHER_UID, -1)
+        problem = f"belongs to uid {OTHER_UID}"
+    else:
+        planted_root.chmod(0o777)
+        problem = "writable by group/others"
+    warning = _assert_refused(good_library, planted_root, TMPDIR=str(tmp),
+                              XDG_CACHE_HOME=str(not_a_dir / "cache"), TORCH_EXTENSIONS_DIR="")
+    assert problem in warning and not marker.exists()
