@@ -5,21 +5,27 @@
 Backends (chosen per device, see :func:`backend_for`): a C++ CPU kernel and a CUDA
 kernel, JIT-compiled on first use (importing this package compiles nothing), and a
 pure-PyTorch O(T) fallback.  ``CUDA_WKV_BACKEND`` in {auto, cpu, cuda, torch} forces
-one.  References: :func:`bi_wkv_dense` (O(T^2) definition) and :func:`bi_wkv_scan`
-(O(T) logcumsumexp).  See docs/wkv.md.
+one.  The CUDA kernel is checked against the PyTorch path on its first use per device
+and dtype (``CUDA_WKV_SELFCHECK=0`` skips it; ``python -m cuda_wkv.selfcheck`` runs it).
+References: :func:`bi_wkv_dense` (O(T^2) definition) and :func:`bi_wkv_scan` (the O(T)
+fallback).  See docs/wkv.md.
 """
 from .loader import VERSION as __version__
 from .loader import WKVBuildWarning
-from .dispatch import BACKEND_ENV, backend_for, bi_wkv, requested_backend
+from .dispatch import BACKEND_ENV, backend_for, bi_wkv, kernel_backend, requested_backend
 from .reference import bi_wkv_dense, bi_wkv_scan
+from .selfcheck import SELFCHECK_ENV, WKVSelfCheckWarning
 
 __all__ = [
     "bi_wkv",
     "bi_wkv_dense",
     "bi_wkv_scan",
     "backend_for",
+    "kernel_backend",
     "requested_backend",
     "BACKEND_ENV",
+    "SELFCHECK_ENV",
     "WKVBuildWarning",
+    "WKVSelfCheckWarning",
     "__version__",
 ]

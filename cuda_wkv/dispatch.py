@@ -1,16 +1,23 @@
-"""Backend selection, input validation, dtype handling and the autograd Function."""
+"""Backend selection (with the kernels' self-check), input validation, dtype handling
+and the autograd Function."""
 from __future__ import annotations
 
 import os
-from typing import Tuple, Union
+import platform
+import threading
+import warnings
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import loader
-from .reference import bi_wkv_scan
+from .reference import _compute_dtype, bi_wkv_scan
+from .selfcheck import (WKVSelfCheckWarning, compare_to_reference, reproduce_command,
+                        selfcheck_enabled)
 
-__all__ = ["bi_wkv", "backend_for", "requested_backend", "BACKEND_ENV"]
+__all__ = ["bi_wkv", "backend_for", "requested_backend", "kernel_backend", "kernel_bi_wkv",
+           "BACKEND_ENV"]
 
 BACKEND_ENV = "CUDA_WKV_BACKEND"
 _VALID_BACKENDS = ("auto", "cpu", "cuda", "torch")
@@ -49,12 +56,52 @@ def _select(device_type: str, build: bool = True) -> str:
     return kind if loader.load_extension(kind) is not None else "torch"
 
 
-def _select_for_call(device_type: str) -> str:
-    return _select(device_type, True)
+# Kernels checked against the PyTorch path on first use per (device, dtype); the outcome
+# per (str(device), dtype): None = passed, else what was wrong.
+_CHECKED_BACKENDS: Tuple[str, ...] = ("cuda",)
+_checks: Dict[Tuple[str, torch.dtype], Optional[str]] = {}
+_checks_lock = threading.RLock()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def _kernel_passes(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the ``backend`` kernel may serve ``device`` / ``dtype``: checked once per
+    process against the PyTorch path (for backends in ``_CHECKED_BACKENDS``, unless
+    ``CUDA_WKV_SELFCHECK=0``); a failed check warns once and answers False from then on."""
+    if backend not in _CHECKED_BACKENDS or not selfcheck_enabled():
+        return True
+    key = (str(device), dtype)
+    with _checks_lock:
+        if key not in _checks:
+            problem = compare_to_reference(kernel_bi_wkv, device, dtype)
+            _checks[key] = problem
+            if problem is not None:
+                dt = str(dtype).split(".")[-1]
+                warnings.warn(
+                    f"cuda_wkv: the {backend} kernel disagrees with the exact PyTorch path on "
+                    f"{device} ({_device_name(device)}) in {dt}: {problem}. bi_wkv uses the "
+                    f"PyTorch path (correct, slower) on {device} in {dt} for the rest of this "
+                    f"process. Please report this on the nnunetv2_ext issue tracker with the "
+                    f"output of `{reproduce_command(device, dtype)}`; "
+                    f"CUDA_WKV_SELFCHECK=0 skips the check.", WKVSelfCheckWarning, stacklevel=4)
+        return _checks[key] is None
+
+
+def _select_for_call(device: str, dtype: torch.dtype) -> str:
+    backend = _select(torch.device(device).type, True)
+    if backend != "torch" and not _kernel_passes(backend, torch.device(device), dtype):
+        return "torch"
+    return backend
 
 
 # Under torch.compile the backend choice is evaluated eagerly and baked into the graph
-# (it depends only on the device type, the environment and the build outcome).
+# (it depends only on the device, the dtype, the environment, the build outcome and the
+# self-check).
 _assume_const = getattr(getattr(torch, "compiler", None), "assume_constant_result", None)
 if _assume_const is not None:
     _select_for_call = _assume_const(_select_for_call)
@@ -63,12 +110,24 @@ if _assume_const is not None:
 def backend_for(x: Union[torch.Tensor, torch.device, str], build: bool = True) -> str:
     """Backend that :func:`bi_wkv` uses for tensors like ``x``: 'cpu', 'cuda' or 'torch'.
 
-    With ``build=True`` (default) the kernel is built/loaded if needed, so the answer
-    accounts for build failures (then 'torch').  With ``build=False`` nothing is
-    compiled and the intended backend is returned (a kernel that already failed to
-    build in this process still reports 'torch').
+    With ``build=True`` (default) the kernel is built/loaded if needed and self-checked
+    (for ``x``'s computation dtype; float32 for a device), so the answer accounts for
+    build failures and failed checks (then 'torch').  With ``build=False`` nothing is
+    compiled or run and the intended backend is returned (a kernel that already failed
+    to build in this process still reports 'torch').
     """
-    return _select(_device_of(x).type, build)
+    device = _device_of(x)
+    if not build:
+        return _select(device.type, False)
+    dtype = _compute_dtype(x) if isinstance(x, torch.Tensor) else torch.float32
+    return _select_for_call(str(device), dtype)
+
+
+def kernel_backend(x: Union[torch.Tensor, torch.device, str]) -> Optional[str]:
+    """The compiled kernel ('cpu' or 'cuda') that serves ``x``'s device, built if needed,
+    ignoring the self-check; None where :func:`bi_wkv` can only use the PyTorch path."""
+    backend = _select(_device_of(x).type, True)
+    return None if backend == "torch" else backend
 
 
 def _validate(w, u, k, v) -> None:
@@ -171,6 +230,16 @@ def _register_ops():
 _FWD_OP = _register_ops()
 
 
+def kernel_bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
+                  v: torch.Tensor) -> torch.Tensor:
+    """The compiled kernel of ``k``'s device on inputs already validated, of one dtype
+    (float32 or float64) and contiguous; differentiable.  Raises RuntimeError when that
+    kernel is not available (see :func:`kernel_backend`)."""
+    if _FWD_OP is not None:
+        return _FWD_OP(w, u, k, v)[0]
+    return _BiWKVFunction.apply(w, u, k, v, _ext_for(k))
+
+
 def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Exact bidirectional WKV.
 
@@ -183,22 +252,17 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     Differentiable w.r.t. all four inputs.  Computation happens in float32 (float64
     for float64 inputs); float16 / bfloat16 inputs (e.g. under AMP) are upcast
     internally and the result is cast back.  Backend: the C++ kernel for CPU tensors,
-    the CUDA kernel for CUDA tensors, the PyTorch O(T) scan if the kernel cannot be
-    built or if ``CUDA_WKV_BACKEND=torch``.
+    the CUDA kernel for CUDA tensors, the PyTorch O(T) scan (:func:`bi_wkv_scan`) if the
+    kernel cannot be built, if ``CUDA_WKV_BACKEND=torch``, or if the CUDA kernel failed
+    its self-check (run on its first use per device and dtype, see
+    :mod:`cuda_wkv.selfcheck`; one :class:`WKVSelfCheckWarning` then).
     """
     _validate(w, u, k, v)
     out_dtype = torch.promote_types(k.dtype, v.dtype)
-    cd = torch.float64 if torch.float64 in (w.dtype, u.dtype, k.dtype, v.dtype) \
-        else torch.float32
+    cd = _compute_dtype(w, u, k, v)
     if k.numel() == 0:
         zero = (w.to(cd) * 0 + u.to(cd) * 0)
         return (k.to(cd) * 0 + v.to(cd) * 0 + zero).to(out_dtype)
-    backend = _select_for_call(k.device.type)
-    if backend == "torch":
+    if _select_for_call(str(k.device), cd) == "torch":
         return bi_wkv_scan(w, u, k, v)
-    args = [x.to(cd).contiguous() for x in (w, u, k, v)]
-    if _FWD_OP is not None:
-        y = _FWD_OP(*args)[0]
-    else:
-        y = _BiWKVFunction.apply(*args, _ext_for(k))
-    return y.to(out_dtype)
+    return kernel_bi_wkv(*(x.to(cd).contiguous() for x in (w, u, k, v))).to(out_dtype)
