@@ -14,6 +14,8 @@ def test_demo_runs_end_to_end(tmp_path):
                          text=True, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert '[9/9] nnUNetv2_evaluate_folder nnUNetTrainerLightDecoder_ExtDemo' in run.stdout
+    # progress of the long steps after training: final validation and prediction
+    assert 'Mean Validation Dice' in run.stdout and 'done with extdemo_ts_000' in run.stdout
     assert '| ours (nnUNetTrainerLightDecoder) |' in run.stdout and '| nnU-Net (nnUNetTrainer) |' in run.stdout
     rows = json.loads((work / 'demo_results.json').read_text())
     assert [r['trainer'] for r in rows] == ['nnUNetTrainer_ExtDemo', 'nnUNetTrainerLightDecoder_ExtDemo']
@@ -28,3 +30,20 @@ def test_demo_refuses_too_few_training_cases(tmp_path):
                           '--num-train', '3'], capture_output=True, text=True)
     assert run.returncode == 1 and "5-fold split needs at least 5 training cases" in run.stdout
     assert 'Traceback' not in run.stdout + run.stderr
+
+
+def test_step_logs_are_written_line_by_line_and_silence_is_reported(tmp_path):
+    """`tail -f` on a step's log shows each line as it is printed; a silent step still says it is running."""
+    from nnunetv2_ext.demo.pipeline import StepFailed, run_step
+
+    log = tmp_path / 'step.log'
+    seen_while_running = []
+    child = 'import time; print("first line", flush=True); time.sleep(2); print("second line")'
+    seconds = run_step([sys.executable, '-c', child], dict(os.environ), str(log),
+                       on_quiet=lambda s: seen_while_running.append((round(s, 1), log.read_text())), quiet_s=0.3)
+    assert seen_while_running and all(text == 'first line\n' for _, text in seen_while_running)
+    assert seen_while_running[0][0] >= 0.3 and seconds >= 2
+    assert log.read_text() == 'first line\nsecond line\n'
+    import pytest
+    with pytest.raises(StepFailed, match=f'exited with 3. Full log: {log}'):
+        run_step([sys.executable, '-c', 'import sys; print("bad input"); sys.exit(3)'], dict(os.environ), str(log))

@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from nnunetv2_ext.publish import write_atomically
+
 LABELS = {'background': 0, 'sphere': 1, 'ellipsoid': 2}
 
 
@@ -55,7 +57,7 @@ def write_dataset(raw_dir: str, dataset_id: int = 987, name: str = 'ExtDemo', nu
                 itk = sitk.GetImageFromArray(array)
                 itk.SetSpacing((1.0, 1.0, 1.0))
                 sitk.WriteImage(itk, os.path.join(root, path))
-    with open(os.path.join(root, 'dataset.json'), 'w') as f:
-        json.dump({'channel_names': {'0': 'synthetic'}, 'labels': LABELS, 'numTraining': num_train,
-                   'file_ending': '.nii.gz', 'name': name}, f, indent=2)
+    write_atomically(os.path.join(root, 'dataset.json'), json.dumps(
+        {'channel_names': {'0': 'synthetic'}, 'labels': LABELS, 'numTraining': num_train, 'file_ending': '.nii.gz',
+         'name': name}, indent=2))
     return root

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable, Sequence
+
+from nnunetv2_ext.publish import write_atomically
 
 
 def nnunet_env(work_dir: str, base: dict | None = None) -> dict:
@@ -24,20 +28,40 @@ class StepFailed(RuntimeError):
     """An nnU-Net command exited non-zero; the message has its command line, log file and last lines."""
 
 
-def run_step(cmd: Sequence[str], env: dict, log_path: str,
-             on_line: Callable[[str], None] | None = None) -> float:
-    """Runs ``cmd``, writing its output to ``log_path`` (and each line to ``on_line``); returns seconds.
+def _pump(stream, lines: queue.Queue) -> None:
+    """Puts each line of ``stream`` into ``lines``, then ``None`` at its end."""
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[str], None] | None = None,
+             on_quiet: Callable[[float], None] | None = None, quiet_s: float = 20.0) -> float:
+    """Runs ``cmd``, writing its output to ``log_path`` line by line as it arrives (``tail -f`` shows it) and
+    passing each line to ``on_line``; ``on_quiet(seconds since start)`` runs after every ``quiet_s`` seconds
+    without output. Returns the step's seconds.
 
     Raises :class:`StepFailed` naming the command, the log and its last 30 lines.
     """
     start = time.perf_counter()
     tail: list[str] = []
-    with open(log_path, 'w') as log:
+    lines: queue.Queue = queue.Queue()
+    with open(log_path, 'w', buffering=1) as log:
         proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
-        for line in proc.stdout:
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        while True:
+            try:
+                line = lines.get(timeout=quiet_s)
+            except queue.Empty:
+                if on_quiet is not None:
+                    on_quiet(time.perf_counter() - start)
+                continue
+            if line is None:
+                break
             log.write(line)
+            log.flush()
             tail = (tail + [line.rstrip()])[-30:]
             if on_line is not None:
                 on_line(line.rstrip())
@@ -66,8 +90,7 @@ def write_small_plans(preprocessed_dataset_dir: str, source: str = 'nnUNetPlans'
     plans['plans_name'] = target
     arch = plans['configurations'][configuration]['architecture']['arch_kwargs']
     arch['features_per_stage'] = [min(base_features * 2 ** s, max_features) for s in range(arch['n_stages'])]
-    with open(os.path.join(preprocessed_dataset_dir, f'{target}.json'), 'w') as f:
-        json.dump(plans, f, indent=2)
+    write_atomically(os.path.join(preprocessed_dataset_dir, f'{target}.json'), json.dumps(plans, indent=2))
     return target
 
 

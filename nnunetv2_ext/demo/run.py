@@ -15,13 +15,17 @@ import time
 from nnunetv2_ext.demo.dataset import write_dataset
 from nnunetv2_ext.demo.pipeline import (StepFailed, foreground_dice, nnunet_command, nnunet_env, run_step,
                                         write_small_plans)
+from nnunetv2_ext.publish import write_atomically
 
 DATASET_ID = 987
 DATASET_NAME = f'Dataset{DATASET_ID}_ExtDemo'
 CONFIGURATION = '3d_fullres'
 TRAINERS = (('nnU-Net (nnUNetTrainer)', 'nnUNetTrainer_ExtDemo'),
             ('ours (nnUNetTrainerLightDecoder)', 'nnUNetTrainerLightDecoder_ExtDemo'))
-PROGRESS_MARKERS = ('Epoch ', 'train_loss', 'val_loss', 'Pseudo dice', 'Epoch time')
+PROGRESS_MARKERS = ('Epoch ', 'train_loss', 'val_loss', 'Pseudo dice', 'Epoch time',  # training
+                    'predicting ', 'Validation complete', 'Mean Validation Dice',  # final validation
+                    'Predicting ', 'done with ')  # nnUNetv2_predict
+QUIET_S = 20.0  # a step silent this long prints that it is still running
 
 
 def _count_parameters(preprocessed: str, plans_name: str, trainer_name: str) -> int:
@@ -75,7 +79,9 @@ def run_demo(work_dir: str | None = None, epochs: int = 4, iterations: int = 25,
         announce(f'{title}  (log: {os.path.join(logs, log_name)})')
         seconds = run_step(cmd, env, os.path.join(logs, log_name),
                            on_line=lambda l: any(m in l for m in PROGRESS_MARKERS) and print('      ' + l.strip(),
-                                                                                            flush=True))
+                                                                                            flush=True),
+                           on_quiet=lambda s: print(f'      ... still running ({s:.0f} s)', flush=True),
+                           quiet_s=QUIET_S)
         print(f'      done in {seconds:.0f} s', flush=True)
         return seconds
 
@@ -117,10 +123,8 @@ def run_demo(work_dir: str | None = None, epochs: int = 4, iterations: int = 25,
     note = (f'\nDataset {DATASET_NAME}: {num_train} synthetic training cases, 4 test cases; fold 0; '
             f'{epochs} epochs x {iterations} iterations each on {device}; identical plans ({plans_name}).\n'
             f'A few iterations cannot rank architectures: this shows the pipeline, not a benchmark.\n')
-    with open(os.path.join(work_dir, 'demo_results.md'), 'w') as f:
-        f.write(table + note)
-    with open(os.path.join(work_dir, 'demo_results.json'), 'w') as f:
-        json.dump(rows, f, indent=2)
+    write_atomically(os.path.join(work_dir, 'demo_results.md'), table + note)
+    write_atomically(os.path.join(work_dir, 'demo_results.json'), json.dumps(rows, indent=2))
     print('\n' + table + note)
     print(f'total {time.perf_counter() - start:.0f} s; everything is kept in {work_dir}')
     return 0
