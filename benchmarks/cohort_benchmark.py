@@ -1,0 +1,154 @@
+"""Six-subject cohort benchmark: nnU-Net's baseline vs our trainers with subject-wise folds, identical settings.
+
+    python benchmarks/cohort_benchmark.py --work-dir /tmp/cohort --epochs 20 --iterations 50 \
+        --base-features 8 --max-features 64 --jobs 2 \
+        -tr nnUNetTrainer nnUNetTrainerLightDecoder nnUNetTrainerGLSP nnUNetTrainerPVTGDLA_PlansWidths
+
+Steps (stock nnU-Net commands; data: nnunetv2_ext/cohort.py): nnunetv2-ext cohort-dataset (random-contrast
+cases of six real brains in imagesTr, one fixed T1-like case per subject in imagesTs, subject-wise
+splits_final.json) -> nnUNetv2_plan_and_preprocess -> nnUNetSmallPlans (widths capped, the same for all) ->
+nnUNetv2_train per trainer and fold (short-schedule ``<Trainer>_Anatomy`` subclasses, as in
+anatomy_benchmark.py; finished folds are reused) -> per fold, nnUNetv2_predict of the T1-like cases of that fold's
+held-out subjects with that fold's model only -> nnUNetv2_evaluate_folder -> per-subject test Dice, paired
+(held-out subject × class) comparison against the baseline -> nnunetv2-ext compare (the folds' validation:
+random-contrast cases of the held-out subjects) -> nnunetv2-ext benchmark on the same plans.
+Results (``--name``, default cohort_results): <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/, <work-dir>/cost/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from anatomy_benchmark import Benchmark, add_arguments
+from nnunetv2_ext.cohort import CLASSES, TEST_CASE, subject_of
+from nnunetv2_ext.compare import paired_comparison
+
+DATASET_ID = 992
+DATASET = f'Dataset{DATASET_ID}_DKCohort'
+
+
+def held_out_subjects(splits_json: str) -> list[list[str]]:
+    """Per fold, the subjects of its validation cases; an error if a subject is on both sides of a fold."""
+    with open(splits_json) as f:
+        splits = json.load(f)
+    held = []
+    for k, split in enumerate(splits):
+        train, val = ({subject_of(c) for c in split[part]} for part in ('train', 'val'))
+        if train & val:
+            raise ValueError(f'{splits_json}: fold {k} has subjects {sorted(train & val)} in both training and '
+                             f'validation; rebuild the dataset with nnunetv2-ext cohort-dataset')
+        held.append(sorted(val, key=int))
+    return held
+
+
+def test_inputs(raw: str, subjects: list[str], folder: str) -> str:
+    """A folder with the T1-like test images of ``subjects`` only (copied from imagesTs)."""
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    for s in subjects:
+        image = f'{s}_{TEST_CASE}_0000.nii.gz'
+        shutil.copyfile(os.path.join(raw, 'imagesTs', image), os.path.join(folder, image))
+    return folder
+
+
+def per_subject_dice(summary_json: str) -> dict[str, dict[str, float]]:
+    """``{subject: {class label: Dice}}`` from nnUNetv2_evaluate_folder's summary.json (NaN: class absent
+    in both reference and prediction)."""
+    with open(summary_json) as f:
+        summary = json.load(f)
+    out = {}
+    for entry in summary['metric_per_case']:
+        case = os.path.basename(entry['reference_file']).removesuffix('.nii.gz')
+        out[subject_of(case)] = {str(k): float(v['Dice']) for k, v in entry['metrics'].items()}
+    return out
+
+
+def _stat(values: list[float]) -> str:
+    v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
+    if v.size == 0:
+        return 'n/a'
+    return f'{v.mean():.3f} ± {v.std(ddof=1):.3f}' if v.size > 1 else f'{v.mean():.3f}'
+
+
+def results_table(test: dict[str, dict[str, dict[str, float]]], baseline: str,
+                  train_s: dict[str, float | None]) -> tuple[str, dict]:
+    """Markdown table (one row per class and the foreground mean, one column per trainer: mean ± std over
+    held-out subjects) and the paired (subject × class) comparison of each trainer against ``baseline``."""
+    trainers = list(test)
+    labels = [str(i) for i in range(1, len(CLASSES))]
+    lines = ['| structure | ' + ' | '.join(trainers) + ' |', '|---|' + '---:|' * len(trainers)]
+    for lab in labels:
+        lines.append(f'| {CLASSES[int(lab)]} | ' + ' | '.join(
+            _stat([d[lab] for d in test[t].values()]) for t in trainers) + ' |')
+    means = {t: [float(np.nanmean([d[lab] for lab in labels])) for d in test[t].values()] for t in trainers}
+    lines.append('| **foreground mean** | ' + ' | '.join(f'**{_stat(means[t])}**' for t in trainers) + ' |')
+    paired = {}
+    flat = {t: {f'{s}/{lab}': d[lab] for s, d in test[t].items() for lab in labels} for t in trainers}
+    for t in trainers:
+        if t != baseline:
+            paired[t] = paired_comparison(flat[t], flat[baseline])
+    lines += ['', f'Paired (held-out subject × class) comparison against {baseline}; training time per fold:', '',
+              '| trainer | pairs | wins/losses/ties | mean Δ Dice | Wilcoxon p | train s per fold |',
+              '|---|---:|---:|---:|---:|---:|']
+    for t in trainers:
+        seconds = '—' if train_s.get(t) is None else f'{train_s[t]:.0f}'
+        if t == baseline:
+            lines.append(f'| {t} | | baseline | | | {seconds} |')
+        else:
+            p = paired[t]
+            lines.append(f"| {t} | {p['n_cases']} | {p['wins']}/{p['losses']}/{p['ties']} | "
+                         f"{p['mean_difference']:+.4f} | {p['wilcoxon_p']:.3g} | {seconds} |")
+    return '\n'.join(lines) + '\n', paired
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, default_cases=8)
+    ap.add_argument('--subjects', nargs='+', default=None, help='donors (default: all six)')
+    ap.add_argument('--subject-folds', type=int, default=3,
+                    help='subject-wise folds of the dataset (3: two held-out subjects each)')
+    ap.add_argument('-f', '--folds', nargs='+', type=int, default=None, help='folds to run (default: all)')
+    ap.add_argument('--spacing', type=float, default=3.0, help='isotropic spacing of the dataset in mm')
+    ap.add_argument('--seed', type=int, default=0, help='dataset seed')
+    ap.add_argument('--name', default='cohort_results',
+                    help='results: <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/ (default cohort_results)')
+    args = ap.parse_args(argv)
+    command = ['cohort-dataset', '--id', str(DATASET_ID), '--cases-per-subject', str(args.cases_per_subject),
+               '--folds', str(args.subject_folds), '--spacing', str(args.spacing), '--seed', str(args.seed)]
+    if args.subjects:
+        command += ['--subjects', *args.subjects]
+    bench = Benchmark(ap, args, DATASET_ID, DATASET, command)
+    held = held_out_subjects(os.path.join(bench.env['nnUNet_preprocessed'], DATASET, 'splits_final.json'))
+    folds = list(range(len(held))) if args.folds is None else args.folds
+    if not set(folds) <= set(range(len(held))):
+        ap.error(f'--folds {folds}: the dataset has folds 0..{len(held) - 1}')
+    train_s = bench.train_all(folds)
+    test: dict[str, dict[str, dict[str, float]]] = {}
+    for spec in bench.specs:
+        test[spec.label] = {}
+        for k in folds:
+            images = test_inputs(bench.raw, held[k], os.path.join(bench.work, 'test_inputs', f'fold_{k}'))
+            summary = bench.predict_and_evaluate(spec, [k], images, os.path.join(bench.raw, 'labelsTs'),
+                                                 f'test_fold_{k}')
+            test[spec.label].update(per_subject_dice(summary))
+    bench.compare_and_cost(folds, args.name)
+    table, paired = results_table(test, bench.baseline.label, train_s)
+    subjects = [s for k in folds for s in held[k]]
+    text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans}, "
+            f"folds {folds} (held-out subjects {[held[k] for k in folds]}). Test Dice on each held-out subject's "
+            f"T1-like case, predicted by the fold that held it out; mean ± std over {len(subjects)} subjects.\n\n"
+            + table)
+    bench.write_results(args.name, text, {'held_out': {k: held[k] for k in folds}, 'test_dice': test,
+                                          'paired': paired, 'train_s': train_s})
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
