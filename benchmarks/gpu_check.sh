@@ -1,0 +1,246 @@
+#!/usr/bin/env bash
+# One-shot check of nnunetv2_ext on a CUDA GPU: versions, the WKV kernel's build and self-check,
+# the CUDA tests, the WKV benchmark and the network benchmark at realistic 3d_fullres plans.
+#
+#   benchmarks/gpu_check.sh [--cpu-smoke] [--steps LIST] [--budget SECONDS] [--step-timeout SECONDS]
+#                           [OUT_DIR]
+#
+# Run from anywhere; the repository is this script's parent folder. Every output goes under OUT_DIR
+# (default ./gpu_check_<UTC date and time>; it must not exist yet): one log per step in logs/, the
+# WKV benchmark in bench_wkv/, the network benchmark in networks/, and summary.md, which is also
+# printed at the end. A step that fails or times out is recorded and the others still run; the
+# whole run stays within --budget seconds (default 480 = 8 minutes) and each step within its own
+# limit (--step-timeout caps them all). --steps runs only some of the steps, comma-separated, in
+# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks (all by default;
+# networks needs plans). Exit status: 0 all steps passed, 1 a step failed or timed out, 2 no GPU
+# or bad arguments.
+#
+# --cpu-smoke runs the same steps on the CPU with tiny sizes (a 16^3 patch, short sequences, the
+# networks with the WKV op's PyTorch path): it checks the script, not the GPU.
+#
+# Network benchmark: `nnunetv2-ext benchmark` on synthetic nnU-Net plans as nnU-Net's planner
+# writes them for an isotropic 3d_fullres dataset: patch 128^3, widths min(32 * 2^s, 320),
+# batch 2, for nnUNetTrainer, nnUNetTrainerGLSP and nnUNetTrainerPVTGDLA; CUDA steps under
+# float16 autocast as nnU-Net trains, and with torch.compile when the benchmark offers --compile.
+set -u
+
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
+
+ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks
+STEPS_WANTED=$ALL_STEPS
+SMOKE=0
+BUDGET=480
+STEP_CAP=0
+OUT=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cpu-smoke) SMOKE=1 ;;
+        --budget|--step-timeout)
+            if [ $# -lt 2 ] || ! [[ "$2" =~ ^[1-9][0-9]*$ ]]; then
+                echo "gpu_check.sh: $1 needs a whole number of seconds > 0" >&2; exit 2
+            fi
+            if [ "$1" = --budget ]; then BUDGET=$2; else STEP_CAP=$2; fi
+            shift ;;
+        --steps)
+            if [ $# -lt 2 ]; then echo "gpu_check.sh: --steps needs a list, e.g. plans,networks" >&2; exit 2; fi
+            for step in ${2//,/ }; do
+                if [[ ",$ALL_STEPS," != *",$step,"* ]]; then
+                    echo "gpu_check.sh: unknown step '$step' in --steps (known: $ALL_STEPS)" >&2; exit 2
+                fi
+            done
+            STEPS_WANTED=$2
+            shift ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+        *)
+            if [ -n "$OUT" ]; then echo "gpu_check.sh: only one OUT_DIR, got '$OUT' and '$1'" >&2; exit 2; fi
+            OUT=$1 ;;
+    esac
+    shift
+done
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python}
+OUT=${OUT:-./gpu_check_$(date -u +%Y%m%d_%H%M%S)}
+if [ -e "$OUT" ]; then
+    echo "gpu_check.sh: $OUT already exists; give a new folder so that results of two runs never mix" >&2
+    exit 2
+fi
+
+if [ "$SMOKE" = 0 ]; then
+    if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+        echo "gpu_check.sh: no CUDA GPU is visible to PyTorch ($PY: torch.cuda.is_available() is False" \
+             "or torch is missing). Run it on a machine with an NVIDIA GPU and a CUDA build of PyTorch," \
+             "or add --cpu-smoke to test this script on the CPU." >&2
+        exit 2
+    fi
+    DEVICE=cuda
+else
+    DEVICE=cpu
+fi
+
+mkdir -p "$OUT/logs" || { echo "gpu_check.sh: cannot create $OUT" >&2; exit 2; }
+OUT=$(cd "$OUT" && pwd)
+STEPS="$OUT/steps.tsv"
+START=$(date +%s)
+FAILED=0
+cd "$REPO" || exit 2
+
+# publish FILE.partial as FILE once complete (flushed to disk, then renamed)
+publish() { sync "$1.partial" 2>/dev/null; mv -f "$1.partial" "$1"; }
+
+# run_step NAME LIMIT_SECONDS COMMAND...: if NAME is wanted, runs COMMAND (a program or a function of
+# this script) with its output in logs/NAME.log, at most min(LIMIT, --step-timeout, budget left)
+# seconds, and appends "NAME<TAB>status<TAB>seconds" to steps.tsv.
+run_step() {
+    local name=$1 limit=$2 status rc t0 left log="$OUT/logs/$1.log"
+    shift 2
+    [[ ",$STEPS_WANTED," == *",$name,"* ]] || return 0
+    left=$(( BUDGET - ($(date +%s) - START) ))
+    if [ "$name" = networks ] && ! grep -q "^plans	ok	" "$STEPS" 2>/dev/null; then
+        printf '%s\tSKIPPED (needs the plans step)\t0\n' "$name" >> "$STEPS"
+        FAILED=1
+        echo "== $name: skipped, needs the plans step"
+        return 1
+    fi
+    if [ "$left" -lt 5 ]; then
+        printf '%s\tSKIPPED (budget of %ss used up)\t0\n' "$name" "$BUDGET" >> "$STEPS"
+        FAILED=1
+        echo "== $name: skipped, budget used up"
+        return 1
+    fi
+    [ "$STEP_CAP" -gt 0 ] && [ "$STEP_CAP" -lt "$limit" ] && limit=$STEP_CAP
+    [ "$left" -lt "$limit" ] && limit=$left
+    echo "== $name (at most ${limit}s) -> logs/$name.log"
+    t0=$(date +%s)
+    { echo "\$ $*"; echo; } > "$log.partial"
+    declare -F "$1" > /dev/null && set -- bash -c '"$@"' _ "$@"  # a function of this script
+    timeout --kill-after=10 "$limit" "$@" >> "$log.partial" 2>&1 < /dev/null
+    rc=$?
+    case $rc in
+        0) status=ok ;;
+        124|137) status="TIMEOUT after ${limit}s" ;;
+        *) status="FAILED (exit $rc)" ;;
+    esac
+    publish "$log"
+    printf '%s\t%s\t%s\n' "$name" "$status" "$(( $(date +%s) - t0 ))" >> "$STEPS"
+    echo "   $status ($(( $(date +%s) - t0 ))s)"
+    [ "$rc" = 0 ] || { FAILED=1; tail -n 5 "$log" | sed 's/^/   | /'; }
+    return "$rc"
+}
+
+environment() {
+    date -u '+date: %Y-%m-%d %H:%M:%S UTC'
+    echo "host: $(uname -n), $(uname -sr), load average: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
+    echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)" \
+         "($(git -C "$REPO" status --porcelain 2>/dev/null | wc -l) files changed)"
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory,pcie.link.gen.max \
+            --format=csv
+    else
+        echo "nvidia-smi: not found"
+    fi
+    command -v nvcc > /dev/null && nvcc --version | tail -n 2
+    "$PY" - <<'EOF'
+import platform, torch, cuda_wkv
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA (torch build) {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}, cuda_wkv {cuda_wkv.__version__}, torch threads {torch.get_num_threads()}")
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"cuda:{i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
+          f"{p.multi_processor_count} SMs")
+EOF
+}
+
+# nnU-Net folders for the synthetic plans: nnUNet_preprocessed/Dataset999_Bench/{nnUNetPlans,dataset}.json
+write_plans() {
+    "$PY" - "$1" "$2" "$3" <<'EOF'
+import json, os, sys
+sys.path.insert(0, 'benchmarks')
+from bench_networks import plans_dict, synthetic_configuration, with_patch
+
+root, patch, max_width = sys.argv[1], [int(p) for p in sys.argv[2].split('x')], int(sys.argv[3])
+configuration = with_patch(synthetic_configuration([1.0, 1.0, 1.0], min(32, max_width), max_width), patch)
+plans = plans_dict(configuration)
+dataset = {'channel_names': {'0': 'CT'}, 'labels': {'background': 0, 'c1': 1, 'c2': 2},
+           'numTraining': 5, 'file_ending': '.nii.gz'}
+for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+    os.makedirs(os.path.join(root, var), exist_ok=True)
+folder = os.path.join(root, 'nnUNet_preprocessed', plans['dataset_name'])
+os.makedirs(folder, exist_ok=True)
+for name, content in (('nnUNetPlans.json', plans), ('dataset.json', dataset)):
+    path = os.path.join(folder, name)
+    with open(path + '.partial', 'w') as f:
+        json.dump(content, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.partial', path)
+arch = configuration['architecture']['arch_kwargs']
+print(f"{folder}: patch {configuration['patch_size']}, strides {arch['strides']}, "
+      f"widths {arch['features_per_stage']}, batch {configuration['batch_size']}")
+EOF
+}
+
+network_benchmark() {
+    local compile=()
+    if nnunetv2-ext benchmark --help 2>/dev/null | grep -q -- '--compile'; then
+        compile=(--compile)
+        echo "torch.compile: on (--compile)"
+    else
+        echo "torch.compile: not measured (this nnunetv2-ext benchmark has no --compile option)"
+    fi
+    nnUNet_raw="$OUT/nnUNet/nnUNet_raw" nnUNet_preprocessed="$OUT/nnUNet/nnUNet_preprocessed" \
+        nnUNet_results="$OUT/nnUNet/nnUNet_results" \
+        nnunetv2-ext benchmark -d 999 -c 3d_fullres --device "$DEVICE" "${compile[@]}" "$@"
+}
+
+wkv_selfcheck() {
+    "$PY" -m cuda_wkv.selfcheck --device "$DEVICE" --dtype float32 &&
+        "$PY" -m cuda_wkv.selfcheck --device "$DEVICE" --dtype float64
+}
+
+export PY REPO OUT DEVICE
+export -f environment write_plans network_benchmark wkv_selfcheck
+TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
+echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
+run_step environment 120 environment
+run_step wkv_selfcheck 240 wkv_selfcheck
+if [ "$DEVICE" = cuda ]; then
+    run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider -k cuda tests
+    run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cuda --out-dir "$OUT/bench_wkv"
+    run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
+    run_step networks 240 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
+else
+    run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
+    run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cpu --T 256 --backends scan \
+        --modes fwd --repeat 1 --out-dir "$OUT/bench_wkv"
+    run_step plans 60 write_plans "$OUT/nnUNet" 16x16x16 16
+    # the WKV op's PyTorch path: the smoke run compiles no kernel for the networks
+    run_step networks 240 env CUDA_WKV_BACKEND=torch bash -c 'network_benchmark "$@"' _ \
+        -tr "${TRAINERS[@]}" --warmup 0 --repeats 1 -o "$OUT/networks"
+fi
+
+{
+    echo "# gpu_check.sh $(date -u '+%Y-%m-%d %H:%M UTC'), device $DEVICE$([ "$SMOKE" = 1 ] && echo ' (CPU smoke run)')"
+    echo
+    tail -n +3 "$OUT/logs/environment.log" 2>/dev/null | sed 's/^/    /'
+    echo
+    echo "| step | status | seconds | log |"
+    echo "|---|---|---:|---|"
+    while IFS=$'\t' read -r name status secs; do
+        echo "| $name | $status | $secs | logs/$name.log |"
+    done < "$STEPS"
+    echo
+    for f in "$OUT"/bench_wkv/*.md "$OUT"/networks/*.md; do
+        [ -f "$f" ] || continue
+        echo "## ${f#"$OUT"/}"
+        echo
+        cat "$f"
+        echo
+    done
+    echo "Total: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; $([ "$FAILED" = 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')."
+} > "$OUT/summary.md.partial"
+publish "$OUT/summary.md"
+echo
+cat "$OUT/summary.md"
+exit "$FAILED"

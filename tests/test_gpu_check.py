@@ -1,0 +1,126 @@
+"""benchmarks/gpu_check.sh without a GPU: it refuses at once with a clear message, parses its
+arguments, and in --cpu-smoke mode runs its steps, records failures and timeouts without
+stopping, and writes the summary.  The network benchmark command is replaced by a stand-in
+on PATH where its outcome (failure, hang, --compile support) is what is tested."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")
+
+
+def _run(args, tmp_path, stand_in=None, timeout=600):
+    """Run the script with ``PYTHON`` = this interpreter; ``stand_in``: shell code of a fake
+    ``nnunetv2-ext`` put first on PATH (it appends its arguments to ``calls.txt``)."""
+    env = dict(os.environ, PYTHON=sys.executable)
+    if stand_in is not None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        fake = bin_dir / "nnunetv2-ext"
+        fake.write_text(f'#!/bin/sh\necho "$*" >> "{tmp_path}/calls.txt"\n{stand_in}\n')
+        fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _steps(out: Path):
+    return [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without a GPU")
+def test_without_gpu_it_stops_at_once_with_a_clear_message(tmp_path):
+    res = _run([str(tmp_path / "out")], tmp_path)
+    assert res.returncode == 2
+    assert "no CUDA GPU is visible to PyTorch" in res.stderr and "--cpu-smoke" in res.stderr
+    assert not (tmp_path / "out").exists()
+    default = _run([], tmp_path)  # default folder: not created either
+    assert default.returncode == 2 and not list(tmp_path.glob("gpu_check_*"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget", "0"], "--budget needs a whole number of seconds > 0"),
+    (["--step-timeout", "x"], "--step-timeout needs a whole number of seconds > 0"),
+    (["--steps", "plans,bench"], "unknown step 'bench' in --steps (known: environment,"),
+    (["--frobnicate"], "unknown option --frobnicate"),
+    (["a", "b"], "only one OUT_DIR"),
+])
+def test_bad_arguments(tmp_path, args, message):
+    res = _run(["--cpu-smoke", *args], tmp_path)
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+
+
+def test_existing_output_folder_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    res = _run(["--cpu-smoke", "out"], tmp_path)
+    assert res.returncode == 2 and "out already exists" in res.stderr
+
+
+def test_help():
+    res = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0
+    for part in ("--cpu-smoke", "--steps", "--budget", "Exit status", "patch 128^3"):
+        assert part in res.stdout
+
+
+def test_smoke_run_records_a_failed_step_and_goes_on(tmp_path):
+    """Real environment and plans steps; the network benchmark fails (stand-in exits 3); the
+    summary lists every step, the run exits 1."""
+    res = _run(["--cpu-smoke", "--steps", "environment,plans,networks", "out"], tmp_path,
+               stand_in='case "$*" in *--help*) echo "usage: benchmark"; exit 0;; esac\n'
+                        'echo "CUDA out of memory" >&2; exit 3')
+    out = tmp_path / "out"
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert [s[:2] for s in _steps(out)] == [["environment", "ok"], ["plans", "ok"],
+                                             ["networks", "FAILED (exit 3)"]]
+    env_log = (out / "logs" / "environment.log").read_text()
+    assert f"torch {torch.__version__}" in env_log and "cuda_wkv" in env_log
+    networks_log = (out / "logs" / "networks.log").read_text()
+    assert "CUDA out of memory" in networks_log and "torch.compile: not measured" in networks_log
+    call = (tmp_path / "calls.txt").read_text().splitlines()[-1]
+    assert call.startswith("benchmark -d 999 -c 3d_fullres --device cpu -tr nnUNetTrainer "
+                           "nnUNetTrainerGLSP nnUNetTrainerPVTGDLA")
+    # the plans nnU-Net reads: a 3d_fullres configuration with the requested patch
+    folder = out / "nnUNet" / "nnUNet_preprocessed" / "Dataset999_Bench"
+    plans = json.loads((folder / "nnUNetPlans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["patch_size"] == [16, 16, 16]
+    assert json.loads((folder / "dataset.json").read_text())["labels"]["background"] == 0
+    summary = (out / "summary.md").read_text()
+    assert "| networks | FAILED (exit 3) |" in summary and "| plans | ok |" in summary
+    assert "SOME STEPS FAILED" in summary and summary.strip() in res.stdout
+    assert not list(out.rglob("*.partial"))  # every file published whole
+
+
+def test_hanging_step_times_out_and_compile_is_passed_on(tmp_path):
+    res = _run(["--cpu-smoke", "--steps", "plans,networks", "--step-timeout", "5", "out"], tmp_path,
+               stand_in='case "$*" in *--help*) echo "--compile  torch.compile"; exit 0;; esac\n'
+                        'exec sleep 120')
+    out = tmp_path / "out"
+    assert res.returncode == 1
+    assert _steps(out)[-1][:2] == ["networks", "TIMEOUT after 5s"]
+    assert "--compile" in (tmp_path / "calls.txt").read_text().splitlines()[-1]
+    assert "torch.compile: on" in (out / "logs" / "networks.log").read_text()
+
+
+def test_networks_without_plans_and_exhausted_budget_are_skipped(tmp_path):
+    res = _run(["--cpu-smoke", "--steps", "networks", "a"], tmp_path, stand_in="exit 0")
+    assert res.returncode == 1 and _steps(tmp_path / "a") == [["networks", "SKIPPED (needs the plans step)", "0"]]
+    assert not (tmp_path / "calls.txt").exists()
+    res = _run(["--cpu-smoke", "--steps", "plans,networks", "--budget", "4", "b"], tmp_path,
+               stand_in="exit 0")
+    assert res.returncode == 1
+    assert [s[1] for s in _steps(tmp_path / "b")] == ["SKIPPED (budget of 4s used up)",
+                                                      "SKIPPED (needs the plans step)"]
