@@ -48,7 +48,15 @@ def test_every_trainer_of_ours_is_crash_safe():
 
 
 def test_written_checkpoint_is_what_nnunet_writes_and_nothing_is_left_over(trainer):
+    stale = partial_checkpoint_path(os.path.join(trainer.output_folder, 'checkpoint_latest.pth'))
+    elsewhere = os.path.join(os.path.dirname(trainer.output_folder), 'not_a_checkpoint.txt')
+    with open(elsewhere, 'w') as f:
+        f.write('untouched')
+    os.symlink(elsewhere, stale)  # a leftover partial name is replaced, never written through
     ours_path = _save(trainer, 'checkpoint_latest.pth', 3)
+    with open(elsewhere) as f:
+        assert f.read() == 'untouched'
+    assert not os.path.islink(ours_path) and not os.path.lexists(stale)
     stock_path = os.path.join(trainer.output_folder, 'stock.pth')
     nnUNetTrainer.save_checkpoint(trainer, stock_path)
     mine, stock = (torch.load(p, map_location='cpu', weights_only=False) for p in (ours_path, stock_path))

@@ -75,7 +75,7 @@ class CrashSafeCheckpoints:
             return super().save_checkpoint(filename)  # writes nothing (logs that checkpointing is off)
         partial = partial_checkpoint_path(filename)
         if os.path.lexists(partial):
-            os.remove(partial)  # left by an interrupted save; never a complete checkpoint
+            os.remove(partial)  # an interrupted save's leftover, or a link: never written through
         super().save_checkpoint(partial)
         _fsync(partial)
         os.replace(partial, filename)
