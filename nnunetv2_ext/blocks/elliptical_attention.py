@@ -1,4 +1,4 @@
-"""Softmax attention with an elliptical (Mahalanobis) metric (DESIGN §6, arXiv 2406.13770).
+"""Softmax attention with an elliptical (Mahalanobis) metric (Nielsen et al. 2024, arXiv 2406.13770).
 
 Tensors are per head: ``q (B, h, Nq, D)``, ``k, v (B, h, Nk, D)``; every variant runs through
 ``scaled_dot_product_attention`` (so flash / memory-efficient kernels apply) and returns ``(B, h, Nq, D)``.
@@ -8,7 +8,7 @@ Tensors are per head: ``q (B, h, Nq, D)``, ``k, v (B, h, Nk, D)``; every variant
   ``m_d = mean_n |v_{n,d} − v^{prev}_{n,d}|`` from the values of this layer and of the previous one,
   max-normalised to (0, 1] and detached; ``softmax((q ⊙ m)·k/√D) v``. Without a previous layer
   (the first layer) it is plain softmax attention.
-* ``'mahalanobis'`` (the design summary's variant): ``M = (Σ_K + λI)^{-1}`` from the keys' covariance,
+* ``'mahalanobis'`` (a full-metric variant of ours): ``M = (Σ_K + λI)^{-1}`` from the keys' covariance,
   ``softmax(−½·(q−k)ᵀM(q−k)/√D) v = softmax((q'·k' − ½|k'|²)/√D) v`` with ``q' = L⁻¹q``,
   ``k' = L⁻¹k``, ``LLᵀ = Σ_K + λI`` (Cholesky; ``−½ qᵀMq`` is constant per query and cancels).
   ``λ = ridge · tr(Σ_K)/D`` (scale-free; an absolute 1e-6 explodes when ``Nk < D`` makes Σ_K

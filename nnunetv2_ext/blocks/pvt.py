@@ -51,13 +51,15 @@ def reduction_ratios(grid: Sequence[int], target: int) -> list[int]:
 
     Each axis is reduced in proportion to its extent (limit ``target · g_a / max(g)``) so the K/V grid
     is roughly isotropic in tokens, using the largest divisor of ``g_a`` within the limit (no token is
-    dropped). ``grid (4, 40, 40), target 8 -> (1, 8, 8)``.
+    dropped) that leaves at least 2 K/V tokens along every axis that has 2 or more (with a single key the
+    softmax is constant and the queries get no gradient). ``grid (4, 40, 40), target 8 -> (1, 8, 8)``;
+    ``grid (8, 8, 8), target 8 -> (4, 4, 4)``.
     """
     longest = max(grid)
     ratios = []
     for g in grid:
-        limit = max(1, int(target * g / longest))
-        ratios.append(max(r for r in range(1, min(limit, g) + 1) if g % r == 0))
+        limit = min(max(1, int(target * g / longest)), max(1, g // 2))
+        ratios.append(max(r for r in range(1, limit + 1) if g % r == 0))
     return ratios
 
 

@@ -44,7 +44,6 @@ from torch import distributed as dist
 from torch.nn import functional as F
 
 from nnunetv2_ext.env_options import env_float, env_int
-from nnunetv2_ext.networks.pvt_gdla import PVTGDLA
 from nnunetv2_ext.refinement.inference import FeatureRefinementHook
 from nnunetv2_ext.refinement.losses import (attention_distillation_loss, boundary_loss, linear_attention_mass,
                                             mask_contrastive_loss)
@@ -245,13 +244,13 @@ class nnUNetTrainerGLSP_EncRefine(EncRefineMixin, nnUNetTrainerGLSP):
 
 
 class nnUNetTrainerPVTGDLA_EncRefine(EncRefineMixin, nnUNetTrainerPVTGDLA):
-    """PVT-GDLA with the §7 auxiliary losses; ``L_attn`` uses the deepest GDLAM's O(N) attention mass."""
+    """PVT-GDLA with the auxiliary encoder losses; ``L_attn`` uses the deepest GDLAM's O(N) attention mass."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        network = PVTGDLA.from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                     enable_deep_supervision, attention='softmax')
+        network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                     num_output_channels, enable_deep_supervision)
         refinement_from_env(network)
         return network
 

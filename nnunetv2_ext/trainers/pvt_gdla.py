@@ -1,4 +1,10 @@
-"""PVT-GDLA trainers (DESIGN §5, §6): PVTv2 encoder + GDLA decoder, optionally elliptical encoder attention.
+"""PVT-GDLA trainers: PVTv2 encoder + GDLA decoder, optionally elliptical encoder attention (docs/pvt_gdla.md).
+
+Every nnU-Net configuration (2d, 3d_lowres, 3d_fullres, cascade) is served; the network follows the plans'
+strides and per-axis kernels. A variant that changes network options sets ``network_options`` (keyword
+arguments of :meth:`PVTGDLA.from_plans`); ``build_network_architecture`` is a classmethod with nnU-Net's
+signature, so both nnU-Net's trainer (``self.build_network_architecture(...)``) and ``nnUNetPredictor``
+(``trainer_class.build_network_architecture(...)``) build the variant's network.
 
 Optimiser (transformer recipe instead of nnU-Net's SGD): AdamW, ``initial_lr = 3e-4``,
 ``weight_decay = 0.05`` (decoupled) on weights only — no decay on biases, norm weights, GDLA's λ and
@@ -9,6 +15,7 @@ nnU-Net's poly decay (exponent 0.9). Gradients are clipped at norm 12 by nnU-Net
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,11 +68,12 @@ class WarmupPolyLRScheduler(_LRScheduler):
 class nnUNetTrainerPVTGDLA(nnUNetTrainerExtBase):
     """PVTv2-b2-sized encoder (native 2-D/3-D), GDLA decoder, AdamW with warmup (module docstring).
 
-    Widths and options: override ``build_network_architecture`` and pass them to ``PVTGDLA.from_plans``.
+    Widths and options: set ``network_options`` in a subclass (keyword arguments of ``PVTGDLA.from_plans``).
     2-D ImageNet initialisation: ``nnUNetTrainerPVTGDLA_ImageNet`` (weights from a local file only).
     """
 
     warmup_epochs = 10
+    network_options: dict[str, Any] = {'attention': 'softmax'}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -73,11 +81,11 @@ class nnUNetTrainerPVTGDLA(nnUNetTrainerExtBase):
         self.initial_lr = 3e-4
         self.weight_decay = 0.05
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
         return PVTGDLA.from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                  enable_deep_supervision, attention='softmax')
+                                  enable_deep_supervision, **cls.network_options)
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(weight_decay_groups(self.network, self.weight_decay), lr=self.initial_lr,
@@ -89,32 +97,20 @@ class nnUNetTrainerPVTGDLA(nnUNetTrainerExtBase):
 class nnUNetTrainerPVTGDLA_Elliptical(nnUNetTrainerPVTGDLA):
     """As :class:`nnUNetTrainerPVTGDLA` with the encoder's attention elliptical (the paper's diagonal metric)."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return PVTGDLA.from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                  enable_deep_supervision, attention='elliptical')
+    network_options = {'attention': 'elliptical'}
 
 
 class nnUNetTrainerPVTGDLA_Mahalanobis(nnUNetTrainerPVTGDLA):
     """As :class:`nnUNetTrainerPVTGDLA` with key-covariance Mahalanobis attention in the encoder."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return PVTGDLA.from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                  enable_deep_supervision, attention='mahalanobis')
+    network_options = {'attention': 'mahalanobis'}
 
 
 class nnUNetTrainerPVTGDLA_PlansWidths(nnUNetTrainerPVTGDLA):
     """As :class:`nnUNetTrainerPVTGDLA` with the plans' ``features_per_stage`` as widths instead of PVTv2-b2's
     (``pvt_gdla.plans_widths``): the same width budget as ``nnUNetTrainer`` on the same plans."""
 
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return PVTGDLA.from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                  enable_deep_supervision, attention='softmax', widths_from_plans=True)
+    network_options = {'attention': 'softmax', 'widths_from_plans': True}
 
 
 class nnUNetTrainerPVTGDLA_ImageNet(nnUNetTrainerPVTGDLA):
@@ -125,13 +121,8 @@ class nnUNetTrainerPVTGDLA_ImageNet(nnUNetTrainerPVTGDLA):
     checkpoint overwrites it, nor for prediction). Nothing is downloaded.
     """
 
+    network_options = {'timm_encoder': 'pvt_v2_b2'}
     pretrained_weights: str | None = None
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        return PVTGDLA.from_plans(configuration_manager, num_input_channels, num_output_channels,
-                                  enable_deep_supervision, timm_encoder='pvt_v2_b2')
 
     def initialize(self):
         first = not self.was_initialized
