@@ -96,6 +96,7 @@ def _combine(a: _Sums, b: _Sums, decay: torch.Tensor) -> _Sums:
 
 
 def _empty_like(s: _Sums, length: int) -> _Sums:
+    """``length`` empty sums shaped like the elements of ``s``."""
     shape = s.m.shape[:-2] + (length, s.m.shape[-1])
     zero = s.d.new_zeros(shape)
     return _Sums(s.m.new_full(shape, -math.inf), zero, zero)
@@ -103,6 +104,11 @@ def _empty_like(s: _Sums, length: int) -> _Sums:
 
 def _cat(a: _Sums, b: _Sums) -> _Sums:
     return _Sums(*(torch.cat([x, y], dim=-2) for x, y in zip(a, b)))
+
+
+def _shifted(s: _Sums) -> _Sums:
+    """Element t of the result holds element t - 1 of ``s``; element 0 is empty."""
+    return _cat(_empty_like(s, 1), _Sums(*(x[..., :-1, :] for x in s)))
 
 
 def _inclusive_scan(s: _Sums, w: torch.Tensor, span: int = 1) -> _Sums:
@@ -124,8 +130,7 @@ def _inclusive_scan(s: _Sums, w: torch.Tensor, span: int = 1) -> _Sums:
     odd = _Sums(*(x[..., 1::2, :] for x in s))
     decay = span * w
     pairs = _inclusive_scan(_combine(even, odd, decay), w, 2 * span)
-    before = _cat(_empty_like(pairs, 1), _Sums(*(x[..., :-1, :] for x in pairs)))
-    evens = _combine(before, even, decay)
+    evens = _combine(_shifted(pairs), even, decay)
     return _Sums(*(torch.stack([e, o], dim=-2).flatten(-3, -2)[..., :length, :]
                    for e, o in zip(evens, pairs)))
 
@@ -165,7 +170,7 @@ def bi_wkv_scan(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
     * a position whose weights are all zero (every ``k`` of the lane and ``u + k_t``
       ``-inf``) gives NaN, like the definition (0 / 0) and :func:`bi_wkv_dense`.
 
-    Autograd goes through the PyTorch ops (first and higher order).
+    Autograd goes through the PyTorch ops.
     """
     out_dtype = _out_dtype(k, v)
     cd = _compute_dtype(w, u, k, v)
@@ -181,7 +186,7 @@ def bi_wkv_scan(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
         m0 = keys.detach()
         d0 = torch.exp(keys - _safe(m0))
         states = _inclusive_scan(_Sums(m0, d0, d0 * vals), w)
-        before = _cat(_empty_like(states, 1), _Sums(*(x[..., :-1, :] for x in states)))
+        before = _shifted(states)  # the sums over i < t (resp. i > t)
         left = _Sums(*(x[0] for x in before))
         right = _Sums(*(x[1].flip(1) for x in before))
         diag = u + k
