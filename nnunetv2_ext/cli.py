@@ -345,8 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill PID``) into ``SystemExit(143)``, so ``finally`` blocks run: an interrupted report
+    publication removes its staging folder instead of leaving it for the next run to clean up."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     return args.func(args)
 
 

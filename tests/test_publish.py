@@ -110,3 +110,30 @@ def test_write_atomically_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     publish.write_atomically(str(path), b'{"new": 2}')
     assert path.read_bytes() == b'{"new": 2}' and os.listdir(tmp_path) == ['plans.json']
+
+
+def test_sigterm_during_publication_leaves_the_old_set_and_nothing_hidden(tmp_path):
+    """`kill PID` (SIGTERM) on compare/benchmark: the staging folder is removed on the way out."""
+    import signal
+    import time
+
+    out = tmp_path / 'report'
+    write_report(str(out), 'compare', {'v': 1}, 'table 1\n', _plot_text('png 1'), quiet=True)
+    old = _files(out)
+    ready = tmp_path / 'ready'
+    child = ('import time\n'
+             'from nnunetv2_ext.cli import exit_on_sigterm, write_report\n'
+             'def plot(report, path):\n'
+             f'    open({str(ready)!r}, "w").close()\n'
+             '    time.sleep(60)\n'
+             'exit_on_sigterm()\n'
+             f'write_report({str(out)!r}, "compare", {{"v": 2}}, "table 2", plot, quiet=True)\n')
+    proc = subprocess.Popen([sys.executable, '-c', child], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ready.exists(), proc.communicate()[1][-2000:]
+    os.remove(ready)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert _files(out) == old and _hidden(tmp_path) == []
