@@ -42,7 +42,7 @@ Environment variables: ``TORCH_EXTENSIONS_DIR`` (cache root), ``TORCH_CUDA_ARCH_
 root), ``CXX`` (host compiler), ``CUDA_WKV_VERBOSE=1`` (show the build log),
 ``CUDA_WKV_NATIVE=0`` (no ``-march=native`` for the CPU kernel),
 ``CUDA_WKV_LOCK_TIMEOUT`` (seconds to wait for another process's build, finite and
->= 0, default 300).
+>= 0, default 600).
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ _KINDS = ("cpu", "cuda")
 _LAYOUT = "2"  # cache layout version (part of the build key)
 _RECORD = "cuda_wkv_build.json"
 _LOCK_TIMEOUT_ENV = "CUDA_WKV_LOCK_TIMEOUT"
-_DEFAULT_LOCK_TIMEOUT_S = 300.0
+_DEFAULT_LOCK_TIMEOUT_S = 600.0  # a busy machine can take minutes to build
 _HEARTBEAT_S = 10.0  # a builder touches its lock this often
 _LOCK_STALE_S = 60.0  # a lock without heartbeat for this long is abandoned
 _LEFTOVER_BUILD_S = 3600.0  # private build folders older than this were abandoned
@@ -630,10 +630,10 @@ def _compile(target: _Target, build_dir: Path) -> ModuleType:
                 os.environ[k] = val
 
 
-def _remove_leftovers(base: Path, name: str) -> None:
-    """Delete build folders of ``name`` abandoned by killed processes (lock held)."""
+def _remove_leftovers(base: Path) -> None:
+    """Delete the folders that killed builds (or discards) left in ``base``."""
     now = time.time()
-    for p in base.glob(f".{name}.*"):
+    for p in base.glob(".cuda_wkv_*.*-*"):
         with contextlib.suppress(OSError):
             if ".old-" in p.name or now - p.stat().st_mtime > _LEFTOVER_BUILD_S:
                 shutil.rmtree(p)
@@ -663,7 +663,7 @@ def _load_or_build(kind: str, timeout: float) -> ModuleType:
         if mod is not None:
             return mod
         _discard(folder)
-        _remove_leftovers(base, target.name)
+        _remove_leftovers(base)
         build_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=base))
         log.info("cuda_wkv: building the %s kernel in %s (first use only, ~1-2 min)",
                  kind, folder)

@@ -46,17 +46,20 @@ def good_library():
     real compiler on first use)."""
     if not HAS_CXX:
         pytest.skip("no C++ compiler")
-    assert loader.load_extension("cpu") is not None, loader.failure_reason("cpu")
-    return loader._verified_library(loader.extension_dir("cpu"))
+    mod = loader.load_extension("cpu")
+    assert mod is not None, loader.failure_reason("cpu")
+    # by its name: the sources may have changed since it was built (the key with them)
+    return loader._verified_library(loader.extension_dir("cpu").parent / mod.__name__)
 
 
-def _private_folder(tmp_path, monkeypatch, kind="cpu"):
-    """(cache root, build folder of `kind`) of a private cache under tmp_path."""
-    root = tmp_path / "ext"
+def _private_folder(tmp_path, monkeypatch, good_library, root=None):
+    """(cache root, folder of the good library's build) of a private cache (default
+    tmp_path/ext); _BI_WKV_SCRIPT builds under the good library's name."""
+    root = root or tmp_path / "ext"
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
-    folder = loader.extension_dir(kind)
+    base = loader.extension_dir("cpu").parent
     monkeypatch.undo()
-    return root, folder
+    return root, base / good_library[0]
 
 
 def _install(folder: Path, good_library, record: bool = True) -> Path:
@@ -74,13 +77,15 @@ def _install(folder: Path, good_library, record: bool = True) -> Path:
 
 
 # A run of bi_wkv in a subprocess whose "compiler" copies the good library (the real
-# compiler takes minutes); prints one JSON line with what happened.
+# compiler takes minutes) and whose build is named after it (not after the sources, which
+# may change while the tests run); prints one JSON line with what happened.
 _BI_WKV_SCRIPT = """
     import json, logging, shutil, warnings
     from pathlib import Path
     logging.basicConfig(level=logging.INFO)
     import torch, cuda_wkv
     from cuda_wkv import loader
+    loader._target = lambda kind: loader._Target(kind, {module!r}, {{}}, None, None)
     compiled = []
     def fake_compile(target, build_dir):
         compiled.append(target.name)
@@ -176,14 +181,14 @@ def test_published_build_is_complete_and_private(good_library):
     module, so = good_library
     folder = so.parent
     assert module == folder.name and so.name == f"{module}{so.suffix}"
-    for p in (folder, folder.parent):
-        assert p.stat().st_mode & 0o777 == 0o700, oct(p.stat().st_mode)
+    assert folder.stat().st_mode & 0o777 == 0o700, oct(folder.stat().st_mode)
+    assert folder.parent.stat().st_mode & 0o022 == 0  # may predate this version: not 0700
     assert not (folder.parent / f"{folder.name}.lock").exists()
     assert not list(folder.parent.glob(f".{folder.name}.build-*"))
 
 
 def test_complete_build_is_loaded_without_compiling(tmp_path, monkeypatch, good_library):
-    root, folder = _private_folder(tmp_path, monkeypatch)
+    root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     _install(folder, good_library)
     result, err = _run_bi_wkv(good_library, TORCH_EXTENSIONS_DIR=str(root))
     assert result["backend"] == "cpu" and result["compiled"] == 0, (result, err)
@@ -214,7 +219,7 @@ def test_damaged_build_is_rebuilt_not_loaded(tmp_path, monkeypatch, good_library
     """A torn copy, a full disk, a missing record or a library others could change is never
     loaded (a truncated .so killed the process with SIGBUS): one log warning, then a rebuild
     that is published complete."""
-    root, folder = _private_folder(tmp_path, monkeypatch)
+    root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     damage(_install(folder, good_library))
     result, err = _run_bi_wkv(good_library, TORCH_EXTENSIONS_DIR=str(root))
     assert result["backend"] == "cpu" and result["compiled"] == 1, (result, err)
@@ -227,7 +232,7 @@ def test_damaged_build_is_rebuilt_not_loaded(tmp_path, monkeypatch, good_library
 
 @needs_root
 def test_build_folder_of_another_user_is_rebuilt(tmp_path, monkeypatch, good_library):
-    root, folder = _private_folder(tmp_path, monkeypatch)
+    root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     _install(folder, good_library)
     os.chown(folder, OTHER_UID, -1)
     result, err = _run_bi_wkv(good_library, TORCH_EXTENSIONS_DIR=str(root))
@@ -247,7 +252,7 @@ def _write_lock(folder: Path, pid: int, host: str, age: float = 0.0) -> Path:
 
 def test_complete_build_is_loaded_whatever_the_lock(tmp_path, monkeypatch, good_library):
     """A lock held by a live process does not delay loading a complete build."""
-    root, folder = _private_folder(tmp_path, monkeypatch)
+    root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     _install(folder, good_library)
     lock = _write_lock(folder, os.getpid(), socket.gethostname())
     result, err = _run_bi_wkv(good_library, timeout=120, TORCH_EXTENSIONS_DIR=str(root),
@@ -259,7 +264,7 @@ def test_complete_build_is_loaded_whatever_the_lock(tmp_path, monkeypatch, good_
 def test_live_lock_is_announced_then_falls_back(tmp_path, monkeypatch, good_library):
     """A lock with a fresh heartbeat from another host: wait visibly (path, owner, how long,
     how to skip), then use the PyTorch path with a warning instead of hanging."""
-    root, folder = _private_folder(tmp_path, monkeypatch)
+    root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     lock = _write_lock(folder, 4242, "node-17.cluster")
     result, err = _run_bi_wkv(good_library, timeout=120, TORCH_EXTENSIONS_DIR=str(root),
                               CUDA_WKV_LOCK_TIMEOUT="2")
@@ -285,21 +290,25 @@ def _dead_pid() -> int:
 ], ids=["dead-pid", "other-host-old", "live-pid-old"])
 def test_abandoned_lock_is_removed(tmp_path, monkeypatch, good_library, owner, reason):
     """Locks of killed builds (dead pid on this host; no heartbeat for a minute on any host,
-    e.g. a reused pid or a node that died) are removed with a message, then built."""
-    root, folder = _private_folder(tmp_path, monkeypatch)
+    e.g. a reused pid or a node that died) are removed with a message, then built; the
+    killed build's old private folder is deleted."""
+    root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     pid, host, age = owner()
     lock = _write_lock(folder, pid, host, age)
+    leftover = folder.with_name(f".{folder.name}.build-killed")
+    leftover.mkdir()
+    os.utime(leftover, (0, 0))
     result, err = _run_bi_wkv(good_library, timeout=120, TORCH_EXTENSIONS_DIR=str(root),
                               CUDA_WKV_LOCK_TIMEOUT="60")
     assert result["backend"] == "cpu" and result["compiled"] == 1, (result, err)
     assert f"removing stale build lock {lock}" in err and reason in err, err
-    assert not lock.exists()
+    assert not lock.exists() and not leftover.exists()
     loader._verified_library(folder)
 
 
 def test_waiter_loads_the_build_published_meanwhile(tmp_path, monkeypatch, good_library):
     """While waiting for another builder, its published build is loaded at once."""
-    root, folder = _private_folder(tmp_path, monkeypatch)
+    root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     lock = _write_lock(folder, 4242, "node-17.cluster")
     module, so = good_library
     proc = subprocess.Popen(
@@ -392,10 +401,8 @@ def test_planted_tmp_fallback_is_never_loaded(tmp_path, monkeypatch, good_librar
     tmp.mkdir()
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")  # XDG_CACHE_HOME below a file: the home cache cannot be made
-    planted_root = tmp / f"torch_extensions_{os.geteuid()}"
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(planted_root))
-    folder = loader.extension_dir("cpu")  # where the TMPDIR fallback would load it from
-    monkeypatch.undo()
+    planted_root, folder = _private_folder(tmp_path, monkeypatch, good_library,
+                                           tmp / f"torch_extensions_{os.geteuid()}")
     marker = tmp_path / "constructor_ran"
     src = tmp_path / "planted.c"
     src.write_text('#include <stdio.h>\n__attribute__((constructor)) static void f(void) '
