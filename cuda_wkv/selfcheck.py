@@ -52,8 +52,8 @@ def reproduce_command(device: torch.device, dtype: torch.dtype) -> str:
     return f"python -m cuda_wkv.selfcheck --device {device} --dtype {str(dtype).split('.')[-1]}"
 
 
-def _problem(device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
-    """w, u, k, v, gy of the check (fixed seed, drawn in float64 on the CPU)."""
+def _problem(dtype: torch.dtype) -> List[torch.Tensor]:
+    """w, u, k, v, gy of the check on the CPU (fixed seed, drawn in float64, rounded to ``dtype``)."""
     g = torch.Generator().manual_seed(20240531)
     w = (torch.rand(_C, generator=g, dtype=torch.float64) * 2 - 1) * 8.0 / _T
     u = torch.randn(_C, generator=g, dtype=torch.float64)
@@ -66,7 +66,7 @@ def _problem(device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
 def _value_and_grads(fn: Kernel, args: Sequence[torch.Tensor],
                      gy: torch.Tensor) -> List[torch.Tensor]:
     leaves = [x.detach().clone().requires_grad_() for x in args]
-    with torch.enable_grad(), torch.autocast(device_type=gy.device.type, enabled=False):
+    with torch.autocast(device_type=gy.device.type, enabled=False):
         y = fn(*leaves)
         grads = torch.autograd.grad(y, leaves, gy)
     return [y.detach()] + list(grads)
@@ -80,16 +80,16 @@ def compare_to_reference(kernel: Kernel, device: torch.device,
 
     Returns ``None`` if every compared tensor is within tolerance, else one line naming
     the worst tensor, its error and the tolerance (an exception raised by the kernel is
-    reported the same way).
+    reported the same way).  Works under ``torch.no_grad`` and ``torch.inference_mode``.
     """
-    problem = _problem(torch.device("cpu"), torch.float64)
-    # the kernel sees the inputs rounded to `dtype`; the reference gets the same values
-    rounded = [x.to(dtype) for x in problem]
-    ref = _value_and_grads(bi_wkv_scan, [x.double() for x in rounded[:4]], rounded[4].double())
-    try:
-        got = _value_and_grads(kernel, [x.to(device) for x in rounded[:4]], rounded[4].to(device))
-    except Exception as exc:  # noqa: BLE001 - any failure of the kernel is a failed check
-        return f"the kernel raised {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
+    with torch.inference_mode(False), torch.enable_grad():
+        # the kernel sees the inputs rounded to `dtype`; the reference gets the same values
+        rounded = _problem(dtype)
+        ref = _value_and_grads(bi_wkv_scan, [x.double() for x in rounded[:4]], rounded[4].double())
+        try:
+            got = _value_and_grads(kernel, [x.to(device) for x in rounded[:4]], rounded[4].to(device))
+        except Exception as exc:  # noqa: BLE001 - any failure of the kernel is a failed check
+            return f"the kernel raised {type(exc).__name__}: {str(exc).strip().splitlines()[0]}"
     tol = _TOLERANCE[dtype]
     worst = None
     for name, g, r in zip(("y", "grad w", "grad u", "grad k", "grad v"), got, ref):

@@ -80,6 +80,16 @@ def test_healthy_kernel_is_checked_once_then_used(cpu_checked):
     assert cuda_wkv.backend_for(args[2]) == "cpu"
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_first_call_without_autograd(cpu_checked, mode):
+    """Prediction runs under no_grad / inference_mode: the check still computes gradients."""
+    kernel = cpu_checked(_StandInKernel())
+    with mode():
+        y, warned = _calls_with_warnings(bi_wkv, *_problem())
+    assert not warned and kernel.calls == 2 and dispatch._checks == {("cpu", torch.float32): None}
+    assert not y.requires_grad
+
+
 def test_wrong_values_warn_once_and_fall_back(cpu_checked):
     kernel = cpu_checked(_StandInKernel(value_error=0.1))
     args = _problem()
