@@ -71,9 +71,9 @@ def _device_name(device: torch.device) -> str:
 
 def _kernel_passes(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the ``backend`` kernel may serve ``device`` / ``dtype``: checked once per
-    process against the PyTorch path (for backends in ``_CHECKED_BACKENDS``, unless
-    ``CUDA_WKV_SELFCHECK=0``); a failed check warns once and answers False from then on."""
-    if backend not in _CHECKED_BACKENDS or not selfcheck_enabled():
+    process against the PyTorch path (for backends in ``_CHECKED_BACKENDS``); a failed
+    check warns once and answers False from then on."""
+    if backend not in _CHECKED_BACKENDS:
         return True
     key = (str(device), dtype)
     with _checks_lock:
@@ -93,8 +93,9 @@ def _kernel_passes(backend: str, device: torch.device, dtype: torch.dtype) -> bo
 
 
 def _select_for_call(device: str, dtype: torch.dtype) -> str:
+    check = selfcheck_enabled()  # validates CUDA_WKV_SELFCHECK at every call
     backend = _select(torch.device(device).type, True)
-    if backend != "torch" and not _kernel_passes(backend, torch.device(device), dtype):
+    if backend != "torch" and check and not _kernel_passes(backend, torch.device(device), dtype):
         return "torch"
     return backend
 

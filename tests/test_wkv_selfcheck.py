@@ -150,6 +150,9 @@ def test_unchecked_backends_run_no_check(monkeypatch):
     assert dispatch._CHECKED_BACKENDS == ("cuda",)
     bi_wkv(*_problem())
     assert kernel.calls == 1 and not dispatch._checks
+    monkeypatch.setenv("CUDA_WKV_SELFCHECK", "yes")  # validated on every call all the same
+    with pytest.raises(ValueError, match="CUDA_WKV_SELFCHECK='yes' is not valid"):
+        bi_wkv(*_problem())
 
 
 def test_checked_under_torch_compile(cpu_checked):
