@@ -163,7 +163,7 @@ class Contrast:
 
     @classmethod
     def t1_like(cls) -> Contrast:
-        """The fixed test contrast: :data:`T1_LIKE` means, 0.02 stds, blur 0.5, no bias, no gamma, noise 0.01."""
+        """The fixed test contrast: :data:`T1_LIKE` means, 0.02 stds, blur 0.5, no bias, gamma 1, noise 0.01."""
         n = len(TISSUES)
         return cls(np.array([T1_LIKE[t] for t in TISSUES]), np.full(n, 0.02), 0.5, 0.0, 1.0, 0.01)
 
@@ -258,6 +258,9 @@ def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None =
     held-out subjects of :func:`subject_folds` and trains on the rest. Every file is written atomically.
     """
     donors = list(DONORS) if donors is None else list(dict.fromkeys(donors))
+    unknown = [d for d in donors if d not in DONORS]
+    if unknown:
+        raise CohortError(f'unknown subjects {unknown}; the cohort has {list(DONORS)}')
     folds = subject_folds(donors, n_folds)
     if cases_per_subject < 1:
         raise CohortError(f'--cases-per-subject must be at least 1, got {cases_per_subject}')

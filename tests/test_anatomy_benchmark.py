@@ -119,3 +119,5 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     assert os.listdir(work / 'test_inputs' / 'fold_0') == ['9861_t1_0000.nii.gz']
     assert 'left_cortex' in (work / 'cohort_results.md').read_text()
     assert (work / 'cohort_results_compare' / 'compare.md').is_file()
+    # nnU-Net trained on the builder's subject-wise split, not on a random 5-fold split of its own
+    assert 'Using splits from existing split file' in (work / 'logs' / 'train_nnUNetTrainer_Anatomy_fold0.log').read_text()

@@ -163,6 +163,9 @@ def test_missing_file_and_bad_options_are_named(tmp_path, toy, monkeypatch, caps
         cohort.load_donor('15697', broken)
     with pytest.raises(cohort.CohortError, match="unknown subject '123'"):
         cohort.load_donor('123', toy)
+    with pytest.raises(cohort.CohortError, match=r"unknown subjects \['42'\]"):
+        cohort.write_cohort(str(tmp_path / 'raw'), str(tmp_path), donors=['9861', '42'], source=toy)
+    assert not os.path.exists(tmp_path / 'raw')  # refused before anything was written
     with pytest.raises(cohort.CohortError, match='--cases-per-subject'):
         cohort.write_cohort(str(tmp_path), str(tmp_path), cases_per_subject=0, source=toy)
     monkeypatch.delenv('nnUNet_preprocessed', raising=False)
