@@ -167,7 +167,7 @@ def fake_step_cost(trainer_cls, pm, cm, num_input_channels: int, num_heads: int,
     with ExitStack() as stack:
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
         if amp:
-            stack.enter_context(mock.patch.object(cuda_wkv.dispatch, '_select_for_call', lambda _: 'cuda'))
+            stack.enter_context(mock.patch.object(cuda_wkv.dispatch, '_select_for_call', lambda *_: 'cuda'))
             was_enabled, was_dtype = torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda')
             stack.callback(torch.set_autocast_dtype, 'cuda', was_dtype)
             stack.callback(torch.set_autocast_enabled, 'cuda', was_enabled)
