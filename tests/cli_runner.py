@@ -15,8 +15,10 @@ from nnunetv2_ext.demo.pipeline import foreground_dice, nnunet_command, nnunet_e
 
 class TinyCLIRun:
     def __init__(self, tmp_path, user_module: str, user_code: str, dataset_id: int, name: str,
-                 shape: tuple[int, int, int], num_test: int = 1, threads: str = '1', **env_extra: str):
+                 shape: tuple[int, int, int], num_test: int = 1, threads: str = '1', configuration: str = '3d_fullres',
+                 **env_extra: str):
         self.tmp = tmp_path
+        self.configuration = configuration  # nnU-Net configuration planned, trained and predicted
         self.user_dir = tmp_path / 'user_trainers'
         self.user_dir.mkdir()
         (self.user_dir / f'{user_module}.py').write_text(user_code)
@@ -38,20 +40,23 @@ class TinyCLIRun:
         return path.read_text()
 
     def plan(self, **small_plans) -> str:
-        """plan_and_preprocess 3d_fullres; with ``small_plans`` (write_small_plans kwargs) derive narrower plans."""
+        """plan_and_preprocess the configuration; with ``small_plans`` (write_small_plans kwargs) derive narrower
+        plans."""
         self.run('plan', nnunet_command('nnUNetv2_plan_and_preprocess') + [
-            '-d', str(self.dataset_id), '-c', '3d_fullres', '-np', '1', '-npfp', '1'])
+            '-d', str(self.dataset_id), '-c', self.configuration, '-np', '1', '-npfp', '1'])
         if not small_plans:
             return 'nnUNetPlans'
-        return write_small_plans(os.path.join(self.env['nnUNet_preprocessed'], self.dataset), **small_plans)
+        return write_small_plans(os.path.join(self.env['nnUNet_preprocessed'], self.dataset),
+                                 configuration=self.configuration, **small_plans)
 
     def train(self, trainer: str, plans: str, log_name: str = 'train', resume: bool = False, **env: str) -> str:
-        cmd = nnunet_command('nnUNetv2_train') + [str(self.dataset_id), '3d_fullres', '0', '-tr', trainer, '-p',
+        cmd = nnunet_command('nnUNetv2_train') + [str(self.dataset_id), self.configuration, '0', '-tr', trainer, '-p',
                                                   plans, '-device', 'cpu']
         return self.run(log_name, cmd + (['--c'] if resume else []), **env)
 
     def fold_dir(self, trainer: str, plans: str) -> str:
-        return os.path.join(self.env['nnUNet_results'], self.dataset, f'{trainer}__{plans}__3d_fullres', 'fold_0')
+        return os.path.join(self.env['nnUNet_results'], self.dataset, f'{trainer}__{plans}__{self.configuration}',
+                            'fold_0')
 
     def checkpoint(self, trainer: str, plans: str) -> dict:
         return torch.load(os.path.join(self.fold_dir(trainer, plans), 'checkpoint_final.pth'), map_location='cpu',
@@ -61,7 +66,7 @@ class TinyCLIRun:
         """Predicts imagesTs without TTA; returns the output folder and the predicted files."""
         out = str(self.tmp / 'pred')
         self.run('predict', nnunet_command('nnUNetv2_predict') + [
-            '-i', os.path.join(self.raw, 'imagesTs'), '-o', out, '-d', str(self.dataset_id), '-c', '3d_fullres',
+            '-i', os.path.join(self.raw, 'imagesTs'), '-o', out, '-d', str(self.dataset_id), '-c', self.configuration,
             '-tr', trainer, '-p', plans, '-f', '0', '--disable_tta', '-device', 'cpu', '-npp', '1', '-nps', '1'])
         return out, sorted(f for f in os.listdir(out) if f.endswith('.nii.gz'))
 

@@ -1,4 +1,5 @@
-"""RWKV-UNet-3D from varied plans: deep-supervision outputs, gradients, variants, checkpointing, errors, compile."""
+"""RWKV-UNet from varied 2-D and 3-D plans: deep-supervision outputs, gradients, variants, checkpointing, regions and
+ignore label, errors, compile."""
 import inspect
 
 import numpy as np
@@ -9,9 +10,9 @@ from torch import nn
 from plans_factory import expected_ds_shapes, make_configuration, make_trainer
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_ext.benchmark import saved_activation_bytes
-from nnunetv2_ext.blocks.glsp import SE3D
+from nnunetv2_ext.blocks.glsp import SqueezeExcite
 from nnunetv2_ext.networks.plans import PlansError
-from nnunetv2_ext.networks.rwkv_unet import RWKVUNet3D, depths_from_plans
+from nnunetv2_ext.networks.rwkv_unet import RWKVUNet, depths_from_plans
 from nnunetv2_ext.trainers import (nnUNetTrainerGLSP, nnUNetTrainerGLSP_BN, nnUNetTrainerGLSP_Checkpoint,
                                    nnUNetTrainerGLSP_NoRecompute, nnUNetTrainerGLSP_NoRWKV)
 
@@ -22,6 +23,15 @@ def _torch_wkv(monkeypatch):
 
 
 PLANS = {
+    # bottlenecks of ≥ 2 voxels (instance norm needs more than one in training), as nnU-Net's planner makes them
+    '2d_5_odd': dict(patch_size=[24, 40], strides=[[1, 1], [2, 2], [2, 2], [3, 1], [1, 5]], features=[4, 8, 8, 8, 8]),
+    '2d_6_aniso': dict(patch_size=[64, 16], strides=[[1, 1], [2, 2], [2, 2], [2, 2], [2, 1], [2, 1]],
+                       features=[4, 8, 8, 8, 8, 8], kernel_sizes=[[3, 3]] * 4 + [[3, 1]] * 2),
+    '2d_7_resenc': dict(patch_size=[96, 128], strides=[[1, 1]] + [[2, 2]] * 4 + [[3, 2], [1, 2]],
+                        features=[2, 4, 4, 8, 8, 8, 8], residual=True),
+    '2d_8': dict(patch_size=[64, 256], strides=[[1, 1]] + [[2, 2]] * 5 + [[1, 2]] * 2,
+                 features=[2, 4, 4, 4, 8, 8, 8, 8]),
+    '3d_3_odd': dict(patch_size=[12, 20, 14], strides=[[1, 1, 1], [2, 2, 1], [3, 5, 7]], features=[4, 8, 8]),
     '3d_iso_5': dict(patch_size=[16, 16, 16], strides=[[1, 1, 1]] + [[2, 2, 2]] * 3 + [[1, 1, 1]],
                      features=[4, 8, 16, 16, 16]),
     '3d_aniso_6': dict(patch_size=[8, 32, 32], strides=[[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2],
@@ -36,13 +46,19 @@ PLANS = {
 
 def _unzero(net: nn.Module) -> nn.Module:
     """Give the zero-initialised LayerNorm weights (identity-at-init residuals) nonzero values and keep the
-    SE3D hidden ReLUs active, so "every parameter gets a gradient" tests connectivity, not the init or luck."""
+    SqueezeExcite hidden ReLUs active, so "every parameter gets a gradient" tests connectivity, not the init or
+    luck."""
     for m in net.modules():
         if isinstance(m, nn.LayerNorm):
             nn.init.uniform_(m.weight, 0.5, 1.5)
-        if isinstance(m, SE3D):
+        if isinstance(m, SqueezeExcite):
             nn.init.constant_(m.gate[1].bias, 1.0)
     return net
+
+
+def _channels(name: str) -> int:
+    """1, 2 or 3 input channels, varied over the plans."""
+    return 1 + list(PLANS).index(name) % 3
 
 
 @pytest.mark.parametrize('name', list(PLANS))
@@ -50,8 +66,11 @@ def test_outputs_match_trainer_scales(name):
     plans = PLANS[name]
     cm = make_configuration(**plans)
     trainer = make_trainer(nnUNetTrainerGLSP, cm)
-    net = trainer.build_network_architecture(trainer.plans_manager, cm, 2, 3, enable_deep_supervision=True)
-    x = torch.randn(2, 2, *plans['patch_size'])
+    c_in = _channels(name)
+    net = trainer.build_network_architecture(trainer.plans_manager, cm, c_in, 3, enable_deep_supervision=True)
+    convs = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Conv3d))]
+    assert all(isinstance(m, nn.Conv2d if len(plans['patch_size']) == 2 else nn.Conv3d) for m in convs)
+    x = torch.randn(2, c_in, *plans['patch_size'])
     out = net(x)
     trainer_scales = trainer._get_deep_supervision_scales()
     assert [tuple(o.shape) for o in out] == expected_ds_shapes(plans, 3, 2)
@@ -62,13 +81,28 @@ def test_outputs_match_trainer_scales(name):
     trainer.network = net
     trainer.set_deep_supervision_enabled(False)
     assert tuple(net(x).shape) == (2, 3, *plans['patch_size'])
-    net_inf = trainer.build_network_architecture(trainer.plans_manager, cm, 2, 3, enable_deep_supervision=False)
-    assert isinstance(net_inf(x), torch.Tensor)
+    net_inf = trainer.build_network_architecture(trainer.plans_manager, cm, c_in, 3, enable_deep_supervision=False)
+    out_inf = net_inf(x)
+    assert isinstance(out_inf, torch.Tensor) and tuple(out_inf.shape) == (2, 3, *plans['patch_size'])
+
+
+@pytest.mark.parametrize('name,start,n_glsp', [('3d_3_odd', 1, 1), ('3d_odd_4_resenc', 2, 1), ('2d_5_odd', 2, 2),
+                                               ('3d_7stages', 2, 4), ('2d_8', 2, 5)])
+def test_branch_starts_where_the_plans_allow(name, start, n_glsp):
+    """Stage 2 (1/4 resolution) with ≥ 4 stages, else stage n − 2: one GLSP stage and one downsampling."""
+    net = RWKVUNet.from_plans(make_configuration(**PLANS[name]), 1, 2)
+    n = len(PLANS[name]['strides'])
+    assert (net.branch_start, len(net.branch.glsp), len(net.fuse)) == (start, n_glsp, n - start)
+    assert net.branch.in_proj[0].in_channels == PLANS[name]['features'][start]
 
 
 def test_network_follows_the_plans():
+    cm2d = make_configuration(**PLANS['2d_6_aniso'])
+    net2d = RWKVUNet.from_plans(cm2d, 1, 2)
+    assert net2d.branch.glsp[-1].local[0].kernel_size == (3, 1)  # stage 4 kernel of the 2-D plans
+    assert isinstance(net2d.branch.glsp[0].local[1], nn.InstanceNorm2d) and net2d.branch.glsp[0].mix.ndim == 2
     cm = make_configuration(**PLANS['3d_aniso_6'])
-    net = RWKVUNet3D.from_plans(cm, 1, 2)
+    net = RWKVUNet.from_plans(cm, 1, 2)
     feats = net.encoder(torch.randn(1, 1, *PLANS['3d_aniso_6']['patch_size']))
     assert [f.shape[1] for f in feats] == PLANS['3d_aniso_6']['features']
     assert len(net.branch.glsp) == 3 and len(net.fuse) == 4  # GLSP at stages 2..4, fusion at stages 2..5
@@ -86,19 +120,43 @@ def _targets(trainer, shape, high):
             for sc in trainer._get_deep_supervision_scales()]
 
 
-@pytest.mark.parametrize('trainer_class', [nnUNetTrainerGLSP, nnUNetTrainerGLSP_NoRWKV, nnUNetTrainerGLSP_BN])
-def test_gradients_reach_every_parameter(trainer_class):
-    plans = PLANS['3d_aniso_6']
+@pytest.mark.parametrize('name,trainer_class', [(name, nnUNetTrainerGLSP) for name in PLANS] + [
+    (name, tr) for name in ('2d_6_aniso', '3d_aniso_6') for tr in (nnUNetTrainerGLSP_NoRWKV, nnUNetTrainerGLSP_BN)])
+def test_gradients_reach_every_parameter(name, trainer_class):
+    plans = PLANS[name]
     cm = make_configuration(**plans)
     trainer = make_trainer(trainer_class, cm)
     torch.manual_seed(0)
-    net = _unzero(trainer.build_network_architecture(trainer.plans_manager, cm, 1, 3, True))
-    out = net(torch.randn(2, 1, *plans['patch_size']))
+    c_in = _channels(name)
+    net = _unzero(trainer.build_network_architecture(trainer.plans_manager, cm, c_in, 3, True))
+    out = net(torch.randn(2, c_in, *plans['patch_size']))
     loss = trainer._build_loss()
-    np.testing.assert_allclose(loss.weight_factors, np.array([8, 4, 2, 1]) / 15)
+    n_out = min(4, len(plans['strides']) - 1)
+    weights = 2.0 ** np.arange(n_out - 1, -1, -1)
+    np.testing.assert_allclose(loss.weight_factors, weights / weights.sum())  # (8, 4, 2, 1)/15 for 4 outputs
     loss(out, _targets(trainer, out[0].shape, 3)).backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
-    assert missing == []
+    # the WKV weight of neighbours, exp(−(|t−i|−1)·w/T), is 1: on a grid of two tokens the decay w has no effect
+    assert missing == (['branch.glsp.3.mix.spatial_decay'] if name == '3d_7stages' else [])
+
+
+class _NoSE(nnUNetTrainerGLSP):  # a user's variant: two lines
+    network_options = {'se_ratio': 0.0}
+
+
+def test_a_variant_is_a_class_attribute_that_trainer_and_predictor_both_use():
+    """nnU-Net's trainer calls ``self.build_network_architecture(...)``, nnUNetPredictor
+    ``trainer_class.build_network_architecture(...)`` after checking the signature names ``plans_manager``:
+    both build the variant's network."""
+    cm = make_configuration(**PLANS['2d_5_odd'])
+    trainer = make_trainer(_NoSE, cm)
+    for build in (trainer.build_network_architecture, _NoSE.build_network_architecture):
+        assert 'plans_manager' in inspect.signature(build).parameters  # nnU-Net's check for the current signature
+        net = build(trainer.plans_manager, cm, 1, 3, enable_deep_supervision=False)
+        assert net.branch is not None and not any(isinstance(m, SqueezeExcite) for m in net.modules())
+    base = nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 3)
+    assert any(isinstance(m, SqueezeExcite) for m in base.modules())
+    assert nnUNetTrainerGLSP.network_options == {}  # building did not change the base class's options
 
 
 def test_variants():
@@ -150,8 +208,8 @@ def test_default_recomputes_stage_0_and_the_glsp_blocks_except_with_batch_norm()
     plans = PLANS['3d_iso_5']
     cm = make_configuration(**plans)
     x = torch.randn(2, 1, *plans['patch_size'])
-    plain = RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_levels=0, checkpoint_branch=False)
-    stage0_only = RWKVUNet3D.from_plans(cm, 1, 2, checkpoint_branch=False)
+    plain = RWKVUNet.from_plans(cm, 1, 2, checkpoint_levels=0, checkpoint_branch=False)
+    stage0_only = RWKVUNet.from_plans(cm, 1, 2, checkpoint_branch=False)
     default = nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2)
     stored = [saved_activation_bytes(lambda: net(x)) for net in (plain, stage0_only, default)]
     stage0 = saved_activation_bytes(lambda: plain.encoder.stages[0](x))
@@ -161,51 +219,104 @@ def test_default_recomputes_stage_0_and_the_glsp_blocks_except_with_batch_norm()
     assert bn.encoder.checkpoint_stages == 0 and not bn.branch.checkpoint
 
 
-def test_regions_and_ignore_label():
-    cm = make_configuration(**PLANS['3d_iso_5'])
-    regions = make_trainer(nnUNetTrainerGLSP, cm, labels={'background': 0, 'whole': [1, 2], 'core': 2},
+def _perturbed_where(tensors, masks, seed):
+    """Copies of ``tensors`` with large random values wherever ``masks`` (broadcast over channels) is true."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.where(m, 10 * torch.randn(t.shape, generator=gen), t) for t, m in zip(tensors, masks)]
+
+
+@pytest.mark.parametrize('name', ['2d_5_odd', '3d_iso_5'])
+def test_regions_and_ignore_label_ignored_voxels_do_not_change_the_loss(name):
+    """Regions + ignore label (BCE+Dice with the ignore channel last, as nnU-Net's transforms build it) and labels +
+    ignore label (CE+Dice with ``ignore_index``): the logits, and for regions the region targets, at ignored voxels
+    do not change the deep-supervised loss; the same change at the kept voxels does."""
+    plans = PLANS[name]
+    cm = make_configuration(**plans)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, *plans['patch_size'])
+    regions = make_trainer(nnUNetTrainerGLSP, cm, labels={'background': 0, 'whole': [1, 2], 'core': 2, 'ignore': 3},
                            regions_class_order=[1, 2])
+    assert regions.label_manager.has_regions and regions.label_manager.has_ignore_label
     heads = regions.label_manager.num_segmentation_heads
-    net = regions.build_network_architecture(regions.plans_manager, cm, 1, heads, True)
-    out = net(torch.randn(2, 1, *PLANS['3d_iso_5']['patch_size']))
-    assert out[0].shape[1] == 2
-    region_targets = [torch.cat([(t >= 1), (t == 2)], 1).float() for t in _targets(regions, out[0].shape, 3)]
-    assert torch.isfinite(regions._build_loss()(out, region_targets))
+    out = [o.detach() for o in regions.build_network_architecture(regions.plans_manager, cm, 1, heads, True)(x)]
+    assert out[0].shape[1] == heads == 2
+    labels = _targets(regions, out[0].shape, 4)
+    targets = [torch.cat([(t >= 1) & (t != 3), t == 2, t == 3], 1).float() for t in labels]
+    ignored = [t == 3 for t in labels]
+    assert all(m.any() and (~m).any() for m in ignored)
+    loss = regions._build_loss()
+    reference = loss(out, targets)
+    torch.testing.assert_close(loss(_perturbed_where(out, ignored, 1), targets), reference, rtol=1e-6, atol=0)
+    moved_targets = [torch.cat([torch.where(m, 1 - t[:, :-1], t[:, :-1]), t[:, -1:]], 1)
+                     for t, m in zip(targets, ignored)]
+    torch.testing.assert_close(loss(out, moved_targets), reference, rtol=1e-6, atol=0)
+    kept = [~ignored[0]] + [torch.zeros_like(m) for m in ignored[1:]]
+    assert not torch.isclose(loss(_perturbed_where(out, kept, 1), targets), reference, rtol=1e-4)
+
     ignore = make_trainer(nnUNetTrainerGLSP, cm, labels={'background': 0, 'a': 1, 'ignore': 2})
-    out = ignore.build_network_architecture(ignore.plans_manager, cm, 1, 2, True)(torch.randn(2, 1, *PLANS['3d_iso_5']['patch_size']))
-    assert torch.isfinite(ignore._build_loss()(out, _targets(ignore, out[0].shape, 3)))
+    out = [o.detach() for o in ignore.build_network_architecture(ignore.plans_manager, cm, 1, 2, True)(x)]
+    targets = _targets(ignore, out[0].shape, 3)
+    ignored = [t == 2 for t in targets]
+    loss = ignore._build_loss()
+    reference = loss(out, targets)
+    torch.testing.assert_close(loss(_perturbed_where(out, ignored, 2), targets), reference, rtol=1e-6, atol=0)
+    kept = [~ignored[0]] + [torch.zeros_like(m) for m in ignored[1:]]
+    assert not torch.isclose(loss(_perturbed_where(out, kept, 2), targets), reference, rtol=1e-4)
 
 
-def test_amp_forward_backward():
-    cm = make_configuration(**PLANS['3d_iso_5'])
-    net = _unzero(RWKVUNet3D.from_plans(cm, 1, 2))
+@pytest.mark.parametrize('name', ['2d_5_odd', '3d_iso_5'])
+def test_amp_forward_backward(name):
+    cm = make_configuration(**PLANS[name])
+    net = _unzero(RWKVUNet.from_plans(cm, 1, 2))
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = net(torch.randn(2, 1, *PLANS['3d_iso_5']['patch_size']))
+        out = net(torch.randn(2, 1, *PLANS[name]['patch_size']))
     sum(o.float().mean() for o in out).backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
 
 
-@pytest.mark.parametrize('plans,match', [
-    (dict(patch_size=[64, 64], strides=[[1, 1]] + [[2, 2]] * 4, features=[4] * 5), r'3-D only.*nnUNetTrainerLightDecoder'),
-    (dict(patch_size=[16, 16, 16], strides=[[1, 1, 1]] + [[2, 2, 2]] * 2, features=[4] * 3), 'at least 4 encoder stages'),
-    (dict(patch_size=[16, 20, 16], strides=[[1, 1, 1]] + [[2, 2, 2]] * 4, features=[4] * 5), 'does not fit'),
+def _edited(plans: dict, **arch_changes):
+    cm = make_configuration(**plans)
+    cm.network_arch_init_kwargs.update(arch_changes)
+    return cm
+
+
+@pytest.mark.parametrize('cm,match', [
+    (make_configuration(patch_size=[16, 16, 16], strides=[[1, 1, 1]], features=[4]), 'at least 2 encoder stages'),
+    (make_configuration(patch_size=[16, 20, 16], strides=[[1, 1, 1]] + [[2, 2, 2]] * 4, features=[4] * 5),
+     'does not fit'),
+    (_edited(PLANS['2d_5_odd'], conv_op='torch.nn.modules.conv.Conv3d'),
+     r"conv_op is 3-D but patch_size has \[2\] axes, strides has \[2\] axes, kernel_sizes has \[2\] axes"),
+    (_edited(PLANS['3d_iso_5'], kernel_sizes=[[3, 3]] * 5), r'conv_op is 3-D but kernel_sizes has \[2\] axes'),
+    (_edited(PLANS['3d_iso_5'], conv_op='torch.nn.modules.conv.Conv1d'), 'is not nn.Conv2d or nn.Conv3d'),
+    (_edited(PLANS['3d_iso_5'], norm_op='torch.nn.NoSuchNorm'), "norm_op 'torch.nn.NoSuchNorm' cannot be imported"),
 ])
-def test_unsupported_plans_are_clear_errors(plans, match):
+def test_unsupported_plans_are_clear_errors(cm, match):
     with pytest.raises(PlansError, match=match):
-        nnUNetTrainerGLSP.build_network_architecture(None, make_configuration(**plans), 1, 2)
+        nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2)
 
 
-def test_compiles_with_wkv_as_graph_break():
-    """Dynamo traces the network with one graph break per WKV call (``torch.compiler.disable``).
-    (Full inductor compilation on CPU was checked by hand, docs/glsp.md; too slow for the suite.)"""
-    cm = make_configuration(patch_size=[4, 8, 8], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]],
-                            features=[2, 4, 8, 8])
+COMPILE_PLANS = {2: dict(patch_size=[8, 8], strides=[[1, 1], [2, 2], [2, 2]], features=[2, 4, 4]),
+                 3: dict(patch_size=[4, 8, 8], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]],
+                         features=[2, 4, 8, 8])}
+
+
+@pytest.mark.parametrize('ndim', [2, 3])
+def test_compiles_as_one_graph(ndim, tmp_path, monkeypatch):
+    """Dynamo traces the whole network — the WKV custom op (fake implementation) and the recomputed
+    (checkpointed) blocks included — as one graph without a break; inductor's ``fullgraph=True`` compile on the
+    CPU gives eager's outputs and gradients within float32 tolerance."""
+    import torch._dynamo as dynamo
+    from test_compile import assert_compiled_equals_eager
+
+    monkeypatch.setenv('TORCHINDUCTOR_CACHE_DIR', str(tmp_path / 'inductor'))  # generated code only we can write
+    cm = make_configuration(**COMPILE_PLANS[ndim])
     torch.manual_seed(0)
-    net = _unzero(RWKVUNet3D.from_plans(cm, 1, 2))
-    x = torch.randn(2, 1, 4, 8, 8)
-    expected = net(x)
-    out = torch.compile(net, backend='eager')(x)
-    for a, b in zip(out, expected):
-        torch.testing.assert_close(a, b)
-    sum(o.sum() for o in out).backward()
-    assert net.branch.glsp[0].mix.key.weight.grad is not None
+    net = _unzero(RWKVUNet.from_plans(cm, 1, 2))
+    assert net.branch.checkpoint and net.encoder.checkpoint_stages == 1
+    x = torch.randn(2, 1, *COMPILE_PLANS[ndim]['patch_size'])
+    dynamo.reset()
+    explained = dynamo.explain(net)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    dynamo.reset()
+    assert_compiled_equals_eager(net, x, 'inductor')
+    dynamo.reset()

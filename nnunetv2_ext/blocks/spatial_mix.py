@@ -1,13 +1,14 @@
-"""Vision-RWKV spatial mixing on a flattened 3-D volume (``VRWKV_SpatialMix``, DESIGN §3).
+"""Vision-RWKV spatial mixing on a flattened image or volume (``VRWKV_SpatialMix``; Duan et al. 2024, Vision-RWKV,
+eqs. 4–6, used by RWKV-UNet's GLSP module).
 
-For ``x`` ``(B, T, C)``, ``T = D·H·W``, ``xx = q_shift_3d(x)``:
+For ``x`` ``(B, T, C)``, ``T = H·W`` (2-D) or ``D·H·W`` (3-D), ``xx = q_shift(x)`` (2-D) or ``q_shift_3d(x)``:
 
     x_k = x·μ_k + xx·(1 − μ_k)        (same for v, r; μ learnable, shape (1, 1, C))
     k = W_k x_k,  v = W_v x_v,  r = W_r x_r                      (Linear, no bias)
-    y = LayerNorm(WKV(decay / T, first / T, k, v))               (bidirectional WKV, DESIGN §2)
+    y = LayerNorm(WKV(decay / T, first / T, k, v))               (bidirectional WKV, docs/wkv.md)
     out = W_o (σ(r) ⊙ y)
 
-WKV is global over all T voxels at O(T·C) cost (``cuda_wkv.bi_wkv``), computed in float32 even
+WKV is global over all T pixels/voxels at O(T·C) cost (``cuda_wkv.bi_wkv``), computed in float32 even
 under AMP. Dividing ``decay`` and ``first`` by T keeps the distance bias of a layer on the same
 scale for every patch size.
 """
@@ -20,19 +21,14 @@ import torch
 from torch import nn
 
 from cuda_wkv import bi_wkv
-from nnunetv2_ext.blocks.q_shift import q_shift_3d
+from nnunetv2_ext.blocks.common import float32_region
+from nnunetv2_ext.blocks.q_shift import Q_SHIFT, SHIFT_GAMMA
 
 
-@torch.compiler.disable
 def wkv_float32(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``bi_wkv`` computed in (at least) float32 with autocast off; returns ``k``'s dtype.
-
-    Excluded from ``torch.compile`` (a graph break): the kernel is an opaque autograd Function that
-    dispatches on device at run time; everything around it compiles.
-    """
-    dtype = torch.promote_types(k.dtype, torch.float32)
-    with torch.autocast(device_type=k.device.type, enabled=False):
-        y = bi_wkv(w.to(dtype), u.to(dtype), k.to(dtype), v.to(dtype))
+    """``bi_wkv`` computed in (at least) float32 with autocast off; returns ``k``'s dtype."""
+    with float32_region(w, u, k, v) as (w, u, k32, v):
+        y = bi_wkv(w, u, k32, v)
     return y.to(k.dtype)
 
 
@@ -60,18 +56,25 @@ def fancy_init(dim: int, layer_id: int, n_layers: int) -> dict[str, torch.Tensor
 
 
 class VRWKV_SpatialMix(nn.Module):
-    """Token mixing ``(B, T, C) -> (B, T, C)`` for a sequence that is a flattened ``(D, H, W)`` volume.
+    """Token mixing ``(B, T, C) -> (B, T, C)`` for a sequence that is a flattened ``(H, W)`` image (``ndim=2``)
+    or ``(D, H, W)`` volume (``ndim=3``).
 
     Args:
         dim: channels C.
         layer_id, n_layers: position of this layer among the network's RWKV layers (for :func:`fancy_init`).
-        shift: voxels moved by :func:`q_shift_3d` (0 disables the shift: ``x_k = x_v = x_r = x``).
-        gamma: fraction of channels per shift direction (see :func:`q_shift_3d`).
+        shift: pixels/voxels moved by the q-shift (0 disables the shift: ``x_k = x_v = x_r = x``).
+        gamma: fraction of channels per shift direction (None: 1/4 in 2-D as Vision-RWKV, 1/8 in 3-D;
+            see :mod:`~nnunetv2_ext.blocks.q_shift`).
+        ndim: spatial axes of the grid (2 or 3).
     """
 
-    def __init__(self, dim: int, layer_id: int = 0, n_layers: int = 1, shift: int = 1, gamma: float = 1 / 8):
+    def __init__(self, dim: int, layer_id: int = 0, n_layers: int = 1, shift: int = 1, gamma: float | None = None,
+                 ndim: int = 3):
         super().__init__()
-        self.shift, self.gamma = shift, gamma
+        if ndim not in Q_SHIFT:
+            raise ValueError(f"VRWKV_SpatialMix works on 2-D or 3-D grids, got ndim={ndim}")
+        self.ndim, self.shift = ndim, shift
+        self.gamma = SHIFT_GAMMA[ndim] if gamma is None else gamma
         for name, value in fancy_init(dim, layer_id, n_layers).items():
             setattr(self, name, nn.Parameter(value))
         self.key = nn.Linear(dim, dim, bias=False)
@@ -81,9 +84,10 @@ class VRWKV_SpatialMix(nn.Module):
         self.output = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """``x (B, T, C)`` with ``T = prod(size)``, ``size`` the ``ndim`` grid axes -> ``(B, T, C)``."""
         T = x.shape[1]
         if self.shift > 0:
-            xx = q_shift_3d(x, size, self.shift, self.gamma)
+            xx = Q_SHIFT[self.ndim](x, size, self.shift, self.gamma)
             xk = x * self.spatial_mix_k + xx * (1 - self.spatial_mix_k)
             xv = x * self.spatial_mix_v + xx * (1 - self.spatial_mix_v)
             xr = x * self.spatial_mix_r + xx * (1 - self.spatial_mix_r)
