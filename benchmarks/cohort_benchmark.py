@@ -143,7 +143,8 @@ def main(argv=None) -> int:
     subjects = [s for k in folds for s in held[k]]
     text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans}, "
             f"folds {folds} (held-out subjects {[held[k] for k in folds]}). Test Dice on each held-out subject's "
-            f"T1-like case, predicted by the fold that held it out; mean ± std over {len(subjects)} subjects.\n\n"
+            f"T1-like case, predicted by the fold that held it out; mean ± std over the {len(subjects)} held-out "
+            f"subject(s).\n\n"
             + table)
     bench.write_results(args.name, text, {'held_out': {k: held[k] for k in folds}, 'test_dice': test,
                                           'paired': paired, 'train_s': train_s})
