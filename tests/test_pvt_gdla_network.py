@@ -16,9 +16,9 @@ from nnunetv2_ext.blocks.pvt import embed_padding, overlap_kernel, reduction_rat
 from nnunetv2_ext.blocks.tokens import tokens_to_grid
 from nnunetv2_ext.networks.plans import PlansError
 from nnunetv2_ext.networks.pvt_gdla import PVTGDLA, TimmPVTv2Encoder, first_transformer_level, plans_widths
-from nnunetv2_ext.trainers import (nnUNetTrainerPVTGDLA, nnUNetTrainerPVTGDLA_Elliptical, nnUNetTrainerPVTGDLA_EncRefine,
-                                   nnUNetTrainerPVTGDLA_ImageNet, nnUNetTrainerPVTGDLA_Mahalanobis,
-                                   nnUNetTrainerPVTGDLA_PlansWidths)
+from nnunetv2_ext.trainers import (nnUNetTrainerPVTGDLA, nnUNetTrainerPVTGDLA_Elliptical,
+                                   nnUNetTrainerPVTGDLA_EncRefine, nnUNetTrainerPVTGDLA_ImageNet,
+                                   nnUNetTrainerPVTGDLA_Mahalanobis, nnUNetTrainerPVTGDLA_PlansWidths)
 from nnunetv2_ext.trainers.pvt_gdla import WarmupPolyLRScheduler, weight_decay_groups
 
 TINY = dict(embed_dims=(8, 16, 16, 16), depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2), mlp_ratios=(2, 2, 2, 2),

@@ -23,7 +23,6 @@ Plans mapping (``strides[j]`` = the plans' stride of level ``j``, ``c_j = stride
 from __future__ import annotations
 
 import os
-import pydoc
 from typing import Sequence, Type
 
 import numpy as np
@@ -35,7 +34,7 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from nnunetv2_ext.blocks.gdla import GDLAM
 from nnunetv2_ext.blocks.light_decoder import NUM_DS_OUTPUTS, LightResidualBlock
 from nnunetv2_ext.blocks.pvt import PVTStage, reduction_ratios
-from nnunetv2_ext.networks.plans import PlansError, check_patch_fits_strides
+from nnunetv2_ext.networks.plans import PlansError, check_patch_fits_strides, ops_from_plans
 
 # PVTv2-b2 (Wang et al. 2022): the defaults for real training.
 PVT_V2_B2 = dict(embed_dims=(64, 128, 320, 512), depths=(3, 4, 6, 3), num_heads=(1, 2, 5, 8),
@@ -280,14 +279,12 @@ class PVTGDLA(nn.Module):
         and nonlinearity from the plans; ``options`` go to the constructor (widths, ``attention``, …);
         ``widths_from_plans=True`` takes the widths from the plans' ``features_per_stage`` (:func:`plans_widths`)."""
         arch = configuration_manager.network_arch_init_kwargs
-        resolved = {key: pydoc.locate(arch[key]) if isinstance(arch[key], str) else arch[key]
-                    for key in ('norm_op', 'nonlin')}
+        ops = ops_from_plans(configuration_manager)
         if options.pop('widths_from_plans', False):
             options = {**plans_widths(arch['features_per_stage'], arch['strides']), **options}
         return cls(num_input_channels, num_output_channels, configuration_manager.patch_size, arch['strides'],
-                   arch['kernel_sizes'], norm_op=resolved['norm_op'] or nn.Identity,
-                   norm_op_kwargs=arch['norm_op_kwargs'] if resolved['norm_op'] else {},
-                   nonlin=resolved['nonlin'] or nn.Identity, nonlin_kwargs=arch['nonlin_kwargs'],
+                   arch['kernel_sizes'], norm_op=ops.norm_op or nn.Identity, norm_op_kwargs=ops.norm_op_kwargs,
+                   nonlin=ops.nonlin or nn.Identity, nonlin_kwargs=ops.nonlin_kwargs,
                    deep_supervision=deep_supervision, **options)
 
 
