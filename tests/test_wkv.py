@@ -1,10 +1,12 @@
-"""Tests of cuda_wkv: values vs the float64 dense reference, gradients, determinism,
+"""Tests of cuda_wkv: values vs the float64 dense reference, gradients, the chunked scan
+at every chunk length, float32 accuracy at large |w| T, extreme inputs, determinism,
 AMP dtypes.  CUDA tests are skipped without a GPU; the kernel cache (lazy loading, build
 fallbacks, locks) is tested in test_wkv_cache.py, the nvcc compile in test_wkv_build.py."""
 from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -180,6 +182,214 @@ def test_determinism_and_thread_independence(cpu_kernel):
         torch.set_num_threads(prev)
     for a, b, c in zip(first, again, single):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+# --------------------------------------------------------------- chunked three-phase scan
+CHUNKS = ["1", "2", "3", "7", "64", ""]  # "" = automatic
+CHUNK_SHAPES = [(1, 1, 1), (2, 2, 3), (1, 31, 64), (2, 33, 3), (1, 1000, 64), (2, 1000, 3),
+                (1, 4099, 3), (1, 4099, 1)]
+_REF_CACHE = {}
+
+
+def _grad_ref(shape, seed, wT=4.0):
+    """Inputs, gy, and the dense float64 values and gradients (cached per shape)."""
+    key = (shape, seed, wT)
+    if key not in _REF_CACHE:
+        w, u, k, v = _inputs(*shape, wT=wT, kscale=2.0, seed=seed)
+        gy = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+        with_grad = shape[1] * shape[2] <= 4099 * 3
+        if with_grad:
+            y = bi_wkv_dense(*leaves)
+            grads = torch.autograd.grad(y, leaves, gy)
+        else:
+            y, grads = bi_wkv_dense(w, u, k, v), None
+        _REF_CACHE[key] = ((w, u, k, v), gy, y.detach(), grads)
+    return _REF_CACHE[key]
+
+
+def _kernel_grads(args, gy):
+    leaves = [x.clone().requires_grad_() for x in args]
+    y = bi_wkv(*leaves)
+    return [y.detach()] + list(torch.autograd.grad(y, leaves, gy))
+
+
+def _rel_err(got, ref):
+    """Max error relative to the largest reference entry (floor 1e-3: exact zeros)."""
+    return (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-3)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS, ids=lambda c: f"chunk{c or 'auto'}")
+@pytest.mark.parametrize("shape", CHUNK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_chunked_scan_vs_dense(cpu_kernel, monkeypatch, chunk, shape):
+    """Every chunk length (1, 2, 3, 7 cross every boundary case) gives the exact values and
+    gradients, in float64 to ~1e-12 and in float32 to ~1e-5."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    args, gy, y_ref, g_ref = _grad_ref(shape, seed=sum(shape))
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
+        got = _kernel_grads([x.to(dtype) for x in args], gy.to(dtype))
+        assert got[0].dtype == dtype
+        assert (got[0].double() - y_ref).abs().max().item() <= tol * args[3].abs().max().item()
+        if g_ref is not None:
+            for name, g, r in zip("wukv", got[1:], g_ref):
+                assert _rel_err(g, r) <= tol * 10, (name, dtype, _rel_err(g, r))
+
+
+def test_chunk_length_rules(cpu_kernel, monkeypatch):
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
+    cl = cpu_kernel.chunk_length
+    assert cl("cpu", 2, 32768, 64, 2) == 32768  # 8 channel blocks >= 2 threads: one chunk
+    assert cl("cpu", 1, 262144, 8, 2) == 131072  # one block, two threads: two chunks
+    assert cl("cpu", 1, 1000, 8, 2) == 1000  # short sequences are not split
+    L = cl("cuda", 2, 32768, 128, 132 * 2048)
+    assert 32 <= L < 32768 and (32768 + L - 1) // L <= int(math.sqrt(3 * 32768)) + 1
+    assert cl("cuda", 128, 100, 4096, 132 * 2048) == 100  # lanes fill the device: no split
+    monkeypatch.setenv("CUDA_WKV_CHUNK", "7")
+    assert cl("cpu", 2, 100, 3, 2) == 7 and cl("cuda", 2, 5, 3, 10) == 5
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "abc", "12x", "1.5"])
+def test_chunk_env_is_validated(cpu_kernel, monkeypatch, bad):
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", bad)
+    w, u, k, v = _inputs(1, 5, 2)
+    with pytest.raises(RuntimeError, match=f"CUDA_WKV_CHUNK='{re.escape(bad)}' is not a "
+                                           "positive integer"):
+        bi_wkv(w, u, k, v)
+
+
+@pytest.mark.parametrize("chunk", ["3", "16"])
+def test_gradcheck_across_chunk_boundaries(cpu_kernel, monkeypatch, chunk):
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    for wT in (6.0, -6.0):
+        w, u, k, v = _inputs(2, 37, 3, wT=wT, kscale=1.5, seed=13)
+        args = [x.clone().requires_grad_() for x in (w, u, k, v)]
+        assert torch.autograd.gradcheck(bi_wkv, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def _wide_inputs(B, T, C, wT, kmax, seed):
+    """|w| T = wT exactly scaled per channel (both signs), k ~ U(-kmax, kmax)."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.rand(C, generator=g, dtype=torch.float64) * 0.5 + 0.5) * wT / T
+    w = w * torch.where(torch.arange(C) % 2 == 0, 1.0, -1.0).double()
+    u = torch.randn(C, generator=g, dtype=torch.float64)
+    k = (torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 - 1) * kmax
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    gy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    # round to float32 first: the float64 run then sees exactly the float32 inputs
+    return [x.float().double() for x in (w, u, k, v)], gy.float().double()
+
+
+@pytest.mark.parametrize("wT", [1e2, 1e3, 1e4])
+def test_float32_accuracy_vs_dense(cpu_kernel, monkeypatch, wT):
+    """float32 error does not grow with |w| T (the exponents use exact integer distances)."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
+    args, gy = _wide_inputs(1, 4099, 4, wT, 30.0, seed=int(wT))
+    leaves = [x.clone().requires_grad_() for x in args]
+    y_ref = bi_wkv_dense(*leaves)
+    g_ref = torch.autograd.grad(y_ref, leaves, gy)
+    for chunk in ("", "100"):
+        monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+        got = _kernel_grads([x.float() for x in args], gy.float())
+        assert (got[0].double() - y_ref).abs().max().item() <= 1e-5 * args[3].abs().max().item()
+        for name, g, r in zip("wukv", got[1:], g_ref):
+            assert _rel_err(g, r) <= 3e-5, (chunk, name, _rel_err(g, r))
+
+
+@pytest.mark.parametrize("wT", [1e4, 1e5])
+def test_float32_accuracy_long_sequence(cpu_kernel, monkeypatch, wT):
+    """T = 32768, |w| T up to 1e5, |k| <= 30: float32 kernel vs the float64 kernel on the
+    same (float32-rounded) inputs."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", "1000")
+    args, gy = _wide_inputs(1, 32768, 4, wT, 30.0, seed=3)
+    ref = _kernel_grads(args, gy)
+    got = _kernel_grads([x.float() for x in args], gy.float())
+    assert (got[0].double() - ref[0]).abs().max().item() <= 1e-5 * args[3].abs().max().item()
+    for name, g, r in zip("wukv", got[1:], ref[1:]):
+        # gk = v gv - sum gy y P cancels where one token dominates (see docs/wkv.md)
+        assert _rel_err(g, r) <= (1e-4 if name == "k" else 3e-5), (name, _rel_err(g, r))
+
+
+def test_determinism_across_threads_and_chunks(cpu_kernel, monkeypatch):
+    """Bitwise equal for a fixed chunk length whatever the thread count; equal up to
+    rounding across chunk lengths."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    w, u, k, v = _inputs(2, 3001, 19, wT=20.0, kscale=3.0, dtype=torch.float32, seed=9)
+    gy = torch.randn(2, 3001, 19, generator=torch.Generator().manual_seed(2))
+    prev = torch.get_num_threads()
+    results = {}
+    try:
+        for chunk in ("7", "500", ""):
+            monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results[chunk, threads] = _kernel_grads((w, u, k, v), gy)
+    finally:
+        torch.set_num_threads(prev)
+    for chunk in ("7", "500", ""):
+        for a, b in zip(results[chunk, 1], results[chunk, 2]):
+            assert torch.equal(a, b), chunk
+    for chunk in ("7", "500"):
+        assert not torch.equal(results[chunk, 1][0], results["", 1][0])  # other summation
+        for a, b in zip(results[chunk, 1], results["", 1]):
+            assert _rel_err(a, b.double()) < 3e-5
+
+
+# ------------------------------------------------------------------- extreme inputs
+@pytest.mark.parametrize("backend", ["auto", "torch"], indirect=True)
+@pytest.mark.parametrize("chunk", ["3", ""])
+def test_zero_weight_lane_is_nan_like_the_definition(backend, monkeypatch, chunk):
+    """A lane whose weights are all e^{-inf} = 0 gives NaN (0/0, as the dense reference);
+    -inf keys elsewhere are just zero weights; the other lanes are untouched."""
+    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    w, u, k, v = _inputs(2, 40, 3, wT=3.0, kscale=2.0, seed=21)
+    k[0, :, 1] = -math.inf  # every weight of lane (0, 1) is 0
+    k[1, ::3, 2] = -math.inf  # some zero weights in lane (1, 2)
+    ref = bi_wkv_dense(w, u, k, v)
+    assert torch.isnan(ref[0, :, 1]).all()
+    for dtype in (torch.float64, torch.float32):
+        y = bi_wkv(*(x.to(dtype) for x in (w, u, k, v))).double()
+        assert torch.isnan(y[0, :, 1]).all()
+        mask = torch.ones_like(y, dtype=torch.bool)
+        mask[0, :, 1] = False
+        assert torch.isfinite(y[mask]).all()
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert (y[mask] - ref[mask]).abs().max().item() <= tol * 3
+
+
+@pytest.mark.parametrize("chunk", ["3", ""])
+def test_zero_weight_keys_gradients(cpu_kernel, monkeypatch, chunk):
+    """Gradients with some k = -inf equal the dense reference's (zero for those keys)."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    w, u, k, v = _inputs(2, 30, 3, wT=3.0, kscale=2.0, seed=22)
+    k[:, ::4, :] = -math.inf
+    gy = torch.randn(2, 30, 3, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    ref = torch.autograd.grad(bi_wkv_dense(*leaves), leaves, gy)
+    got = _kernel_grads((w, u, k, v), gy)
+    for name, g, r in zip("wukv", got[1:], ref):
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunk", ["3", ""])
+def test_huge_values_do_not_overflow(cpu_kernel, monkeypatch, chunk):
+    """v = +-3e38 (finite float32): y is a convex combination of v, so it is finite and
+    matches the float64 reference to float32 rounding."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    w, u, k, v = _inputs(2, 50, 4, wT=2.0, kscale=0.5, seed=23)
+    v = torch.where(v > 0, 3e38, -3e38).double()
+    v[:, ::5] = 3e38
+    ref = bi_wkv_dense(w, u, k, v)
+    y = bi_wkv(*(x.float() for x in (w, u, k, v)))
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).abs().max().item() <= 1e-5 * 3e38
 
 
 # ------------------------------------------------------------ dispatch / validation

@@ -6,6 +6,8 @@
 
 #include <initializer_list>
 
+#include "wkv_recurrence.h"
+
 namespace wkv {
 
 // w, u: (C,); k, v: (B, T, C); all on one device of type `device`, one dtype
@@ -36,6 +38,17 @@ inline void check_saved(const char* op, const at::Tensor& k,
                     x->is_contiguous() && x->device() == k.device(),
                 op, " backward: saved tensors / grad must match k");
   }
+}
+
+// The chunk length forced by CUDA_WKV_CHUNK (0: unset, automatic); an invalid value is
+// an error naming the variable.
+inline int64_t forced_chunk(const char* op) {
+  const char* bad = nullptr;
+  const int64_t len = chunk_from_env(&bad);
+  TORCH_CHECK(bad == nullptr, op, ": CUDA_WKV_CHUNK='", (bad ? bad : ""),
+              "' is not a positive integer; unset it for the automatic chunk length or set "
+              "a length such as CUDA_WKV_CHUNK=256");
+  return len;
 }
 
 }  // namespace wkv

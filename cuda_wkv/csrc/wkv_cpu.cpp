@@ -1,10 +1,14 @@
-// C++ CPU kernel for the exact bidirectional WKV (see wkv_recurrence.h).
+// C++ CPU kernel for the exact bidirectional WKV: the chunked three-phase scan of
+// wkv_recurrence.h.
 //
-// Layout (B, T, C) is channel-contiguous, so the inner loops run over a block of
-// NB contiguous channels (independent lanes) and vectorise; the sequential scan runs
-// over t.  Work is split over (batch, channel block) with at::parallel_for.  The
-// partition depends only on (B, C), never on the thread count, and every lane sums
-// in a fixed order, so the results are bitwise deterministic.
+// Layout (B, T, C) is channel-contiguous, so the inner loops run over a block of NB
+// contiguous channels (independent lanes) and vectorise; the sequential scans run over
+// t.  Phases 1 and 3 are spread over (batch, channel block, chunk) tasks with
+// at::parallel_for; phase 2 is one short loop over the chunks per batch.  The partition
+// depends only on the shape and the chunk length, and every lane sums in a fixed order:
+// for a given chunk length the results are bitwise independent of the thread count.
+// The automatic chunk length splits the sequence only when there are fewer (batch,
+// channel block) tasks than threads; CUDA_WKV_CHUNK forces it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -16,6 +20,8 @@
 namespace {
 
 constexpr int kBlock = 16;  // channels per task (2 AVX2 / 1 AVX-512 float vector)
+constexpr int kFwdFields = 4;   // a, n, s0, mean
+constexpr int kBwdFields = 10;  // BwdState
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define WKV_SIMD _Pragma("GCC ivdep")
@@ -23,138 +29,326 @@ constexpr int kBlock = 16;  // channels per task (2 AVX2 / 1 AVX-512 float vecto
 #define WKV_SIMD _Pragma("omp simd")
 #endif
 
-// One (batch, channel-block) task of the forward.  Pointers are offset to (b, 0, c0).
-// NB > 0: compile-time block width (fully vectorised); NB == 0: runtime width n.
+// The chunking of one call: nch chunks of length len (the last one may be shorter).
+struct Plan {
+  int64_t B, T, C, nblk, len, nch;
+  int64_t chunk_begin(int64_t ch) const { return ch * len; }
+  int64_t chunk_end(int64_t ch) const { return std::min(T, (ch + 1) * len); }
+};
+
+Plan make_plan(const at::Tensor& k) {
+  Plan p;
+  p.B = k.size(0);
+  p.T = k.size(1);
+  p.C = k.size(2);
+  p.nblk = (p.C + kBlock - 1) / kBlock;
+  const int64_t forced = wkv::forced_chunk("wkv_cpu");
+  p.len = forced > 0 ? std::min(forced, std::max<int64_t>(p.T, 1))
+                     : wkv::cpu_auto_chunk(p.B, p.T, p.C, kBlock, at::get_num_threads());
+  p.nch = (p.T + p.len - 1) / p.len;
+  return p;
+}
+
+// Runs fn(b, c0, n, ch) for every (batch, channel block, chunk) task in parallel.
+template <typename Fn> void for_tasks(const Plan& p, Fn&& fn) {
+  at::parallel_for(0, p.B * p.nblk * p.nch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ch = task % p.nch, rest = task / p.nch;
+      const int64_t b = rest / p.nblk, c0 = (rest % p.nblk) * kBlock;
+      fn(b, c0, static_cast<int>(std::min<int64_t>(kBlock, p.C - c0)), ch);
+    }
+  });
+}
+
+// Calls body.template operator()<NB>() with NB = kBlock for full blocks (compile-time
+// width, fully vectorised) and NB = 0 (runtime width) for the last partial block.
+#define WKV_BLOCK_DISPATCH(n, ...)    \
+  do {                                \
+    if ((n) == kBlock) {              \
+      constexpr int NB = kBlock;      \
+      __VA_ARGS__                     \
+    } else {                          \
+      constexpr int NB = 0;           \
+      __VA_ARGS__                     \
+    }                                 \
+  } while (0)
+
+// ------------------------------------------------------------------------------ forward
+// Forward sums of a channel block, structure of arrays.
+template <typename F> struct FwdLanes {
+  F a[kBlock], n[kBlock], s0[kBlock], mean[kBlock];
+  void empty(int cnt) {
+    for (int j = 0; j < cnt; ++j) wkv::fwd_empty(a[j], n[j], s0[j], mean[j]);
+  }
+  // field f of lane j at p[f * stride + j]
+  void load(const F* p, int64_t stride, int cnt) {
+    for (int j = 0; j < cnt; ++j) {
+      a[j] = p[j];
+      n[j] = p[stride + j];
+      s0[j] = p[2 * stride + j];
+      mean[j] = p[3 * stride + j];
+    }
+  }
+  void store(F* p, int64_t stride, int cnt) const {
+    for (int j = 0; j < cnt; ++j) {
+      p[j] = a[j];
+      p[stride + j] = n[j];
+      p[2 * stride + j] = s0[j];
+      p[3 * stride + j] = mean[j];
+    }
+  }
+};
+
+// Offset of (b, chunk, dir, field 0, channel c) in a (B, nch, 2, fields, C) buffer.
+inline int64_t state_off(const Plan& p, int fields, int64_t b, int64_t ch, int dir,
+                         int64_t c) {
+  return (((b * p.nch + ch) * 2 + dir) * fields) * p.C + c;
+}
+
+// Phase 1: the left (dir 0) and / or right (dir 1) sum of one chunk of a block.
 template <typename F, int NB>
-void forward_block(const F* __restrict__ k, const F* __restrict__ v,
-                   const F* __restrict__ wp, const F* __restrict__ up,
-                   F* __restrict__ y, F* __restrict__ m, F* __restrict__ r,
-                   int64_t T, int64_t C, int n_rt) {
+void fwd_summary(const F* k, const F* v, const F* wp, int64_t t0, int64_t t1, int64_t C,
+                 int n_rt, F* out_left, F* out_right, int64_t stride) {
   const int n = NB > 0 ? NB : n_rt;
-  F w[kBlock], u[kBlock], a[kBlock], b[kBlock], c[kBlock];
+  F w[kBlock];
+  for (int j = 0; j < n; ++j) w[j] = wp[j];
+  FwdLanes<F> s;
+  if (out_left != nullptr) {
+    s.empty(n);
+    for (int64_t t = t0; t < t1; ++t) {
+      const F* kt = k + t * C;
+      const F* vt = v + t * C;
+      const F tf = static_cast<F>(t);
+      WKV_SIMD
+      for (int j = 0; j < n; ++j) {
+        wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, kt[j], vt[j], w[j]);
+      }
+    }
+    s.store(out_left, stride, n);
+  }
+  if (out_right != nullptr) {
+    s.empty(n);
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      const F* kt = k + t * C;
+      const F* vt = v + t * C;
+      const F tf = -static_cast<F>(t);
+      WKV_SIMD
+      for (int j = 0; j < n; ++j) {
+        wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, kt[j], vt[j], w[j]);
+      }
+    }
+    s.store(out_right, stride, n);
+  }
+}
+
+// Phase 3: rescan one chunk of a block from its carried-in sums.
+template <typename F, int NB>
+void fwd_rescan(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r,
+                int64_t t0, int64_t t1, int64_t C, int n_rt, const F* carry_left,
+                const F* carry_right, int64_t stride) {
+  const int n = NB > 0 ? NB : n_rt;
+  F w[kBlock], u[kBlock];
   for (int j = 0; j < n; ++j) {
     w[j] = wp[j];
     u[j] = up[j];
-    a[j] = b[j] = F(0);
-    c[j] = wkv::neg_big<F>();
   }
-  for (int64_t t = 0; t < T; ++t) {
+  FwdLanes<F> s;
+  s.load(carry_left, stride, n);
+  for (int64_t t = t0; t < t1; ++t) {
     const int64_t o = t * C;
     const F tf = static_cast<F>(t);
     WKV_SIMD
     for (int j = 0; j < n; ++j) {
-      wkv::fwd_pass1_step<F>(a[j], b[j], c[j], tf * w[j], w[j], k[o + j], v[o + j],
-                             y[o + j], r[o + j], m[o + j]);
+      wkv::fwd_left_step(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, k[o + j], v[o + j], w[j],
+                         y[o + j], m[o + j], r[o + j]);
     }
   }
-  for (int j = 0; j < n; ++j) {
-    a[j] = b[j] = F(0);
-    c[j] = wkv::neg_big<F>();
-  }
-  for (int64_t t = T - 1; t >= 0; --t) {
+  s.load(carry_right, stride, n);
+  for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t o = t * C;
     const F tf = static_cast<F>(t);
     WKV_SIMD
     for (int j = 0; j < n; ++j) {
-      wkv::fwd_pass2_step<F>(a[j], b[j], c[j], -tf * w[j], w[j], u[j], k[o + j],
-                             v[o + j], y[o + j], m[o + j], r[o + j]);
+      wkv::fwd_right_step(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, k[o + j], v[o + j], w[j],
+                          u[j], y[o + j], m[o + j], r[o + j]);
     }
   }
 }
 
-// One (batch, channel-block) task of the backward.  gw_part / gu_part: this task's
-// per-channel partial sums (double).
-template <typename F, int NB>
-void backward_block(const F* __restrict__ k, const F* __restrict__ v,
-                    const F* __restrict__ wp, const F* __restrict__ up,
-                    const F* __restrict__ y, const F* __restrict__ m,
-                    const F* __restrict__ r, const F* __restrict__ gy,
-                    F* __restrict__ gk, F* __restrict__ gv,
-                    double* __restrict__ gw_part, double* __restrict__ gu_part,
-                    int64_t T, int64_t C, int n_rt) {
-  const int n = NB > 0 ? NB : n_rt;
-  F w[kBlock], u[kBlock];
-  F fa[kBlock], fb[kBlock], fdv[kBlock], fdb[kBlock], cf[kBlock];
-  F r1[kBlock], r2[kBlock], cr[kBlock];
-  double gw[kBlock], gu[kBlock];
-  for (int j = 0; j < n; ++j) {
-    w[j] = wp[j];
-    u[j] = up[j];
-    gw[j] = gu[j] = 0.0;
-    wkv::bwd_init(fa[j], fb[j], fdv[j], fdb[j], cf[j], r1[j], r2[j], cr[j]);
-  }
-  // pass 1, left to right: left-side sums; transposed sums stored in gv / gk.
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t o = t * C;
-    const F tf = static_cast<F>(t);
-    WKV_SIMD
-    for (int j = 0; j < n; ++j) {
-      F s1, s2;
-      wkv::bwd_step<F, double>(fa[j], fb[j], fdv[j], fdb[j], cf[j], r1[j], r2[j], cr[j],
-                               tf * w[j], w[j], k[o + j], v[o + j], y[o + j], m[o + j],
-                               r[o + j], gy[o + j], gw[j], s1, s2);
-      gv[o + j] = s1;
-      gk[o + j] = s2;
+// Phase 2 for one batch: every (channel, direction) lane in turn.
+template <typename F>
+void carries(const Plan& p, int fields, int64_t b, const F* summ, F* carry, const F* wp) {
+  const int64_t cs = 2 * fields * p.C;
+  for (int64_t c = 0; c < p.C; ++c) {
+    for (int dir = 0; dir < 2; ++dir) {
+      const int64_t o = state_off(p, fields, b, 0, dir, c);
+      if (fields == kFwdFields) {
+        wkv::fwd_carry_lane(summ + o, carry + o, p.nch, cs, p.C, dir, wp[c]);
+      } else {
+        wkv::bwd_carry_lane(summ + o, carry + o, p.nch, cs, p.C, dir, wp[c]);
+      }
     }
-  }
-  for (int j = 0; j < n; ++j) {
-    wkv::bwd_init(fa[j], fb[j], fdv[j], fdb[j], cf[j], r1[j], r2[j], cr[j]);
-  }
-  // pass 2, right to left: right-side sums, then the final combination.
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const int64_t o = t * C;
-    const F tf = static_cast<F>(t);
-    WKV_SIMD
-    for (int j = 0; j < n; ++j) {
-      F s1, s2;
-      const F kk = k[o + j], vv = v[o + j], yy = y[o + j], mm = m[o + j], rr = r[o + j],
-              gg = gy[o + j];
-      wkv::bwd_step<F, double>(fa[j], fb[j], fdv[j], fdb[j], cf[j], r1[j], r2[j], cr[j],
-                               -tf * w[j], w[j], kk, vv, yy, mm, rr, gg, gw[j], s1, s2);
-      F g_v, g_k;
-      wkv::bwd_finish<F, double>(u[j], kk, vv, yy, mm, rr, gg, gv[o + j] + s1,
-                                 gk[o + j] + s2, gu[j], g_v, g_k);
-      gv[o + j] = g_v;
-      gk[o + j] = g_k;
-    }
-  }
-  for (int j = 0; j < n; ++j) {
-    gw_part[j] = -gw[j];
-    gu_part[j] = gu[j];
   }
 }
 
 std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
                                     at::Tensor v) {
   wkv::check_inputs("wkv_cpu", c10::DeviceType::CPU, w, u, k, v);
-  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto y = at::empty_like(k), m = at::empty_like(k), r = at::empty_like(k);
   if (k.numel() == 0) return {y, m, r};
-  const int64_t nblk = (C + kBlock - 1) / kBlock;
+  const Plan p = make_plan(k);
+  auto summ = at::empty({p.B, p.nch, 2, kFwdFields, p.C}, k.options());
+  auto carry = at::empty_like(summ);
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cpu", [&] {
-    const scalar_t* kp = k.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const scalar_t* wp = w.data_ptr<scalar_t>();
-    const scalar_t* up = u.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    scalar_t* mp = m.data_ptr<scalar_t>();
-    scalar_t* rp = r.data_ptr<scalar_t>();
-    at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t bi = task / nblk, c0 = (task % nblk) * kBlock;
-        const int n = static_cast<int>(std::min<int64_t>(kBlock, C - c0));
-        const int64_t off = bi * T * C + c0;
-        if (n == kBlock) {
-          forward_block<scalar_t, kBlock>(kp + off, vp + off, wp + c0, up + c0, yp + off,
-                                          mp + off, rp + off, T, C, n);
-        } else {
-          forward_block<scalar_t, 0>(kp + off, vp + off, wp + c0, up + c0, yp + off,
-                                     mp + off, rp + off, T, C, n);
-        }
-      }
+    using F = scalar_t;
+    const F* kp = k.data_ptr<F>();
+    const F* vp = v.data_ptr<F>();
+    const F* wp = w.data_ptr<F>();
+    const F* up = u.data_ptr<F>();
+    F* yp = y.data_ptr<F>();
+    F* mp = m.data_ptr<F>();
+    F* rp = r.data_ptr<F>();
+    F* sp = summ.data_ptr<F>();
+    F* cp = carry.data_ptr<F>();
+    const int64_t TC = p.T * p.C;
+    if (p.nch > 1) {
+      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+        F* left = ch + 1 < p.nch ? sp + state_off(p, kFwdFields, b, ch, 0, c0) : nullptr;
+        F* right = ch > 0 ? sp + state_off(p, kFwdFields, b, ch, 1, c0) : nullptr;
+        WKV_BLOCK_DISPATCH(n, fwd_summary<F, NB>(kp + b * TC + c0, vp + b * TC + c0, wp + c0,
+                                                 p.chunk_begin(ch), p.chunk_end(ch), p.C,
+                                                 n, left, right, p.C););
+      });
+    }
+    at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) carries<F>(p, kFwdFields, b, sp, cp, wp);
+    });
+    for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+      const int64_t off = b * TC + c0;
+      WKV_BLOCK_DISPATCH(
+          n, fwd_rescan<F, NB>(kp + off, vp + off, wp + c0, up + c0, yp + off, mp + off,
+                               rp + off, p.chunk_begin(ch), p.chunk_end(ch), p.C, n,
+                               cp + state_off(p, kFwdFields, b, ch, 0, c0),
+                               cp + state_off(p, kFwdFields, b, ch, 1, c0), p.C););
     });
   });
   return {y, m, r};
+}
+
+// ----------------------------------------------------------------------------- backward
+// Backward states of a channel block, structure of arrays (BwdState field by field).
+template <typename F> struct BwdLanes {
+  F f[kBwdFields][kBlock];
+  wkv::BwdState<F> get(int j) const {
+    return {f[0][j], f[1][j], f[2][j], f[3][j], f[4][j],
+            f[5][j], f[6][j], f[7][j], f[8][j], f[9][j]};
+  }
+  void put(int j, const wkv::BwdState<F>& s) {
+    f[0][j] = s.a;
+    f[1][j] = s.n;
+    f[2][j] = s.s0;
+    f[3][j] = s.s1;
+    f[4][j] = s.d0;
+    f[5][j] = s.d1;
+    f[6][j] = s.ta;
+    f[7][j] = s.tn;
+    f[8][j] = s.g0;
+    f[9][j] = s.g1;
+  }
+  void empty(int cnt) {
+    wkv::BwdState<F> e;
+    wkv::bwd_empty(e);
+    for (int j = 0; j < cnt; ++j) put(j, e);
+  }
+  void load(const F* p, int64_t stride, int cnt) {
+    for (int i = 0; i < kBwdFields; ++i)
+      for (int j = 0; j < cnt; ++j) f[i][j] = p[i * stride + j];
+  }
+  void store(F* p, int64_t stride, int cnt) const {
+    for (int i = 0; i < kBwdFields; ++i)
+      for (int j = 0; j < cnt; ++j) p[i * stride + j] = f[i][j];
+  }
+};
+
+// Pointers of one block at (b, 0, c0) and the per-lane parameters.
+template <typename F> struct BwdIO {
+  const F *k, *v, *y, *m, *r, *gy;
+  F *gk, *gv;
+  const F *w, *u;
+  int64_t C;
+};
+
+// Phase 1: the left and / or right backward states of one chunk of a block.
+template <typename F, int NB>
+void bwd_summary(const BwdIO<F>& io, int64_t t0, int64_t t1, int n_rt, F* out_left,
+                 F* out_right, int64_t stride) {
+  const int n = NB > 0 ? NB : n_rt;
+  BwdLanes<F> s;
+  for (int d = 0; d < 2; ++d) {
+    F* out = d == 0 ? out_left : out_right;
+    if (out == nullptr) continue;
+    const F dir = d == 0 ? F(1) : F(-1);
+    s.empty(n);
+    for (int64_t i = 0; i < t1 - t0; ++i) {
+      const int64_t t = d == 0 ? t0 + i : t1 - 1 - i;
+      const int64_t o = t * io.C;
+      const F tf = static_cast<F>(t);
+      WKV_SIMD
+      for (int j = 0; j < n; ++j) {
+        wkv::BwdState<F> st = s.get(j);
+        wkv::bwd_fold(st, dir, tf, io.k[o + j], io.v[o + j], io.y[o + j], io.m[o + j],
+                      io.r[o + j], io.gy[o + j], io.w[j]);
+        s.put(j, st);
+      }
+    }
+    s.store(out, stride, n);
+  }
+}
+
+// Phase 3: rescan one chunk of a block; gw_part / gu_part: this task's partial sums.
+template <typename F, int NB>
+void bwd_rescan(const BwdIO<F>& io, int64_t t0, int64_t t1, int n_rt, const F* carry_left,
+                const F* carry_right, int64_t stride, double* gw_part, double* gu_part) {
+  const int n = NB > 0 ? NB : n_rt;
+  double gw[kBlock], gu[kBlock];
+  for (int j = 0; j < n; ++j) gw[j] = gu[j] = 0.0;
+  BwdLanes<F> s;
+  s.load(carry_left, stride, n);
+  for (int64_t t = t0; t < t1; ++t) {  // left sides: partial q0, q1 kept in gv, gk
+    const int64_t o = t * io.C;
+    const F tf = static_cast<F>(t);
+    WKV_SIMD
+    for (int j = 0; j < n; ++j) {
+      wkv::BwdState<F> st = s.get(j);
+      const F kk = io.k[o + j], yy = io.y[o + j], mm = io.m[o + j], rr = io.r[o + j],
+              gg = io.gy[o + j];
+      wkv::bwd_emit(st, F(1), tf, kk, yy, mm, rr, gg, io.w[j], gw[j], io.gv[o + j],
+                    io.gk[o + j]);
+      wkv::bwd_fold(st, F(1), tf, kk, io.v[o + j], yy, mm, rr, gg, io.w[j]);
+      s.put(j, st);
+    }
+  }
+  s.load(carry_right, stride, n);
+  for (int64_t t = t1 - 1; t >= t0; --t) {  // right sides, then the final combination
+    const int64_t o = t * io.C;
+    const F tf = static_cast<F>(t);
+    WKV_SIMD
+    for (int j = 0; j < n; ++j) {
+      wkv::BwdState<F> st = s.get(j);
+      const F kk = io.k[o + j], vv = io.v[o + j], yy = io.y[o + j], mm = io.m[o + j],
+              rr = io.r[o + j], gg = io.gy[o + j];
+      F q0, q1;
+      wkv::bwd_emit(st, F(-1), tf, kk, yy, mm, rr, gg, io.w[j], gw[j], q0, q1);
+      wkv::bwd_finish(io.u[j], kk, vv, yy, mm, rr, gg, io.gv[o + j] + q0,
+                      io.gk[o + j] + q1, io.w[j], gu[j], gw[j], io.gv[o + j], io.gk[o + j]);
+      wkv::bwd_fold(st, F(-1), tf, kk, vv, yy, mm, rr, gg, io.w[j]);
+      s.put(j, st);
+    }
+  }
+  for (int j = 0; j < n; ++j) {
+    gw_part[j] = gw[j];
+    gu_part[j] = gu[j];
+  }
 }
 
 std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
@@ -162,61 +356,76 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                                      at::Tensor r, at::Tensor gy) {
   wkv::check_inputs("wkv_cpu", c10::DeviceType::CPU, w, u, k, v);
   wkv::check_saved("wkv_cpu", k, {&y, &m, &r, &gy});
-  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto gk = at::empty_like(k), gv = at::empty_like(k);
-  auto gw_part = at::zeros({B, C}, k.options().dtype(at::kDouble));
-  auto gu_part = at::zeros({B, C}, k.options().dtype(at::kDouble));
-  const int64_t nblk = (C + kBlock - 1) / kBlock;
-  if (k.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_backward_cpu", [&] {
-      const scalar_t* kp = k.data_ptr<scalar_t>();
-      const scalar_t* vp = v.data_ptr<scalar_t>();
-      const scalar_t* wp = w.data_ptr<scalar_t>();
-      const scalar_t* up = u.data_ptr<scalar_t>();
-      const scalar_t* yp = y.data_ptr<scalar_t>();
-      const scalar_t* mp = m.data_ptr<scalar_t>();
-      const scalar_t* rp = r.data_ptr<scalar_t>();
-      const scalar_t* gp = gy.data_ptr<scalar_t>();
-      scalar_t* gkp = gk.data_ptr<scalar_t>();
-      scalar_t* gvp = gv.data_ptr<scalar_t>();
-      double* gwp = gw_part.data_ptr<double>();
-      double* gup = gu_part.data_ptr<double>();
-      at::parallel_for(0, B * nblk, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t bi = task / nblk, c0 = (task % nblk) * kBlock;
-          const int n = static_cast<int>(std::min<int64_t>(kBlock, C - c0));
-          const int64_t off = bi * T * C + c0;
-          if (n == kBlock) {
-            backward_block<scalar_t, kBlock>(kp + off, vp + off, wp + c0, up + c0,
-                                             yp + off, mp + off, rp + off, gp + off,
-                                             gkp + off, gvp + off, gwp + bi * C + c0,
-                                             gup + bi * C + c0, T, C, n);
-          } else {
-            backward_block<scalar_t, 0>(kp + off, vp + off, wp + c0, up + c0, yp + off,
-                                        mp + off, rp + off, gp + off, gkp + off,
-                                        gvp + off, gwp + bi * C + c0, gup + bi * C + c0,
-                                        T, C, n);
-          }
-        }
+  if (k.numel() == 0) return {at::zeros_like(w), at::zeros_like(u), gk, gv};
+  const Plan p = make_plan(k);
+  auto summ = at::empty({p.B, p.nch, 2, kBwdFields, p.C}, k.options());
+  auto carry = at::empty_like(summ);
+  auto gw_part = at::empty({p.B, p.nch, p.C}, k.options().dtype(at::kDouble));
+  auto gu_part = at::empty_like(gw_part);
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_backward_cpu", [&] {
+    using F = scalar_t;
+    const int64_t TC = p.T * p.C;
+    auto io_at = [&](int64_t b, int64_t c0) {
+      const int64_t off = b * TC + c0;
+      return BwdIO<F>{k.data_ptr<F>() + off,  v.data_ptr<F>() + off,  y.data_ptr<F>() + off,
+                      m.data_ptr<F>() + off,  r.data_ptr<F>() + off,  gy.data_ptr<F>() + off,
+                      gk.data_ptr<F>() + off, gv.data_ptr<F>() + off, w.data_ptr<F>() + c0,
+                      u.data_ptr<F>() + c0,   p.C};
+    };
+    F* sp = summ.data_ptr<F>();
+    F* cp = carry.data_ptr<F>();
+    if (p.nch > 1) {
+      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+        F* left = ch + 1 < p.nch ? sp + state_off(p, kBwdFields, b, ch, 0, c0) : nullptr;
+        F* right = ch > 0 ? sp + state_off(p, kBwdFields, b, ch, 1, c0) : nullptr;
+        WKV_BLOCK_DISPATCH(n, bwd_summary<F, NB>(io_at(b, c0), p.chunk_begin(ch),
+                                                 p.chunk_end(ch), n, left, right, p.C););
       });
+    }
+    const F* wp = w.data_ptr<F>();
+    at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) carries<F>(p, kBwdFields, b, sp, cp, wp);
     });
-  }
-  // Fixed-order reduction over the batch (deterministic, independent of threads).
-  auto gw = at::zeros({C}, k.options().dtype(at::kDouble));
-  auto gu = at::zeros({C}, k.options().dtype(at::kDouble));
+    double* gwp = gw_part.data_ptr<double>();
+    double* gup = gu_part.data_ptr<double>();
+    for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+      const int64_t part = (b * p.nch + ch) * p.C + c0;
+      WKV_BLOCK_DISPATCH(
+          n, bwd_rescan<F, NB>(io_at(b, c0), p.chunk_begin(ch), p.chunk_end(ch), n,
+                               cp + state_off(p, kBwdFields, b, ch, 0, c0),
+                               cp + state_off(p, kBwdFields, b, ch, 1, c0), p.C,
+                               gwp + part, gup + part););
+    });
+  });
+  // Fixed-order reduction over (batch, chunk): deterministic, independent of threads.
+  auto ow = at::zeros({p.C}, k.options().dtype(at::kDouble));
+  auto ou = at::zeros({p.C}, k.options().dtype(at::kDouble));
   {
     const double* gwp = gw_part.data_ptr<double>();
     const double* gup = gu_part.data_ptr<double>();
-    double* ow = gw.data_ptr<double>();
-    double* ou = gu.data_ptr<double>();
-    for (int64_t bi = 0; bi < B; ++bi) {
-      for (int64_t c = 0; c < C; ++c) {
-        ow[c] += gwp[bi * C + c];
-        ou[c] += gup[bi * C + c];
+    double* pw = ow.data_ptr<double>();
+    double* pu = ou.data_ptr<double>();
+    for (int64_t i = 0; i < p.B * p.nch; ++i) {
+      for (int64_t c = 0; c < p.C; ++c) {
+        pw[c] += gwp[i * p.C + c];
+        pu[c] += gup[i * p.C + c];
       }
     }
   }
-  return {gw.to(k.scalar_type()), gu.to(k.scalar_type()), gk, gv};
+  return {ow.to(k.scalar_type()), ou.to(k.scalar_type()), gk, gv};
+}
+
+// The chunk length the kernels would use for a (B, T, C) problem: CPU with `threads`
+// threads, CUDA with `slots` resident threads (honours CUDA_WKV_CHUNK).
+int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
+                     int64_t parallel) {
+  const int64_t forced = wkv::forced_chunk("chunk_length");
+  if (forced > 0) return std::min(forced, std::max<int64_t>(T, 1));
+  TORCH_CHECK(device == "cpu" || device == "cuda", "chunk_length: device must be 'cpu' or "
+              "'cuda', got '", device, "'");
+  return device == "cpu" ? wkv::cpu_auto_chunk(B, T, C, kBlock, parallel)
+                         : wkv::cuda_auto_chunk(B, T, C, parallel);
 }
 
 }  // namespace
@@ -226,4 +435,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("forward", &wkv_forward, "forward(w, u, k, v) -> [y, m, r]");
   mod.def("backward", &wkv_backward,
           "backward(w, u, k, v, y, m, r, gy) -> [gw, gu, gk, gv]");
+  mod.def("chunk_length", &chunk_length,
+          "chunk_length(device, B, T, C, parallel) -> chunk length of the three-phase scan "
+          "(parallel: CPU threads or CUDA resident threads)");
 }

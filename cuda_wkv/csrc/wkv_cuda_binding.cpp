@@ -1,4 +1,5 @@
-// Tensor glue and Python binding for the CUDA kernel in wkv_cuda.cu.
+// Tensor glue and Python binding for the CUDA kernel in wkv_cuda.cu: argument checks,
+// the chunk length (CUDA_WKV_CHUNK or automatic) and the scratch buffers of the scan.
 #include <torch/extension.h>
 // Only c10's CUDA headers (they need cuda_runtime_api.h alone); ATen/cuda/CUDAContext.h
 // would also require the cuBLAS / cuSPARSE / cuSOLVER headers, which minimal CUDA
@@ -11,24 +12,38 @@
 
 #include "wkv_checks.h"
 
-cudaError_t wkv_cuda_forward(const float* w, const float* u, const float* k,
-                             const float* v, float* y, float* m, float* r, int64_t B,
-                             int64_t T, int64_t C, cudaStream_t stream);
-cudaError_t wkv_cuda_forward(const double* w, const double* u, const double* k,
-                             const double* v, double* y, double* m, double* r, int64_t B,
-                             int64_t T, int64_t C, cudaStream_t stream);
-cudaError_t wkv_cuda_backward(const float* w, const float* u, const float* k,
-                              const float* v, const float* y, const float* m,
-                              const float* r, const float* gy, float* gk, float* gv,
-                              double* gw_part, double* gu_part, float* gw, float* gu,
-                              int64_t B, int64_t T, int64_t C, cudaStream_t stream);
-cudaError_t wkv_cuda_backward(const double* w, const double* u, const double* k,
-                              const double* v, const double* y, const double* m,
-                              const double* r, const double* gy, double* gk, double* gv,
-                              double* gw_part, double* gu_part, double* gw, double* gu,
-                              int64_t B, int64_t T, int64_t C, cudaStream_t stream);
+#define WKV_CUDA_DECLARE(F)                                                               \
+  cudaError_t wkv_cuda_forward(const F* w, const F* u, const F* k, const F* v, F* y, F* m, \
+                               F* r, F* summ, F* carry, int64_t B, int64_t T, int64_t C,   \
+                               int64_t len, cudaStream_t stream);                          \
+  cudaError_t wkv_cuda_backward(const F* w, const F* u, const F* k, const F* v,            \
+                                const F* y, const F* m, const F* r, const F* gy, F* gk,    \
+                                F* gv, F* summ, F* carry, double* gw_part,                 \
+                                double* gu_part, F* gw, F* gu, int64_t B, int64_t T,       \
+                                int64_t C, int64_t len, cudaStream_t stream);
+WKV_CUDA_DECLARE(float)
+WKV_CUDA_DECLARE(double)
+cudaError_t wkv_cuda_thread_slots(int64_t* slots);
 
 namespace {
+
+// Chunk length for k's shape on the current device: CUDA_WKV_CHUNK or automatic.
+int64_t chunk_len(const at::Tensor& k) {
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  const int64_t forced = wkv::forced_chunk("wkv_cuda");
+  if (forced > 0) return std::min(forced, std::max<int64_t>(T, 1));
+  int64_t slots = 0;
+  const cudaError_t err = wkv_cuda_thread_slots(&slots);
+  TORCH_CHECK(err == cudaSuccess, "wkv_cuda: cannot query the device: ",
+              cudaGetErrorString(err));
+  return wkv::cuda_auto_chunk(B, T, C, slots);
+}
+
+// (B, chunks, 2, fields, C) scratch for the chunk summaries or carries.
+at::Tensor state_buffer(const at::Tensor& k, int64_t len, int64_t fields) {
+  const int64_t nch = (k.size(1) + len - 1) / len;
+  return at::empty({k.size(0), nch, 2, fields, k.size(2)}, k.options());
+}
 
 std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
                                     at::Tensor v) {
@@ -36,18 +51,18 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
   const c10::cuda::CUDAGuard guard(k.device());
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto y = at::empty_like(k), m = at::empty_like(k), r = at::empty_like(k);
+  if (k.numel() == 0) return {y, m, r};
+  const int64_t len = chunk_len(k);
+  auto summ = state_buffer(k, len, 4), carry = state_buffer(k, len, 4);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err;
-  if (k.scalar_type() == at::kFloat) {
-    err = wkv_cuda_forward(w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
-                           v.data_ptr<float>(), y.data_ptr<float>(), m.data_ptr<float>(),
-                           r.data_ptr<float>(), B, T, C, stream);
-  } else {
-    err = wkv_cuda_forward(w.data_ptr<double>(), u.data_ptr<double>(),
-                           k.data_ptr<double>(), v.data_ptr<double>(),
-                           y.data_ptr<double>(), m.data_ptr<double>(),
-                           r.data_ptr<double>(), B, T, C, stream);
-  }
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cuda", [&] {
+    using F = scalar_t;
+    err = wkv_cuda_forward(w.data_ptr<F>(), u.data_ptr<F>(), k.data_ptr<F>(),
+                           v.data_ptr<F>(), y.data_ptr<F>(), m.data_ptr<F>(),
+                           r.data_ptr<F>(), summ.data_ptr<F>(), carry.data_ptr<F>(), B, T, C,
+                           len, stream);
+  });
   TORCH_CHECK(err == cudaSuccess, "wkv_cuda forward launch failed: ",
               cudaGetErrorString(err));
   return {y, m, r};
@@ -62,25 +77,22 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   auto gk = at::empty_like(k), gv = at::empty_like(k);
   auto gw = at::empty_like(w), gu = at::empty_like(u);
-  auto gw_part = at::zeros({B, C}, k.options().dtype(at::kDouble));
-  auto gu_part = at::zeros({B, C}, k.options().dtype(at::kDouble));
+  const int64_t len = k.numel() > 0 ? chunk_len(k) : 1;
+  auto summ = state_buffer(k, len, 10), carry = state_buffer(k, len, 10);
+  const int64_t nch = (T + len - 1) / len;
+  auto gw_part = at::empty({B, nch, C}, k.options().dtype(at::kDouble));
+  auto gu_part = at::empty_like(gw_part);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err;
-  if (k.scalar_type() == at::kFloat) {
-    err = wkv_cuda_backward(w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<float>(),
-                            v.data_ptr<float>(), y.data_ptr<float>(), m.data_ptr<float>(),
-                            r.data_ptr<float>(), gy.data_ptr<float>(), gk.data_ptr<float>(),
-                            gv.data_ptr<float>(), gw_part.data_ptr<double>(),
-                            gu_part.data_ptr<double>(), gw.data_ptr<float>(),
-                            gu.data_ptr<float>(), B, T, C, stream);
-  } else {
-    err = wkv_cuda_backward(
-        w.data_ptr<double>(), u.data_ptr<double>(), k.data_ptr<double>(),
-        v.data_ptr<double>(), y.data_ptr<double>(), m.data_ptr<double>(),
-        r.data_ptr<double>(), gy.data_ptr<double>(), gk.data_ptr<double>(),
-        gv.data_ptr<double>(), gw_part.data_ptr<double>(), gu_part.data_ptr<double>(),
-        gw.data_ptr<double>(), gu.data_ptr<double>(), B, T, C, stream);
-  }
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_backward_cuda", [&] {
+    using F = scalar_t;
+    err = wkv_cuda_backward(w.data_ptr<F>(), u.data_ptr<F>(), k.data_ptr<F>(),
+                            v.data_ptr<F>(), y.data_ptr<F>(), m.data_ptr<F>(),
+                            r.data_ptr<F>(), gy.data_ptr<F>(), gk.data_ptr<F>(),
+                            gv.data_ptr<F>(), summ.data_ptr<F>(), carry.data_ptr<F>(),
+                            gw_part.data_ptr<double>(), gu_part.data_ptr<double>(),
+                            gw.data_ptr<F>(), gu.data_ptr<F>(), B, T, C, len, stream);
+  });
   TORCH_CHECK(err == cudaSuccess, "wkv_cuda backward launch failed: ",
               cudaGetErrorString(err));
   return {gw, gu, gk, gv};

@@ -1,47 +1,57 @@
-// Exact bidirectional WKV: the per-lane recurrence shared by the C++ CPU kernel
-// (wkv_cpu.cpp, vectorised across channels) and the CUDA kernel (wkv_cuda.cu, one
-// thread per (batch, channel) lane).
+// Exact bidirectional WKV: the scan algebra shared by the C++ CPU kernel (wkv_cpu.cpp,
+// vectorised across channels) and the CUDA kernel (wkv_cuda.cu, one thread per
+// (batch, channel, chunk)).  Everything here is host + device code; the two kernels
+// only differ in how they loop over lanes and chunks.
 //
 // Problem (per batch b and channel c, sequence index t = 0..T-1):
 //
 //   L_ti = k_i - (|t-i| - 1) * w   (i != t),     L_tt = u + k_t
 //   D_t  = sum_i exp(L_ti),   y_t = sum_i exp(L_ti) v_i / D_t
 //
-// Algorithm.  Two directional scans.  A scan in direction `dir` (+1: left to right,
-// -1: right to left) keeps, at position t, the sums over the indices i already
-// passed (i < t for dir=+1, i > t for dir=-1) in a *scaled* form:
+// Log-weights with exact integer distances.  Every log-weight handled here has the
+// form  a + n*w + (a part that depends only on the position it is seen from), where a is
+// a float (an input such as k_i, or -lse_t) and n an integer stored exactly as a float
+// (|n| < 2^24 in float32, 2^53 in float64).  Seen from a position t, a term i < t has
+// a = k_i, n = i and position part -(t-1)w ("left" type); a term i > t has a = k_i,
+// n = -i and position part (t+1)w ("right" type).  Two terms of one type compare by
+//   rel = (a1 - a2) + (n1 - n2) * w,
+// where n1 - n2 is exact, so the only rounding is that of a difference that matters:
+// a weight e^{-|rel|} is inaccurate only in proportion to |rel|, never to |w| * T.
+// (Anchoring exponents at t = 0, as in  k_i + i*w, costs eps * |w| * T instead.)
 //
-//   true_sum_t = scaled_sum * exp(p_t),     p_t = max_i L_ti over those i.
+// A *sum* is a set of terms stored relative to its largest term (a, n):
+// s0 = sum_i e^{rel_i} >= 1, plus value channels.  Sums merge exactly -- the
+// log-sum-exp merge -- with one exp: the smaller maximum is scaled by e^{-|rel|}.
+// Because a sum does not depend on the position it is seen from (only its distances
+// do), a chunk of the sequence can be summarised once and merged into any later state:
+// that is the chunked three-phase scan the kernels run:
+//   1. chunk summaries, all chunks in parallel;
+//   2. a short sequential scan over the chunk summaries of one lane (the carries);
+//   3. each chunk rescanned from its carried-in state, all chunks in parallel.
+// Merges happen in a fixed order: results are bitwise reproducible for a given chunk
+// length, and equal up to rounding across chunk lengths.
 //
-// Moving one step further multiplies every old term by exp(-w), i.e. p decreases by
-// w while the scaled sums stay unchanged -- no multiplication at all.  To avoid the
-// rounding drift of repeatedly subtracting w, p is not stored: we store an anchor
-// `c` with p_t = c - dir*t*w (one fused multiply-add per step, error independent of
-// the number of steps).  A new term (exponent `key` at distance 0) is folded in with
-// a single exp: if it does not exceed the running maximum it is scaled by
-// exp(key - p), otherwise the old sums are scaled by exp(p - key) and the anchor
-// moves.  The running maximum is exactly the largest term, so the scaled
-// denominators are >= 1 and nothing overflows for any w (positive or negative),
-// any k and any T.
+// Forward.  The forward sums carry the numerator as a weighted *mean* of v (a convex
+// combination), so v up to the float maximum never overflows.  Left to right, each
+// position stores its left sum (mean, a + log s0, n) in the output buffers (y, m, r);
+// right to left, the right sum, the left sum and the diagonal u + k_t are merged and
+// position t writes
+//   y_t,   m_t, r_t  with  lse_t = log D_t = m_t + r_t * w,  r_t an integer.
+// A row whose weights are all e^{-inf} = 0 gives y_t = NaN (0/0, as the definition).
 //
-// Forward (2 passes): pass 1 (dir=+1) stores the left state (a, b, p) of every t in
-// the output buffers; pass 2 (dir=-1) combines it with the right state and the
-// diagonal term, writing y_t, m_t (the log-scale of D_t) and r_t = exp(m_t)/D_t.
-//
-// Backward (2 passes, closed form, see docs/wkv.md):
-//   P_tj = exp(L_tj - m_t) * r_t                 (softmax weights, <= 1)
+// Backward (closed form).  P_tj = e^{L_tj - lse_t} (softmax weights, <= 1):
 //   gv_j = sum_t gy_t P_tj
 //   gk_j = v_j gv_j - sum_t gy_t y_t P_tj
 //   gu   = sum_t gy_t P_tt (v_t - y_t)
-//   gw   = -sum_t gy_t r_t e^{-m_t} sum_{i!=t} (|t-i|-1) e^{L_ti} (v_i - y_t)
-// The transposed sums over t are scans with key -m_t; the distance-weighted sums for
-// gw are carried by two extra channels d with d' = e^{-w} (d + a).  gw and gu are
-// accumulated per lane in a fixed order (no atomics): results are bitwise
-// deterministic.
+//   gw   = -sum_t gy_t sum_{i!=t} P_ti (|t-i|-1) (v_i - y_t)
+// The sums over t for a fixed j are "transposed" sums whose terms t have a = -m_t and
+// an integer n built from t and r_t; the distance-weighted sums for gw are carried by
+// two extra channels d, distances measured from each sum's largest term.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__CUDACC__)
@@ -54,21 +64,17 @@
 
 namespace wkv {
 
-// "Minus infinity" used for empty scan states.  Finite on purpose: it keeps every
-// expression free of inf - inf, and exp() of anything that large and negative is 0
-// (or the smallest normal number, which multiplies a zero sum).
-template <typename F> WKV_HD F neg_big();
-template <> WKV_HD float neg_big<float>() { return -1.0e30f; }
-template <> WKV_HD double neg_big<double>() { return -1.0e300; }
+template <typename F> WKV_HD F neg_inf() { return static_cast<F>(-INFINITY); }
+template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
 
-// exp() for the recurrence.  On the host, float uses a branch-free polynomial that
-// gcc/clang vectorise (Cody-Waite range reduction + degree-6 minimax polynomial,
-// ~1-2 ulp); double uses the library exp (double is only used for float64 inputs,
-// e.g. gradcheck, where accuracy matters more than speed).
+// exp() for the scans.  On the host, float uses a branch-free polynomial that gcc/clang
+// vectorise (Cody-Waite range reduction + degree-6 minimax polynomial, ~1-2 ulp) and
+// returns 0 below the normal range (so e^{-inf} = 0); double uses the library exp.
 WKV_HD float wkv_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
+  const bool under = x < -87.3f;
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   // round(x / ln2) with the 1.5*2^23 trick (exact for |x/ln2| < 2^22, no libm call)
@@ -85,7 +91,7 @@ WKV_HD float wkv_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 127]
   float scale;
   std::memcpy(&scale, &bits, sizeof(float));
-  return q * scale;
+  return under ? 0.0f : q * scale;
 #endif
 }
 
@@ -97,107 +103,317 @@ WKV_HD double wkv_exp(double x) {
 #endif
 }
 
-template <typename F> WKV_HD F wkv_max(F a, F b) { return a > b ? a : b; }
-
-// Fold a new term (log-weight `key`, values xa, xb) into a scaled two-channel sum.
-// p_next: exponent of the *old* sums at the position that receives the new term.
-// c_new:  anchor to use if the new term becomes the running maximum.
-template <typename F>
-WKV_HD void fold2(F& a, F& b, F& c, F p_next, F key, F xa, F xb, F c_new) {
-  const F d = p_next - key;
-  const bool keep = d >= F(0);
-  const F e = wkv_exp(keep ? -d : d);
-  const F so = keep ? F(1) : e;
-  const F sn = keep ? e : F(1);
-  a = a * so + xa * sn;
-  b = b * so + xb * sn;
-  c = keep ? c : c_new;
+// log() of a positive normal number.  Host float: exponent from the bits, mantissa m in
+// [sqrt(1/2), sqrt(2)), log m = x - x^2/2 + x^3 P(x) with x = m - 1 and a degree-8
+// minimax polynomial P (the Cephes logf coefficients, < 1 ulp); no division, vectorisable.
+WKV_HD float wkv_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(float));
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  bits = (bits & 0x007fffff) | 0x3f800000;  // mantissa in [1, 2)
+  float m;
+  std::memcpy(&m, &bits, sizeof(float));
+  const bool big = m > 1.41421356f;
+  m = big ? 0.5f * m : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f, z = f * f, ef = static_cast<float>(e);
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float y = f * z * p + ef * -2.12194440e-4f - 0.5f * z;
+  return (f + y) + ef * 0.693359375f;
+#endif
 }
 
-// ---------------------------------------------------------------------------------
-// Forward pass 1 at position t.  tdw = dir * t * w.  Emits the state for position t
-// (scaled numerator, scaled denominator, exponent), then folds term t in.
-template <typename F>
-WKV_HD void fwd_pass1_step(F& a, F& b, F& c, F tdw, F w, F k, F v,
-                           F& out_a, F& out_b, F& out_p) {
-  const F p = c - tdw;
-  out_a = a;
-  out_b = b;
-  out_p = p;
-  fold2(a, b, c, p - w, k, v, F(1), k + tdw + w);
+WKV_HD double wkv_log(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::log(x);
+#else
+  return std::log(x);
+#endif
 }
 
-// Forward pass 2 at position t (direction opposite to pass 1).  io_* hold pass 1's
-// (a, p, b) on entry and (y, m, r) on exit.
-template <typename F>
-WKV_HD void fwd_pass2_step(F& a, F& b, F& c, F tdw, F w, F u, F k, F v,
-                           F& io_y, F& io_m, F& io_r) {
-  const F p2 = c - tdw;
-  const F a1 = io_y, p1 = io_m, b1 = io_r;
-  const F pd = u + k;
-  const F mx = wkv_max(wkv_max(p1, p2), pd);
-  const F e1 = wkv_exp(p1 - mx);
-  const F e2 = wkv_exp(p2 - mx);
-  const F e3 = wkv_exp(pd - mx);
-  const F num = a1 * e1 + a * e2 + v * e3;
-  const F den = b1 * e1 + b * e2 + e3;  // >= 1: one of the exponents equals mx
-  const F r = F(1) / den;
-  io_y = num * r;
-  io_m = mx;
-  io_r = r;
-  fold2(a, b, c, p2 - w, k, v, F(1), k + tdw + w);
+// (a1 + n1 w) - (a2 + n2 w).  Equal a (also two equal infinities, e.g. two empty sums)
+// contribute 0, so the difference of two weightless terms is finite, not NaN.
+template <typename F> WKV_HD F rel(F a1, F n1, F a2, F n2, F w) {
+  const F da = a1 == a2 ? F(0) : a1 - a2;
+  return da + (n1 - n2) * w;
 }
 
-// ---------------------------------------------------------------------------------
-// Backward scan state of one lane and one direction: forward sums
-// (fa, fb, fdv, fdb; anchor cf) of e^{L} v, e^{L}, dist*e^{L} v, dist*e^{L}, and the
-// transposed sums (r1, r2; anchor cr) of e^{-m} r gy and e^{-m} r gy y.
-template <typename F>
-WKV_HD void bwd_init(F& fa, F& fb, F& fdv, F& fdb, F& cf, F& r1, F& r2, F& cr) {
-  fa = fb = fdv = fdb = r1 = r2 = F(0);
-  cf = cr = neg_big<F>();
+// Scales of an old sum (s_old) and a new one (s_new) whose maxima differ by d = new - old:
+// the larger maximum becomes the reference.  up: the new maximum is the larger one.
+template <typename F> WKV_HD void merge_scales(F d, F& s_old, F& s_new, bool& up) {
+  up = d > F(0);
+  const F e = wkv_exp(up ? -d : d);
+  s_old = up ? e : F(1);
+  s_new = up ? F(1) : e;
 }
 
-// One backward step at position t.  Adds this direction's gw contribution to gw_acc
-// and returns in (s1, s2) this direction's parts of sum_t gy_t P_tj and
-// sum_t gy_t y_t P_tj for j = current position.
+// ------------------------------------------------------------------------------ forward
+// Forward sum: maximum (a, n), s0 = sum of relative weights, mean = weighted mean of v.
+// An empty sum is (-inf, 0, 0, 0).
+template <typename F> WKV_HD void fwd_empty(F& a, F& n, F& s0, F& mean) {
+  a = neg_inf<F>();
+  n = F(0);
+  s0 = F(0);
+  mean = F(0);
+}
+
+// Merge the sum (a2, n2, s2, mean2) into (a, n, s0, mean): exact log-sum-exp merge; the
+// mean is a convex combination, so it cannot overflow.
+template <typename F>
+WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w) {
+  F so, sn;
+  bool up;
+  merge_scales(rel(a2, n2, a, n, w), so, sn, up);
+  const F x1 = s0 * so, x2 = s2 * sn;
+  const F tot = x1 + x2;
+  const F inv = tot > F(0) ? F(1) / tot : F(0);
+  mean = tot > F(0) ? (x1 * inv) * mean + (x2 * inv) * mean2 : mean;
+  s0 = tot;
+  a = up ? a2 : a;
+  n = up ? n2 : n;
+}
+
+// Fold term t into a left (n = t) or right (n = -t) forward sum.
+template <typename F> WKV_HD void fwd_fold(F& a, F& n, F& s0, F& mean, F nt, F k, F v, F w) {
+  fwd_merge(a, n, s0, mean, k, nt, F(1), v, w);
+}
+
+// Left-to-right rescan at position t: store the left sum (terms i < t) as
+// (mean, a + log s0, n) in y, m, r, then fold term t in.
+template <typename F>
+WKV_HD void fwd_left_step(F& a, F& n, F& s0, F& mean, F t, F k, F v, F w, F& out_y,
+                          F& out_m, F& out_r) {
+  out_y = mean;
+  out_m = s0 > F(0) ? a + wkv_log(s0) : neg_inf<F>();
+  out_r = n;
+  fwd_fold(a, n, s0, mean, t, k, v, w);
+}
+
+// Right-to-left rescan at position t: (a, n, s0, mean) is the right sum (terms i > t);
+// io_* hold the left sum on entry and (y_t, m_t, r_t) on exit.  The three parts seen from
+// t -- left sum (m, r - t + 1) with weight 1 (its s0 is inside m), right sum
+// (a, n + t + 1) with weight s0, diagonal (u + k_t, 0) -- are scaled to the largest.
+template <typename F>
+WKV_HD void fwd_right_step(F& a, F& n, F& s0, F& mean, F t, F k, F v, F w, F u, F& io_y,
+                           F& io_m, F& io_r) {
+  const F ad = u + k, nl = io_r - t + F(1), nr = n + t + F(1);
+  const F xl = rel(io_m, nl, ad, F(0), w);   // left - diagonal
+  const F xr = rel(a, nr, ad, F(0), w);      // right - diagonal
+  const F xlr = rel(io_m, nl, a, nr, w);     // left - right
+  const bool ref_l = xl >= F(0) && xlr >= F(0);
+  const bool ref_r = !ref_l && xr > F(0);
+  const F e1 = wkv_exp(ref_l ? -xl : (ref_r ? -xr : xl));    // diagonal, or left if ref d
+  const F e2 = wkv_exp(ref_l ? -xlr : (ref_r ? xlr : xr));   // right, or left if ref r
+  const F wl = ref_l ? F(1) : (ref_r ? e2 : e1);
+  const F wd = ref_l || ref_r ? e1 : F(1);
+  const F wr = (ref_r ? F(1) : e2) * s0;
+  const F tot = wl + wr + wd;
+  const F inv = F(1) / tot;
+  const F aref = ref_l ? io_m : (ref_r ? a : ad);
+  const bool none = aref == neg_inf<F>() || !(tot > F(0));  // every weight is 0: 0/0
+  io_y = none ? quiet_nan<F>() : (wl * inv) * io_y + (wr * inv) * mean + (wd * inv) * v;
+  io_m = none ? neg_inf<F>() : aref + wkv_log(tot);
+  io_r = ref_l ? nl : (ref_r ? nr : F(0));
+  fwd_fold(a, n, s0, mean, -t, k, v, w);
+}
+
+// ----------------------------------------------------------------------------- backward
+// Backward state of one direction: the forward sum of this side (a, n; s0 = sum e,
+// s1 = sum e v) with distance channels relative to its maximum term (d0 = sum (n - n_i) e,
+// d1 = sum (n - n_i) e v: position independent, and small where the weights are not), and
+// the transposed sum (ta, tn; g0 = sum gy e, g1 = sum gy y e).  Numerators are plain
+// sums here (see docs/wkv.md for the range this implies).
+template <typename F> struct BwdState {
+  F a, n, s0, s1, d0, d1;
+  F ta, tn, g0, g1;
+};
+
+template <typename F> WKV_HD void bwd_empty(BwdState<F>& s) {
+  s.a = s.ta = neg_inf<F>();
+  s.n = s.tn = s.s0 = s.s1 = s.d0 = s.d1 = s.g0 = s.g1 = F(0);
+}
+
+// Merge `o` into `s` (forward and transposed parts); both of one direction.
+template <typename F> WKV_HD void bwd_merge(BwdState<F>& s, const BwdState<F>& o, F w) {
+  F so, sn;
+  bool up;
+  merge_scales(rel(o.a, o.n, s.a, s.n, w), so, sn, up);
+  const F nm = up ? o.n : s.n;  // the merged maximum; distances move to it
+  const F ds = nm - s.n, dn = nm - o.n;
+  s.d0 = (s.d0 + ds * s.s0) * so + (o.d0 + dn * o.s0) * sn;
+  s.d1 = (s.d1 + ds * s.s1) * so + (o.d1 + dn * o.s1) * sn;
+  s.s0 = s.s0 * so + o.s0 * sn;
+  s.s1 = s.s1 * so + o.s1 * sn;
+  s.a = up ? o.a : s.a;
+  s.n = nm;
+  merge_scales(rel(o.ta, o.tn, s.ta, s.tn, w), so, sn, up);
+  s.g0 = s.g0 * so + o.g0 * sn;
+  s.g1 = s.g1 * so + o.g1 * sn;
+  s.ta = up ? o.ta : s.ta;
+  s.tn = up ? o.tn : s.tn;
+}
+
+// Fold position t into a state of direction dir (+1: left sums, scanned left to right;
+// -1: right sums).  Term t of the forward sum: (k_t, dir*t); of the transposed sum:
+// (-m_t, dir*t - r_t) with values gy_t, gy_t y_t.
+template <typename F>
+WKV_HD void bwd_fold(BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, F w) {
+  BwdState<F> o;
+  o.a = k;
+  o.n = dir * t;
+  o.s0 = F(1);
+  o.s1 = v;
+  o.d0 = o.d1 = F(0);
+  o.ta = -m;
+  o.tn = dir * t - r;
+  o.g0 = gy;
+  o.g1 = gy * y;
+  bwd_merge(s, o, w);
+}
+
+// This side's contributions at position t (before folding t): its part of gw (summed
+// into gw_acc) and the transposed sums q0 = sum gy P_tj, q1 = sum gy y P_tj.
+// gw uses sum_i P_ti (v_i - y_t) = 0 over the whole row: the distances c_ti = |t-i| - 1
+// are replaced by c_ti + r_t (r_t = minus the distance of the row's largest term), which
+// keeps the float sums free of cancellation between large distances.
 template <typename F, typename A>
-WKV_HD void bwd_step(F& fa, F& fb, F& fdv, F& fdb, F& cf, F& r1, F& r2, F& cr,
-                     F tdw, F w, F k, F v, F y, F m, F r, F gy,
-                     A& gw_acc, F& s1, F& s2) {
-  const F gr = gy * r;
-  const F pf = cf - tdw;
-  const F ef = wkv_exp(pf - m);  // <= 1
-  gw_acc += static_cast<A>(gr * ef * (fdv - y * fdb));
-  const F pr = cr - tdw;
-  const F er = wkv_exp(k + pr);  // <= 1
-  s1 = er * r1;
-  s2 = er * r2;
-  {  // fold term t into the forward sums (new term has distance 0: no d contribution)
-    const F d = pf - w - k;
-    const bool keep = d >= F(0);
-    const F e = wkv_exp(keep ? -d : d);
-    const F so = keep ? F(1) : e;
-    const F sn = keep ? e : F(1);
-    fdv = so * (fdv + fa);
-    fdb = so * (fdb + fb);
-    fa = so * fa + sn * v;
-    fb = so * fb + sn;
-    cf = keep ? cf : k + tdw + w;
-  }
-  fold2(r1, r2, cr, pr - w, -m, gr, gr * y, tdw + w - m);
+WKV_HD void bwd_emit(const BwdState<F>& s, F dir, F t, F k, F y, F m, F r, F gy, F w,
+                     A& gw_acc, F& q0, F& q1) {
+  // position part of this side's n seen from t: left -(t-1), right +(t+1)
+  const F pos = F(1) - dir * t;
+  const F ef = wkv_exp(rel(s.a, s.n + pos, m, r, w));  // e^{max L_ti - lse_t} <= 1
+  const F shift = r - (s.n + pos);  // distance of this side's maximum + r_t
+  gw_acc -= static_cast<A>(gy * ef * (shift * (s.s1 - y * s.s0) + (s.d1 - y * s.d0)));
+  const F et = wkv_exp((k + s.ta) + (s.tn + pos) * w);  // <= 1: a softmax weight
+  q0 = et * s.g0;
+  q1 = et * s.g1;
 }
 
-// Final combination at position t in the second backward pass.  s1, s2: sums of
-// both directions.  Returns gv_t, gk_t and adds the gu contribution.
+// Final combination at position t (second backward pass): q0, q1 summed over both sides.
+// Adds the diagonal's parts of gu and gw (its distance is 0, i.e. r_t after the shift).
 template <typename F, typename A>
-WKV_HD void bwd_finish(F u, F k, F v, F y, F m, F r, F gy, F s1, F s2,
-                       A& gu_acc, F& gv, F& gk) {
-  const F pdg = wkv_exp(u + k - m) * (gy * r);  // gy_t * P_tt
-  const F g = s1 + pdg;
+WKV_HD void bwd_finish(F u, F k, F v, F y, F m, F r, F gy, F q0, F q1, F w, A& gu_acc,
+                       A& gw_acc, F& gv, F& gk) {
+  const F pdg = wkv_exp((u + k - m) - r * w) * gy;  // gy_t * P_tt
+  const F g = q0 + pdg;
   gv = g;
-  gk = v * g - (s2 + pdg * y);
-  gu_acc += static_cast<A>(pdg * (v - y));
+  gk = v * g - (q1 + pdg * y);
+  const F pd = pdg * (v - y);
+  gu_acc += static_cast<A>(pd);
+  gw_acc -= static_cast<A>(pd * r);
+}
+
+// ---------------------------------------------------------------------- phase 2 (carries)
+// Summaries and carries live in (B, chunks, 2 directions, fields, C) buffers.  For one
+// lane and direction (pointers at chunk 0, field 0; `cs` = stride between chunks, `fs` =
+// between fields): carry[ch] = merge of the sums of the chunks before ch (dir 0, left
+// sums) or after ch (dir 1), merged in chunk order.
+template <typename F>
+WKV_HD void fwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
+                           int dir, F w) {
+  F a, n, s0, mean;
+  fwd_empty(a, n, s0, mean);
+  for (int64_t i = 0; i < nch; ++i) {
+    const int64_t o = (dir == 0 ? i : nch - 1 - i) * cs;
+    carry[o] = a;
+    carry[o + fs] = n;
+    carry[o + 2 * fs] = s0;
+    carry[o + 3 * fs] = mean;
+    if (i + 1 < nch) fwd_merge(a, n, s0, mean, summ[o], summ[o + fs], summ[o + 2 * fs],
+                               summ[o + 3 * fs], w);
+  }
+}
+
+template <typename F> WKV_HD void bwd_load(BwdState<F>& s, const F* p, int64_t fs) {
+  s.a = p[0];
+  s.n = p[fs];
+  s.s0 = p[2 * fs];
+  s.s1 = p[3 * fs];
+  s.d0 = p[4 * fs];
+  s.d1 = p[5 * fs];
+  s.ta = p[6 * fs];
+  s.tn = p[7 * fs];
+  s.g0 = p[8 * fs];
+  s.g1 = p[9 * fs];
+}
+
+template <typename F> WKV_HD void bwd_store(const BwdState<F>& s, F* p, int64_t fs) {
+  p[0] = s.a;
+  p[fs] = s.n;
+  p[2 * fs] = s.s0;
+  p[3 * fs] = s.s1;
+  p[4 * fs] = s.d0;
+  p[5 * fs] = s.d1;
+  p[6 * fs] = s.ta;
+  p[7 * fs] = s.tn;
+  p[8 * fs] = s.g0;
+  p[9 * fs] = s.g1;
+}
+
+template <typename F>
+WKV_HD void bwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
+                           int dir, F w) {
+  BwdState<F> s, q;
+  bwd_empty(s);
+  for (int64_t i = 0; i < nch; ++i) {
+    const int64_t o = (dir == 0 ? i : nch - 1 - i) * cs;
+    bwd_store(s, carry + o, fs);
+    if (i + 1 < nch) {
+      bwd_load(q, summ + o, fs);
+      bwd_merge(s, q, w);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ chunk length
+// Automatic chunk length.  CPU: split the sequence only when the (batch, channel block)
+// tasks cannot occupy every thread.  CUDA: enough (batch, channel, chunk) threads to
+// fill the device (`slots` resident threads), but no more than ~sqrt(3T) chunks, which
+// balances the sequential phase 2 (one step per chunk) against phases 1 and 3 (three
+// steps per element of a chunk).
+inline int64_t cpu_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t block,
+                              int64_t threads) {
+  const int64_t tasks = B * ((C + block - 1) / block);
+  if (tasks >= threads || T < 2048) return T > 0 ? T : 1;
+  const int64_t nch = (threads + tasks - 1) / tasks;
+  return (T + nch - 1) / nch;
+}
+
+inline int64_t cuda_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t slots) {
+  const int64_t lanes = B * ((C + 31) / 32) * 32;
+  int64_t nch = (slots + lanes - 1) / lanes;
+  const int64_t cap = static_cast<int64_t>(std::sqrt(3.0 * static_cast<double>(T))) + 1;
+  nch = nch < cap ? nch : cap;
+  nch = nch < 1 ? 1 : nch;
+  const int64_t len = (T + nch - 1) / nch;
+  return len < 32 ? (T < 32 ? (T > 0 ? T : 1) : 32) : len;
+}
+
+// CUDA_WKV_CHUNK: a positive integer forces the chunk length.  Returns 0 when unset;
+// sets *bad to the offending text for an invalid value.
+inline int64_t chunk_from_env(const char** bad) {
+  *bad = nullptr;
+  const char* s = std::getenv("CUDA_WKV_CHUNK");
+  if (s == nullptr || *s == '\0') return 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  while (end != nullptr && (*end == ' ' || *end == '\t')) ++end;
+  if (end == s || *end != '\0' || v < 1) {
+    *bad = s;
+    return 0;
+  }
+  return static_cast<int64_t>(v);
 }
 
 }  // namespace wkv
