@@ -399,12 +399,21 @@ def _load_complete(folder: Path, warned: set) -> Optional[ModuleType]:
         return None
 
 
+def _remove(path: Path) -> None:
+    """Delete a folder tree or a file, as far as possible."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+
+
 def _discard(folder: Path) -> None:
-    """Move a cache entry out of the way (rename, then delete)."""
+    """Move a cache entry (normally a folder) out of the way, then delete it."""
     trash = folder.with_name(f".{folder.name}.old-{secrets.token_hex(4)}")
     with contextlib.suppress(FileNotFoundError):
         os.rename(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        _remove(trash)
 
 
 def _publish(mod: ModuleType, build_dir: Path, folder: Path) -> None:
@@ -426,7 +435,8 @@ def _publish(mod: ModuleType, build_dir: Path, folder: Path) -> None:
         try:
             os.rename(build_dir, folder)
             break
-        except OSError:
+        except OSError as exc:
+            error = exc
             try:
                 _verified_library(folder)
             except (FileNotFoundError, _Incomplete):
@@ -434,6 +444,9 @@ def _publish(mod: ModuleType, build_dir: Path, folder: Path) -> None:
                 continue
             shutil.rmtree(build_dir, ignore_errors=True)  # same build, published first
             break
+    else:
+        log.warning("cuda_wkv: could not publish the build as %s (%s); this process uses "
+                    "it, later ones will build again", folder, error)
     _fsync(folder.parent)
 
 
@@ -635,8 +648,8 @@ def _remove_leftovers(base: Path) -> None:
     now = time.time()
     for p in base.glob(".cuda_wkv_*.*-*"):
         with contextlib.suppress(OSError):
-            if ".old-" in p.name or now - p.stat().st_mtime > _LEFTOVER_BUILD_S:
-                shutil.rmtree(p)
+            if ".old-" in p.name or now - p.lstat().st_mtime > _LEFTOVER_BUILD_S:
+                _remove(p)
 
 
 def _load_or_build(kind: str, timeout: float) -> ModuleType:
