@@ -320,3 +320,34 @@ def test_compiles_as_one_graph(ndim, tmp_path, monkeypatch):
     dynamo.reset()
     assert_compiled_equals_eager(net, x, 'inductor')
     dynamo.reset()
+
+
+@pytest.mark.parametrize('backend', ['auto', 'torch'])
+def test_wkv_backends_inside_the_network(monkeypatch, backend):
+    """The production WKV kernel (`auto`: the C++ kernel on CPU) runs inside a GLSP network and gives the
+    outputs and gradients of the float64 `torch` path, as does the `torch` fallback."""
+    import cuda_wkv
+    cm = make_configuration(**PLANS['3d_iso_5'])
+    torch.manual_seed(0)
+    net = _unzero(nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2))
+    x = torch.randn(2, 1, *PLANS['3d_iso_5']['patch_size'])
+
+    def run(dtype):
+        model = net.to(dtype)
+        model.zero_grad()
+        out = model(x.to(dtype))
+        sum((o ** 2).mean() for o in out).backward()
+        return [o.detach().double() for o in out], [p.grad.double().clone() for p in model.parameters()]
+
+    monkeypatch.setenv('CUDA_WKV_BACKEND', 'torch')
+    ref_out, ref_grads = run(torch.float64)
+    monkeypatch.setenv('CUDA_WKV_BACKEND', backend)
+    expected = 'torch' if backend == 'torch' else 'cpu'
+    if cuda_wkv.backend_for(x) != expected:
+        pytest.skip('the C++ kernel cannot be built here')
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
+        out, grads = run(dtype)
+        for a, b in zip(out, ref_out):
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        for (name, _), g, r in zip(net.named_parameters(), grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=tol, atol=tol * max(1.0, r.abs().max().item()), msg=name)
