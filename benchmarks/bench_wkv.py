@@ -4,8 +4,9 @@
 For each sequence length T (default 256 ... 262144, B=2, C=64, float32) and backend
 
 * ``kernel`` -- ``cuda_wkv.bi_wkv`` with the compiled C++ (CPU) or CUDA kernel,
-* ``scan``   -- ``cuda_wkv.bi_wkv_scan``: the plain PyTorch ``logcumsumexp``
-  formulation of the same math (also the fallback backend),
+* ``scan``   -- ``cuda_wkv.bi_wkv_scan``: the PyTorch fallback backend,
+* ``lcse``   -- :func:`logcumsumexp_wkv` below: the plain PyTorch ``logcumsumexp``
+  formulation of the same math (the baseline of the CPU speed target),
 * ``dense``  -- ``cuda_wkv.bi_wkv_dense`` unchunked (one B x C x T x T score tensor),
   only where its estimated footprint fits ``--dense-budget-gb``,
 
@@ -21,10 +22,25 @@ allocator returns large blocks to the OS, so this is the op's own peak working s
 allocated before the op.
 
 Writes ``<out>/wkv_<device>.json``, ``.png`` (log-log time and memory vs T with
-O(T) / O(T^2) guides) and ``.md`` (table incl. the scan / kernel time ratio).
+O(T) / O(T^2) guides) and ``.md`` (table incl. the scan and lcse / kernel time ratios).
+
+With ``--device cuda`` the table also gives the effective bandwidth (the bytes the op
+must move at least -- every input read once, every output written once -- per second)
+and its share of the card's peak memory bandwidth (``--peak-gbps``, or a small table of
+known cards).
+
+Other modes:
+
+* ``--targets``: the CPU targets in one run -- fwd+bwd at B=2, T=32768, C=64 kernel vs
+  lcse, and few lanes (B=1, C=8, T=262144) at 1 vs 2 threads.
+* ``--work-items``: the parallel work the kernels offer at GLSP's shapes on default
+  3d_fullres plans (128^3 patch, widths 32..320, batch 2), per encoder stage; needs no GPU.
+* ``--accuracy``: max errors vs the float64 dense reference (load-independent).
 
     python benchmarks/bench_wkv.py                 # full CPU sweep (~10-20 min on 2 cores)
     python benchmarks/bench_wkv.py --device cuda
+    python benchmarks/bench_wkv.py --targets
+    python benchmarks/bench_wkv.py --work-items
     python benchmarks/bench_wkv.py --T 1024 4096 --repeat 3 --out-dir /tmp/bench
 """
 from __future__ import annotations
@@ -66,6 +82,57 @@ def _dense_bytes(B: int, T: int, C: int, itemsize: int, backward: bool) -> int:
     return B * C * T * T * itemsize * (6 if backward else 3)
 
 
+# Peak memory bandwidth of known cards, GB/s (vendor data sheets).
+PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0,
+             "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0, "A100-PCIE-40GB": 1555.0,
+             "A100 80GB PCIe": 1935.0, "L40S": 864.0, "L4": 300.0, "A10": 600.0,
+             "RTX 4090": 1008.0, "RTX 3090": 936.0, "V100": 900.0, "T4": 320.0}
+
+
+def peak_gbps(device_name: str, override: float = 0.0):
+    """The card's peak memory bandwidth: ``override`` if > 0, else the longest entry of
+    PEAK_GBPS contained in the device name, else None."""
+    if override > 0:
+        return override
+    hits = [k for k in PEAK_GBPS if k.lower() in device_name.lower()]
+    return PEAK_GBPS[max(hits, key=len)] if hits else None
+
+
+def min_bytes(B: int, T: int, C: int, itemsize: int, mode: str) -> int:
+    """Bytes the op must move at least: forward reads k, v and writes y (and the two
+    saved (B, T, C) tensors); backward reads k, v, y, m, r, gy and writes gk, gv."""
+    tensors = 5 if mode == "fwd" else 5 + 8
+    return tensors * B * T * C * itemsize
+
+
+def logcumsumexp_wkv(w, u, k, v):
+    """The plain O(T) PyTorch formulation (float32): the left sum at t is
+    e^{-(t-1)w} sum_{i<t} e^{k_i + i w} v_i and the right sum e^{(t+1)w} sum_{i>t}
+    e^{k_i - i w} v_i, both by (reverse, exclusive) ``torch.logcumsumexp``, with v shifted
+    by min(v) - 1 so that log(v - s) exists.  A speed baseline only: its float32 error
+    grows with |w| T."""
+    import torch
+
+    T = k.shape[1]
+    i = torch.arange(T, dtype=k.dtype, device=k.device).reshape(1, T, 1)
+    s = v.detach().amin(dim=1, keepdim=True) - 1.0
+    lv = torch.log(v - s)
+    iw = i * w
+
+    def excl(x, reverse):
+        x = x.flip(1) if reverse else x
+        pad = x.new_full((x.shape[0], 1, x.shape[2]), -1e30)
+        out = torch.cat([pad, torch.logcumsumexp(x[:, :-1], dim=1)], dim=1)
+        return out.flip(1) if reverse else out
+
+    zf, zb = k + iw, k - iw
+    left, right = (i - 1.0) * w, (i + 1.0) * w
+    num = torch.stack([excl(zf + lv, False) - left, excl(zb + lv, True) + right,
+                       u + k + lv]).logsumexp(0)
+    den = torch.stack([excl(zf, False) - left, excl(zb, True) + right, u + k]).logsumexp(0)
+    return torch.exp(num - den) + s
+
+
 # ---------------------------------------------------------------- one measured point
 def run_point(backend: str, T: int, B: int, C: int, device: str, dtype: str, repeat: int,
               max_seconds: float, modes) -> dict:
@@ -89,6 +156,8 @@ def run_point(backend: str, T: int, B: int, C: int, device: str, dtype: str, rep
         fn = cuda_wkv.bi_wkv
     elif backend == "scan":
         used, fn = "torch", cuda_wkv.bi_wkv_scan
+    elif backend == "lcse":
+        used, fn = "lcse", logcumsumexp_wkv
     elif backend == "dense":
         used = "dense"
 
@@ -192,29 +261,48 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
              f"B={meta['B']}, C={meta['C']})", "",
              f"Generated by `{meta['command']}` on {meta['date']}.", "",
              f"Machine: {meta['machine']}; torch {meta['torch']}; "
-             f"{meta['threads']} intra-op threads.", "",
+             f"{meta['threads']} intra-op threads; load average (1, 5, 15 min) at the end "
+             f"{meta['load_average']} (anything near or above the CPU count means the "
+             "machine was shared: figures are then upper bounds).", "",
              f"Time: median of up to {meta['repeat']} runs after one warm-up run "
              "(forward under `torch.no_grad`; fwd+bwd = forward + `autograd.grad` w.r.t. "
              "w, u, k, v).  Memory: " + meta["memory_method"], "",
-             "`scan` is the plain PyTorch `logcumsumexp` formulation (`bi_wkv_scan`); "
-             "`ratio` = scan time / kernel time.  `dense` = O(T²) reference, run only where "
-             "it fits the memory budget.", "",
-             "| T | kernel fwd | kernel fwd+bwd | scan fwd | scan fwd+bwd | ratio fwd | "
-             "ratio fwd+bwd | dense fwd+bwd | kernel peak fwd+bwd | scan peak fwd+bwd | "
-             "dense peak fwd+bwd |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "`scan` is the PyTorch fallback (`bi_wkv_scan`), `lcse` the plain PyTorch "
+             "`logcumsumexp` formulation (`logcumsumexp_wkv`); `×` columns = their time / "
+             "kernel time.  `dense` = O(T²) reference, run only where it fits the memory "
+             "budget.", "",
+             "| T | kernel fwd | kernel fwd+bwd | scan fwd+bwd | lcse fwd+bwd | scan × | "
+             "lcse × | dense fwd+bwd | kernel peak fwd+bwd | scan peak fwd+bwd | "
+             "lcse peak fwd+bwd | dense peak fwd+bwd |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for T in Ts:
-        kr, sr, dr = by.get(("kernel", T), {}), by.get(("scan", T), {}), by.get(("dense", T), {})
+        kr, sr, lr, dr = (by.get((b, T), {}) for b in ("kernel", "scan", "lcse", "dense"))
 
-        def ratio(mode):
-            a, b = sr.get(f"{mode}_s"), kr.get(f"{mode}_s")
+        def ratio(other):
+            a, b = other.get("fwd_bwd_s"), kr.get("fwd_bwd_s")
             return f"{a / b:.1f}×" if a and b else "—"
         lines.append(
             f"| {T} | {_fmt_s(kr.get('fwd_s'))} | {_fmt_s(kr.get('fwd_bwd_s'))} | "
-            f"{_fmt_s(sr.get('fwd_s'))} | {_fmt_s(sr.get('fwd_bwd_s'))} | {ratio('fwd')} | "
-            f"{ratio('fwd_bwd')} | {_fmt_s(dr.get('fwd_bwd_s'))} | "
-            f"{_fmt_b(kr.get('fwd_bwd_peak_bytes'))} | {_fmt_b(sr.get('fwd_bwd_peak_bytes'))} | "
-            f"{_fmt_b(dr.get('fwd_bwd_peak_bytes'))} |")
+            f"{_fmt_s(sr.get('fwd_bwd_s'))} | {_fmt_s(lr.get('fwd_bwd_s'))} | {ratio(sr)} | "
+            f"{ratio(lr)} | {_fmt_s(dr.get('fwd_bwd_s'))} | "
+            + " | ".join(_fmt_b(r.get("fwd_bwd_peak_bytes")) for r in (kr, sr, lr, dr)) + " |")
+    if meta["device"] == "cuda":
+        peak = meta.get("peak_gbps")
+        lines += ["", "Kernel bandwidth: effective GB/s = minimal bytes (every input read once, "
+                  "every output written once: 5 (B, T, C) tensors forward, 13 forward+backward) "
+                  f"/ time; peak {peak or 'unknown (pass --peak-gbps)'} GB/s.", "",
+                  "| T | fwd GB/s | fwd % of peak | fwd+bwd GB/s | fwd+bwd % of peak |",
+                  "|---:|---:|---:|---:|---:|"]
+        for T in Ts:
+            kr = by.get(("kernel", T), {})
+            cells = []
+            for mode in ("fwd", "fwd_bwd"):
+                sec = kr.get(f"{mode}_s")
+                gbps = (min_bytes(meta["B"], T, meta["C"], meta["itemsize"], mode) / sec / 1e9
+                        if sec else None)
+                cells.append(f"{gbps:.0f}" if gbps else "—")
+                cells.append(f"{100 * gbps / peak:.1f} %" if gbps and peak else "—")
+            lines.append(f"| {T} | " + " | ".join(cells) + " |")
     errs = [r for r in rows if "error" in r]
     if errs:
         lines += ["", "Points that failed or were skipped:", ""]
@@ -229,7 +317,8 @@ def write_plot(path: Path, meta: dict, rows: list) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"kernel": ("C0", "o"), "scan": ("C1", "s"), "dense": ("C3", "^")}
+    styles = {"kernel": ("C0", "o"), "scan": ("C1", "s"), "lcse": ("C2", "v"),
+              "dense": ("C3", "^")}
     for ax, (key, label) in zip(axes, (("s", "time [s]"), ("peak_bytes", "peak memory [MiB]"))):
         for backend, (color, marker) in styles.items():
             for mode, ls in (("fwd", "--"), ("fwd_bwd", "-")):
@@ -268,7 +357,7 @@ ACC_CASES = [  # (B, T, C, |w|*T signed, |k| max)
     (2, 1000, 16, 0.0, 3.0), (2, 1000, 16, 1.0, 3.0), (2, 1000, 16, -1.0, 3.0),
     (2, 1000, 16, 10.0, 3.0), (2, 1000, 16, -10.0, 3.0), (2, 1000, 16, 10.0, 30.0),
     (2, 1000, 16, -10.0, 30.0), (1, 4099, 4, 10.0, 30.0), (1, 4099, 4, -10.0, 30.0),
-]
+] + [(1, 4099, 4, sign * wT, 30.0) for wT in (1e2, 1e3, 1e4, 1e5) for sign in (1.0, -1.0)]
 
 
 def run_accuracy(device: str, out: Path) -> None:
@@ -279,7 +368,7 @@ def run_accuracy(device: str, out: Path) -> None:
     rows = []
     for B, T, C, wT, kmax in ACC_CASES:
         g = torch.Generator().manual_seed(0)
-        w = torch.rand(C, generator=g, dtype=torch.float64) * wT / T
+        w = (0.5 + 0.5 * torch.rand(C, generator=g, dtype=torch.float64)) * wT / T
         u = torch.randn(C, generator=g, dtype=torch.float64)
         k = torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 * kmax - kmax
         v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
@@ -311,7 +400,8 @@ def run_accuracy(device: str, out: Path) -> None:
              "Generated by `python benchmarks/bench_wkv.py --accuracy"
              + (" --device cuda" if device == "cuda" else "") + "`.  "
              "`y`: max |y - y_ref| (v ~ N(0,1), so |y| <= ~4); gradients: max abs error "
-             "divided by max |g_ref| (gy ~ N(0,1)).  w = U(0,1) * wT / T, k ~ U(-kmax, kmax).",
+             "divided by max |g_ref| (gy ~ N(0,1)).  w = U(0.5, 1) * wT / T, "
+             "k ~ U(-kmax, kmax).  The inputs are float64; float32 runs round them.",
              "", "| B×T×C | w·T | kmax | backend | dtype | y | gw | gu | gk | gv |",
              "|---|---:|---:|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -328,6 +418,67 @@ def run_accuracy(device: str, out: Path) -> None:
     print(f"wrote {out / stem}.json/.md")
 
 
+# -------------------------------------------------------------------------- targets
+def run_targets(args) -> None:
+    """The CPU targets in one run: kernel vs the plain logcumsumexp formulation, fwd+bwd at
+    B=2, T=32768, C=64 (fresh subprocess each, default threads), and the few-lanes case
+    B=1, C=8, T=262144 at 1 and 2 threads."""
+    import torch
+
+    def point(backend, B, T, C, threads):
+        sub = argparse.Namespace(**{**vars(args), "B": B, "C": C, "threads": threads})
+        res = _spawn(sub, backend, T, ["fwd_bwd"])
+        if "error" in res:
+            raise SystemExit(f"{backend} T={T} failed: {res['error']}")
+        return res["fwd_bwd_s"]
+
+    print(f"machine load average before: {os.getloadavg()}", flush=True)
+    threads = args.threads or torch.get_num_threads()
+    kern = point("kernel", 2, 32768, 64, threads)
+    lcse = point("lcse", 2, 32768, 64, threads)
+    print(f"B=2 T=32768 C=64 fp32 fwd+bwd, {threads} threads: kernel {_fmt_s(kern)}, "
+          f"plain logcumsumexp {_fmt_s(lcse)}: {lcse / kern:.1f}x (target >= 30x)", flush=True)
+    one = point("kernel", 1, 262144, 8, 1)
+    two = point("kernel", 1, 262144, 8, 2)
+    print(f"B=1 T=262144 C=8 fp32 fwd+bwd kernel: 1 thread {_fmt_s(one)}, 2 threads "
+          f"{_fmt_s(two)}: {one / two:.2f}x (target >= 1.6x)", flush=True)
+    print(f"machine load average after: {os.getloadavg()}", flush=True)
+
+
+# GLSP's encoder on default 3d_fullres plans: 128^3 patch, strides 1, 2, 2, 2, 2, 2 and
+# widths 32 * 2^s capped at 320 (nnU-Net's defaults), batch 2.
+GLSP_STAGES = [(128 // 2 ** s, min(32 * 2 ** s, 320)) for s in range(6)]
+
+
+def run_work_items(args) -> None:
+    """Parallel work the kernels offer per encoder stage (no GPU needed): CPU tasks and
+    CUDA threads of the chunked scan at the automatic chunk length."""
+    import torch
+    from cuda_wkv import loader
+
+    ext = loader.load_extension("cpu")
+    if ext is None:
+        raise SystemExit(f"the CPU kernel is needed for its chunk rule: "
+                         f"{loader.failure_reason('cpu')}")
+    slots = args.sms * 2048
+    threads = args.threads or torch.get_num_threads()
+    B = 2
+    print(f"GLSP on default 3d_fullres plans (128^3 patch, batch {B}); CUDA: {args.sms} SMs x "
+          f"2048 resident threads = {slots} slots; CPU: {threads} threads, 16-channel blocks.")
+    print("| stage | grid | T | C | CUDA chunk | chunks | threads phases 1+3 | "
+          "threads phase 2 | % of slots | CPU chunk | CPU tasks |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s, (side, C) in enumerate(GLSP_STAGES):
+        T = side ** 3
+        L = ext.chunk_length("cuda", B, T, C, slots)
+        nch = -(-T // L)
+        th = B * -(-C // 32) * 32 * nch
+        Lc = ext.chunk_length("cpu", B, T, C, threads)
+        tasks = B * -(-C // 16) * -(-T // Lc)
+        print(f"| {s} | {side}^3 | {T} | {C} | {L} | {nch} | {th} | {2 * B * C} | "
+              f"{100 * min(th, slots) / slots:.0f} % | {Lc} | {tasks} |")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--T", type=int, nargs="+", default=DEFAULT_T, help="sequence lengths")
@@ -335,8 +486,8 @@ def main(argv=None) -> int:
     p.add_argument("--C", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--backends", nargs="+", default=["kernel", "scan", "dense"],
-                   choices=["kernel", "scan", "dense"])
+    p.add_argument("--backends", nargs="+", default=["kernel", "scan", "lcse", "dense"],
+                   choices=["kernel", "scan", "lcse", "dense"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
     p.add_argument("--repeat", type=int, default=5, help="timed runs per point (median)")
     p.add_argument("--max-seconds", type=float, default=30.0,
@@ -348,6 +499,15 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", default=str(REPO / "docs" / "benchmarks"))
     p.add_argument("--accuracy", action="store_true",
                    help="measure max errors vs the float64 dense reference instead")
+    p.add_argument("--peak-gbps", type=float, default=0.0,
+                   help="--device cuda: the card's peak memory bandwidth in GB/s (default: "
+                        "looked up from the device name)")
+    p.add_argument("--targets", action="store_true",
+                   help="run the CPU targets (kernel vs logcumsumexp, 1 vs 2 threads) and print them")
+    p.add_argument("--work-items", action="store_true",
+                   help="print the parallel work items per GLSP encoder stage (no GPU needed)")
+    p.add_argument("--sms", type=int, default=132,
+                   help="--work-items: streaming multiprocessors of the GPU (H200/H100: 132)")
     p.add_argument("--_point", nargs=2, metavar=("BACKEND", "T"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -361,6 +521,12 @@ def main(argv=None) -> int:
         return 0
 
     import torch
+    if args.work_items:
+        run_work_items(args)
+        return 0
+    if args.targets:
+        run_targets(args)
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is available")
     if args.accuracy:
@@ -420,6 +586,8 @@ def main(argv=None) -> int:
             a for a in (argv if argv is not None else sys.argv[1:])),
         "memory_method": mem_method,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "itemsize": itemsize,
+        "peak_gbps": peak_gbps(machine, args.peak_gbps) if args.device == "cuda" else None,
     }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
