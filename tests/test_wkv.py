@@ -269,11 +269,13 @@ def test_gradcheck_across_chunk_boundaries(cpu_kernel, monkeypatch, chunk):
         assert torch.autograd.gradcheck(bi_wkv, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def _wide_inputs(B, T, C, wT, kmax, seed):
-    """|w| T = wT exactly scaled per channel (both signs), k ~ U(-kmax, kmax)."""
+def _wide_inputs(B, T, C, wT, kmax, seed, signs="alternating"):
+    """|w| T between wT / 2 and wT per channel (signs alternating or all negative: far
+    tokens weigh more), k ~ U(-kmax, kmax)."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.rand(C, generator=g, dtype=torch.float64) * 0.5 + 0.5) * wT / T
-    w = w * torch.where(torch.arange(C) % 2 == 0, 1.0, -1.0).double()
+    w = w * (torch.where(torch.arange(C) % 2 == 0, 1.0, -1.0).double()
+             if signs == "alternating" else -1.0)
     u = torch.randn(C, generator=g, dtype=torch.float64)
     k = (torch.rand(B, T, C, generator=g, dtype=torch.float64) * 2 - 1) * kmax
     v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
@@ -282,12 +284,14 @@ def _wide_inputs(B, T, C, wT, kmax, seed):
     return [x.float().double() for x in (w, u, k, v)], gy.float().double()
 
 
+@pytest.mark.parametrize("signs", ["alternating", "negative"])
 @pytest.mark.parametrize("wT", [1e2, 1e3, 1e4])
-def test_float32_accuracy_vs_dense(cpu_kernel, monkeypatch, wT):
-    """float32 error does not grow with |w| T (the exponents use exact integer distances)."""
+def test_float32_accuracy_vs_dense(cpu_kernel, monkeypatch, wT, signs):
+    """float32 error does not grow with |w| T (the exponents use exact integer distances)
+    nor with the number of terms folded into a running mean."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
-    args, gy = _wide_inputs(1, 4099, 4, wT, 30.0, seed=int(wT))
+    args, gy = _wide_inputs(1, 4099, 4, wT, 30.0, seed=int(wT), signs=signs)
     leaves = [x.clone().requires_grad_() for x in args]
     y_ref = bi_wkv_dense(*leaves)
     g_ref = torch.autograd.grad(y_ref, leaves, gy)

@@ -169,7 +169,10 @@ template <typename F> WKV_HD void fwd_empty(F& a, F& n, F& s0, F& mean) {
 }
 
 // Merge the sum (a2, n2, s2, mean2) into (a, n, s0, mean): exact log-sum-exp merge; the
-// mean is a convex combination, so it cannot overflow.
+// mean is a convex combination, so it cannot overflow.  It is written as
+// major * (1 - f) + minor * f with the minor part's fraction f <= 1/2: a negligible term
+// leaves the mean bitwise unchanged (x1 / (x1 + x2) in rounded arithmetic would not, and
+// would drift over thousands of folds).
 template <typename F>
 WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w) {
   F so, sn;
@@ -177,8 +180,9 @@ WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w
   merge_scales(rel(a2, n2, a, n, w), so, sn, up);
   const F x1 = s0 * so, x2 = s2 * sn;
   const F tot = x1 + x2;
-  const F inv = tot > F(0) ? F(1) / tot : F(0);
-  mean = tot > F(0) ? (x1 * inv) * mean + (x2 * inv) * mean2 : mean;
+  const bool first = x1 >= x2;
+  const F f = tot > F(0) ? (first ? x2 : x1) / tot : F(0);
+  mean = first ? mean * (F(1) - f) + mean2 * f : mean2 * (F(1) - f) + mean * f;
   s0 = tot;
   a = up ? a2 : a;
   n = up ? n2 : n;
