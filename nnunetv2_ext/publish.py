@@ -52,8 +52,9 @@ def _clean_leftovers(parent: str, base: str, target: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_path(path: str) -> None:
+    """Flushes ``path`` (a file, or on POSIX a folder) to disk."""
+    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
     try:
         os.fsync(fd)
     finally:
@@ -89,7 +90,7 @@ def publish_files(folder: str, files: dict[str, Callable[[str], None]]) -> list[
     try:
         for name, write in files.items():
             write(os.path.join(staging, name))
-            _fsync(os.path.join(staging, name))
+            fsync_path(os.path.join(staging, name))
         stem = next(iter(files)).split('.')[0]
         if foreign_entries(folder, stem):
             for name in files:
@@ -101,7 +102,7 @@ def publish_files(folder: str, files: dict[str, Callable[[str], None]]) -> list[
             shutil.rmtree(previous)
         else:
             os.rename(staging, folder)
-        _fsync(parent)
+        fsync_path(parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return [os.path.join(folder, name) for name in files]

@@ -170,3 +170,41 @@ def test_kill_9_while_saving_leaves_the_previous_checkpoint(tmp_path):
     assert checkpoint_problem(latest) is None  # ... and the previous checkpoint is whole
     assert torch.load(latest, map_location='cpu', weights_only=False)['current_epoch'] == 1
     assert {n for n in _visible(folder) if not n.startswith('training_log')} == {'checkpoint_latest.pth'}
+
+
+def _with_pre_rename_heads(state_dict: dict) -> dict:
+    """``state_dict`` as networks saved it before the heads were named ``seg_layers`` (``decoder.heads.N.*``)."""
+    return {k.replace('decoder.seg_layers.', 'decoder.heads.'): v.clone() for k, v in state_dict.items()}
+
+
+@pytest.mark.parametrize('name', ['nnUNetTrainerLightDecoder', 'nnUNetTrainerGLSP', 'nnUNetTrainerPVTGDLA'])
+def test_weights_with_pre_rename_head_names_load_strictly(name):
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    from plans_factory import make_plans
+
+    cm = make_configuration(**TINY)
+    pm = PlansManager(make_plans(cm))
+    build = getattr(ours, name).build_network_architecture
+    torch.manual_seed(0)
+    trained = build(pm, cm, 1, 3, True)
+    old = _with_pre_rename_heads(trained.state_dict())
+    assert sum(k.startswith('decoder.heads.') for k in old) == 2 * trained.decoder.num_ds_outputs
+    torch.manual_seed(1)
+    fresh = build(pm, cm, 1, 3, True)
+    fresh.load_state_dict(old, strict=True)
+    loaded = fresh.state_dict()
+    assert loaded.keys() == trained.state_dict().keys()
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_resume_from_a_checkpoint_with_pre_rename_head_names(trainer):
+    path = _save(trainer, 'checkpoint_latest.pth', 4)
+    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    checkpoint['network_weights'] = _with_pre_rename_heads(checkpoint['network_weights'])
+    torch.save(checkpoint, path)
+    fresh = make_trainer(ours.nnUNetTrainerLightDecoder, make_configuration(**TINY))
+    maybe_load_checkpoint(fresh, continue_training=True, validation_only=False)
+    assert fresh.current_epoch == 5
+    head = fresh.network.decoder.seg_layers[0].weight
+    assert torch.equal(head, trainer.network.decoder.seg_layers[0].weight)

@@ -67,6 +67,15 @@ class LightResidualBlock(nn.Module):
         return self.act(self.residual_sum(g))
 
 
+def rename_legacy_heads(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook of the decoders: checkpoints saved before the segmentation heads were
+    named ``seg_layers`` (as nnU-Net names them) call them ``heads``; their ``<prefix>heads.*`` entries are
+    renamed to ``<prefix>seg_layers.*`` so trained model folders still predict and resume."""
+    old = prefix + 'heads.'
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + 'seg_layers.' + key[len(old):]] = state_dict.pop(key)
+
+
 class LightDecoder(nn.Module):
     """Decodes a list of encoder features (highest resolution first) into segmentation logits.
 
@@ -112,6 +121,7 @@ class LightDecoder(nn.Module):
         # load_pretrained_weights skip them (fine-tuning with another class count)
         self.seg_layers = nn.ModuleList(conv_op(encoder_channels[j], num_classes, 1, bias=True)
                                    for j in range(self.num_ds_outputs))
+        self.register_load_state_dict_pre_hook(rename_legacy_heads)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         n = len(self.blocks) + 1

@@ -32,7 +32,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_dim_to_
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 
 from nnunetv2_ext.blocks.gdla import GDLAM
-from nnunetv2_ext.blocks.light_decoder import NUM_DS_OUTPUTS, LightResidualBlock
+from nnunetv2_ext.blocks.light_decoder import NUM_DS_OUTPUTS, LightResidualBlock, rename_legacy_heads
 from nnunetv2_ext.blocks.pvt import PVTStage, reduction_ratios
 from nnunetv2_ext.networks.plans import PlansError, check_patch_fits_strides, ops_from_plans
 
@@ -183,6 +183,7 @@ class GDLADecoder(nn.Module):
                 LightResidualBlock(channels[lvl], channels[lvl], conv_op, kernel_sizes[lvl], norm_op, norm_op_kwargs,
                                    nonlin, nonlin_kwargs))
         self.seg_layers = nn.ModuleList(conv_op(channels[j], num_classes, 1) for j in range(self.num_ds_outputs))
+        self.register_load_state_dict_pre_hook(rename_legacy_heads)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         deepest = len(skips) - 1

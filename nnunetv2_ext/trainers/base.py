@@ -12,6 +12,7 @@ import numpy as np
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_ext.blocks.light_decoder import NUM_DS_OUTPUTS
+from nnunetv2_ext.publish import fsync_path
 
 
 def deep_supervision_weights(num_outputs: int) -> np.ndarray:
@@ -50,15 +51,6 @@ def checkpoint_problem(filename: str) -> str | None:
     return None
 
 
-def _fsync(path: str) -> None:
-    """Flush ``path`` (a file, or on POSIX a folder) to disk."""
-    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CrashSafeCheckpoints:
     """Mixin for an ``nnUNetTrainer``: no interruption can leave a torn checkpoint, and ``--c`` survives one.
 
@@ -77,10 +69,10 @@ class CrashSafeCheckpoints:
         if os.path.lexists(partial):
             os.remove(partial)  # an interrupted save's leftover, or a link: never written through
         super().save_checkpoint(partial)
-        _fsync(partial)
+        fsync_path(partial)
         os.replace(partial, filename)
         if os.name == 'posix':
-            _fsync(os.path.dirname(partial))  # make the rename itself durable
+            fsync_path(os.path.dirname(partial))  # make the rename itself durable
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if not (isinstance(filename_or_checkpoint, str) and os.path.isfile(filename_or_checkpoint)):
