@@ -7,6 +7,14 @@ autograd saves for backward in one forward + loss (unique storages, via ``saved_
 device-independent activation footprint), and inference time per patch (batch 1, deep supervision off,
 no TTA). The markdown table gives step time and memory also as ratios to the first trainer.
 
+``torch.compile``: each network is compiled as ``nnUNetTrainer.initialize`` compiles it
+(``torch.compile(network)``) when ``torch_compile`` is true; by default (``None``) exactly when the trainer
+would compile it on that device (its ``_do_i_compile``: nnU-Net compiles on CUDA unless ``nnUNet_compile`` is
+false, never on CPU or MPS).
+Parameters and FLOPs are counted on the eager network; the first (compiling) training step runs before the
+warm-up and its duration is reported as ``compile_s``; the first inference call (which compiles again, in
+eval mode without gradients) is not timed either. Each row records ``compiled``.
+
 A run that fails (out of memory at a large patch, a network that cannot serve the plans, e.g. a 3-D-only
 network on ``2d``) becomes a row with its ``error`` and the other runs go on; ``on_result`` sees the report
 after every row, so the CLI publishes results as they complete.
@@ -46,6 +54,8 @@ class Measurement:
     memory_method: str = ''
     inference_ms: float = math.nan
     saved_activation_bytes: int = 0
+    compiled: bool = False
+    compile_s: float | None = None
 
 
 class BenchmarkError(RuntimeError):
@@ -97,6 +107,16 @@ def scaled_patch_sizes(patch_size, strides, factors) -> list[list[int]]:
         if p not in out:
             out.append(p)
     return out
+
+
+def trainer_compiles(trainer_cls, device: torch.device) -> bool:
+    """Whether ``nnUNetTrainer.initialize`` of ``trainer_cls`` would ``torch.compile`` its network on ``device``:
+    the trainer's own ``_do_i_compile`` (so subclasses that switch compilation off are honoured), asked of an
+    instance that is not initialised (nothing but ``device`` is set)."""
+    trainer = trainer_cls.__new__(trainer_cls)
+    trainer.device = device
+    trainer.print_to_log_file = lambda *args, **kwargs: None
+    return bool(trainer._do_i_compile())
 
 
 def _stand_in_loss(outputs, targets) -> torch.Tensor:
@@ -199,8 +219,9 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_size, batch_size: int,
-            device: torch.device, warmup: int = 2, repeats: int = 5) -> Measurement:
-    """All figures for one trainer and patch size, in this process (see the module doc for methods)."""
+            device: torch.device, warmup: int = 2, repeats: int = 5, torch_compile: bool = False) -> Measurement:
+    """All figures for one trainer and patch size, in this process (see the module doc for methods);
+    ``torch_compile``: run the network through ``torch.compile`` as nnU-Net does."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -214,6 +235,8 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
     x = torch.randn(batch_size, num_input_channels, *patch_size, device=device)
     with torch.no_grad():
         targets = _targets(net(x), num_heads, device)
+    if torch_compile:
+        net = torch.compile(net)  # the call of nnUNetTrainer.initialize
 
     def forward_loss() -> torch.Tensor:
         with torch.autocast(device.type, enabled=device.type == 'cuda'):
@@ -224,6 +247,13 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
         forward_loss().backward()
         opt.step()
 
+    compile_s = None
+    if torch_compile:  # compiles forward and backward: not part of the timed steps
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        compile_s = time.perf_counter() - t0
     for _ in range(warmup):
         step()
     if device.type == 'cuda':
@@ -243,25 +273,27 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
     net.eval()
     infer = []
     with torch.no_grad(), torch.autocast(device.type, enabled=device.type == 'cuda'):
-        for i in range(warmup + repeats):
+        untimed = warmup + int(torch_compile)  # a compiled network compiles again for inference
+        for i in range(untimed + repeats):
             _sync(device)
             t0 = time.perf_counter()
             net(x1)
             _sync(device)
-            if i >= warmup:
+            if i >= untimed:
                 infer.append((time.perf_counter() - t0) * 1e3)
     return Measurement(trainer_cls.__name__, list(patch_size), batch_size, params, int(flops),
                        statistics.median(times), times, int(peak),
                        'cuda max_memory_allocated above the resident model/optimizer' if device.type == 'cuda'
                        else 'CPU: peak tensor allocation of one step above the resident model/optimizer '
-                            '(profiler memory timeline)', statistics.median(infer), saved)
+                            '(profiler memory timeline)', statistics.median(infer), saved, torch_compile, compile_s)
 
 
 def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[str], device: str = 'auto',
                   batch_size: int | None = None, scaling: list[float] | None = None, warmup: int = 2,
-                  repeats: int = 5, progress: bool = True, on_result=None) -> dict:
+                  repeats: int = 5, progress: bool = True, on_result=None, torch_compile: bool | None = None) -> dict:
     """The report for a dataset's preprocessed plans (``nnunetv2-ext benchmark``); ``on_result(report)``
-    after every row (see the module doc)."""
+    after every row; ``torch_compile``: true/false, or ``None`` for what each trainer does on the device (see the
+    module doc)."""
     pm, cm, dataset_json = load_plans(dataset, plans, configuration)
     classes = {t: find_trainer(t) for t in trainers}
     strides = cm.network_arch_init_kwargs['strides']
@@ -270,7 +302,7 @@ def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[s
     header = {'schema': 2, 'dataset': pm.dataset_name, 'plans': plans, 'configuration': configuration,
               'planned_patch_size': list(cm.patch_size)}
     report = benchmark_jobs(jobs, dataset_json, device, batch_size or cm.batch_size, warmup, repeats, progress,
-                            on_result and (lambda partial: on_result({**header, **partial})))
+                            on_result and (lambda partial: on_result({**header, **partial})), torch_compile)
     return {**header, **report}
 
 
@@ -281,10 +313,11 @@ def _failure(error: BaseException) -> str:
 
 
 def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: int = 2, warmup: int = 2,
-                   repeats: int = 5, progress: bool = True, on_result=None) -> dict:
+                   repeats: int = 5, progress: bool = True, on_result=None, torch_compile: bool | None = None) -> dict:
     """Measures ``(label, trainer class, PlansManager, ConfigurationManager, patch size)`` jobs; returns the
     device/version fields and ``results``: one :class:`Measurement` dict per job, or for a job that raised
-    ``{trainer, patch_size, batch_size, error}``. ``on_result(report so far)`` after each job."""
+    ``{trainer, patch_size, batch_size, compiled, error}``. ``on_result(report so far)`` after each job.
+    ``torch_compile``: as in :func:`run_benchmark`."""
     from importlib.metadata import version
 
     from tqdm import tqdm
@@ -296,13 +329,16 @@ def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: i
               'nnunetv2': version('nnunetv2'), 'threads': torch.get_num_threads(), 'warmup': warmup,
               'repeats': repeats, 'results': []}
     for label, trainer_cls, pm, cm, patch in tqdm(jobs, disable=not progress, desc='benchmark', unit='run'):
+        compiled = None
         try:
+            compiled = trainer_compiles(trainer_cls, dev) if torch_compile is None else torch_compile
             heads = pm.get_label_manager(dataset_json).num_segmentation_heads
-            m = measure(trainer_cls, pm, cm, n_in, heads, patch, batch_size, dev, warmup, repeats)
+            m = measure(trainer_cls, pm, cm, n_in, heads, patch, batch_size, dev, warmup, repeats, compiled)
             m.trainer = label
             row = asdict(m)
         except Exception as e:  # recorded as the run's result; the other runs go on
-            row = {'trainer': label, 'patch_size': list(patch), 'batch_size': batch_size, 'error': _failure(e)}
+            row = {'trainer': label, 'patch_size': list(patch), 'batch_size': batch_size, 'compiled': compiled,
+                   'error': _failure(e)}
             tqdm.write(f"benchmark: {label} at patch {list(patch)} failed: {row['error']}")
             gc.collect()
             if dev.type == 'cuda':
@@ -330,18 +366,20 @@ def format_markdown(report: dict) -> str:
         base = next((r for r in rows if 'error' not in r), None)
         lines += ['', f"Patch {'×'.join(map(str, patch))}:", '',
                   '| trainer | params (M) | GFLOPs fwd/patch | step ms | × | peak mem (MiB) | × | '
-                  'saved activations (MiB) | × | infer ms/patch |', '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+                  'saved activations (MiB) | × | infer ms/patch | compiled |',
+                  '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
         for r in rows:
             if 'error' in r:
-                lines.append(f"| {r['trainer']} | failed: {r['error'].replace('|', '/')} |" + ' |' * 8)
+                lines.append(f"| {r['trainer']} | failed: {r['error'].replace('|', '/')} |" + ' |' * 9)
                 continue
+            compiled = f"yes (compiling step {r['compile_s']:.0f} s)" if r['compiled'] else 'no'
             lines.append(
                 f"| {r['trainer']} | {r['params'] / 1e6:.2f} | {r['forward_flops'] / 1e9:.2f} | {r['step_ms']:.0f} | "
                 f"{r['step_ms'] / base['step_ms']:.2f} | {r['peak_memory_bytes'] / 2**20:.0f} | "
                 f"{r['peak_memory_bytes'] / max(base['peak_memory_bytes'], 1):.2f} | "
                 f"{r['saved_activation_bytes'] / 2**20:.0f} | "
                 f"{r['saved_activation_bytes'] / max(base['saved_activation_bytes'], 1):.2f} | "
-                f"{r['inference_ms']:.0f} |")
+                f"{r['inference_ms']:.0f} | {compiled} |")
     measured = [r for r in report['results'] if 'error' not in r]
     if measured:
         lines += ['', f"Memory: {measured[0]['memory_method']}."]

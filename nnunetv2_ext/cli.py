@@ -170,7 +170,8 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
 
     try:
         report = run_benchmark(dataset, args.configuration, args.plans, trainers, args.device, args.batch_size,
-                               args.scaling, args.warmup, args.repeats, on_result=publish)
+                               args.scaling, args.warmup, args.repeats, on_result=publish,
+                               torch_compile=args.compile)
     except BenchmarkError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
@@ -298,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
                         '(default: 1 only)')
     p.add_argument('--warmup', type=NON_NEGATIVE_INT, default=2, help='untimed steps before timing')
     p.add_argument('--repeats', type=POSITIVE_INT, default=5, help='timed steps (the median is reported)')
+    p.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each network as nnU-Net's trainer does (the compiling step is not timed; "
+                        "each row says whether it was compiled). Default: as the trainer would, i.e. on CUDA "
+                        "unless nnUNet_compile is false, never on CPU")
     p.add_argument('-o', '--output', default=None,
                    help='output folder of its own, replaced as a whole (default: '
                         './nnunetv2_ext_benchmark/<dataset>__<plans>__<configuration>)')

@@ -108,6 +108,80 @@ def test_cli_writes_outputs(tiny_plans, tmp_path):
     assert bad.returncode == 1 and "unknown trainer 'Nope'" in bad.stderr
 
 
+def test_compile_runs_the_measured_network_compiled_and_each_row_says_so(tiny_plans, monkeypatch):
+    """``torch_compile=True``: the network goes through ``torch.compile(network)`` (nnU-Net's call, no options)
+    and the measured steps run its compiled forward and backward graphs. The backend is swapped for AOT
+    autograd around eager code that counts the graphs (inductor takes minutes on a CPU)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    graphs = {'forward': 0, 'backward': 0}
+
+    def counting(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind] += 1
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    backend = aot_autograd(fw_compiler=counting('forward'), bw_compiler=counting('backward'))
+    real_compile, networks = torch.compile, []
+
+    def nnunet_call(model, **options):
+        assert not options  # nnUNetTrainer.initialize: torch.compile(self.network)
+        networks.append(real_compile(model, backend=backend))
+        return networks[-1]
+
+    monkeypatch.setattr(torch, 'compile', nnunet_call)
+    report = run_benchmark(DATASET, '3d_fullres', 'nnUNetPlans', ['nnUNetTrainerLightDecoder'], device='cpu',
+                           warmup=0, repeats=1, progress=False, torch_compile=True)
+    row, = report['results']
+    assert 'error' not in row, row
+    assert row['compiled'] is True and row['compile_s'] > 0 and row['step_ms'] > 0 and row['inference_ms'] > 0
+    assert len(networks) == 1 and isinstance(networks[0], OptimizedModule)
+    assert graphs['forward'] >= 2 and graphs['backward'] >= 1  # training (fwd + bwd) and inference graphs
+    assert row['saved_activation_bytes'] > 0 and row['peak_memory_bytes'] > 0
+    assert '| yes (compiling step ' in format_markdown(report)
+    graphs.update(forward=0, backward=0)
+    default = run_benchmark(DATASET, '3d_fullres', 'nnUNetPlans', ['nnUNetTrainerLightDecoder'], device='cpu',
+                            warmup=0, repeats=1, progress=False)  # nnU-Net never compiles on the CPU
+    assert default['results'][0]['compiled'] is False and default['results'][0]['compile_s'] is None
+    assert len(networks) == 1 and graphs == {'forward': 0, 'backward': 0}
+    assert format_markdown(default).rstrip().splitlines()[-3].endswith('| no |')
+
+
+def test_compiles_by_default_where_the_trainer_would(monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2_ext.benchmark import trainer_compiles
+    from nnunetv2_ext.trainers import nnUNetTrainerGLSP_EncRefine, nnUNetTrainerLightDecoder
+
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    monkeypatch.delenv('nnUNet_compile', raising=False)
+    assert trainer_compiles(nnUNetTrainer, cuda) and trainer_compiles(nnUNetTrainerLightDecoder, cuda)
+    assert not trainer_compiles(nnUNetTrainerLightDecoder, cpu)
+    assert not trainer_compiles(nnUNetTrainerGLSP_EncRefine, cuda)  # this trainer switches compilation off
+    monkeypatch.setenv('nnUNet_compile', 'f')
+    assert not trainer_compiles(nnUNetTrainerLightDecoder, cuda)
+    monkeypatch.setenv('nnUNet_compile', 'true')
+    assert trainer_compiles(nnUNetTrainerLightDecoder, cuda) and not trainer_compiles(nnUNetTrainer, cpu)
+
+
+@pytest.mark.parametrize('flag,expected', [([], None), (['--compile'], True), (['--no-compile'], False)])
+def test_cli_compile_option(tiny_plans, tmp_path, monkeypatch, flag, expected):
+    import nnunetv2_ext.benchmark
+    from nnunetv2_ext.cli import main
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise BenchmarkError('recorded')
+
+    monkeypatch.setattr(nnunetv2_ext.benchmark, 'run_benchmark', record)
+    assert main(['benchmark', '-d', DATASET, '-tr', 'nnUNetTrainer', '-o', str(tmp_path / 'o'), *flag]) == 1
+    assert seen['torch_compile'] is expected
+
+
 def test_bench_networks_script_measures_synthetic_and_resenc_plans(tmp_path):
     """benchmarks/bench_networks.py re-plans synthetic plans per patch and measures with the same code."""
     out = tmp_path / 'nets'
