@@ -203,7 +203,7 @@ wkv_selfcheck() {
         "$PY" -m cuda_wkv.selfcheck --device "$DEVICE" --dtype float64
 }
 
-export PY REPO OUT DEVICE
+export PY REPO OUT DEVICE SMOKE
 export -f environment write_plans network_benchmark wkv_selfcheck
 TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
 echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
