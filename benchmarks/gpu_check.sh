@@ -214,7 +214,7 @@ if [ "$DEVICE" = cuda ]; then
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda and not compiles" tests
     run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cuda --out-dir "$OUT/bench_wkv"
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
-    run_step networks 240 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
+    run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
     run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cpu --T 256 --backends scan \

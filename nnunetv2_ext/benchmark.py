@@ -221,7 +221,21 @@ def _sync(device: torch.device) -> None:
 def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_size, batch_size: int,
             device: torch.device, warmup: int = 2, repeats: int = 5, torch_compile: bool = False) -> Measurement:
     """All figures for one trainer and patch size, in this process (see the module doc for methods);
-    ``torch_compile``: run the network through ``torch.compile`` as nnU-Net does."""
+    ``torch_compile``: run the network through ``torch.compile`` as nnU-Net does. cuDNN runs as
+    ``nnUNetv2_train`` sets it (``benchmark=True``, ``deterministic=False``: algorithms autotuned during the
+    warm-up); the previous flags are restored afterwards."""
+    cudnn = torch.backends.cudnn
+    saved = cudnn.benchmark, cudnn.deterministic
+    cudnn.benchmark, cudnn.deterministic = True, False
+    try:
+        return _measure(trainer_cls, pm, cm, num_input_channels, num_heads, patch_size, batch_size, device, warmup,
+                        repeats, torch_compile)
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
+
+
+def _measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_size, batch_size: int,
+             device: torch.device, warmup: int, repeats: int, torch_compile: bool) -> Measurement:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)

@@ -281,3 +281,25 @@ def test_a_failing_trainer_is_a_row_and_the_others_are_kept(tiny_plans, tmp_path
     assert table.count('| nnUNetTrainerLightDecoder | ') == 1 and (out / 'benchmark.png').stat().st_size > 0
     everything_failed = subprocess.run(cmd + ['nnUNetTrainer_BenchOOM'], capture_output=True, text=True, env=env)
     assert everything_failed.returncode == 1 and '1 of 1 runs failed' in everything_failed.stderr
+
+
+def test_cudnn_is_autotuned_as_nnunetv2_train_sets_it_and_restored(tiny_plans, monkeypatch):
+    """``nnUNetv2_train`` sets ``cudnn.benchmark = True, deterministic = False``; every measured step must run so
+    (a benchmark without autotuning times other convolution algorithms than training uses), and the caller's flags
+    come back afterwards, also when the measurement fails."""
+    from nnunetv2_ext import benchmark
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic))
+        raise RuntimeError('stop here')
+
+    monkeypatch.setattr(benchmark, '_measure', spy)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    monkeypatch.setattr(torch.backends.cudnn, 'deterministic', True)
+    report = run_benchmark(DATASET, '3d_fullres', 'nnUNetPlans', ['nnUNetTrainer'], device='cpu', warmup=0,
+                           repeats=1, progress=False)
+    assert seen == [(True, False)]
+    assert 'stop here' in report['results'][0]['error']
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == (False, True)
