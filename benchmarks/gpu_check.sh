@@ -11,8 +11,10 @@
 # printed at the end. A step that fails or times out is recorded and the others still run; the
 # whole run stays within --budget seconds (default 480 = 8 minutes) and each step within its own
 # limit (--step-timeout caps them all). --steps runs only some of the steps, comma-separated, in
-# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks (all by default;
-# networks needs plans). Exit status: 0 all steps passed, 1 a step failed or timed out, 2 no GPU
+# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks (all but
+# wkv_chunks by default; networks needs plans). wkv_chunks times the kernel at GLSP's largest
+# sequence on default 3d_fullres plans (B=2, T=32768, C=128) for the automatic and several forced
+# chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes). Exit status: 0 all steps passed, 1 a step failed or timed out, 2 no GPU
 # or bad arguments.
 #
 # --cpu-smoke runs the same steps on the CPU with tiny sizes (a 16^3 patch, short sequences, the
@@ -26,8 +28,8 @@ set -u
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
-ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks
-STEPS_WANTED=$ALL_STEPS
+ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks
+STEPS_WANTED=environment,wkv_selfcheck,tests,bench_wkv,plans,networks
 SMOKE=0
 BUDGET=480
 STEP_CAP=0
@@ -203,8 +205,23 @@ wkv_selfcheck() {
         "$PY" -m cuda_wkv.selfcheck --device "$DEVICE" --dtype float64
 }
 
+# wkv_chunks BENCH_WKV_ARGS...: bench_wkv.py once per chunk length (automatic first), each into
+# bench_wkv_chunks/<length>/, printing the first table row of each
+wkv_chunks() {
+    local len
+    for len in auto 32 64 128 256 512 1024 2048; do
+        echo "== CUDA_WKV_CHUNK=$len"
+        if [ "$len" = auto ]; then
+            env -u CUDA_WKV_CHUNK "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv_chunks/$len" "$@"
+        else
+            CUDA_WKV_CHUNK=$len "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv_chunks/$len" "$@"
+        fi || return 1
+        grep -h -m 1 -E '^\| [0-9]' "$OUT/bench_wkv_chunks/$len"/wkv_*.md
+    done
+}
+
 export PY REPO OUT DEVICE SMOKE
-export -f environment write_plans network_benchmark wkv_selfcheck
+export -f environment write_plans network_benchmark wkv_selfcheck wkv_chunks
 TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
 echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
 run_step environment 120 environment
@@ -215,6 +232,7 @@ if [ "$DEVICE" = cuda ]; then
     run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cuda --out-dir "$OUT/bench_wkv"
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
+    run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
     run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cpu --T 256 --backends scan \
@@ -223,6 +241,7 @@ else
     # the WKV op's PyTorch path: the smoke run compiles no kernel for the networks
     run_step networks 240 env CUDA_WKV_BACKEND=torch bash -c 'network_benchmark "$@"' _ \
         -tr "${TRAINERS[@]}" --batch-size 1 --warmup 0 --repeats 1 -o "$OUT/networks"
+    run_step wkv_chunks 120 wkv_chunks --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
 fi
 
 {
@@ -243,6 +262,12 @@ fi
         cat "$f"
         echo
     done
+    if [ -f "$OUT/logs/wkv_chunks.log" ]; then
+        echo "## wkv_chunks (first table row of each chunk length; columns as in bench_wkv)"
+        echo
+        grep -E '^(== CUDA_WKV_CHUNK|\| [0-9])' "$OUT/logs/wkv_chunks.log" | sed 's/^== /    /; s/^|/    |/'
+        echo
+    fi
     echo "Total: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; $([ "$FAILED" = 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')."
 } > "$OUT/summary.md.partial"
 publish "$OUT/summary.md"

@@ -124,3 +124,26 @@ def test_networks_without_plans_and_exhausted_budget_are_skipped(tmp_path):
     assert res.returncode == 1
     assert [s[1] for s in _steps(tmp_path / "b")] == ["SKIPPED (budget of 4s used up)",
                                                       "SKIPPED (needs the plans step)"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without a GPU")
+def test_wkv_chunks_times_the_automatic_and_each_forced_chunk_length(tmp_path):
+    """The opt-in step runs bench_wkv.py once per chunk length, the automatic one without any
+    CUDA_WKV_CHUNK inherited from the caller, and the summary lists each length's first row.
+    ``PYTHON`` is a stand-in that records the chunk length and writes a one-row table."""
+    fake = tmp_path / "fake_python"
+    fake.write_text('#!/bin/sh\n'
+                    f'echo "${{CUDA_WKV_CHUNK:-unset}}" >> "{tmp_path}/chunks.txt"\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && dir=$2; shift; done\n'
+                    'mkdir -p "$dir" && printf "| T |\\n|---:|\\n| 256 | %s ms |\\n" '
+                    '"${CUDA_WKV_CHUNK:-9}" > "$dir/wkv_cpu.md"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    env = dict(os.environ, PYTHON=str(fake), CUDA_WKV_CHUNK="7")
+    res = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--steps", "wkv_chunks", "out"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "chunks.txt").read_text().split() == ["unset", "32", "64", "128", "256", "512",
+                                                              "1024", "2048"]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "    CUDA_WKV_CHUNK=auto\n    | 256 | 9 ms |\n    CUDA_WKV_CHUNK=32\n    | 256 | 32 ms |" in summary
+    assert (tmp_path / "out" / "bench_wkv_chunks" / "2048" / "wkv_cpu.md").is_file()
