@@ -184,15 +184,25 @@ def fake_step_cost(trainer_cls, pm, cm, num_input_channels: int, num_heads: int,
     import cuda_wkv.dispatch
 
     device = torch.device('cuda' if amp else 'cpu')
+    # built on the meta device (initialisers such as trunc_normal_ cannot run on fake tensors), then given
+    # fake storage on the target device: shapes and dtypes are all that is counted
+    with torch.device('meta'):
+        net = trainer_cls.build_network_architecture(pm, cm, num_input_channels, num_heads, True)
     with ExitStack() as stack:
         stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+        for module in net.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device=device),
+                                                                  p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = torch.empty_like(b, device=device)
         if amp:
             stack.enter_context(mock.patch.object(cuda_wkv.dispatch, '_select_for_call', lambda *_: 'cuda'))
             was_enabled, was_dtype = torch.is_autocast_enabled('cuda'), torch.get_autocast_dtype('cuda')
             stack.callback(torch.set_autocast_dtype, 'cuda', was_dtype)
             stack.callback(torch.set_autocast_enabled, 'cuda', was_enabled)
-        with device:
-            net = trainer_cls.build_network_architecture(pm, cm, num_input_channels, num_heads, True)
         x = torch.randn(batch_size, num_input_channels, *patch_size, device=device)
 
         def forward_loss() -> torch.Tensor:
