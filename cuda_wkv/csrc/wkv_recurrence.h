@@ -322,20 +322,35 @@ WKV_HD void bwd_finish(F u, F k, F v, F y, F m, F r, F gy, F q0, F q1, F w, A& g
 // Summaries and carries live in (B, chunks, 2 directions, fields, C) buffers.  For one
 // lane and direction (pointers at chunk 0, field 0; `cs` = stride between chunks, `fs` =
 // between fields): carry[ch] = merge of the sums of the chunks before ch (dir 0, left
-// sums) or after ch (dir 1), merged in chunk order.
+// sums) or after ch (dir 1), merged in chunk order.  The summary merged at step i is
+// loaded at step i - 1: on a GPU its global-memory latency then overlaps a merge
+// instead of adding to every step of this sequential loop (same operations, same order).
+WKV_HD int64_t chunk_at(int64_t i, int64_t nch, int dir) { return dir == 0 ? i : nch - 1 - i; }
+
 template <typename F>
 WKV_HD void fwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
                            int dir, F w) {
   F a, n, s0, mean;
   fwd_empty(a, n, s0, mean);
+  F next[4] = {F(0), F(0), F(0), F(0)};
+  if (nch > 1) {
+    const F* q = summ + chunk_at(0, nch, dir) * cs;
+    for (int f = 0; f < 4; ++f) next[f] = q[f * fs];
+  }
   for (int64_t i = 0; i < nch; ++i) {
-    const int64_t o = (dir == 0 ? i : nch - 1 - i) * cs;
+    const int64_t o = chunk_at(i, nch, dir) * cs;
     carry[o] = a;
     carry[o + fs] = n;
     carry[o + 2 * fs] = s0;
     carry[o + 3 * fs] = mean;
-    if (i + 1 < nch) fwd_merge(a, n, s0, mean, summ[o], summ[o + fs], summ[o + 2 * fs],
-                               summ[o + 3 * fs], w);
+    if (i + 1 < nch) {
+      const F cur[4] = {next[0], next[1], next[2], next[3]};
+      if (i + 2 < nch) {
+        const F* q = summ + chunk_at(i + 1, nch, dir) * cs;
+        for (int f = 0; f < 4; ++f) next[f] = q[f * fs];
+      }
+      fwd_merge(a, n, s0, mean, cur[0], cur[1], cur[2], cur[3], w);
+    }
   }
 }
 
@@ -368,14 +383,16 @@ template <typename F> WKV_HD void bwd_store(const BwdState<F>& s, F* p, int64_t 
 template <typename F>
 WKV_HD void bwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
                            int dir, F w) {
-  BwdState<F> s, q;
+  BwdState<F> s, next;
   bwd_empty(s);
-  for (int64_t i = 0; i < nch; ++i) {
-    const int64_t o = (dir == 0 ? i : nch - 1 - i) * cs;
-    bwd_store(s, carry + o, fs);
+  bwd_empty(next);
+  if (nch > 1) bwd_load(next, summ + chunk_at(0, nch, dir) * cs, fs);
+  for (int64_t i = 0; i < nch; ++i) {  // loads one step ahead, as fwd_carry_lane
+    bwd_store(s, carry + chunk_at(i, nch, dir) * cs, fs);
     if (i + 1 < nch) {
-      bwd_load(q, summ + o, fs);
-      bwd_merge(s, q, w);
+      const BwdState<F> cur = next;
+      if (i + 2 < nch) bwd_load(next, summ + chunk_at(i + 1, nch, dir) * cs, fs);
+      bwd_merge(s, cur, w);
     }
   }
 }
