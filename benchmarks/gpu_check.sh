@@ -14,8 +14,8 @@
 # their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks (all but
 # wkv_chunks by default; networks needs plans). wkv_chunks times the kernel at GLSP's largest
 # sequence on default 3d_fullres plans (B=2, T=32768, C=128) for the automatic and several forced
-# chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes). Exit status: 0 all steps passed, 1 a step failed or timed out, 2 no GPU
-# or bad arguments.
+# chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes). Exit status: 0 all
+# steps passed, 1 a step failed or timed out, 2 no GPU or bad arguments.
 #
 # --cpu-smoke runs the same steps on the CPU with tiny sizes (a 16^3 patch, short sequences, the
 # networks with the WKV op's PyTorch path): it checks the script, not the GPU.
@@ -205,17 +205,14 @@ wkv_selfcheck() {
         "$PY" -m cuda_wkv.selfcheck --device "$DEVICE" --dtype float64
 }
 
-# wkv_chunks BENCH_WKV_ARGS...: bench_wkv.py once per chunk length (automatic first), each into
-# bench_wkv_chunks/<length>/, printing the first table row of each
+# wkv_chunks BENCH_WKV_ARGS...: bench_wkv.py once per chunk length (automatic first: no CUDA_WKV_CHUNK,
+# not even the caller's), each into bench_wkv_chunks/<length>/, printing the first table row of each
 wkv_chunks() {
-    local len
+    local len chunk
     for len in auto 32 64 128 256 512 1024 2048; do
         echo "== CUDA_WKV_CHUNK=$len"
-        if [ "$len" = auto ]; then
-            env -u CUDA_WKV_CHUNK "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv_chunks/$len" "$@"
-        else
-            CUDA_WKV_CHUNK=$len "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv_chunks/$len" "$@"
-        fi || return 1
+        if [ "$len" = auto ]; then chunk=(-u CUDA_WKV_CHUNK); else chunk=("CUDA_WKV_CHUNK=$len"); fi
+        env "${chunk[@]}" "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv_chunks/$len" "$@" || return 1
         grep -h -m 1 -E '^\| [0-9]' "$OUT/bench_wkv_chunks/$len"/wkv_*.md
     done
 }

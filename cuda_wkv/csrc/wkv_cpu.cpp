@@ -347,10 +347,8 @@ void bwd_rescan(const BwdIO<F>& io, int64_t t0, int64_t t1, int n_rt, const F* c
   BwdLanes<F> s;
   s.load(carry_left, stride, n);
   for (int64_t t = t0; t < t1; ++t) {  // left sides: partial q0, q1 kept in gv, gk
-    if (t + kAhead < t1) {
-      prefetch_rows((t + kAhead) * io.C, io.k, io.v, io.y, io.m, io.r, io.gy);
-      prefetch_rows<F>((t + kAhead) * io.C, io.gv, io.gk);
-    }
+    if (t + kAhead < t1)
+      prefetch_rows((t + kAhead) * io.C, io.k, io.v, io.y, io.m, io.r, io.gy, io.gv, io.gk);
     const int64_t o = t * io.C;
     const F tf = static_cast<F>(t);
     WKV_SIMD
@@ -366,10 +364,8 @@ void bwd_rescan(const BwdIO<F>& io, int64_t t0, int64_t t1, int n_rt, const F* c
   }
   s.load(carry_right, stride, n);
   for (int64_t t = t1 - 1; t >= t0; --t) {  // right sides, then the final combination
-    if (t - kAhead >= t0) {
-      prefetch_rows((t - kAhead) * io.C, io.k, io.v, io.y, io.m, io.r, io.gy);
-      prefetch_rows<F>((t - kAhead) * io.C, io.gv, io.gk);
-    }
+    if (t - kAhead >= t0)
+      prefetch_rows((t - kAhead) * io.C, io.k, io.v, io.y, io.m, io.r, io.gy, io.gv, io.gk);
     const int64_t o = t * io.C;
     const F tf = static_cast<F>(t);
     WKV_SIMD
