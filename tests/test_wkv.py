@@ -471,6 +471,34 @@ def test_noncontiguous_inputs(cpu_kernel):
     torch.testing.assert_close(bi_wkv(w, u, kt, vs), bi_wkv_dense(w, u, k, vs))
 
 
+def test_backward_allocates_no_zero_gradients_for_the_saved_outputs(cpu_kernel, monkeypatch):
+    """m and r are outputs of the kernel op that never get gradients: the backward must not be
+    handed (B, T, C) tensors of zeros for them (two extra writes of the sequence per call)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ZeroFills(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if "zero" in name or "fill" in name or "full" in name:
+                self.shapes += [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+                self.shapes += [tuple(a) for a in args if isinstance(a, (list, tuple))]
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("CUDA_WKV_BACKEND", "cpu")
+    w, u, k, v = (x.requires_grad_() for x in _inputs(2, 33, 5, wT=2.0))
+    gy = torch.randn(2, 33, 5)
+    with ZeroFills() as log:
+        grads = torch.autograd.grad(bi_wkv(w, u, k, v), (w, u, k, v), gy)
+    assert (2, 33, 5) not in log.shapes, log.shapes
+    reference = torch.autograd.grad(bi_wkv_scan(w, u, k, v), (w, u, k, v), gy)
+    for g, ref in zip(grads, reference):
+        torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_torch_compile_fullgraph(cpu_kernel):
     """The kernels are torch.library custom ops: torch.compile keeps them in one graph."""
     if getattr(torch.library, "custom_op", None) is None:
