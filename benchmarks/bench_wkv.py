@@ -36,6 +36,10 @@ Other modes:
 * ``--work-items``: the parallel work the kernels offer at GLSP's shapes on default
   3d_fullres plans (128^3 patch, widths 32..320, batch 2), per encoder stage; needs no GPU.
 * ``--accuracy``: max errors vs the float64 dense reference (load-independent).
+* ``--profile`` (with the sweep): one more call per point under the PyTorch profiler; the
+  markdown tabulates where its time went (CUDA: each kernel's device time and the bandwidth
+  on device time; CPU: operators' self time, the op's kernel calls named
+  ``cuda_wkv::forward_kernel`` / ``backward_kernel``).
 
     python benchmarks/bench_wkv.py                 # full CPU sweep (~10-20 min on 2 cores)
     python benchmarks/bench_wkv.py --device cuda
@@ -135,7 +139,7 @@ def logcumsumexp_wkv(w, u, k, v):
 
 # ---------------------------------------------------------------- one measured point
 def run_point(backend: str, T: int, B: int, C: int, device: str, dtype: str, repeat: int,
-              max_seconds: float, modes) -> dict:
+              max_seconds: float, modes, profile: bool = False) -> dict:
     import torch
     import cuda_wkv
 
@@ -221,6 +225,9 @@ def run_point(backend: str, T: int, B: int, C: int, device: str, dtype: str, rep
         out[f"{mode}_min_s"] = min(times)
         out[f"{mode}_runs"] = len(times)
         out[f"{mode}_peak_bytes"] = int(peak)
+        if profile:  # where one call's time goes: kernels on CUDA, operators on CPU
+            from nnunetv2_ext.benchmark import top_ops
+            out[f"{mode}_ops"] = top_ops(f, dev)
     return out
 
 
@@ -235,7 +242,7 @@ def _spawn(args, backend, T, modes, rss_allocator: bool = True) -> dict:
            "--B", str(args.B), "--C", str(args.C), "--device", args.device, "--dtype",
            args.dtype, "--repeat", str(args.repeat), "--max-seconds", str(args.max_seconds),
            "--threads", str(args.threads),
-           "--modes", *modes]
+           "--modes", *modes] + (["--profile"] if args.profile else [])
     env = dict(os.environ)
     # Fixed glibc mmap threshold: blocks >= 128 KiB are mmapped and returned to the OS
     # on free (no dynamic threshold growth), so RSS follows the live tensors.
@@ -310,6 +317,31 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
                 cells.append(f"{gbps:.0f}" if gbps else "—")
                 cells.append(f"{100 * gbps / peak:.1f} %" if gbps and peak else "—")
             lines.append(f"| {T} | " + " | ".join(cells) + " |")
+    profiled = [r for r in rows if "error" not in r and any(k.endswith("_ops") for k in r)]
+    if profiled:
+        what = ("CUDA kernels, copies and memsets: device self time" if meta["device"] == "cuda"
+                else "operators: self CPU time")
+        lines += ["", f"Profile of one call per point ({what}; `(total)` is their sum, to "
+                  "compare with the wall time above: the difference is host-side overhead "
+                  "and idle device time).", ""]
+        for r in profiled:
+            for mode in ("fwd", "fwd_bwd"):
+                ops = r.get(f"{mode}_ops")
+                if not ops:
+                    continue
+                extra = ""
+                if meta["device"] == "cuda":
+                    gbps = min_bytes(meta["B"], r["T"], meta["C"], meta["itemsize"], mode) / (
+                        ops[-1]["ms"] / 1e3) / 1e9
+                    peak = meta.get("peak_gbps")
+                    extra = f"; {gbps:.0f} GB/s on device time" + (
+                        f" = {100 * gbps / peak:.1f} % of peak" if peak else "")
+                lines += [f"{r['backend']} {mode.replace('_', '+')}, T={r['T']}: wall "
+                          f"{_fmt_s(r.get(mode + '_s'))}{extra}", "",
+                          "| operation | ms | share |", "|---|---:|---:|"]
+                lines += [f"| {o['name'].replace('|', '/')} | {o['ms']:.3f} | "
+                          f"{100 * o['share']:.1f} % |" for o in ops]
+                lines.append("")
     errs = [r for r in rows if "error" in r]
     if errs:
         lines += ["", "Points that failed or were skipped:", ""]
@@ -515,6 +547,10 @@ def main(argv=None) -> int:
                    help="print the parallel work items per GLSP encoder stage (no GPU needed)")
     p.add_argument("--sms", type=int, default=132,
                    help="--work-items: streaming multiprocessors of the GPU (H200/H100: 132)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one call per point and tabulate where its time goes "
+                        "(CUDA: each kernel's device time, so host overhead shows as the gap "
+                        "to the wall time; CPU: operators' self time)")
     p.add_argument("--_point", nargs=2, metavar=("BACKEND", "T"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -523,7 +559,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args._point:
         res = run_point(args._point[0], int(args._point[1]), args.B, args.C, args.device,
-                        args.dtype, args.repeat, args.max_seconds, args.modes)
+                        args.dtype, args.repeat, args.max_seconds, args.modes, args.profile)
         print("RESULT " + json.dumps(res), flush=True)
         return 0
 
@@ -555,7 +591,7 @@ def main(argv=None) -> int:
                 res = _spawn(args, backend, T, args.modes)
             else:
                 res = run_point(backend, T, args.B, args.C, args.device, args.dtype,
-                                args.repeat, args.max_seconds, args.modes)
+                                args.repeat, args.max_seconds, args.modes, args.profile)
             res.setdefault("backend", backend)
             res.setdefault("T", T)
             rows.append(res)

@@ -14,7 +14,9 @@
 # their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks (all but
 # wkv_chunks by default; networks needs plans). wkv_chunks times the kernel at GLSP's largest
 # sequence on default 3d_fullres plans (B=2, T=32768, C=128) for the automatic and several forced
-# chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes). Exit status: 0 all
+# chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes). On CUDA the WKV
+# benchmarks and the network benchmark also profile one call / one training step (--profile): each
+# kernel's device time, so the host overhead and the slowest kernels show. Exit status: 0 all
 # steps passed, 1 a step failed or timed out, 2 no GPU or bad arguments.
 #
 # --cpu-smoke runs the same steps on the CPU with tiny sizes (a 16^3 patch, short sequences, the
@@ -197,7 +199,7 @@ network_benchmark() {
     fi
     nnUNet_raw="$OUT/nnUNet/nnUNet_raw" nnUNet_preprocessed="$OUT/nnUNet/nnUNet_preprocessed" \
         nnUNet_results="$OUT/nnUNet/nnUNet_results" \
-        nnunetv2-ext benchmark -d 999 -c 3d_fullres --device "$DEVICE" "${compile[@]}" "$@"
+        nnunetv2-ext benchmark -d 999 -c 3d_fullres --device "$DEVICE" "${compile[@]}" --profile "$@"
 }
 
 wkv_selfcheck() {
@@ -214,6 +216,7 @@ wkv_chunks() {
         if [ "$len" = auto ]; then chunk=(-u CUDA_WKV_CHUNK); else chunk=("CUDA_WKV_CHUNK=$len"); fi
         env "${chunk[@]}" "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv_chunks/$len" "$@" || return 1
         grep -h -m 1 -E '^\| [0-9]' "$OUT/bench_wkv_chunks/$len"/wkv_*.md
+        grep -h -E '^kernel fwd(\+bwd)?, T=' "$OUT/bench_wkv_chunks/$len"/wkv_*.md || true  # --profile
     done
 }
 
@@ -226,10 +229,10 @@ run_step wkv_selfcheck 240 wkv_selfcheck
 if [ "$DEVICE" = cuda ]; then
     # the nvcc compile test runs without a GPU too (and the self-check step has built the kernel)
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda and not compiles" tests
-    run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cuda --out-dir "$OUT/bench_wkv"
+    run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cuda --profile --out-dir "$OUT/bench_wkv"
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
-    run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel
+    run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
     run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cpu --T 256 --backends scan \
@@ -262,7 +265,8 @@ fi
     if [ -f "$OUT/logs/wkv_chunks.log" ]; then
         echo "## wkv_chunks (first table row of each chunk length; columns as in bench_wkv)"
         echo
-        grep -E '^(== CUDA_WKV_CHUNK|\| [0-9])' "$OUT/logs/wkv_chunks.log" | sed 's/^== /    /; s/^|/    |/'
+        grep -E '^(== CUDA_WKV_CHUNK|\| [0-9]|kernel fwd)' "$OUT/logs/wkv_chunks.log" |
+            sed 's/^== /    /; s/^|/    |/; s/^kernel/    kernel/'
         echo
     fi
     echo "Total: $(( $(date +%s) - START ))s of a ${BUDGET}s budget; $([ "$FAILED" = 0 ] && echo 'all steps passed' || echo 'SOME STEPS FAILED')."

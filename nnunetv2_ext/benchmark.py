@@ -19,6 +19,9 @@ A run that fails (out of memory at a large patch, a network that cannot serve th
 network on ``2d``) becomes a row with its ``error`` and the other runs go on; ``on_result`` sees the report
 after every row, so the CLI publishes results as they complete.
 
+With ``profile`` one more training step runs under the PyTorch profiler and the row gets ``top_ops``: where that
+step's time goes, by operation (:func:`top_ops`).
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the steps, above what was allocated before
 them; on CPU the same quantity for one extra training step, from the allocator's events in the PyTorch
 profiler's memory timeline (:func:`peak_tensor_bytes`).
@@ -56,6 +59,7 @@ class Measurement:
     saved_activation_bytes: int = 0
     compiled: bool = False
     compile_s: float | None = None
+    top_ops: list[dict] | None = None  # with ``profile``: see :func:`top_ops`
 
 
 class BenchmarkError(RuntimeError):
@@ -223,15 +227,51 @@ def fake_step_cost(trainer_cls, pm, cm, num_input_channels: int, num_heads: int,
     return cost
 
 
+def top_ops(run, device: torch.device, top: int = 8) -> list[dict]:
+    """Where one call of ``run()`` spends its time, from the PyTorch profiler: on CUDA the device-side events
+    (kernels, copies, memsets; self time), on CPU the operators' self CPU time. Returns up to ``top`` rows
+    ``{name, ms, share}`` (largest first, ``share`` of the summed time) and a last row ``'(total)'`` with the
+    summed time in ms and ``share`` 1. Names are cut to 100 characters. Raises RuntimeError if the profiler saw
+    no time at all (e.g. no CUDA activity recorded on a CUDA device)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        run()
+        _sync(device)
+    times: dict[str, float] = {}
+    for evt in prof.key_averages():
+        if cuda:
+            if evt.device_type != DeviceType.CUDA:
+                continue
+            us = getattr(evt, 'self_device_time_total', None)
+            us = evt.self_cuda_time_total if us is None else us
+        else:
+            us = evt.self_cpu_time_total
+        if us > 0:
+            times[evt.key[:100]] = times.get(evt.key[:100], 0.0) + us / 1e3
+    total = sum(times.values())
+    if total <= 0:
+        raise RuntimeError(f'the profiler recorded no {"CUDA kernel" if cuda else "CPU"} time on {device}')
+    rows = [{'name': n, 'ms': ms, 'share': ms / total}
+            for n, ms in sorted(times.items(), key=lambda kv: -kv[1])[:top]]
+    return rows + [{'name': '(total)', 'ms': total, 'share': 1.0}]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 
 
 def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_size, batch_size: int,
-            device: torch.device, warmup: int = 2, repeats: int = 5, torch_compile: bool = False) -> Measurement:
+            device: torch.device, warmup: int = 2, repeats: int = 5, torch_compile: bool = False,
+            profile: bool = False) -> Measurement:
     """All figures for one trainer and patch size, in this process (see the module doc for methods);
-    ``torch_compile``: run the network through ``torch.compile`` as nnU-Net does. cuDNN runs as
+    ``torch_compile``: run the network through ``torch.compile`` as nnU-Net does; ``profile``: also
+    :func:`top_ops` of one more training step. cuDNN runs as
     ``nnUNetv2_train`` sets it (``benchmark=True``, ``deterministic=False``: algorithms autotuned during the
     warm-up); the previous flags are restored afterwards."""
     cudnn = torch.backends.cudnn
@@ -239,13 +279,13 @@ def measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_
     cudnn.benchmark, cudnn.deterministic = True, False
     try:
         return _measure(trainer_cls, pm, cm, num_input_channels, num_heads, patch_size, batch_size, device, warmup,
-                        repeats, torch_compile)
+                        repeats, torch_compile, profile)
     finally:
         cudnn.benchmark, cudnn.deterministic = saved
 
 
 def _measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch_size, batch_size: int,
-             device: torch.device, warmup: int, repeats: int, torch_compile: bool) -> Measurement:
+             device: torch.device, warmup: int, repeats: int, torch_compile: bool, profile: bool) -> Measurement:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
@@ -293,6 +333,7 @@ def _measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch
     peak = (torch.cuda.max_memory_allocated(device) - base if device.type == 'cuda'
             else peak_tensor_bytes(step))
     saved = saved_activation_bytes(forward_loss)
+    ops = top_ops(step, device) if profile else None
     net.decoder.deep_supervision = False
     net.eval()
     infer = []
@@ -309,15 +350,16 @@ def _measure(trainer_cls, pm, cm, num_input_channels: int, num_heads: int, patch
                        statistics.median(times), times, int(peak),
                        'cuda max_memory_allocated above the resident model/optimizer' if device.type == 'cuda'
                        else 'CPU: peak tensor allocation of one step above the resident model/optimizer '
-                            '(profiler memory timeline)', statistics.median(infer), saved, torch_compile, compile_s)
+                            '(profiler memory timeline)', statistics.median(infer), saved, torch_compile, compile_s, ops)
 
 
 def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[str], device: str = 'auto',
                   batch_size: int | None = None, scaling: list[float] | None = None, warmup: int = 2,
-                  repeats: int = 5, progress: bool = True, on_result=None, torch_compile: bool | None = None) -> dict:
+                  repeats: int = 5, progress: bool = True, on_result=None, torch_compile: bool | None = None,
+                  profile: bool = False) -> dict:
     """The report for a dataset's preprocessed plans (``nnunetv2-ext benchmark``); ``on_result(report)``
     after every row; ``torch_compile``: true/false, or ``None`` for what each trainer does on the device (see the
-    module doc)."""
+    module doc); ``profile``: each row also gets ``top_ops`` (:func:`top_ops` of one training step)."""
     pm, cm, dataset_json = load_plans(dataset, plans, configuration)
     classes = {t: find_trainer(t) for t in trainers}
     strides = cm.network_arch_init_kwargs['strides']
@@ -326,7 +368,8 @@ def run_benchmark(dataset: str, configuration: str, plans: str, trainers: list[s
     header = {'schema': 2, 'dataset': pm.dataset_name, 'plans': plans, 'configuration': configuration,
               'planned_patch_size': list(cm.patch_size)}
     report = benchmark_jobs(jobs, dataset_json, device, batch_size or cm.batch_size, warmup, repeats, progress,
-                            on_result and (lambda partial: on_result({**header, **partial})), torch_compile)
+                            on_result and (lambda partial: on_result({**header, **partial})), torch_compile,
+                            profile)
     return {**header, **report}
 
 
@@ -337,11 +380,12 @@ def _failure(error: BaseException) -> str:
 
 
 def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: int = 2, warmup: int = 2,
-                   repeats: int = 5, progress: bool = True, on_result=None, torch_compile: bool | None = None) -> dict:
+                   repeats: int = 5, progress: bool = True, on_result=None, torch_compile: bool | None = None,
+                   profile: bool = False) -> dict:
     """Measures ``(label, trainer class, PlansManager, ConfigurationManager, patch size)`` jobs; returns the
     device/version fields and ``results``: one :class:`Measurement` dict per job, or for a job that raised
     ``{trainer, patch_size, batch_size, compiled, error}``. ``on_result(report so far)`` after each job.
-    ``torch_compile``: as in :func:`run_benchmark`."""
+    ``torch_compile``, ``profile``: as in :func:`run_benchmark`."""
     from importlib.metadata import version
 
     from tqdm import tqdm
@@ -357,7 +401,7 @@ def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: i
         try:
             compiled = trainer_compiles(trainer_cls, dev) if torch_compile is None else torch_compile
             heads = pm.get_label_manager(dataset_json).num_segmentation_heads
-            m = measure(trainer_cls, pm, cm, n_in, heads, patch, batch_size, dev, warmup, repeats, compiled)
+            m = measure(trainer_cls, pm, cm, n_in, heads, patch, batch_size, dev, warmup, repeats, compiled, profile)
             m.trainer = label
             row = asdict(m)
         except Exception as e:  # recorded as the run's result; the other runs go on
@@ -407,6 +451,13 @@ def format_markdown(report: dict) -> str:
     measured = [r for r in report['results'] if 'error' not in r]
     if measured:
         lines += ['', f"Memory: {measured[0]['memory_method']}."]
+    for r in (r for r in measured if r.get('top_ops')):
+        unit = ('operators (self CPU time)' if report['device'].startswith('CPU')
+                else 'CUDA kernels, copies and memsets (device self time)')
+        lines += ['', f"Time by operation, one profiled step of {r['trainer']} at patch "
+                      f"{'×'.join(map(str, r['patch_size']))}: {unit}.", '', '| operation | ms | share |',
+                  '|---|---:|---:|']
+        lines += [f"| {o['name'].replace('|', '/')} | {o['ms']:.2f} | {100 * o['share']:.1f} % |" for o in r['top_ops']]
     return '\n'.join(lines) + '\n'
 
 

@@ -171,7 +171,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> int:
     try:
         report = run_benchmark(dataset, args.configuration, args.plans, trainers, args.device, args.batch_size,
                                args.scaling, args.warmup, args.repeats, on_result=publish,
-                               torch_compile=args.compile)
+                               torch_compile=args.compile, profile=args.profile)
     except BenchmarkError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
@@ -304,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile each network as nnU-Net's trainer does (the compiling step is not timed; "
                         "each row says whether it was compiled). Default: as the trainer would, i.e. on CUDA "
                         "unless nnUNet_compile is false, never on CPU")
+    p.add_argument('--profile', action='store_true',
+                   help='also profile one more training step per run and report where its time goes (top CUDA '
+                        'kernels by device time on a GPU, top operators by CPU time on a CPU)')
     p.add_argument('-o', '--output', default=None,
                    help='output folder of its own, replaced as a whole (default: '
                         './nnunetv2_ext_benchmark/<dataset>__<plans>__<configuration>)')

@@ -9,7 +9,7 @@ import torch
 
 from plans_factory import make_configuration, make_plans
 from nnunetv2_ext.benchmark import (BenchmarkError, format_markdown, peak_tensor_bytes, run_benchmark,
-                                    scaled_patch_sizes)
+                                    scaled_patch_sizes, top_ops)
 from nnunetv2_ext.cli import default_benchmark_trainers
 
 DATASET = 'Dataset977_BenchTiny'
@@ -95,13 +95,27 @@ def test_default_trainers_are_baseline_plus_our_main_ones():
     assert not any(n.endswith('_ExtDemo') or n == 'nnUNetTrainerExtBase' or '_' in n for n in names)
 
 
+def test_top_ops_attributes_time_to_the_operations_that_ran():
+    a, b = torch.randn(384, 384), torch.randn(8)
+    rows = top_ops(lambda: (a @ a @ a, b + 1), torch.device('cpu'), top=3)
+    assert rows[0]['name'] == 'aten::mm' and rows[0]['share'] > 0.5  # two 384^3 products dwarf an 8-vector add
+    assert rows[-1] == {'name': '(total)', 'ms': pytest.approx(rows[-1]['ms']), 'share': 1.0}
+    assert len(rows) <= 4 and sum(r['ms'] for r in rows[:-1]) <= rows[-1]['ms'] * (1 + 1e-9)
+    assert [r['ms'] for r in rows[:-1]] == sorted((r['ms'] for r in rows[:-1]), reverse=True)
+    with pytest.raises(RuntimeError, match='no CPU time'):
+        top_ops(lambda: None, torch.device('cpu'))
+
+
 def test_cli_writes_outputs(tiny_plans, tmp_path):
     run = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.cli', 'benchmark', '-d', DATASET, '-tr',
                           'nnUNetTrainerLightDecoder', '--device', 'cpu', '--warmup', '0', '--repeats', '1', '-o',
-                          str(tmp_path)], capture_output=True, text=True, env=os.environ.copy())
+                          str(tmp_path), '--profile'], capture_output=True, text=True, env=os.environ.copy())
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((tmp_path / 'benchmark.json').read_text())
     assert [r['trainer'] for r in report['results']] == ['nnUNetTrainerLightDecoder']
+    ops = report['results'][0]['top_ops']  # --profile: where one training step's CPU time went
+    assert ops[-1]['name'] == '(total)' and any('convolution' in o['name'] for o in ops[:-1])
+    assert 'Time by operation, one profiled step of nnUNetTrainerLightDecoder' in (tmp_path / 'benchmark.md').read_text()
     assert (tmp_path / 'benchmark.png').stat().st_size > 0 and (tmp_path / 'benchmark.md').exists()
     bad = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.cli', 'benchmark', '-d', DATASET, '-tr', 'Nope',
                           '--device', 'cpu'], capture_output=True, text=True, env=os.environ.copy())

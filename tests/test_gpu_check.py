@@ -91,7 +91,7 @@ def test_smoke_run_records_a_failed_step_and_goes_on(tmp_path):
     networks_log = (out / "logs" / "networks.log").read_text()
     assert "CUDA out of memory" in networks_log and "torch.compile: not measured" in networks_log
     call = (tmp_path / "calls.txt").read_text().splitlines()[-1]
-    assert call.startswith("benchmark -d 999 -c 3d_fullres --device cpu -tr nnUNetTrainer "
+    assert call.startswith("benchmark -d 999 -c 3d_fullres --device cpu --profile -tr nnUNetTrainer "
                            "nnUNetTrainerGLSP nnUNetTrainerPVTGDLA")
     # the plans nnU-Net reads: a 3d_fullres configuration with the requested patch
     folder = out / "nnUNet" / "nnUNet_preprocessed" / "Dataset999_Bench"
@@ -136,7 +136,10 @@ def test_wkv_chunks_times_the_automatic_and_each_forced_chunk_length(tmp_path):
                     f'echo "${{CUDA_WKV_CHUNK:-unset}}" >> "{tmp_path}/chunks.txt"\n'
                     'while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && dir=$2; shift; done\n'
                     'mkdir -p "$dir" && printf "| T |\\n|---:|\\n| 256 | %s ms |\\n" '
-                    '"${CUDA_WKV_CHUNK:-9}" > "$dir/wkv_cpu.md"\n')
+                    '"${CUDA_WKV_CHUNK:-9}" > "$dir/wkv_cpu.md"\n'
+                    # a --profile line for one length only: the others have none, and that is no failure
+                    '[ "$CUDA_WKV_CHUNK" = 64 ] && echo "kernel fwd+bwd, T=256: wall 2.0 ms" >> "$dir/wkv_cpu.md"\n'
+                    'exit 0\n')
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     env = dict(os.environ, PYTHON=str(fake), CUDA_WKV_CHUNK="7")
     res = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--steps", "wkv_chunks", "out"], cwd=tmp_path,
@@ -146,4 +149,5 @@ def test_wkv_chunks_times_the_automatic_and_each_forced_chunk_length(tmp_path):
                                                               "1024", "2048"]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "    CUDA_WKV_CHUNK=auto\n    | 256 | 9 ms |\n    CUDA_WKV_CHUNK=32\n    | 256 | 32 ms |" in summary
+    assert "    CUDA_WKV_CHUNK=64\n    | 256 | 64 ms |\n    kernel fwd+bwd, T=256: wall 2.0 ms\n" in summary
     assert (tmp_path / "out" / "bench_wkv_chunks" / "2048" / "wkv_cpu.md").is_file()

@@ -601,3 +601,22 @@ def test_cuda_amp_round_trip(dtype, monkeypatch):
     assert (y.double() - ref).abs().max().item() < 2e-2
     y.float().sum().backward()
     assert kl.grad.dtype == dtype and torch.isfinite(kl.grad.float()).all()
+
+
+def test_bench_wkv_profile_names_the_kernel_calls(cpu_kernel, tmp_path):
+    """``bench_wkv.py --profile`` tabulates where one call's time goes; on the CPU the kernel
+    calls of the op are rows of their own (on CUDA its kernels are)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_wkv.py"
+    run = subprocess.run([sys.executable, str(script), "--T", "512", "--B", "1", "--C", "8", "--backends",
+                          "kernel", "--repeat", "1", "--profile", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = json.loads((tmp_path / "wkv_cpu.json").read_text())["results"][0]
+    assert [o["name"] for o in row["fwd_ops"]][0] == "cuda_wkv::forward_kernel"
+    assert {"cuda_wkv::forward_kernel", "cuda_wkv::backward_kernel"} <= {o["name"] for o in row["fwd_bwd_ops"]}
+    assert "kernel fwd+bwd, T=512: wall" in (tmp_path / "wkv_cpu.md").read_text()
