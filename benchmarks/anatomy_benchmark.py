@@ -41,20 +41,24 @@ import os
 import torch
 import nnunetv2_ext.trainers
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2_ext.trainers.base import CrashSafeCheckpoints
 
 
 def _short(base_name, name, overrides):
     base = nnUNetTrainer if base_name == 'nnUNetTrainer' else getattr(nnunetv2_ext.trainers, base_name)
+    # every trainer of the benchmark writes its checkpoints atomically (the stock one too: same content)
+    bases = (base,) if issubclass(base, CrashSafeCheckpoints) else (CrashSafeCheckpoints, base)
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
         self.num_epochs = int(os.environ['ANATOMY_EPOCHS'])
         self.num_iterations_per_epoch = int(os.environ['ANATOMY_ITERS'])
         self.num_val_iterations_per_epoch = 5
+        self.save_every = 1  # checkpoint_latest after every epoch: a killed fold resumes with --c
         if os.environ.get('ANATOMY_THREADS'):  # nnUNetv2_train -device cpu takes every core otherwise
             torch.set_num_threads(int(os.environ['ANATOMY_THREADS']))
 
-    return type(name, (base,), {'__init__': __init__, '__module__': __name__, **overrides})
+    return type(name, bases, {'__init__': __init__, '__module__': __name__, **overrides})
 '''
 
 
@@ -168,7 +172,8 @@ class Benchmark:
 
     def train(self, spec: TrainerSpec, fold: int) -> float | None:
         """Trains one fold (seconds), or reuses its ``checkpoint_final.pth`` (recorded seconds or None),
-        finishing an interrupted final validation."""
+        finishing an interrupted final validation, or resumes an interrupted training from its
+        ``checkpoint_latest.pth`` with ``--c`` (None: the time of a training done in parts is not recorded)."""
         timing = os.path.join(self.fold_dir(spec, fold), 'anatomy_train_seconds.txt')
         command = nnunet_command('nnUNetv2_train') + [str(self.dataset_id), '3d_fullres', str(fold), '-tr',
                                                       spec.class_name, '-p', self.plans, '-device', self.args.device]
@@ -178,6 +183,11 @@ class Benchmark:
                 # nnU-Net saves checkpoint_final before its final validation: finish an interrupted one
                 self.step(f'validate_{spec.class_name}_fold{fold}', command + ['--val'])
             return float(open(timing).read()) if os.path.isfile(timing) else None
+        if os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'checkpoint_latest.pth')):
+            # an interrupted training: nnU-Net resumes from its last epoch; the time is that of this part only
+            print(f'== train {spec.label} fold {fold}: resuming from checkpoint_latest.pth (--c)', flush=True)
+            self.step(f'train_{spec.class_name}_fold{fold}_resumed', command + ['--c'])
+            return None
         seconds = self.step(f'train_{spec.class_name}_fold{fold}', command)
         write_atomically(timing, f'{seconds:.1f}')
         return seconds

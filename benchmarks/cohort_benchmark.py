@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -28,6 +29,7 @@ import numpy as np
 from anatomy_benchmark import Benchmark, add_arguments
 from nnunetv2_ext.cohort import CLASSES, SPACING_MM, TEST_CASE, subject_of
 from nnunetv2_ext.compare import paired_comparison
+from nnunetv2_ext.demo.pipeline import foreground_dice
 
 DATASET_ID = 992
 DATASET = f'Dataset{DATASET_ID}_DKCohort'
@@ -108,6 +110,37 @@ def results_table(test: dict[str, dict[str, dict[str, float]]], baseline: str,
     return '\n'.join(lines) + '\n', paired
 
 
+def pseudo_dice_curve(fold_dir: str) -> list[list[float]]:
+    """Per epoch, nnU-Net's pseudo Dice per class (the foreground classes, on its validation batches) from the
+    fold's ``training_log_*.txt`` files in time order (a resumed training writes a new one)."""
+    curve = []
+    for name in sorted(n for n in os.listdir(fold_dir) if n.startswith('training_log_') and n.endswith('.txt')):
+        with open(os.path.join(fold_dir, name)) as f:
+            for line in f:
+                found = re.search(r'Pseudo dice \[(.*)\]', line)
+                if found:  # nnU-Net prints numpy scalars: "np.float32(0.5), ..." (older numpy: "0.5, ...")
+                    values = re.sub(r'np\.float\d+\(([^()]*)\)', r'\1', found.group(1))
+                    curve.append([float(x) for x in values.split(',') if x.strip()])
+    return curve
+
+
+def learning_table(fold_dirs: dict[str, dict[int, str]]) -> str:
+    """Markdown: per trainer and fold, the final validation (nnU-Net's, on the held-out subjects' random-contrast
+    cases) as foreground mean and worst class, and the mean pseudo Dice at the first, middle and last epoch.
+    ``fold_dirs``: ``{trainer: {fold: fold directory}}``."""
+    lines = ['| trainer | fold | validation mean | worst class (Dice) | pseudo Dice first / middle / last epoch |',
+             '|---|---:|---:|---|---|']
+    for trainer, folds in fold_dirs.items():
+        for k, folder in sorted(folds.items()):
+            mean, per_class = foreground_dice(os.path.join(folder, 'validation', 'summary.json'))
+            worst = min(per_class, key=lambda c: per_class[c])
+            curve = [float(np.nanmean(c)) for c in pseudo_dice_curve(folder)]
+            picks = ' / '.join(f'{curve[i]:.3f}' for i in (0, len(curve) // 2, -1)) if curve else 'n/a'
+            lines.append(f'| {trainer} | {k} | {mean:.3f} | {CLASSES[int(worst)]} ({per_class[worst]:.3f}) | '
+                         f'{picks} |')
+    return '\n'.join(lines) + '\n'
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(ap, default_cases=8)
@@ -141,12 +174,14 @@ def main(argv=None) -> int:
             test[spec.label].update(per_subject_dice(summary))
     bench.compare_and_cost(folds, args.name)
     table, paired = results_table(test, bench.baseline.label, train_s)
+    learning = learning_table({spec.label: {k: bench.fold_dir(spec, k) for k in folds} for spec in bench.specs})
     subjects = [s for k in folds for s in held[k]]
     text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans}, "
             f"folds {folds} (held-out subjects {[held[k] for k in folds]}). Test Dice on each held-out subject's "
             f"T1-like case, predicted by the fold that held it out; mean ± std over the {len(subjects)} held-out "
             f"subject(s).\n\n"
-            + table)
+            + table + '\nEvery class learned in every fold? Validation of each fold (its held-out subjects\' '
+            'random-contrast cases) and the mean pseudo Dice of training:\n\n' + learning)
     bench.write_results(args.name, text, {'held_out': {k: held[k] for k in folds}, 'test_dice': test,
                                           'paired': paired, 'train_s': train_s})
     return 0

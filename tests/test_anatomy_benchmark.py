@@ -8,6 +8,8 @@ import torch
 
 from plans_factory import make_configuration, make_plans
 
+from nnunetv2_ext.trainers.base import CrashSafeCheckpoints
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,9 +55,11 @@ def test_schedule_classes_are_found_by_nnunet_and_carry_schedule_and_overrides(b
         # exactly how nnUNetv2_train searches an nnUNet_extTrainer folder
         cls = recursive_find_python_class(str(tmp_path), spec.class_name, None, base_folder=str(tmp_path),
                                           cleanup_imports_from_base_folder=True)
-        assert cls is not None and cls.__name__ == spec.class_name and cls.__mro__[1].__name__ == spec.base
+        assert cls is not None and cls.__name__ == spec.class_name
+        assert spec.base in [c.__name__ for c in cls.__mro__] and issubclass(cls, CrashSafeCheckpoints)
         trainer = cls(make_plans(cm, '3d_fullres'), '3d_fullres', 0, dataset_json, device=torch.device('cpu'))
         assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (3, 7, 5)
+        assert trainer.save_every == 1  # a checkpoint_latest per epoch, written atomically: --c can resume
     assert cls.boundary_weight == 0 and cls.attn_weight == 0.1  # override set, other defaults kept
 
 
@@ -71,6 +75,27 @@ def cohort_bench():
     finally:
         sys.path.remove(os.path.join(ROOT, 'benchmarks'))
     return module
+
+
+def test_an_interrupted_fold_resumes_with_c_and_a_finished_one_is_reused(bench, tmp_path):
+    import argparse
+
+    b = object.__new__(bench.Benchmark)  # the fold logic only; no dataset, no training
+    b.args, b.dataset_id, b.plans, b.results = argparse.Namespace(device='cpu'), 990, 'P', str(tmp_path)
+    calls = []
+    b.step = lambda name, cmd: calls.append((name, cmd)) or 12.0
+    spec = bench.TrainerSpec('nnUNetTrainer')
+    os.makedirs(b.fold_dir(spec, 0))  # what nnUNetv2_train creates
+    assert b.train(spec, 0) == 12.0 and '--c' not in calls[-1][1]  # fresh: trained, time recorded
+    os.makedirs(b.fold_dir(spec, 1))
+    open(os.path.join(b.fold_dir(spec, 1), 'checkpoint_latest.pth'), 'w').close()
+    assert b.train(spec, 1) is None  # interrupted: resumed, time of a split training not recorded
+    assert calls[-1][0].endswith('_resumed') and calls[-1][1][-1] == '--c'
+    for name in ('checkpoint_final.pth', os.path.join('validation', 'summary.json')):
+        os.makedirs(os.path.dirname(os.path.join(b.fold_dir(spec, 1), name)), exist_ok=True)
+        open(os.path.join(b.fold_dir(spec, 1), name), 'w').close()
+    n = len(calls)
+    assert b.train(spec, 1) is None and len(calls) == n  # finished: nothing runs again
 
 
 def test_held_out_subjects_rejects_a_subject_on_both_sides(cohort_bench, tmp_path):
@@ -94,6 +119,26 @@ def test_results_table_statistics_over_held_out_subjects(cohort_bench):
     assert '| left_cortex | 0.600 ± 0.141 | 0.700 ± 0.141 |' in table
     assert '| right_amygdala | 0.600 ± 0.141 | 0.600 |' in table  # the NaN is left out, not counted as 0
     assert '| base | | baseline | | | 60 |' in table and '| new | 31 | 31/0/0 | +0.1000 |' in table
+
+
+def test_learning_table_reads_validation_and_pseudo_dice_curves(cohort_bench, tmp_path):
+    """Every class learned in every fold? The final validation's worst class and nnU-Net's pseudo Dice per
+    epoch, parsed from its training logs (numpy-scalar and plain formats; a resumed run's second log)."""
+    import json
+    fold = tmp_path / 'fold_0'
+    (fold / 'validation').mkdir(parents=True)
+    per_class = {str(i): {'Dice': 0.5} for i in range(1, 17)}
+    per_class['7'] = {'Dice': 0.125}  # the left accumbens area learned least
+    (fold / 'validation' / 'summary.json').write_text(json.dumps(
+        {'foreground_mean': {'Dice': 0.4766}, 'mean': per_class}))
+    (fold / 'training_log_2026_11_30_10_00_00.txt').write_text(
+        'x: Epoch 0\nx: Pseudo dice [np.float32(0.0), np.float32(0.2)]\n'
+        'x: Pseudo dice [np.float32(nan), np.float32(0.4)]\n')
+    (fold / 'training_log_2026_11_30_11_00_00.txt').write_text('x: Pseudo dice [0.6, 0.8]\n')
+    assert cohort_bench.pseudo_dice_curve(str(fold)) == [[0.0, 0.2], [pytest.approx(float('nan'), nan_ok=True), 0.4],
+                                                         [0.6, 0.8]]
+    table = cohort_bench.learning_table({'T': {0: str(fold)}})
+    assert '| T | 0 | 0.477 | left_accumbensarea (0.125) | 0.100 / 0.400 / 0.700 |' in table
 
 
 def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path):
