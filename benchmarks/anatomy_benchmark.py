@@ -58,7 +58,20 @@ def _short(base_name, name, overrides):
         if os.environ.get('ANATOMY_THREADS'):  # nnUNetv2_train -device cpu takes every core otherwise
             torch.set_num_threads(int(os.environ['ANATOMY_THREADS']))
 
-    return type(name, bases, {'__init__': __init__, '__module__': __name__, **overrides})
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        # ANATOMY_NO_MIRROR_AXIS: the left-right axis of a dataset with left and right classes; mirroring along it
+        # (augmentation, and test-time mirroring in validation and prediction) would swap their meaning
+        out = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
+        if os.environ.get('ANATOMY_NO_MIRROR_AXIS') and out[3] is not None:
+            axes = tuple(a for a in out[3] if a != int(os.environ['ANATOMY_NO_MIRROR_AXIS']))
+            self.inference_allowed_mirroring_axes = axes
+            out = (*out[:3], axes)
+        return out
+
+    methods = {'__init__': __init__,
+               'configure_rotation_dummyDA_mirroring_and_inital_patch_size':
+                   configure_rotation_dummyDA_mirroring_and_inital_patch_size}
+    return type(name, bases, {**methods, '__module__': __name__, **overrides})
 '''
 
 

@@ -53,6 +53,21 @@ def held_out_subjects(splits_json: str) -> list[list[str]]:
     return held
 
 
+def left_right_axis(raw: str, plans_json: str) -> int:
+    """The axis of nnU-Net's arrays that runs left-right in the dataset's images: the label files' affine gives
+    the NIfTI voxel axis, SimpleITK (nnU-Net's reader in these plans) reverses the axis order, and the plans'
+    ``transpose_forward`` permutes them. Raises ValueError for another reader."""
+    import nibabel as nib
+    with open(plans_json) as f:
+        plans = json.load(f)
+    if plans['image_reader_writer'] != 'SimpleITKIO':
+        raise ValueError(f"{plans_json}: reader {plans['image_reader_writer']}, expected SimpleITKIO (axis order)")
+    label = sorted(os.listdir(os.path.join(raw, 'labelsTr')))[0]
+    codes = nib.aff2axcodes(nib.load(os.path.join(raw, 'labelsTr', label)).affine)
+    nifti_axis = next(i for i, c in enumerate(codes) if c in ('L', 'R'))
+    return list(plans['transpose_forward']).index(2 - nifti_axis)
+
+
 def test_inputs(raw: str, subjects: list[str], folder: str) -> str:
     """A folder with the T1-like test images of ``subjects`` only (copied from imagesTs)."""
     os.makedirs(folder, exist_ok=True)
@@ -167,6 +182,9 @@ def main(argv=None) -> int:
     folds = list(range(len(held))) if args.folds is None else args.folds
     if not set(folds) <= set(range(len(held))):
         ap.error(f'--folds {folds}: the dataset has folds 0..{len(held) - 1}')
+    # left and right structures are different classes: no mirroring across the midline (training or inference)
+    bench.env['ANATOMY_NO_MIRROR_AXIS'] = str(left_right_axis(
+        bench.raw, os.path.join(bench.env['nnUNet_preprocessed'], DATASET, f'{bench.plans}.json')))
     train_s = bench.train_all(folds)
     test: dict[str, dict[str, dict[str, float]]] = {}
     for spec in bench.specs:

@@ -53,6 +53,11 @@ def test_schedule_classes_are_found_by_nnunet_and_carry_schedule_and_overrides(b
         trainer = cls(make_plans(cm, '3d_fullres'), '3d_fullres', 0, dataset_json, device=torch.device('cpu'))
         assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (3, 7, 5)
         assert trainer.save_every == 1  # a checkpoint_latest per epoch, written atomically: --c can resume
+        assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] == (0, 1, 2)
+        monkeypatch.setenv('ANATOMY_NO_MIRROR_AXIS', '2')  # left and right classes: never mirrored across
+        assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[3] == (0, 1)
+        assert trainer.inference_allowed_mirroring_axes == (0, 1)  # saved in the checkpoint, used by predict
+        monkeypatch.delenv('ANATOMY_NO_MIRROR_AXIS')
     assert cls.boundary_weight == 0 and cls.attn_weight == 0.1  # override set, other defaults kept
 
 
@@ -103,6 +108,26 @@ def test_results_table_statistics_over_held_out_subjects(cohort_bench):
     assert '| left_cortex | 0.600 ± 0.141 | 0.700 ± 0.141 |' in table
     assert '| right_amygdala | 0.600 ± 0.141 | 0.600 |' in table  # the NaN is left out, not counted as 0
     assert '| base | | baseline | | | 60 |' in table and '| new | 31 | 31/0/0 | +0.1000 |' in table
+
+
+@pytest.mark.parametrize('codes_axis,transpose,expected', [(0, [0, 1, 2], 2), (0, [2, 0, 1], 0), (1, [0, 1, 2], 1),
+                                                         (2, [1, 2, 0], 2)])
+def test_left_right_axis_in_nnunet_array_order(cohort_bench, tmp_path, codes_axis, transpose, expected):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    affine = np.eye(4)[[1, 2, 0, 3]] if codes_axis == 1 else (np.eye(4)[[2, 0, 1, 3]] if codes_axis == 2 else np.eye(4))
+    affine[0, codes_axis] = -1.0  # world x (left-right) along NIfTI voxel axis codes_axis
+    (tmp_path / 'labelsTr').mkdir()
+    nib.save(nib.Nifti1Image(np.zeros((2, 3, 4), np.uint8), affine), str(tmp_path / 'labelsTr' / 'a.nii.gz'))
+    assert nib.aff2axcodes(affine)[codes_axis] in ('L', 'R')
+    plans = tmp_path / 'plans.json'
+    plans.write_text(json.dumps({'image_reader_writer': 'SimpleITKIO', 'transpose_forward': transpose}))
+    assert cohort_bench.left_right_axis(str(tmp_path), str(plans)) == expected
+    plans.write_text(json.dumps({'image_reader_writer': 'NibabelIO', 'transpose_forward': transpose}))
+    with pytest.raises(ValueError, match='expected SimpleITKIO'):
+        cohort_bench.left_right_axis(str(tmp_path), str(plans))
 
 
 def test_learning_table_reads_validation_and_pseudo_dice_curves(cohort_bench, tmp_path):
