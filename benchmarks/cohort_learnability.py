@@ -13,8 +13,9 @@ supervision off) with nnU-Net's loss and optimiser: ``DC_and_CE_loss`` (soft Dic
 
 Every ``--every`` steps it prints, on that step's batch: the loss, its cross-entropy and soft-Dice parts, the
 fraction of voxels predicted as foreground (argmax) against the true fraction, and the argmax Dice averaged over
-the 16 classes and for the left and right cortex; at the end, the same Dice on the T1-like test case of each
-subject that was not trained on. ``--out`` also writes these rows as JSON.
+the classes and for the first two (left and right cortex; with ``--merge-sides``, one class per left/right pair,
+cortex and thalamus); at the end, the same Dice on the T1-like test case of each subject that was not trained
+on. ``--out`` also writes these rows (with every class's Dice) as JSON.
 
     python benchmarks/cohort_learnability.py --steps 800                       # 4 mm, widths 8...64, random contrasts
     python benchmarks/cohort_learnability.py --steps 300 --base-features 16 --contrast t1-jitter
@@ -39,6 +40,8 @@ from nnunetv2_ext.benchmark import find_trainer  # noqa: E402
 from nnunetv2_ext.publish import write_atomically  # noqa: E402
 
 NUM_CLASSES = len(cohort.CLASSES)  # background + 16
+# --merge-sides: each left/right pair becomes one class (cortex 1, the 7 subcortical structures 2..8)
+MERGED = np.array([0, 1, 1] + [2 + i for i in range(len(cohort.SUBCORTICAL))] * 2, dtype=np.uint8)
 
 
 def contrast_for(kind: str, rng: np.random.Generator, jitter: float) -> cohort.Contrast:
@@ -64,10 +67,10 @@ def pad_to(image: np.ndarray, label: np.ndarray, patch) -> tuple[np.ndarray, np.
     return x, y
 
 
-def dice_scores(pred: torch.Tensor, target: torch.Tensor) -> list[float]:
+def dice_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
     """Argmax Dice per foreground class (NaN where the class is absent from both)."""
     out = []
-    for c in range(1, NUM_CLASSES):
+    for c in range(1, num_classes):
         p, t = pred == c, target == c
         denom = int(p.sum() + t.sum())
         out.append(float('nan') if denom == 0 else 2.0 * int((p & t).sum()) / denom)
@@ -85,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument('--lr', type=float, default=0.01, help="constant learning rate (nnU-Net's initial one)")
     ap.add_argument('--contrast', choices=('random', 't1-jitter'), default='random')
     ap.add_argument('--jitter', type=float, default=0.1, help='t1-jitter: U(-j, j) added to the T1-like means')
+    ap.add_argument('--merge-sides', action='store_true',
+                    help='one class per left/right pair (8 foreground classes instead of 16)')
     ap.add_argument('--train-subjects', nargs='+', default=list(cohort.DONORS[:4]))
     ap.add_argument('--cases-per-subject', type=int, default=3)
     ap.add_argument('--seed', type=int, default=0, help="the dataset's seed (cases as cohort-dataset draws them)")
@@ -113,6 +118,12 @@ def main(argv=None) -> int:
             cases.append((zscore(image), label))
     tests = {name: cohort.synthesise(donors[name], args.spacing, cohort.Contrast.t1_like())[:2]
              for name in cohort.DONORS if name not in args.train_subjects}
+    num_classes, names = NUM_CLASSES, list(cohort.CLASSES[1:])
+    if args.merge_sides:
+        names = ['cortex', *cohort.SUBCORTICAL]
+        num_classes = int(MERGED.max()) + 1
+        cases = [(x, MERGED[y]) for x, y in cases]
+        tests = {k: (x, MERGED[y]) for k, (x, y) in tests.items()}
     shapes = [c[0].shape for c in cases] + [t[0].shape for t in tests.values()]
     configuration = with_patch(synthetic_configuration([args.spacing] * 3, args.base_features, args.max_features),
                                np.max(shapes, axis=0))
@@ -121,7 +132,7 @@ def main(argv=None) -> int:
     pm = PlansManager(plans_dict(configuration))
     torch.manual_seed(args.seed)
     net = find_trainer(args.trainer).build_network_architecture(pm, pm.get_configuration('3d_fullres'), 1,
-                                                                 NUM_CLASSES, False)
+                                                                 num_classes, False)
     from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
     loss_fn = DC_and_CE_loss({'batch_dice': False, 'smooth': 1e-5, 'do_bg': False, 'ddp': False}, {},
@@ -146,22 +157,23 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 ce = float(torch.nn.functional.cross_entropy(out, y[:, 0]))
                 pred = out.argmax(1)
-            dice = dice_scores(pred, y[:, 0])
+            dice = dice_scores(pred, y[:, 0], num_classes)
             rows.append({'step': step, 'loss': loss.item(), 'ce': ce, 'soft_dice': ce - loss.item(),
                          'pred_fg': float((pred > 0).float().mean()), 'true_fg': float((y > 0).float().mean()),
-                         'dice_mean': float(np.nanmean(dice)), 'dice_cortex': dice[:2], 'seconds': time.time() - start})
+                         'dice_mean': float(np.nanmean(dice)), 'dice': dict(zip(names, dice)),
+                         'seconds': time.time() - start})
             r = rows[-1]
             print(f"step {step:5d}  loss {r['loss']:.3f} (CE {r['ce']:.3f}, soft Dice {r['soft_dice']:.3f})  "
                   f"foreground predicted {r['pred_fg']:.3f} / true {r['true_fg']:.3f}  Dice mean {r['dice_mean']:.3f}"
-                  f"  cortex L/R {dice[0]:.2f}/{dice[1]:.2f}  {r['seconds']:.0f} s", flush=True)
+                  f"  {names[0]} {dice[0]:.2f}, {names[1]} {dice[1]:.2f}  {r['seconds']:.0f} s", flush=True)
     held_out = {}
     net.eval()
     with torch.no_grad():
         for name, (image, label) in tests.items():
             x, y = pad_to(zscore(image), label, patch)
             held_out[name] = float(np.nanmean(dice_scores(net(torch.from_numpy(x)[None, None]).argmax(1)[0],
-                                                          torch.from_numpy(y))))
-    print('held-out T1-like cases, Dice mean over 16 classes: ' + ', '.join(f'{k} {v:.3f}' for k, v in held_out.items()))
+                                                          torch.from_numpy(y), num_classes)))
+    print(f'held-out T1-like cases, Dice mean over {num_classes - 1} classes: ' + ', '.join(f'{k} {v:.3f}' for k, v in held_out.items()))
     if args.out:
         write_atomically(args.out, json.dumps({'args': vars(args), 'rows': rows, 'held_out_dice': held_out}, indent=1))
     return 0

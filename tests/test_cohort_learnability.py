@@ -24,10 +24,16 @@ def test_trains_and_reports_every_step_and_the_held_out_subjects(script, tmp_pat
     assert [r['step'] for r in rows] == [1, 2, 3]
     for r in rows:
         assert math.isfinite(r['loss']) and r['soft_dice'] == pytest.approx(r['ce'] - r['loss'])
-        assert 0 <= r['pred_fg'] <= 1 and 0 < r['true_fg'] < 1 and len(r['dice_cortex']) == 2
+        assert 0 <= r['pred_fg'] <= 1 and 0 < r['true_fg'] < 1 and list(r['dice'])[:2] == ['left_cortex', 'right_cortex']
     assert sorted(result['held_out_dice']) == ['12876', '14380', '15496', '15697']  # the subjects not trained on
     printed = capsys.readouterr().out
     assert 'widths [8, 16' in printed and 'step     3  loss' in printed and 'held-out T1-like cases' in printed
+    assert script.main(['--source', source, '--steps', '1', '--spacing', '2', '--train-subjects', '9861',
+                        '--cases-per-subject', '1', '--threads', '1', '--merge-sides', '--out', str(out)]) == 0
+    merged = json.loads(out.read_text())['rows'][0]['dice']
+    assert list(merged) == ['cortex', 'thalamusproper', 'caudate', 'putamen', 'pallidum', 'accumbensarea',
+                            'hippocampus', 'amygdala']
+    assert 'over 8 classes' in capsys.readouterr().out
 
 
 def test_errors_name_the_problem(script, tmp_path, monkeypatch, capsys):
