@@ -38,6 +38,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -227,7 +228,7 @@ def fake_step_cost(trainer_cls, pm, cm, num_input_channels: int, num_heads: int,
     return cost
 
 
-def top_ops(run, device: torch.device, top: int = 8) -> list[dict]:
+def top_ops(run: Callable[[], object], device: torch.device, top: int = 8) -> list[dict]:
     """Where one call of ``run()`` spends its time, from the PyTorch profiler: on CUDA the device-side events
     (kernels, copies, memsets; self time), on CPU the operators' self CPU time. Returns up to ``top`` rows
     ``{name, ms, share}`` (largest first, ``share`` of the summed time) and a last row ``'(total)'`` with the
