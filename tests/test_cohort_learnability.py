@@ -5,6 +5,7 @@ import math
 import sys
 
 import pytest
+import torch
 
 import bench_scripts
 from toy_cohort import write_toy_abagen
@@ -14,7 +15,14 @@ def script():
     return bench_scripts.load('cohort_learnability')
 
 
-def test_trains_and_reports_every_step_and_the_held_out_subjects(script, tmp_path, capsys):
+@pytest.fixture
+def keep_threads():
+    threads = torch.get_num_threads()  # --threads sets them for the whole process
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_trains_and_reports_every_step_and_the_held_out_subjects(script, tmp_path, capsys, keep_threads):
     source = write_toy_abagen(str(tmp_path / 'data'))
     out = tmp_path / 'rows.json'
     assert script.main(['--source', source, '--steps', '3', '--every', '1', '--spacing', '2', '--train-subjects',

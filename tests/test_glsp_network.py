@@ -350,7 +350,10 @@ def test_inductor_is_as_accurate_as_eager():
     for c, e, ref in zip(out_c, out_e, out64):
         assert error(c, ref) <= 4 * error(e, ref) + 1e-6 * ref.abs().max().item()
     assert g_c.keys() == g_e.keys() == g64.keys() == {n for n, _ in net.named_parameters()}
-    floor = 1e-3 * max(g.abs().max().item() for g in g64.values())
+    # parameters whose exact gradient is ~0 (biases feeding a norm: 1e-15 in float64) carry only float32
+    # cancellation noise, a few eps of the largest gradient; inductor's summation order (it depends on the thread
+    # count) changes that noise: 1e-6 of 3.2 on 1 thread for fuse.0.body.0.bias (eager: 6e-8)
+    floor = 1e-2 * max(g.abs().max().item() for g in g64.values())
     for name, ref in g64.items():
         scale = max(ref.abs().max().item(), floor)
         assert error(g_c[name], ref) <= 4 * error(g_e[name], ref) + 1e-4 * scale, name
