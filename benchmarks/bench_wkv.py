@@ -319,9 +319,9 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
             lines.append(f"| {T} | " + " | ".join(cells) + " |")
     profiled = [r for r in rows if "error" not in r and any(k.endswith("_ops") for k in r)]
     if profiled:
-        what = ("CUDA kernels, copies and memsets: device self time" if meta["device"] == "cuda"
-                else "operators: self CPU time")
-        lines += ["", f"Profile of one call per point ({what}; `(total)` is their sum, to "
+        from nnunetv2_ext.benchmark import top_ops_table, top_ops_unit
+        lines += ["", f"Profile of one call per point ({top_ops_unit(meta['device'] == 'cuda')}; "
+                  "`(total)` is their sum, to "
                   "compare with the wall time above: the difference is host-side overhead "
                   "and idle device time).", ""]
         for r in profiled:
@@ -337,11 +337,7 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
                     extra = f"; {gbps:.0f} GB/s on device time" + (
                         f" = {100 * gbps / peak:.1f} % of peak" if peak else "")
                 lines += [f"{r['backend']} {mode.replace('_', '+')}, T={r['T']}: wall "
-                          f"{_fmt_s(r.get(mode + '_s'))}{extra}", "",
-                          "| operation | ms | share |", "|---|---:|---:|"]
-                lines += [f"| {o['name'].replace('|', '/')} | {o['ms']:.3f} | "
-                          f"{100 * o['share']:.1f} % |" for o in ops]
-                lines.append("")
+                          f"{_fmt_s(r.get(mode + '_s'))}{extra}", "", *top_ops_table(ops), ""]
     errs = [r for r in rows if "error" in r]
     if errs:
         lines += ["", "Points that failed or were skipped:", ""]

@@ -55,7 +55,9 @@ def contrast_for(kind: str, rng: np.random.Generator, jitter: float) -> cohort.C
 
 
 def zscore(image: np.ndarray) -> np.ndarray:
-    return ((image - image.mean()) / max(float(image.std()), 1e-8)).astype(np.float32)
+    """nnU-Net's own ``ZScoreNormalization`` without a mask (float32, in place)."""
+    from nnunetv2.preprocessing.normalization.default_normalization_schemes import ZScoreNormalization
+    return ZScoreNormalization(use_mask_for_norm=False, intensityproperties={}).run(image)
 
 
 def pad_to(image: np.ndarray, label: np.ndarray, patch) -> tuple[np.ndarray, np.ndarray]:

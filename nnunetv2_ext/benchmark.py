@@ -262,6 +262,17 @@ def top_ops(run: Callable[[], object], device: torch.device, top: int = 8) -> li
     return rows + [{'name': '(total)', 'ms': total, 'share': 1.0}]
 
 
+def top_ops_unit(cuda: bool) -> str:
+    """What the times of :func:`top_ops` are, for a table's heading."""
+    return 'CUDA kernels, copies and memsets (device self time)' if cuda else 'operators (self CPU time)'
+
+
+def top_ops_table(ops: list[dict]) -> list[str]:
+    """The rows of :func:`top_ops` as markdown table lines (header included)."""
+    return ['| operation | ms | share |', '|---|---:|---:|'] + [
+        f"| {o['name'].replace('|', '/')} | {o['ms']:.3f} | {100 * o['share']:.1f} % |" for o in ops]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -453,12 +464,9 @@ def format_markdown(report: dict) -> str:
     if measured:
         lines += ['', f"Memory: {measured[0]['memory_method']}."]
     for r in (r for r in measured if r.get('top_ops')):
-        unit = ('operators (self CPU time)' if report['device'].startswith('CPU')
-                else 'CUDA kernels, copies and memsets (device self time)')
         lines += ['', f"Time by operation, one profiled step of {r['trainer']} at patch "
-                      f"{'×'.join(map(str, r['patch_size']))}: {unit}.", '', '| operation | ms | share |',
-                  '|---|---:|---:|']
-        lines += [f"| {o['name'].replace('|', '/')} | {o['ms']:.2f} | {100 * o['share']:.1f} % |" for o in r['top_ops']]
+                      f"{'×'.join(map(str, r['patch_size']))}: {top_ops_unit(not report['device'].startswith('CPU'))}.",
+                  '', *top_ops_table(r['top_ops'])]
     return '\n'.join(lines) + '\n'
 
 
