@@ -185,7 +185,13 @@ def test_determinism_and_thread_independence(cpu_kernel):
 
 
 # --------------------------------------------------------------- chunked three-phase scan
-CHUNKS = ["1", "2", "3", "7", "64", ""]  # "" = automatic
+CHUNKS = ["1", "2", "3", "7", "64", "", "half"]  # "" = automatic
+
+
+def _chunk_env(chunk, T):
+    """CUDA_WKV_CHUNK for a test's chunk spec: "half" = two halves (the kernel's own path for
+    exactly two chunks, see wkv_cpu.cpp), else the text itself."""
+    return str(max(1, (T + 1) // 2)) if chunk == "half" else chunk
 CHUNK_SHAPES = [(1, 1, 1), (2, 2, 3), (1, 31, 64), (2, 33, 3), (1, 1000, 64), (2, 1000, 3),
                 (1, 4099, 3), (1, 4099, 1)]
 _REF_CACHE = {}
@@ -225,7 +231,7 @@ def test_chunked_scan_vs_dense(cpu_kernel, monkeypatch, chunk, shape):
     """Every chunk length (1, 2, 3, 7 cross every boundary case) gives the exact values and
     gradients, in float64 to ~1e-12 and in float32 to ~1e-5."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
-    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", _chunk_env(chunk, shape[1]))
     args, gy, y_ref, g_ref = _grad_ref(shape, seed=sum(shape))
     for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
         got = _kernel_grads([x.to(dtype) for x in args], gy.to(dtype))
@@ -327,17 +333,17 @@ def test_determinism_across_threads_and_chunks(cpu_kernel, monkeypatch):
     prev = torch.get_num_threads()
     results = {}
     try:
-        for chunk in ("7", "500", ""):
+        for chunk in ("7", "500", "1501", ""):  # 1501: two halves
             monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
             for threads in (1, 2):
                 torch.set_num_threads(threads)
                 results[chunk, threads] = _kernel_grads((w, u, k, v), gy)
     finally:
         torch.set_num_threads(prev)
-    for chunk in ("7", "500", ""):
+    for chunk in ("7", "500", "1501", ""):
         for a, b in zip(results[chunk, 1], results[chunk, 2]):
             assert torch.equal(a, b), chunk
-    for chunk in ("7", "500"):
+    for chunk in ("7", "500", "1501"):
         assert not torch.equal(results[chunk, 1][0], results["", 1][0])  # other summation
         for a, b in zip(results[chunk, 1], results["", 1]):
             assert _rel_err(a, b.double()) < 3e-5
@@ -345,11 +351,11 @@ def test_determinism_across_threads_and_chunks(cpu_kernel, monkeypatch):
 
 # ------------------------------------------------------------------- extreme inputs
 @pytest.mark.parametrize("backend", ["auto", "torch"], indirect=True)
-@pytest.mark.parametrize("chunk", ["3", ""])
+@pytest.mark.parametrize("chunk", ["3", "", "half"])
 def test_zero_weight_lane_is_nan_like_the_definition(backend, monkeypatch, chunk):
     """A lane whose weights are all e^{-inf} = 0 gives NaN (0/0, as the dense reference);
     -inf keys elsewhere are just zero weights; the other lanes are untouched."""
-    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", _chunk_env(chunk, 40))
     w, u, k, v = _inputs(2, 40, 3, wT=3.0, kscale=2.0, seed=21)
     k[0, :, 1] = -math.inf  # every weight of lane (0, 1) is 0
     k[1, ::3, 2] = -math.inf  # some zero weights in lane (1, 2)
@@ -365,11 +371,11 @@ def test_zero_weight_lane_is_nan_like_the_definition(backend, monkeypatch, chunk
         assert (y[mask] - ref[mask]).abs().max().item() <= tol * 3
 
 
-@pytest.mark.parametrize("chunk", ["3", ""])
+@pytest.mark.parametrize("chunk", ["3", "", "half"])
 def test_zero_weight_keys_gradients(cpu_kernel, monkeypatch, chunk):
     """Gradients with some k = -inf equal the dense reference's (zero for those keys)."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
-    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", _chunk_env(chunk, 30))
     w, u, k, v = _inputs(2, 30, 3, wT=3.0, kscale=2.0, seed=22)
     k[:, ::4, :] = -math.inf
     gy = torch.randn(2, 30, 3, dtype=torch.float64)
@@ -381,12 +387,12 @@ def test_zero_weight_keys_gradients(cpu_kernel, monkeypatch, chunk):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("chunk", ["3", ""])
+@pytest.mark.parametrize("chunk", ["3", "", "half"])
 def test_huge_values_do_not_overflow(cpu_kernel, monkeypatch, chunk):
     """v = +-3e38 (finite float32): y is a convex combination of v, so it is finite and
     matches the float64 reference to float32 rounding."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
-    monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", _chunk_env(chunk, 50))
     w, u, k, v = _inputs(2, 50, 4, wT=2.0, kscale=0.5, seed=23)
     v = torch.where(v > 0, 3e38, -3e38).double()
     v[:, ::5] = 3e38

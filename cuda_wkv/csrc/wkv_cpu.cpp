@@ -4,7 +4,8 @@
 // Layout (B, T, C) is channel-contiguous, so the inner loops run over a block of NB
 // contiguous channels (independent lanes) and vectorise; the sequential scans run over
 // t.  Phases 1 and 3 are spread over (batch, channel block, chunk) tasks with
-// at::parallel_for; phase 2 is one short loop over the chunks per batch.  The partition
+// at::parallel_for; phase 2 is one short loop over the chunks per batch.  With exactly
+// two chunks the halves need no phase 1 or 2 (see "Two halves" below).  The partition
 // depends only on the shape and the chunk length, and every lane sums in a fixed order:
 // for a given chunk length the results are bitwise independent of the thread count.
 // The automatic chunk length splits the sequence only when there are fewer (batch,
@@ -12,6 +13,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "wkv_checks.h"
@@ -129,78 +131,80 @@ inline int64_t state_off(const Plan& p, int fields, int64_t b, int64_t ch, int d
   return (((b * p.nch + ch) * 2 + dir) * fields) * p.C + c;
 }
 
-// Phase 1: the left (dir 0) and / or right (dir 1) sum of one chunk of a block.
-template <typename F, int NB>
-void fwd_summary(const F* k, const F* v, const F* wp, int64_t t0, int64_t t1, int64_t C,
-                 int n_rt, F* out_left, F* out_right, int64_t stride) {
-  const int n = NB > 0 ? NB : n_rt;
-  F w[kBlock];
-  for (int j = 0; j < n; ++j) w[j] = wp[j];
-  FwdLanes<F> s;
-  if (out_left != nullptr) {
+// What a pass over one chunk of a block does at each position.
+enum class Pass {
+  kFold,    // phase 1: fold only (the chunk's summary)
+  kStore,   // first pass of a rescan: store this side's sums, fold
+  kFinish,  // second pass: combine with the stored side, write the results, fold
+};
+
+// Position of step i of a pass over [t0, t1) in direction dir (+1: left to right).
+inline int64_t step_at(int dir, int64_t t0, int64_t t1, int64_t i) {
+  return dir > 0 ? t0 + i : t1 - 1 - i;
+}
+// A pass's lanes start from the states at `from` (field by field at `stride`), or empty.
+template <typename F, typename Lanes>
+void start_lanes(Lanes& s, const F* from, int64_t stride, int n) {
+  if (from != nullptr) {
+    s.load(from, stride, n);
+  } else {
     s.empty(n);
-    for (int64_t t = t0; t < t1; ++t) {
-      if (t + kAhead < t1) prefetch_rows((t + kAhead) * C, k, v);
-      const F* kt = k + t * C;
-      const F* vt = v + t * C;
-      const F tf = static_cast<F>(t);
-      WKV_SIMD
-      for (int j = 0; j < n; ++j) {
-        wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, kt[j], vt[j], w[j]);
-      }
-    }
-    s.store(out_left, stride, n);
-  }
-  if (out_right != nullptr) {
-    s.empty(n);
-    for (int64_t t = t1 - 1; t >= t0; --t) {
-      if (t - kAhead >= t0) prefetch_rows((t - kAhead) * C, k, v);
-      const F* kt = k + t * C;
-      const F* vt = v + t * C;
-      const F tf = -static_cast<F>(t);
-      WKV_SIMD
-      for (int j = 0; j < n; ++j) {
-        wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, kt[j], vt[j], w[j]);
-      }
-    }
-    s.store(out_right, stride, n);
   }
 }
+constexpr std::integral_constant<Pass, Pass::kFold> kFold{};
+constexpr std::integral_constant<Pass, Pass::kStore> kStore{};
+constexpr std::integral_constant<Pass, Pass::kFinish> kFinish{};
 
-// Phase 3: rescan one chunk of a block from its carried-in sums.
-template <typename F, int NB>
-void fwd_rescan(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r,
-                int64_t t0, int64_t t1, int64_t C, int n_rt, const F* carry_left,
-                const F* carry_right, int64_t stride) {
+// Two halves.  With exactly two chunks (one lane split once: few lanes, more threads
+// than (batch, channel block) tasks) phase 1 would add a fold pass over the whole
+// sequence.  Instead the first pass of each half runs from the outer end inwards --
+// chunk 0 left to right, chunk 1 right to left -- and ends with exactly the sum the other
+// half needs as its carry; then each half finishes in the opposite direction.  Two
+// passes per element as with one chunk, each thread doing half of each: no extra work.
+inline int half_dir(int64_t ch) { return ch == 0 ? 1 : -1; }
+
+// One forward pass over [t0, t1) of a block in direction dir, starting from the sums at
+// `from` (nullptr: empty); the final sums go to `to` unless it is nullptr.  States are
+// laid out field by field at `stride` (the (.., fields, C) buffers).
+template <typename F, int NB, Pass P>
+void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r, int dir,
+              int64_t t0, int64_t t1, int64_t C, int n_rt, const F* from, F* to,
+              int64_t stride) {
   const int n = NB > 0 ? NB : n_rt;
   F w[kBlock], u[kBlock];
   for (int j = 0; j < n; ++j) {
     w[j] = wp[j];
-    u[j] = up[j];
+    u[j] = P == Pass::kFinish ? up[j] : F(0);
   }
   FwdLanes<F> s;
-  s.load(carry_left, stride, n);
-  for (int64_t t = t0; t < t1; ++t) {
-    if (t + kAhead < t1) prefetch_rows<F>((t + kAhead) * C, k, v, y, m, r);
+  start_lanes(s, from, stride, n);
+  const F fdir = static_cast<F>(dir);
+  for (int64_t i = 0; i < t1 - t0; ++i) {
+    const int64_t t = step_at(dir, t0, t1, i);
+    if (i + kAhead < t1 - t0) {
+      const int64_t ahead = (t + dir * kAhead) * C;
+      if (P == Pass::kFold) {
+        prefetch_rows(ahead, k, v);
+      } else {
+        prefetch_rows<F>(ahead, k, v, y, m, r);
+      }
+    }
     const int64_t o = t * C;
-    const F tf = static_cast<F>(t);
+    const F tf = static_cast<F>(t), nt = fdir * tf;
     WKV_SIMD
     for (int j = 0; j < n; ++j) {
-      wkv::fwd_left_step(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, k[o + j], v[o + j], w[j],
-                         y[o + j], m[o + j], r[o + j]);
+      if constexpr (P == Pass::kFold) {
+        wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], nt, k[o + j], v[o + j], w[j]);
+      } else if constexpr (P == Pass::kStore) {
+        wkv::fwd_store_step(s.a[j], s.n[j], s.s0[j], s.mean[j], nt, k[o + j], v[o + j], w[j],
+                            y[o + j], m[o + j], r[o + j]);
+      } else {
+        wkv::fwd_finish_step(s.a[j], s.n[j], s.s0[j], s.mean[j], fdir, tf, k[o + j],
+                             v[o + j], w[j], u[j], y[o + j], m[o + j], r[o + j]);
+      }
     }
   }
-  s.load(carry_right, stride, n);
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    if (t - kAhead >= t0) prefetch_rows<F>((t - kAhead) * C, k, v, y, m, r);
-    const int64_t o = t * C;
-    const F tf = static_cast<F>(t);
-    WKV_SIMD
-    for (int j = 0; j < n; ++j) {
-      wkv::fwd_right_step(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, k[o + j], v[o + j], w[j],
-                          u[j], y[o + j], m[o + j], r[o + j]);
-    }
-  }
+  if (to != nullptr) s.store(to, stride, n);
 }
 
 // Phase 2 for one batch: every (channel, direction) lane in turn.
@@ -239,25 +243,39 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
     F* sp = summ.data_ptr<F>();
     F* cp = carry.data_ptr<F>();
     const int64_t TC = p.T * p.C;
+    // One pass of kind P over chunk ch of block (b, c0) in direction dir.
+    auto pass = [&](auto kind, int64_t b, int64_t c0, int n, int64_t ch, int dir,
+                    const F* from, F* to) {
+      constexpr Pass P = decltype(kind)::value;
+      const int64_t off = b * TC + c0;
+      WKV_BLOCK_DISPATCH(n, fwd_pass<F, NB, P>(kp + off, vp + off, wp + c0, up + c0, yp + off,
+                                               mp + off, rp + off, dir, p.chunk_begin(ch),
+                                               p.chunk_end(ch), p.C, n, from, to, p.C););
+    };
+    auto state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c0) {
+      return buf + state_off(p, kFwdFields, b, ch, dir, c0);
+    };
+    if (p.nch == 2) {  // two halves: first passes outwards-in, then each half finishes
+      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+        pass(kStore, b, c0, n, ch, half_dir(ch), nullptr, state(sp, b, ch, ch, c0));
+      });
+      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+        pass(kFinish, b, c0, n, ch, -half_dir(ch), state(sp, b, 1 - ch, 1 - ch, c0), nullptr);
+      });
+      return;
+    }
     if (p.nch > 1) {
       for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-        F* left = ch + 1 < p.nch ? sp + state_off(p, kFwdFields, b, ch, 0, c0) : nullptr;
-        F* right = ch > 0 ? sp + state_off(p, kFwdFields, b, ch, 1, c0) : nullptr;
-        WKV_BLOCK_DISPATCH(n, fwd_summary<F, NB>(kp + b * TC + c0, vp + b * TC + c0, wp + c0,
-                                                 p.chunk_begin(ch), p.chunk_end(ch), p.C,
-                                                 n, left, right, p.C););
+        if (ch + 1 < p.nch) pass(kFold, b, c0, n, ch, 1, nullptr, state(sp, b, ch, 0, c0));
+        if (ch > 0) pass(kFold, b, c0, n, ch, -1, nullptr, state(sp, b, ch, 1, c0));
       });
     }
     at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) carries<F>(p, kFwdFields, b, sp, cp, wp);
     });
     for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-      const int64_t off = b * TC + c0;
-      WKV_BLOCK_DISPATCH(
-          n, fwd_rescan<F, NB>(kp + off, vp + off, wp + c0, up + c0, yp + off, mp + off,
-                               rp + off, p.chunk_begin(ch), p.chunk_end(ch), p.C, n,
-                               cp + state_off(p, kFwdFields, b, ch, 0, c0),
-                               cp + state_off(p, kFwdFields, b, ch, 1, c0), p.C););
+      pass(kStore, b, c0, n, ch, 1, state(cp, b, ch, 0, c0), nullptr);
+      pass(kFinish, b, c0, n, ch, -1, state(cp, b, ch, 1, c0), nullptr);
     });
   });
   return {y, m, r};
@@ -306,66 +324,32 @@ template <typename F> struct BwdIO {
   int64_t C;
 };
 
-// Phase 1: the left and / or right backward states of one chunk of a block.
-template <typename F, int NB>
-void bwd_summary(const BwdIO<F>& io, int64_t t0, int64_t t1, int n_rt, F* out_left,
-                 F* out_right, int64_t stride) {
-  const int n = NB > 0 ? NB : n_rt;
-  BwdLanes<F> s;
-  for (int d = 0; d < 2; ++d) {
-    F* out = d == 0 ? out_left : out_right;
-    if (out == nullptr) continue;
-    const F dir = d == 0 ? F(1) : F(-1);
-    s.empty(n);
-    for (int64_t i = 0; i < t1 - t0; ++i) {
-      const int64_t t = d == 0 ? t0 + i : t1 - 1 - i;
-      if (i + kAhead < t1 - t0) {
-        const int64_t ahead = (d == 0 ? t + kAhead : t - kAhead) * io.C;
-        prefetch_rows(ahead, io.k, io.v, io.y, io.m, io.r, io.gy);
-      }
-      const int64_t o = t * io.C;
-      const F tf = static_cast<F>(t);
-      WKV_SIMD
-      for (int j = 0; j < n; ++j) {
-        wkv::BwdState<F> st = s.get(j);
-        wkv::bwd_fold(st, dir, tf, io.k[o + j], io.v[o + j], io.y[o + j], io.m[o + j],
-                      io.r[o + j], io.gy[o + j], io.w[j]);
-        s.put(j, st);
-      }
-    }
-    s.store(out, stride, n);
-  }
-}
-
-// Phase 3: rescan one chunk of a block; gw_part / gu_part: this task's partial sums.
-template <typename F, int NB>
-void bwd_rescan(const BwdIO<F>& io, int64_t t0, int64_t t1, int n_rt, const F* carry_left,
-                const F* carry_right, int64_t stride, double* gw_part, double* gu_part) {
+// One backward pass over [t0, t1) of a block in direction dir, from the states at `from`
+// (nullptr: empty) to `to` (nullptr: not needed).  kStore keeps this side's transposed
+// sums q0, q1 in gv, gk; kFinish adds them to its own and writes the gradients.
+// gw_io / gu_io: the task's partial sums of gw and gu, accumulated in place.
+template <typename F, int NB, Pass P>
+void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, const F* from,
+              F* to, int64_t stride, double* gw_io, double* gu_io) {
   const int n = NB > 0 ? NB : n_rt;
   double gw[kBlock], gu[kBlock];
-  for (int j = 0; j < n; ++j) gw[j] = gu[j] = 0.0;
-  BwdLanes<F> s;
-  s.load(carry_left, stride, n);
-  for (int64_t t = t0; t < t1; ++t) {  // left sides: partial q0, q1 kept in gv, gk
-    if (t + kAhead < t1)
-      prefetch_rows((t + kAhead) * io.C, io.k, io.v, io.y, io.m, io.r, io.gy, io.gv, io.gk);
-    const int64_t o = t * io.C;
-    const F tf = static_cast<F>(t);
-    WKV_SIMD
-    for (int j = 0; j < n; ++j) {
-      wkv::BwdState<F> st = s.get(j);
-      const F kk = io.k[o + j], yy = io.y[o + j], mm = io.m[o + j], rr = io.r[o + j],
-              gg = io.gy[o + j];
-      wkv::bwd_emit(st, F(1), tf, kk, yy, mm, rr, gg, io.w[j], gw[j], io.gv[o + j],
-                    io.gk[o + j]);
-      wkv::bwd_fold(st, F(1), tf, kk, io.v[o + j], yy, mm, rr, gg, io.w[j]);
-      s.put(j, st);
-    }
+  for (int j = 0; j < n; ++j) {
+    gw[j] = P == Pass::kFold ? 0.0 : gw_io[j];
+    gu[j] = P == Pass::kFold ? 0.0 : gu_io[j];
   }
-  s.load(carry_right, stride, n);
-  for (int64_t t = t1 - 1; t >= t0; --t) {  // right sides, then the final combination
-    if (t - kAhead >= t0)
-      prefetch_rows((t - kAhead) * io.C, io.k, io.v, io.y, io.m, io.r, io.gy, io.gv, io.gk);
+  BwdLanes<F> s;
+  start_lanes(s, from, stride, n);
+  const F fdir = static_cast<F>(dir);
+  for (int64_t i = 0; i < t1 - t0; ++i) {
+    const int64_t t = step_at(dir, t0, t1, i);
+    if (i + kAhead < t1 - t0) {
+      const int64_t ahead = (t + dir * kAhead) * io.C;
+      if (P == Pass::kFold) {
+        prefetch_rows(ahead, io.k, io.v, io.y, io.m, io.r, io.gy);
+      } else {
+        prefetch_rows(ahead, io.k, io.v, io.y, io.m, io.r, io.gy, io.gv, io.gk);
+      }
+    }
     const int64_t o = t * io.C;
     const F tf = static_cast<F>(t);
     WKV_SIMD
@@ -373,17 +357,26 @@ void bwd_rescan(const BwdIO<F>& io, int64_t t0, int64_t t1, int n_rt, const F* c
       wkv::BwdState<F> st = s.get(j);
       const F kk = io.k[o + j], vv = io.v[o + j], yy = io.y[o + j], mm = io.m[o + j],
               rr = io.r[o + j], gg = io.gy[o + j];
-      F q0, q1;
-      wkv::bwd_emit(st, F(-1), tf, kk, yy, mm, rr, gg, io.w[j], gw[j], q0, q1);
-      wkv::bwd_finish(io.u[j], kk, vv, yy, mm, rr, gg, io.gv[o + j] + q0,
-                      io.gk[o + j] + q1, io.w[j], gu[j], gw[j], io.gv[o + j], io.gk[o + j]);
-      wkv::bwd_fold(st, F(-1), tf, kk, vv, yy, mm, rr, gg, io.w[j]);
+      if constexpr (P == Pass::kStore) {
+        wkv::bwd_emit(st, fdir, tf, kk, yy, mm, rr, gg, io.w[j], gw[j], io.gv[o + j],
+                      io.gk[o + j]);
+      } else if constexpr (P == Pass::kFinish) {
+        F q0, q1;
+        wkv::bwd_emit(st, fdir, tf, kk, yy, mm, rr, gg, io.w[j], gw[j], q0, q1);
+        wkv::bwd_finish(io.u[j], kk, vv, yy, mm, rr, gg, io.gv[o + j] + q0,
+                        io.gk[o + j] + q1, io.w[j], gu[j], gw[j], io.gv[o + j],
+                        io.gk[o + j]);
+      }
+      wkv::bwd_fold(st, fdir, tf, kk, vv, yy, mm, rr, gg, io.w[j]);
       s.put(j, st);
     }
   }
-  for (int j = 0; j < n; ++j) {
-    gw_part[j] = gw[j];
-    gu_part[j] = gu[j];
+  if (to != nullptr) s.store(to, stride, n);
+  if (P != Pass::kFold) {
+    for (int j = 0; j < n; ++j) {
+      gw_io[j] = gw[j];
+      gu_io[j] = gu[j];
+    }
   }
 }
 
@@ -397,8 +390,8 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
   const Plan p = make_plan(k);
   auto summ = at::empty({p.B, p.nch, 2, kBwdFields, p.C}, k.options());
   auto carry = at::empty_like(summ);
-  auto gw_part = at::empty({p.B, p.nch, p.C}, k.options().dtype(at::kDouble));
-  auto gu_part = at::empty_like(gw_part);
+  auto gw_part = at::zeros({p.B, p.nch, p.C}, k.options().dtype(at::kDouble));
+  auto gu_part = at::zeros_like(gw_part);
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_backward_cpu", [&] {
     using F = scalar_t;
     const int64_t TC = p.T * p.C;
@@ -411,27 +404,43 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
     };
     F* sp = summ.data_ptr<F>();
     F* cp = carry.data_ptr<F>();
+    double* gwp = gw_part.data_ptr<double>();
+    double* gup = gu_part.data_ptr<double>();
+    // One pass of kind P over chunk ch of block (b, c0) in direction dir; partial sums of
+    // gw and gu per (batch, chunk, channel).
+    auto pass = [&](auto kind, int64_t b, int64_t c0, int n, int64_t ch, int dir,
+                    const F* from, F* to) {
+      constexpr Pass P = decltype(kind)::value;
+      const int64_t part = (b * p.nch + ch) * p.C + c0;
+      WKV_BLOCK_DISPATCH(n, bwd_pass<F, NB, P>(io_at(b, c0), dir, p.chunk_begin(ch),
+                                               p.chunk_end(ch), n, from, to, p.C, gwp + part,
+                                               gup + part););
+    };
+    auto state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c0) {
+      return buf + state_off(p, kBwdFields, b, ch, dir, c0);
+    };
+    if (p.nch == 2) {  // two halves, as in the forward
+      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+        pass(kStore, b, c0, n, ch, half_dir(ch), nullptr, state(sp, b, ch, ch, c0));
+      });
+      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+        pass(kFinish, b, c0, n, ch, -half_dir(ch), state(sp, b, 1 - ch, 1 - ch, c0), nullptr);
+      });
+      return;
+    }
     if (p.nch > 1) {
       for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-        F* left = ch + 1 < p.nch ? sp + state_off(p, kBwdFields, b, ch, 0, c0) : nullptr;
-        F* right = ch > 0 ? sp + state_off(p, kBwdFields, b, ch, 1, c0) : nullptr;
-        WKV_BLOCK_DISPATCH(n, bwd_summary<F, NB>(io_at(b, c0), p.chunk_begin(ch),
-                                                 p.chunk_end(ch), n, left, right, p.C););
+        if (ch + 1 < p.nch) pass(kFold, b, c0, n, ch, 1, nullptr, state(sp, b, ch, 0, c0));
+        if (ch > 0) pass(kFold, b, c0, n, ch, -1, nullptr, state(sp, b, ch, 1, c0));
       });
     }
     const F* wp = w.data_ptr<F>();
     at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) carries<F>(p, kBwdFields, b, sp, cp, wp);
     });
-    double* gwp = gw_part.data_ptr<double>();
-    double* gup = gu_part.data_ptr<double>();
     for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-      const int64_t part = (b * p.nch + ch) * p.C + c0;
-      WKV_BLOCK_DISPATCH(
-          n, bwd_rescan<F, NB>(io_at(b, c0), p.chunk_begin(ch), p.chunk_end(ch), n,
-                               cp + state_off(p, kBwdFields, b, ch, 0, c0),
-                               cp + state_off(p, kBwdFields, b, ch, 1, c0), p.C,
-                               gwp + part, gup + part););
+      pass(kStore, b, c0, n, ch, 1, state(cp, b, ch, 0, c0), nullptr);
+      pass(kFinish, b, c0, n, ch, -1, state(cp, b, ch, 1, c0), nullptr);
     });
   });
   // Fixed-order reduction over (batch, chunk): deterministic, independent of threads.

@@ -106,7 +106,7 @@ __global__ void fwd_rescan_kernel(const F* __restrict__ w, const F* __restrict__
   F a = cl[0], n = cl[s.C], s0 = cl[2 * s.C], mean = cl[3 * s.C];
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t o = base + t * s.C;
-    wkv::fwd_left_step(a, n, s0, mean, static_cast<F>(t), k[o], v[o], ww, y[o], m[o], r[o]);
+    wkv::fwd_store_step(a, n, s0, mean, static_cast<F>(t), k[o], v[o], ww, y[o], m[o], r[o]);
   }
   const F* cr = carry + s.state(kFwdFields, b, ch, 1, c);
   a = cr[0];
@@ -115,8 +115,8 @@ __global__ void fwd_rescan_kernel(const F* __restrict__ w, const F* __restrict__
   mean = cr[3 * s.C];
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t o = base + t * s.C;
-    wkv::fwd_right_step(a, n, s0, mean, static_cast<F>(t), k[o], v[o], ww, uu, y[o], m[o],
-                        r[o]);
+    wkv::fwd_finish_step(a, n, s0, mean, F(-1), static_cast<F>(t), k[o], v[o], ww, uu, y[o],
+                         m[o], r[o]);
   }
 }
 

@@ -32,11 +32,14 @@
 // length, and equal up to rounding across chunk lengths.
 //
 // Forward.  The forward sums carry the numerator as a weighted *mean* of v (a convex
-// combination), so v up to the float maximum never overflows.  Left to right, each
-// position stores its left sum (mean, a + log s0, n) in the output buffers (y, m, r);
-// right to left, the right sum, the left sum and the diagonal u + k_t are merged and
+// combination), so v up to the float maximum never overflows.  A rescan is two passes:
+// the first (usually left to right) stores each position's sum of one side
+// (mean, a + log s0, n) in the output buffers (y, m, r); the second, in the opposite
+// direction, merges the other side's sum, the stored one and the diagonal u + k_t, and
 // position t writes
 //   y_t,   m_t, r_t  with  lse_t = log D_t = m_t + r_t * w,  r_t an integer.
+// Either side can come first; the kernels use this when a lane is split in two halves
+// (see "two halves" in wkv_cpu.cpp).
 // A row whose weights are all e^{-inf} = 0 gives y_t = NaN (0/0, as the definition).
 //
 // Backward (closed form).  P_tj = e^{L_tj - lse_t} (softmax weights, <= 1):
@@ -193,43 +196,49 @@ template <typename F> WKV_HD void fwd_fold(F& a, F& n, F& s0, F& mean, F nt, F k
   fwd_merge(a, n, s0, mean, k, nt, F(1), v, w);
 }
 
-// Left-to-right rescan at position t: store the left sum (terms i < t) as
-// (mean, a + log s0, n) in y, m, r, then fold term t in.
+// Position part of a sum's n seen from position t: a left sum (dir = +1, terms i < t,
+// n = i) is seen with -(t - 1), a right sum (dir = -1, terms i > t, n = -i) with t + 1.
+template <typename F> WKV_HD F seen_from(F dir, F t) { return F(1) - dir * t; }
+
+// First pass of a rescan, at position t in direction dir: store this side's sum (the
+// terms already passed) as (mean, a + log s0, n) in y, m, r, then fold term t in
+// (nt = dir * t).  Left to right this stores the left sums, right to left the right sums.
 template <typename F>
-WKV_HD void fwd_left_step(F& a, F& n, F& s0, F& mean, F t, F k, F v, F w, F& out_y,
-                          F& out_m, F& out_r) {
+WKV_HD void fwd_store_step(F& a, F& n, F& s0, F& mean, F nt, F k, F v, F w, F& out_y,
+                           F& out_m, F& out_r) {
   out_y = mean;
   out_m = s0 > F(0) ? a + wkv_log(s0) : neg_inf<F>();
   out_r = n;
-  fwd_fold(a, n, s0, mean, t, k, v, w);
+  fwd_fold(a, n, s0, mean, nt, k, v, w);
 }
 
-// Right-to-left rescan at position t: (a, n, s0, mean) is the right sum (terms i > t);
-// io_* hold the left sum on entry and (y_t, m_t, r_t) on exit.  The three parts seen from
-// t -- left sum (m, r - t + 1) with weight 1 (its s0 is inside m), right sum
-// (a, n + t + 1) with weight s0, diagonal (u + k_t, 0) -- are scaled to the largest.
+// Second pass, at position t in direction dir (the opposite of the first pass): (a, n,
+// s0, mean) is this side's sum; io_* hold the other side's stored sum on entry and
+// (y_t, m_t, r_t) on exit.  The three parts seen from t -- stored sum (m, r) with weight 1
+// (its s0 is inside m), this side's sum with weight s0, diagonal (u + k_t, 0) -- are
+// scaled to the largest.
 template <typename F>
-WKV_HD void fwd_right_step(F& a, F& n, F& s0, F& mean, F t, F k, F v, F w, F u, F& io_y,
-                           F& io_m, F& io_r) {
-  const F ad = u + k, nl = io_r - t + F(1), nr = n + t + F(1);
-  const F xl = rel(io_m, nl, ad, F(0), w);   // left - diagonal
-  const F xr = rel(a, nr, ad, F(0), w);      // right - diagonal
-  const F xlr = rel(io_m, nl, a, nr, w);     // left - right
-  const bool ref_l = xl >= F(0) && xlr >= F(0);
-  const bool ref_r = !ref_l && xr > F(0);
-  const F e1 = wkv_exp(ref_l ? -xl : (ref_r ? -xr : xl));    // diagonal, or left if ref d
-  const F e2 = wkv_exp(ref_l ? -xlr : (ref_r ? xlr : xr));   // right, or left if ref r
-  const F wl = ref_l ? F(1) : (ref_r ? e2 : e1);
-  const F wd = ref_l || ref_r ? e1 : F(1);
-  const F wr = (ref_r ? F(1) : e2) * s0;
-  const F tot = wl + wr + wd;
+WKV_HD void fwd_finish_step(F& a, F& n, F& s0, F& mean, F dir, F t, F k, F v, F w, F u,
+                            F& io_y, F& io_m, F& io_r) {
+  const F ad = u + k, ns = io_r + seen_from(-dir, t), nc = n + seen_from(dir, t);
+  const F xs = rel(io_m, ns, ad, F(0), w);   // stored - diagonal
+  const F xc = rel(a, nc, ad, F(0), w);      // this side - diagonal
+  const F xsc = rel(io_m, ns, a, nc, w);     // stored - this side
+  const bool ref_s = xs >= F(0) && xsc >= F(0);
+  const bool ref_c = !ref_s && xc > F(0);
+  const F e1 = wkv_exp(ref_s ? -xs : (ref_c ? -xc : xs));    // diagonal, or stored if ref d
+  const F e2 = wkv_exp(ref_s ? -xsc : (ref_c ? xsc : xc));   // this side, or stored if ref c
+  const F ws = ref_s ? F(1) : (ref_c ? e2 : e1);
+  const F wd = ref_s || ref_c ? e1 : F(1);
+  const F wc = (ref_c ? F(1) : e2) * s0;
+  const F tot = ws + wc + wd;
   const F inv = F(1) / tot;
-  const F aref = ref_l ? io_m : (ref_r ? a : ad);
+  const F aref = ref_s ? io_m : (ref_c ? a : ad);
   const bool none = aref == neg_inf<F>() || !(tot > F(0));  // every weight is 0: 0/0
-  io_y = none ? quiet_nan<F>() : (wl * inv) * io_y + (wr * inv) * mean + (wd * inv) * v;
+  io_y = none ? quiet_nan<F>() : (ws * inv) * io_y + (wc * inv) * mean + (wd * inv) * v;
   io_m = none ? neg_inf<F>() : aref + wkv_log(tot);
-  io_r = ref_l ? nl : (ref_r ? nr : F(0));
-  fwd_fold(a, n, s0, mean, -t, k, v, w);
+  io_r = ref_s ? ns : (ref_c ? nc : F(0));
+  fwd_fold(a, n, s0, mean, dir * t, k, v, w);
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -294,8 +303,7 @@ WKV_HD void bwd_fold(BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, 
 template <typename F, typename A>
 WKV_HD void bwd_emit(const BwdState<F>& s, F dir, F t, F k, F y, F m, F r, F gy, F w,
                      A& gw_acc, F& q0, F& q1) {
-  // position part of this side's n seen from t: left -(t-1), right +(t+1)
-  const F pos = F(1) - dir * t;
+  const F pos = seen_from(dir, t);
   const F ef = wkv_exp(rel(s.a, s.n + pos, m, r, w));  // e^{max L_ti - lse_t} <= 1
   const F shift = r - (s.n + pos);  // distance of this side's maximum + r_t
   gw_acc -= static_cast<A>(gy * ef * (shift * (s.s1 - y * s.s0) + (s.d1 - y * s.d0)));
