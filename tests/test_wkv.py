@@ -320,8 +320,9 @@ def test_float32_accuracy_long_sequence(cpu_kernel, monkeypatch, wT):
     got = _kernel_grads([x.float() for x in args], gy.float())
     assert (got[0].double() - ref[0]).abs().max().item() <= 1e-5 * args[3].abs().max().item()
     for name, g, r in zip("wukv", got[1:], ref[1:]):
-        # gk = v gv - sum gy y P cancels where one token dominates (see docs/wkv.md)
-        assert _rel_err(g, r) <= (1e-4 if name == "k" else 3e-5), (name, _rel_err(g, r))
+        # the goal; gk sums gy P (v_j - y_t), relative to each sum's reference y
+        # (it was 1.4e-5 as v_j gv_j - sum gy y P, which cancels where one token dominates)
+        assert _rel_err(g, r) <= 1e-5, (name, _rel_err(g, r))
 
 
 def test_determinism_across_threads_and_chunks(cpu_kernel, monkeypatch):

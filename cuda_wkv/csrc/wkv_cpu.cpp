@@ -22,8 +22,8 @@
 namespace {
 
 constexpr int kBlock = 16;  // channels per task (2 AVX2 / 1 AVX-512 float vector)
-constexpr int kFwdFields = 4;   // a, n, s0, mean
-constexpr int kBwdFields = 10;  // BwdState
+using wkv::kBwdFields;
+using wkv::kFwdFields;
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define WKV_SIMD _Pragma("GCC ivdep")
@@ -286,8 +286,8 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
 template <typename F> struct BwdLanes {
   F f[kBwdFields][kBlock];
   wkv::BwdState<F> get(int j) const {
-    return {f[0][j], f[1][j], f[2][j], f[3][j], f[4][j],
-            f[5][j], f[6][j], f[7][j], f[8][j], f[9][j]};
+    return {f[0][j], f[1][j], f[2][j], f[3][j], f[4][j],  f[5][j],
+            f[6][j], f[7][j], f[8][j], f[9][j], f[10][j]};
   }
   void put(int j, const wkv::BwdState<F>& s) {
     f[0][j] = s.a;
@@ -300,6 +300,7 @@ template <typename F> struct BwdLanes {
     f[7][j] = s.tn;
     f[8][j] = s.g0;
     f[9][j] = s.g1;
+    f[10][j] = s.ty;
   }
   void empty(int cnt) {
     wkv::BwdState<F> e;
@@ -358,11 +359,11 @@ void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, con
       const F kk = io.k[o + j], vv = io.v[o + j], yy = io.y[o + j], mm = io.m[o + j],
               rr = io.r[o + j], gg = io.gy[o + j];
       if constexpr (P == Pass::kStore) {
-        wkv::bwd_emit(st, fdir, tf, kk, yy, mm, rr, gg, io.w[j], gw[j], io.gv[o + j],
+        wkv::bwd_emit(st, fdir, tf, kk, vv, yy, mm, rr, gg, io.w[j], gw[j], io.gv[o + j],
                       io.gk[o + j]);
       } else if constexpr (P == Pass::kFinish) {
         F q0, q1;
-        wkv::bwd_emit(st, fdir, tf, kk, yy, mm, rr, gg, io.w[j], gw[j], q0, q1);
+        wkv::bwd_emit(st, fdir, tf, kk, vv, yy, mm, rr, gg, io.w[j], gw[j], q0, q1);
         wkv::bwd_finish(io.u[j], kk, vv, yy, mm, rr, gg, io.gv[o + j] + q0,
                         io.gk[o + j] + q1, io.w[j], gu[j], gw[j], io.gv[o + j],
                         io.gk[o + j]);

@@ -21,8 +21,8 @@ namespace {
 
 constexpr int kLanes = 32;  // channels per block: one warp
 constexpr int kRows = 4;    // chunks per block
-constexpr int kFwdFields = 4;
-constexpr int kBwdFields = 10;
+using wkv::kBwdFields;
+using wkv::kFwdFields;
 
 struct Shape {
   int64_t B, T, C, len, nch, nchb;  // nchb: blocks along the chunks, ceil(nch / kRows)
@@ -166,8 +166,8 @@ __global__ void bwd_rescan_kernel(BwdArgs<F> a, const F* __restrict__ carry,
   wkv::bwd_load(st, carry + s.state(kBwdFields, b, ch, 0, c), s.C);
   for (int64_t t = t0; t < t1; ++t) {  // left sides: partial q0, q1 kept in gv, gk
     const int64_t o = base + t * s.C;
-    wkv::bwd_emit(st, F(1), static_cast<F>(t), a.k[o], a.y[o], a.m[o], a.r[o], a.gy[o], ww,
-                  gw, a.gv[o], a.gk[o]);
+    wkv::bwd_emit(st, F(1), static_cast<F>(t), a.k[o], a.v[o], a.y[o], a.m[o], a.r[o],
+                  a.gy[o], ww, gw, a.gv[o], a.gk[o]);
     bwd_fold_at(st, a, F(1), t, o, ww);
   }
   wkv::bwd_load(st, carry + s.state(kBwdFields, b, ch, 1, c), s.C);
@@ -175,7 +175,7 @@ __global__ void bwd_rescan_kernel(BwdArgs<F> a, const F* __restrict__ carry,
     const int64_t o = base + t * s.C;
     const F kk = a.k[o], vv = a.v[o], yy = a.y[o], mm = a.m[o], rr = a.r[o], gg = a.gy[o];
     F q0, q1;
-    wkv::bwd_emit(st, F(-1), static_cast<F>(t), kk, yy, mm, rr, gg, ww, gw, q0, q1);
+    wkv::bwd_emit(st, F(-1), static_cast<F>(t), kk, vv, yy, mm, rr, gg, ww, gw, q0, q1);
     F g_v, g_k;
     wkv::bwd_finish(uu, kk, vv, yy, mm, rr, gg, a.gv[o] + q0, a.gk[o] + q1, ww, gu, gw, g_v,
                     g_k);

@@ -53,7 +53,8 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
   auto y = at::empty_like(k), m = at::empty_like(k), r = at::empty_like(k);
   if (k.numel() == 0) return {y, m, r};
   const int64_t len = chunk_len(k);
-  auto summ = state_buffer(k, len, 4), carry = state_buffer(k, len, 4);
+  auto summ = state_buffer(k, len, wkv::kFwdFields);
+  auto carry = state_buffer(k, len, wkv::kFwdFields);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err;
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cuda", [&] {
@@ -78,7 +79,8 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
   auto gk = at::empty_like(k), gv = at::empty_like(k);
   auto gw = at::empty_like(w), gu = at::empty_like(u);
   const int64_t len = k.numel() > 0 ? chunk_len(k) : 1;
-  auto summ = state_buffer(k, len, 10), carry = state_buffer(k, len, 10);
+  auto summ = state_buffer(k, len, wkv::kBwdFields);
+  auto carry = state_buffer(k, len, wkv::kBwdFields);
   const int64_t nch = (T + len - 1) / len;
   auto gw_part = at::empty({B, nch, C}, k.options().dtype(at::kDouble));
   auto gu_part = at::empty_like(gw_part);

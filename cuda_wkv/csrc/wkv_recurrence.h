@@ -44,7 +44,7 @@
 //
 // Backward (closed form).  P_tj = e^{L_tj - lse_t} (softmax weights, <= 1):
 //   gv_j = sum_t gy_t P_tj
-//   gk_j = v_j gv_j - sum_t gy_t y_t P_tj
+//   gk_j = sum_t gy_t P_tj (v_j - y_t)   (= v_j gv_j - sum_t gy_t y_t P_tj)
 //   gu   = sum_t gy_t P_tt (v_t - y_t)
 //   gw   = -sum_t gy_t sum_{i!=t} P_ti (|t-i|-1) (v_i - y_t)
 // The sums over t for a fixed j are "transposed" sums whose terms t have a = -m_t and
@@ -245,16 +245,21 @@ WKV_HD void fwd_finish_step(F& a, F& n, F& s0, F& mean, F dir, F t, F k, F v, F 
 // Backward state of one direction: the forward sum of this side (a, n; s0 = sum e,
 // s1 = sum e v) with distance channels relative to its maximum term (d0 = sum (n - n_i) e,
 // d1 = sum (n - n_i) e v: position independent, and small where the weights are not), and
-// the transposed sum (ta, tn; g0 = sum gy e, g1 = sum gy y e).  Numerators are plain
-// sums here (see docs/wkv.md for the range this implies).
+// the transposed sum (ta, tn; g0 = sum gy e, g1 = sum gy e (y - ty)) whose y-channel is
+// relative to ty, the y of its largest term: gk_j sums gy P (y_t - v_j), which cancels
+// where one token dominates many rows (y_t ~ v_j); relative to ty the channel stays
+// small exactly there.  Numerators are plain sums here (see docs/wkv.md for the range
+// this implies).
 template <typename F> struct BwdState {
   F a, n, s0, s1, d0, d1;
-  F ta, tn, g0, g1;
+  F ta, tn, g0, g1, ty;
 };
+constexpr int kFwdFields = 4;   // a forward sum in the summary / carry buffers: a, n, s0, mean
+constexpr int kBwdFields = 11;  // a BwdState there, field by field (bwd_load / bwd_store)
 
 template <typename F> WKV_HD void bwd_empty(BwdState<F>& s) {
   s.a = s.ta = neg_inf<F>();
-  s.n = s.tn = s.s0 = s.s1 = s.d0 = s.d1 = s.g0 = s.g1 = F(0);
+  s.n = s.tn = s.s0 = s.s1 = s.d0 = s.d1 = s.g0 = s.g1 = s.ty = F(0);
 }
 
 // Merge `o` into `s` (forward and transposed parts); both of one direction.
@@ -271,15 +276,17 @@ template <typename F> WKV_HD void bwd_merge(BwdState<F>& s, const BwdState<F>& o
   s.a = up ? o.a : s.a;
   s.n = nm;
   merge_scales(rel(o.ta, o.tn, s.ta, s.tn, w), so, sn, up);
+  const F ty = up ? o.ty : s.ty;  // the y-channel moves to the merged maximum's y
+  s.g1 = (s.g1 + (s.ty - ty) * s.g0) * so + (o.g1 + (o.ty - ty) * o.g0) * sn;
   s.g0 = s.g0 * so + o.g0 * sn;
-  s.g1 = s.g1 * so + o.g1 * sn;
+  s.ty = ty;
   s.ta = up ? o.ta : s.ta;
   s.tn = up ? o.tn : s.tn;
 }
 
 // Fold position t into a state of direction dir (+1: left sums, scanned left to right;
 // -1: right sums).  Term t of the forward sum: (k_t, dir*t); of the transposed sum:
-// (-m_t, dir*t - r_t) with values gy_t, gy_t y_t.
+// (-m_t, dir*t - r_t) with g0 = gy_t and reference ty = y_t (so g1 = 0).
 template <typename F>
 WKV_HD void bwd_fold(BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, F w) {
   BwdState<F> o;
@@ -291,17 +298,18 @@ WKV_HD void bwd_fold(BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, 
   o.ta = -m;
   o.tn = dir * t - r;
   o.g0 = gy;
-  o.g1 = gy * y;
+  o.g1 = F(0);
+  o.ty = y;
   bwd_merge(s, o, w);
 }
 
-// This side's contributions at position t (before folding t): its part of gw (summed
-// into gw_acc) and the transposed sums q0 = sum gy P_tj, q1 = sum gy y P_tj.
+// This side's contributions at position j = t (before folding t): its part of gw (summed
+// into gw_acc) and the transposed sums q0 = sum_t' gy P_t'j, q1 = sum_t' gy P_t'j (y_t' - v_j).
 // gw uses sum_i P_ti (v_i - y_t) = 0 over the whole row: the distances c_ti = |t-i| - 1
 // are replaced by c_ti + r_t (r_t = minus the distance of the row's largest term), which
 // keeps the float sums free of cancellation between large distances.
 template <typename F, typename A>
-WKV_HD void bwd_emit(const BwdState<F>& s, F dir, F t, F k, F y, F m, F r, F gy, F w,
+WKV_HD void bwd_emit(const BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, F w,
                      A& gw_acc, F& q0, F& q1) {
   const F pos = seen_from(dir, t);
   const F ef = wkv_exp(rel(s.a, s.n + pos, m, r, w));  // e^{max L_ti - lse_t} <= 1
@@ -309,7 +317,7 @@ WKV_HD void bwd_emit(const BwdState<F>& s, F dir, F t, F k, F y, F m, F r, F gy,
   gw_acc -= static_cast<A>(gy * ef * (shift * (s.s1 - y * s.s0) + (s.d1 - y * s.d0)));
   const F et = wkv_exp((k + s.ta) + (s.tn + pos) * w);  // <= 1: a softmax weight
   q0 = et * s.g0;
-  q1 = et * s.g1;
+  q1 = et * (s.g1 + (s.ty - v) * s.g0);
 }
 
 // Final combination at position t (second backward pass): q0, q1 summed over both sides.
@@ -318,10 +326,9 @@ template <typename F, typename A>
 WKV_HD void bwd_finish(F u, F k, F v, F y, F m, F r, F gy, F q0, F q1, F w, A& gu_acc,
                        A& gw_acc, F& gv, F& gk) {
   const F pdg = wkv_exp((u + k - m) - r * w) * gy;  // gy_t * P_tt
-  const F g = q0 + pdg;
-  gv = g;
-  gk = v * g - (q1 + pdg * y);
   const F pd = pdg * (v - y);
+  gv = q0 + pdg;
+  gk = -(q1 - pd);  // sum_t gy_t P_tj (v_j - y_t), diagonal included
   gu_acc += static_cast<A>(pd);
   gw_acc -= static_cast<A>(pd * r);
 }
@@ -373,6 +380,7 @@ template <typename F> WKV_HD void bwd_load(BwdState<F>& s, const F* p, int64_t f
   s.tn = p[7 * fs];
   s.g0 = p[8 * fs];
   s.g1 = p[9 * fs];
+  s.ty = p[10 * fs];
 }
 
 template <typename F> WKV_HD void bwd_store(const BwdState<F>& s, F* p, int64_t fs) {
@@ -386,6 +394,7 @@ template <typename F> WKV_HD void bwd_store(const BwdState<F>& s, F* p, int64_t 
   p[7 * fs] = s.tn;
   p[8 * fs] = s.g0;
   p[9 * fs] = s.g1;
+  p[10 * fs] = s.ty;
 }
 
 template <typename F>
