@@ -131,12 +131,7 @@ inline int64_t state_off(const Plan& p, int fields, int64_t b, int64_t ch, int d
   return (((b * p.nch + ch) * 2 + dir) * fields) * p.C + c;
 }
 
-// What a pass over one chunk of a block does at each position.
-enum class Pass {
-  kFold,    // phase 1: fold only (the chunk's summary)
-  kStore,   // first pass of a rescan: store this side's sums, fold
-  kFinish,  // second pass: combine with the stored side, write the results, fold
-};
+using wkv::Pass;
 
 // Position of step i of a pass over [t0, t1) in direction dir (+1: left to right).
 inline int64_t step_at(int dir, int64_t t0, int64_t t1, int64_t i) {
@@ -223,8 +218,99 @@ void carries(const Plan& p, int fields, int64_t b, const F* summ, F* carry, cons
   }
 }
 
-std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
-                                    at::Tensor v) {
+// ------------------------------------------------------------------ lane-wise path (tests)
+// The CUDA kernel's per-thread code -- wkv::lane_fwd_pass / lane_bwd_pass and the phase-2
+// carries of wkv_recurrence.h, with its one-step-ahead loads -- run here one (batch,
+// channel, chunk) task at a time, so that the tests check that exact code on a CPU against
+// the dense reference (no GPU needed).  Chunk length as the CPU kernel's (CUDA_WKV_CHUNK
+// forces it).  bi_wkv never calls these.
+
+// Runs fn(b, c, ch, t0, t1) for every (batch, channel, chunk) task in parallel.
+template <typename Fn> void for_lane_tasks(const Plan& p, Fn&& fn) {
+  at::parallel_for(0, p.B * p.C * p.nch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ch = task % p.nch, rest = task / p.nch;
+      fn(rest / p.C, rest % p.C, ch, p.chunk_begin(ch), p.chunk_end(ch));
+    }
+  });
+}
+
+// Lane-wise forward (see "lane-wise path" above): phases 1-3 with the CUDA thread code.
+template <typename F>
+void forward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
+                   const at::Tensor& v, at::Tensor& y, at::Tensor& m, at::Tensor& r, F* sp,
+                   F* cp) {
+  auto lane = [&](int64_t b, int64_t c) {
+    const int64_t o = b * p.T * p.C + c;
+    return wkv::Lane<F>{k.data_ptr<F>() + o, v.data_ptr<F>() + o, y.data_ptr<F>() + o,
+                        m.data_ptr<F>() + o, r.data_ptr<F>() + o, nullptr,
+                        nullptr,             nullptr,             p.C,
+                        w.data_ptr<F>()[c],  u.data_ptr<F>()[c]};
+  };
+  auto at_state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c) {
+    return buf + state_off(p, kFwdFields, b, ch, dir, c);
+  };
+  if (p.nch > 1) {
+    for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
+      if (ch + 1 < p.nch)
+        wkv::lane_fwd_pass<F, Pass::kFold>(lane(b, c), 1, t0, t1, nullptr,
+                                           at_state(sp, b, ch, 0, c), p.C);
+      if (ch > 0)
+        wkv::lane_fwd_pass<F, Pass::kFold>(lane(b, c), -1, t0, t1, nullptr,
+                                           at_state(sp, b, ch, 1, c), p.C);
+    });
+  }
+  const F* wp = w.data_ptr<F>();
+  for (int64_t b = 0; b < p.B; ++b) carries<F>(p, kFwdFields, b, sp, cp, wp);
+  for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
+    wkv::lane_fwd_pass<F, Pass::kStore>(lane(b, c), 1, t0, t1, at_state(cp, b, ch, 0, c),
+                                        nullptr, p.C);
+    wkv::lane_fwd_pass<F, Pass::kFinish>(lane(b, c), -1, t0, t1, at_state(cp, b, ch, 1, c),
+                                         nullptr, p.C);
+  });
+}
+
+// Lane-wise backward.
+template <typename F>
+void backward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& y, const at::Tensor& m,
+                    const at::Tensor& r, const at::Tensor& gy, at::Tensor& gk, at::Tensor& gv,
+                    F* sp, F* cp, double* gwp, double* gup) {
+  auto lane = [&](int64_t b, int64_t c) {
+    const int64_t o = b * p.T * p.C + c;
+    return wkv::Lane<F>{k.data_ptr<F>() + o,  v.data_ptr<F>() + o,  y.data_ptr<F>() + o,
+                        m.data_ptr<F>() + o,  r.data_ptr<F>() + o,  gy.data_ptr<F>() + o,
+                        gk.data_ptr<F>() + o, gv.data_ptr<F>() + o, p.C,
+                        w.data_ptr<F>()[c],   u.data_ptr<F>()[c]};
+  };
+  auto at_state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c) {
+    return buf + state_off(p, kBwdFields, b, ch, dir, c);
+  };
+  if (p.nch > 1) {
+    for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
+      double gw = 0.0, gu = 0.0;  // a fold pass accumulates nothing
+      if (ch + 1 < p.nch)
+        wkv::lane_bwd_pass<F, Pass::kFold>(lane(b, c), 1, t0, t1, nullptr,
+                                           at_state(sp, b, ch, 0, c), p.C, gw, gu);
+      if (ch > 0)
+        wkv::lane_bwd_pass<F, Pass::kFold>(lane(b, c), -1, t0, t1, nullptr,
+                                           at_state(sp, b, ch, 1, c), p.C, gw, gu);
+    });
+  }
+  const F* wp = w.data_ptr<F>();
+  for (int64_t b = 0; b < p.B; ++b) carries<F>(p, kBwdFields, b, sp, cp, wp);
+  for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
+    const int64_t part = (b * p.nch + ch) * p.C + c;
+    wkv::lane_bwd_pass<F, Pass::kStore>(lane(b, c), 1, t0, t1, at_state(cp, b, ch, 0, c),
+                                        nullptr, p.C, gwp[part], gup[part]);
+    wkv::lane_bwd_pass<F, Pass::kFinish>(lane(b, c), -1, t0, t1, at_state(cp, b, ch, 1, c),
+                                         nullptr, p.C, gwp[part], gup[part]);
+  });
+}
+
+// lanes: the lane-wise path (tests) instead of the vectorised kernel.
+std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
+                                    bool lanes) {
   wkv::check_inputs("wkv_cpu", c10::DeviceType::CPU, w, u, k, v);
   auto y = at::empty_like(k), m = at::empty_like(k), r = at::empty_like(k);
   if (k.numel() == 0) return {y, m, r};
@@ -242,6 +328,10 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
     F* rp = r.data_ptr<F>();
     F* sp = summ.data_ptr<F>();
     F* cp = carry.data_ptr<F>();
+    if (lanes) {
+      forward_lanes<F>(p, w, u, k, v, y, m, r, sp, cp);
+      return;
+    }
     const int64_t TC = p.T * p.C;
     // One pass of kind P over chunk ch of block (b, c0) in direction dir.
     auto pass = [&](auto kind, int64_t b, int64_t c0, int n, int64_t ch, int dir,
@@ -381,9 +471,29 @@ void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, con
   }
 }
 
+// gw, gu from their (B, chunks, C) double partial sums: a fixed-order reduction over
+// (batch, chunk), deterministic and independent of the thread count.
+std::vector<at::Tensor> reduce_parts(const at::Tensor& gw_part, const at::Tensor& gu_part,
+                                     at::ScalarType dtype) {
+  const int64_t parts = gw_part.size(0) * gw_part.size(1), C = gw_part.size(2);
+  auto ow = at::zeros({C}, gw_part.options());
+  auto ou = at::zeros({C}, gw_part.options());
+  const double* gwp = gw_part.data_ptr<double>();
+  const double* gup = gu_part.data_ptr<double>();
+  double* pw = ow.data_ptr<double>();
+  double* pu = ou.data_ptr<double>();
+  for (int64_t i = 0; i < parts; ++i) {
+    for (int64_t c = 0; c < C; ++c) {
+      pw[c] += gwp[i * C + c];
+      pu[c] += gup[i * C + c];
+    }
+  }
+  return {ow.to(dtype), ou.to(dtype)};
+}
+
 std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                                      at::Tensor v, at::Tensor y, at::Tensor m,
-                                     at::Tensor r, at::Tensor gy) {
+                                     at::Tensor r, at::Tensor gy, bool lanes) {
   wkv::check_inputs("wkv_cpu", c10::DeviceType::CPU, w, u, k, v);
   wkv::check_saved("wkv_cpu", k, {&y, &m, &r, &gy});
   auto gk = at::empty_like(k), gv = at::empty_like(k);
@@ -407,6 +517,10 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
     F* cp = carry.data_ptr<F>();
     double* gwp = gw_part.data_ptr<double>();
     double* gup = gu_part.data_ptr<double>();
+    if (lanes) {
+      backward_lanes<F>(p, w, u, k, v, y, m, r, gy, gk, gv, sp, cp, gwp, gup);
+      return;
+    }
     // One pass of kind P over chunk ch of block (b, c0) in direction dir; partial sums of
     // gw and gu per (batch, chunk, channel).
     auto pass = [&](auto kind, int64_t b, int64_t c0, int n, int64_t ch, int dir,
@@ -444,22 +558,8 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
       pass(kFinish, b, c0, n, ch, -1, state(cp, b, ch, 1, c0), nullptr);
     });
   });
-  // Fixed-order reduction over (batch, chunk): deterministic, independent of threads.
-  auto ow = at::zeros({p.C}, k.options().dtype(at::kDouble));
-  auto ou = at::zeros({p.C}, k.options().dtype(at::kDouble));
-  {
-    const double* gwp = gw_part.data_ptr<double>();
-    const double* gup = gu_part.data_ptr<double>();
-    double* pw = ow.data_ptr<double>();
-    double* pu = ou.data_ptr<double>();
-    for (int64_t i = 0; i < p.B * p.nch; ++i) {
-      for (int64_t c = 0; c < p.C; ++c) {
-        pw[c] += gwp[i * p.C + c];
-        pu[c] += gup[i * p.C + c];
-      }
-    }
-  }
-  return {ow.to(k.scalar_type()), ou.to(k.scalar_type()), gk, gv};
+  auto g = reduce_parts(gw_part, gu_part, k.scalar_type());
+  return {g[0], g[1], gk, gv};
 }
 
 // The chunk length the kernels would use for a (B, T, C) problem: CPU with `threads`
@@ -478,9 +578,23 @@ int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "cuda_wkv: exact bidirectional WKV, C++ CPU kernel";
-  mod.def("forward", &wkv_forward, "forward(w, u, k, v) -> [y, m, r]");
-  mod.def("backward", &wkv_backward,
+  using T = at::Tensor;
+  mod.def("forward", [](T w, T u, T k, T v) { return wkv_forward(w, u, k, v, false); },
+          "forward(w, u, k, v) -> [y, m, r]");
+  mod.def("backward",
+          [](T w, T u, T k, T v, T y, T m, T r, T gy) {
+            return wkv_backward(w, u, k, v, y, m, r, gy, false);
+          },
           "backward(w, u, k, v, y, m, r, gy) -> [gw, gu, gk, gv]");
+  mod.def("forward_lanes", [](T w, T u, T k, T v) { return wkv_forward(w, u, k, v, true); },
+          "forward_lanes(w, u, k, v) -> [y, m, r]: the CUDA kernel's per-thread code on the "
+          "CPU (tests)");
+  mod.def("backward_lanes",
+          [](T w, T u, T k, T v, T y, T m, T r, T gy) {
+            return wkv_backward(w, u, k, v, y, m, r, gy, true);
+          },
+          "backward_lanes(w, u, k, v, y, m, r, gy) -> [gw, gu, gk, gv]: the CUDA kernel's "
+          "per-thread code on the CPU (tests)");
   mod.def("chunk_length", &chunk_length,
           "chunk_length(device, B, T, C, parallel) -> chunk length of the three-phase scan "
           "(parallel: CPU threads or CUDA resident threads)");

@@ -50,30 +50,43 @@ __device__ bool lane_task(const Shape& s, int64_t& b, int64_t& c, int& dir) {
   return true;
 }
 
+// This thread's chunk [t0, t1) and lane.
+struct Task {
+  int64_t b, c, ch, t0, t1;
+};
+
+__device__ bool chunk_lane(const Shape& s, Task& tk) {
+  if (!chunk_task(s, tk.b, tk.c, tk.ch)) return false;
+  tk.t0 = tk.ch * s.len;
+  tk.t1 = tk.t0 + s.len < s.T ? tk.t0 + s.len : s.T;
+  return true;
+}
+
 // ------------------------------------------------------------------------------ forward
+template <typename F> struct FwdArgs {
+  const F *w, *u, *k, *v;
+  F *y, *m, *r;
+};
+
+template <typename F> __device__ wkv::Lane<F> fwd_lane(const FwdArgs<F>& a, const Shape& s,
+                                                      const Task& tk) {
+  const int64_t base = tk.b * s.T * s.C + tk.c;
+  return {a.k + base, a.v + base, a.y + base, a.m + base, a.r + base,
+          nullptr,    nullptr,    nullptr,    s.C,        a.w[tk.c], a.u[tk.c]};
+}
+
 template <typename F>
-__global__ void fwd_summary_kernel(const F* __restrict__ w, const F* __restrict__ k,
-                                   const F* __restrict__ v, F* __restrict__ summ, Shape s) {
-  int64_t b, c, ch;
-  if (!chunk_task(s, b, c, ch)) return;
-  const int64_t t0 = ch * s.len, t1 = t0 + s.len < s.T ? t0 + s.len : s.T;
-  const int64_t base = b * s.T * s.C + c;
-  const F ww = w[c];
-  for (int dir = 0; dir < 2; ++dir) {
-    if ((dir == 0 && ch + 1 == s.nch) || (dir == 1 && ch == 0)) continue;  // never used
-    F a, n, s0, mean;
-    wkv::fwd_empty(a, n, s0, mean);
-    for (int64_t i = 0; i < t1 - t0; ++i) {
-      const int64_t t = dir == 0 ? t0 + i : t1 - 1 - i;
-      const int64_t o = base + t * s.C;
-      const F nt = dir == 0 ? static_cast<F>(t) : -static_cast<F>(t);
-      wkv::fwd_fold(a, n, s0, mean, nt, k[o], v[o], ww);
-    }
-    F* out = summ + s.state(kFwdFields, b, ch, dir, c);
-    out[0] = a;
-    out[s.C] = n;
-    out[2 * s.C] = s0;
-    out[3 * s.C] = mean;
+__global__ void fwd_summary_kernel(FwdArgs<F> a, F* __restrict__ summ, Shape s) {
+  Task tk;
+  if (!chunk_lane(s, tk)) return;
+  const wkv::Lane<F> l = fwd_lane(a, s, tk);
+  if (tk.ch + 1 < s.nch) {  // the last chunk's left sum and the first's right sum: unused
+    wkv::lane_fwd_pass<F, wkv::Pass::kFold>(l, 1, tk.t0, tk.t1, nullptr,
+                                            summ + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), s.C);
+  }
+  if (tk.ch > 0) {
+    wkv::lane_fwd_pass<F, wkv::Pass::kFold>(l, -1, tk.t0, tk.t1, nullptr,
+                                            summ + s.state(kFwdFields, tk.b, tk.ch, 1, tk.c), s.C);
   }
 }
 
@@ -93,31 +106,16 @@ __global__ void carry_kernel(const F* __restrict__ w, const F* __restrict__ summ
 }
 
 template <typename F>
-__global__ void fwd_rescan_kernel(const F* __restrict__ w, const F* __restrict__ u,
-                                  const F* __restrict__ k, const F* __restrict__ v,
-                                  const F* __restrict__ carry, F* __restrict__ y,
-                                  F* __restrict__ m, F* __restrict__ r, Shape s) {
-  int64_t b, c, ch;
-  if (!chunk_task(s, b, c, ch)) return;
-  const int64_t t0 = ch * s.len, t1 = t0 + s.len < s.T ? t0 + s.len : s.T;
-  const int64_t base = b * s.T * s.C + c;
-  const F ww = w[c], uu = u[c];
-  const F* cl = carry + s.state(kFwdFields, b, ch, 0, c);
-  F a = cl[0], n = cl[s.C], s0 = cl[2 * s.C], mean = cl[3 * s.C];
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t o = base + t * s.C;
-    wkv::fwd_store_step(a, n, s0, mean, static_cast<F>(t), k[o], v[o], ww, y[o], m[o], r[o]);
-  }
-  const F* cr = carry + s.state(kFwdFields, b, ch, 1, c);
-  a = cr[0];
-  n = cr[s.C];
-  s0 = cr[2 * s.C];
-  mean = cr[3 * s.C];
-  for (int64_t t = t1 - 1; t >= t0; --t) {
-    const int64_t o = base + t * s.C;
-    wkv::fwd_finish_step(a, n, s0, mean, F(-1), static_cast<F>(t), k[o], v[o], ww, uu, y[o],
-                         m[o], r[o]);
-  }
+__global__ void fwd_rescan_kernel(FwdArgs<F> a, const F* __restrict__ carry, Shape s) {
+  Task tk;
+  if (!chunk_lane(s, tk)) return;
+  const wkv::Lane<F> l = fwd_lane(a, s, tk);
+  wkv::lane_fwd_pass<F, wkv::Pass::kStore>(l, 1, tk.t0, tk.t1,
+                                           carry + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c),
+                                           nullptr, s.C);
+  wkv::lane_fwd_pass<F, wkv::Pass::kFinish>(l, -1, tk.t0, tk.t1,
+                                            carry + s.state(kFwdFields, tk.b, tk.ch, 1, tk.c),
+                                            nullptr, s.C);
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -126,29 +124,30 @@ template <typename F> struct BwdArgs {
   F *gk, *gv;
 };
 
-template <typename F>
-__device__ void bwd_fold_at(wkv::BwdState<F>& st, const BwdArgs<F>& a, F dir, int64_t t,
-                            int64_t o, F ww) {
-  wkv::bwd_fold(st, dir, static_cast<F>(t), a.k[o], a.v[o], a.y[o], a.m[o], a.r[o], a.gy[o],
-                ww);
+template <typename F> __device__ wkv::Lane<F> bwd_lane(const BwdArgs<F>& a, const Shape& s,
+                                                      const Task& tk) {
+  const int64_t base = tk.b * s.T * s.C + tk.c;
+  // y, m, r are only read in the backward (Lane holds them as writable for the forward)
+  return {a.k + base,  a.v + base,  const_cast<F*>(a.y + base), const_cast<F*>(a.m + base),
+          const_cast<F*>(a.r + base), a.gy + base, a.gk + base, a.gv + base,
+          s.C,         a.w[tk.c],   a.u[tk.c]};
 }
 
 template <typename F>
 __global__ void bwd_summary_kernel(BwdArgs<F> a, F* __restrict__ summ, Shape s) {
-  int64_t b, c, ch;
-  if (!chunk_task(s, b, c, ch)) return;
-  const int64_t t0 = ch * s.len, t1 = t0 + s.len < s.T ? t0 + s.len : s.T;
-  const int64_t base = b * s.T * s.C + c;
-  const F ww = a.w[c];
-  for (int dir = 0; dir < 2; ++dir) {
-    if ((dir == 0 && ch + 1 == s.nch) || (dir == 1 && ch == 0)) continue;  // never used
-    wkv::BwdState<F> st;
-    wkv::bwd_empty(st);
-    for (int64_t i = 0; i < t1 - t0; ++i) {
-      const int64_t t = dir == 0 ? t0 + i : t1 - 1 - i;
-      bwd_fold_at(st, a, dir == 0 ? F(1) : F(-1), t, base + t * s.C, ww);
-    }
-    wkv::bwd_store(st, summ + s.state(kBwdFields, b, ch, dir, c), s.C);
+  Task tk;
+  if (!chunk_lane(s, tk)) return;
+  const wkv::Lane<F> l = bwd_lane(a, s, tk);
+  double gw = 0.0, gu = 0.0;  // not accumulated by a fold pass
+  if (tk.ch + 1 < s.nch) {
+    wkv::lane_bwd_pass<F, wkv::Pass::kFold>(l, 1, tk.t0, tk.t1, nullptr,
+                                            summ + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), s.C,
+                                            gw, gu);
+  }
+  if (tk.ch > 0) {
+    wkv::lane_bwd_pass<F, wkv::Pass::kFold>(l, -1, tk.t0, tk.t1, nullptr,
+                                            summ + s.state(kBwdFields, tk.b, tk.ch, 1, tk.c), s.C,
+                                            gw, gu);
   }
 }
 
@@ -156,34 +155,17 @@ template <typename F>
 __global__ void bwd_rescan_kernel(BwdArgs<F> a, const F* __restrict__ carry,
                                   double* __restrict__ gw_part, double* __restrict__ gu_part,
                                   Shape s) {
-  int64_t b, c, ch;
-  if (!chunk_task(s, b, c, ch)) return;
-  const int64_t t0 = ch * s.len, t1 = t0 + s.len < s.T ? t0 + s.len : s.T;
-  const int64_t base = b * s.T * s.C + c;
-  const F ww = a.w[c], uu = a.u[c];
+  Task tk;
+  if (!chunk_lane(s, tk)) return;
+  const wkv::Lane<F> l = bwd_lane(a, s, tk);
   double gw = 0.0, gu = 0.0;
-  wkv::BwdState<F> st;
-  wkv::bwd_load(st, carry + s.state(kBwdFields, b, ch, 0, c), s.C);
-  for (int64_t t = t0; t < t1; ++t) {  // left sides: partial q0, q1 kept in gv, gk
-    const int64_t o = base + t * s.C;
-    wkv::bwd_emit(st, F(1), static_cast<F>(t), a.k[o], a.v[o], a.y[o], a.m[o], a.r[o],
-                  a.gy[o], ww, gw, a.gv[o], a.gk[o]);
-    bwd_fold_at(st, a, F(1), t, o, ww);
-  }
-  wkv::bwd_load(st, carry + s.state(kBwdFields, b, ch, 1, c), s.C);
-  for (int64_t t = t1 - 1; t >= t0; --t) {  // right sides, then the final combination
-    const int64_t o = base + t * s.C;
-    const F kk = a.k[o], vv = a.v[o], yy = a.y[o], mm = a.m[o], rr = a.r[o], gg = a.gy[o];
-    F q0, q1;
-    wkv::bwd_emit(st, F(-1), static_cast<F>(t), kk, vv, yy, mm, rr, gg, ww, gw, q0, q1);
-    F g_v, g_k;
-    wkv::bwd_finish(uu, kk, vv, yy, mm, rr, gg, a.gv[o] + q0, a.gk[o] + q1, ww, gu, gw, g_v,
-                    g_k);
-    a.gv[o] = g_v;
-    a.gk[o] = g_k;
-    bwd_fold_at(st, a, F(-1), t, o, ww);
-  }
-  const int64_t p = (b * s.nch + ch) * s.C + c;
+  wkv::lane_bwd_pass<F, wkv::Pass::kStore>(l, 1, tk.t0, tk.t1,
+                                           carry + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c),
+                                           nullptr, s.C, gw, gu);
+  wkv::lane_bwd_pass<F, wkv::Pass::kFinish>(l, -1, tk.t0, tk.t1,
+                                            carry + s.state(kBwdFields, tk.b, tk.ch, 1, tk.c),
+                                            nullptr, s.C, gw, gu);
+  const int64_t p = (tk.b * s.nch + tk.ch) * s.C + tk.c;
   gw_part[p] = gw;
   gu_part[p] = gu;
 }
@@ -226,11 +208,12 @@ cudaError_t forward_impl(const F* w, const F* u, const F* k, const F* v, F* y, F
   if (B * T * C == 0) return cudaSuccess;
   const Shape s = make_shape(B, T, C, len);
   const dim3 block(kLanes, kRows);
+  const FwdArgs<F> a{w, u, k, v, y, m, r};
   if (s.nch > 1) {
-    fwd_summary_kernel<F><<<chunk_grid(s), block, 0, stream>>>(w, k, v, summ, s);
+    fwd_summary_kernel<F><<<chunk_grid(s), block, 0, stream>>>(a, summ, s);
   }
   carry_kernel<F, kFwdFields><<<lane_blocks(s), 128, 0, stream>>>(w, summ, carry, s);
-  fwd_rescan_kernel<F><<<chunk_grid(s), block, 0, stream>>>(w, u, k, v, carry, y, m, r, s);
+  fwd_rescan_kernel<F><<<chunk_grid(s), block, 0, stream>>>(a, carry, s);
   return cudaGetLastError();
 }
 
@@ -257,8 +240,8 @@ cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, double* gw_par
 }  // namespace
 
 // Entry points used by wkv_cuda_binding.cpp (plain overloads, no templates across TUs).
-// summ, carry: scratch of 2 * fields * B * ceil(T / len) * C elements (fields: 4 forward,
-// 10 backward); gw_part, gu_part: B * ceil(T / len) * C doubles.
+// summ, carry: scratch of 2 * fields * B * ceil(T / len) * C elements (fields: kFwdFields,
+// kBwdFields); gw_part, gu_part: B * ceil(T / len) * C doubles.
 #define WKV_CUDA_ENTRY_POINTS(F)                                                          \
   cudaError_t wkv_cuda_forward(const F* w, const F* u, const F* k, const F* v, F* y, F* m, \
                                F* r, F* summ, F* carry, int64_t B, int64_t T, int64_t C,   \

@@ -333,6 +333,22 @@ WKV_HD void bwd_finish(F u, F k, F v, F y, F m, F r, F gy, F q0, F q1, F w, A& g
   gw_acc -= static_cast<A>(pd * r);
 }
 
+// A forward sum in a buffer, field by field at stride fs (summaries, carries).
+template <typename F>
+WKV_HD void fwd_load(F& a, F& n, F& s0, F& mean, const F* p, int64_t fs) {
+  a = p[0];
+  n = p[fs];
+  s0 = p[2 * fs];
+  mean = p[3 * fs];
+}
+
+template <typename F> WKV_HD void fwd_store(F a, F n, F s0, F mean, F* p, int64_t fs) {
+  p[0] = a;
+  p[fs] = n;
+  p[2 * fs] = s0;
+  p[3 * fs] = mean;
+}
+
 // ---------------------------------------------------------------------- phase 2 (carries)
 // Summaries and carries live in (B, chunks, 2 directions, fields, C) buffers.  For one
 // lane and direction (pointers at chunk 0, field 0; `cs` = stride between chunks, `fs` =
@@ -353,11 +369,7 @@ WKV_HD void fwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int
     for (int f = 0; f < 4; ++f) next[f] = q[f * fs];
   }
   for (int64_t i = 0; i < nch; ++i) {
-    const int64_t o = chunk_at(i, nch, dir) * cs;
-    carry[o] = a;
-    carry[o + fs] = n;
-    carry[o + 2 * fs] = s0;
-    carry[o + 3 * fs] = mean;
+    fwd_store(a, n, s0, mean, carry + chunk_at(i, nch, dir) * cs, fs);
     if (i + 1 < nch) {
       const F cur[4] = {next[0], next[1], next[2], next[3]};
       if (i + 2 < nch) {
@@ -412,6 +424,130 @@ WKV_HD void bwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int
       bwd_merge(s, cur, w);
     }
   }
+}
+
+// ------------------------------------------------------------------ one lane's passes
+// What a pass over one chunk does at each position (both kernels).
+enum class Pass {
+  kFold,    // phase 1: fold only (the chunk's summary)
+  kStore,   // first pass of a rescan: store this side's sums, fold
+  kFinish,  // second pass: combine with the stored side, write the results, fold
+};
+
+// One lane (batch b, channel c) in the (B, T, C) layout: pointers at (b, 0, c), stride C
+// between positions; w, u of channel c.  Backward-only members are null in the forward.
+template <typename F> struct Lane {
+  const F *k, *v;
+  F *y, *m, *r;
+  const F* gy;
+  F *gk, *gv;
+  int64_t C;
+  F w, u;
+};
+
+// One position's inputs, loaded one step ahead by the lane passes below: the CUDA kernel
+// runs one thread per (batch, channel, chunk), and without this each step waits on its
+// global-memory loads (the rows a step reads do not depend on the running state, but the
+// compiler may not move a load of y, m, r above the previous step's store to them).
+template <typename F> struct Row {
+  F k, v, y, m, r, gy, gv, gk;
+};
+
+template <typename F, Pass P, bool Bwd>
+WKV_HD void load_row(Row<F>& row, const Lane<F>& l, int64_t t) {
+  const int64_t o = t * l.C;
+  row.k = l.k[o];
+  row.v = l.v[o];
+  if (Bwd || P == Pass::kFinish) {
+    row.y = l.y[o];
+    row.m = l.m[o];
+    row.r = l.r[o];
+  }
+  if (Bwd) row.gy = l.gy[o];
+  if (Bwd && P == Pass::kFinish) {
+    row.gv = l.gv[o];
+    row.gk = l.gk[o];
+  }
+}
+
+// Calls step(t, row) for the positions of [t0, t1) in direction dir, each row loaded one
+// step ahead.
+template <typename F, Pass P, bool Bwd, typename Step>
+WKV_HD void pipelined_steps(const Lane<F>& l, int dir, int64_t t0, int64_t t1, Step&& step) {
+  const int64_t len = t1 - t0;
+  int64_t t = dir > 0 ? t0 : t1 - 1;
+  Row<F> next{};
+  if (len > 0) load_row<F, P, Bwd>(next, l, t);
+  for (int64_t i = 0; i < len; ++i, t += dir) {
+    const Row<F> cur = next;
+    if (i + 1 < len) load_row<F, P, Bwd>(next, l, t + dir);
+    step(t, cur);
+  }
+}
+
+// A forward pass of kind P over [t0, t1) of one lane in direction dir (+1: left to
+// right), from the sums at `from` (nullptr: empty; fields at stride fs) to `to` (nullptr:
+// not needed).  The CPU kernel's vectorised passes (wkv_cpu.cpp) do the same per block.
+template <typename F, Pass P>
+WKV_HD void lane_fwd_pass(const Lane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
+                          F* to, int64_t fs) {
+  F a, n, s0, mean;
+  if (from != nullptr) {
+    fwd_load(a, n, s0, mean, from, fs);
+  } else {
+    fwd_empty(a, n, s0, mean);
+  }
+  const F fdir = static_cast<F>(dir);
+  pipelined_steps<F, P, false>(l, dir, t0, t1, [&](int64_t t, const Row<F>& cur) {
+    const int64_t o = t * l.C;
+    const F tf = static_cast<F>(t);
+    if (P == Pass::kFold) {
+      fwd_fold(a, n, s0, mean, fdir * tf, cur.k, cur.v, l.w);
+    } else if (P == Pass::kStore) {
+      fwd_store_step(a, n, s0, mean, fdir * tf, cur.k, cur.v, l.w, l.y[o], l.m[o], l.r[o]);
+    } else {
+      F yy = cur.y, mm = cur.m, rr = cur.r;
+      fwd_finish_step(a, n, s0, mean, fdir, tf, cur.k, cur.v, l.w, l.u, yy, mm, rr);
+      l.y[o] = yy;
+      l.m[o] = mm;
+      l.r[o] = rr;
+    }
+  });
+  if (to != nullptr) fwd_store(a, n, s0, mean, to, fs);
+}
+
+// A backward pass of kind P over [t0, t1) of one lane, as lane_fwd_pass; kStore keeps this
+// side's q0, q1 in gv, gk, kFinish adds them to its own and writes the gradients.  gw, gu:
+// this lane's partial sums, accumulated.
+template <typename F, Pass P>
+WKV_HD void lane_bwd_pass(const Lane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
+                          F* to, int64_t fs, double& gw, double& gu) {
+  BwdState<F> st;
+  if (from != nullptr) {
+    bwd_load(st, from, fs);
+  } else {
+    bwd_empty(st);
+  }
+  const F fdir = static_cast<F>(dir);
+  pipelined_steps<F, P, true>(l, dir, t0, t1, [&](int64_t t, const Row<F>& cur) {
+    const int64_t o = t * l.C;
+    const F tf = static_cast<F>(t);
+    if (P == Pass::kStore) {
+      F q0, q1;
+      bwd_emit(st, fdir, tf, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, l.w, gw, q0, q1);
+      l.gv[o] = q0;
+      l.gk[o] = q1;
+    } else if (P == Pass::kFinish) {
+      F q0, q1, g_v, g_k;
+      bwd_emit(st, fdir, tf, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, l.w, gw, q0, q1);
+      bwd_finish(l.u, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, cur.gv + q0, cur.gk + q1, l.w,
+                 gu, gw, g_v, g_k);
+      l.gv[o] = g_v;
+      l.gk[o] = g_k;
+    }
+    bwd_fold(st, fdir, tf, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, l.w);
+  });
+  if (to != nullptr) bwd_store(st, to, fs);
 }
 
 // ------------------------------------------------------------------------ chunk length
