@@ -219,11 +219,13 @@ void carries(const Plan& p, int fields, int64_t b, const F* summ, F* carry, cons
 }
 
 // ------------------------------------------------------------------ lane-wise path (tests)
-// The CUDA kernel's per-thread code -- wkv::lane_fwd_pass / lane_bwd_pass and the phase-2
-// carries of wkv_recurrence.h, with its one-step-ahead loads -- run here one (batch,
-// channel, chunk) task at a time, so that the tests check that exact code on a CPU against
-// the dense reference (no GPU needed).  Chunk length as the CPU kernel's (CUDA_WKV_CHUNK
-// forces it).  bi_wkv never calls these.
+// The bodies of the CUDA kernels' threads -- wkv::lane_fwd_summary / lane_fwd_rescan /
+// lane_bwd_summary / lane_bwd_rescan and the phase-2 carries of wkv_recurrence.h, with
+// their one-step-ahead loads -- run here one (batch, channel, chunk) task at a time, so
+// that the tests check that code on a CPU against the dense reference.  Not covered here:
+// the CUDA kernels' index arithmetic (chunk_task, Shape::state), the device exp / log and
+// the read-only-cache loads.  Chunk length as the CPU kernel's (CUDA_WKV_CHUNK forces it).
+// bi_wkv never calls these.
 
 // Runs fn(b, c, ch, t0, t1) for every (batch, channel, chunk) task in parallel.
 template <typename Fn> void for_lane_tasks(const Plan& p, Fn&& fn) {
@@ -247,26 +249,19 @@ void forward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, cons
                         nullptr,             nullptr,             p.C,
                         w.data_ptr<F>()[c],  u.data_ptr<F>()[c]};
   };
-  auto at_state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c) {
-    return buf + state_off(p, kFwdFields, b, ch, dir, c);
+  auto at_state = [&](F* buf, int64_t b, int64_t ch, int64_t c) {  // direction 0
+    return buf + state_off(p, kFwdFields, b, ch, 0, c);
   };
+  const int64_t ds = kFwdFields * p.C;
   if (p.nch > 1) {
     for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-      if (ch + 1 < p.nch)
-        wkv::lane_fwd_pass<F, Pass::kFold>(lane(b, c), 1, t0, t1, nullptr,
-                                           at_state(sp, b, ch, 0, c), p.C);
-      if (ch > 0)
-        wkv::lane_fwd_pass<F, Pass::kFold>(lane(b, c), -1, t0, t1, nullptr,
-                                           at_state(sp, b, ch, 1, c), p.C);
+      wkv::lane_fwd_summary(lane(b, c), ch, p.nch, t0, t1, at_state(sp, b, ch, c), ds, p.C);
     });
   }
   const F* wp = w.data_ptr<F>();
   for (int64_t b = 0; b < p.B; ++b) carries<F>(p, kFwdFields, b, sp, cp, wp);
   for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-    wkv::lane_fwd_pass<F, Pass::kStore>(lane(b, c), 1, t0, t1, at_state(cp, b, ch, 0, c),
-                                        nullptr, p.C);
-    wkv::lane_fwd_pass<F, Pass::kFinish>(lane(b, c), -1, t0, t1, at_state(cp, b, ch, 1, c),
-                                         nullptr, p.C);
+    wkv::lane_fwd_rescan(lane(b, c), t0, t1, at_state(cp, b, ch, c), ds, p.C);
   });
 }
 
@@ -283,28 +278,21 @@ void backward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, con
                         gk.data_ptr<F>() + o, gv.data_ptr<F>() + o, p.C,
                         w.data_ptr<F>()[c],   u.data_ptr<F>()[c]};
   };
-  auto at_state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c) {
-    return buf + state_off(p, kBwdFields, b, ch, dir, c);
+  auto at_state = [&](F* buf, int64_t b, int64_t ch, int64_t c) {  // direction 0
+    return buf + state_off(p, kBwdFields, b, ch, 0, c);
   };
+  const int64_t ds = kBwdFields * p.C;
   if (p.nch > 1) {
     for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-      double gw = 0.0, gu = 0.0;  // a fold pass accumulates nothing
-      if (ch + 1 < p.nch)
-        wkv::lane_bwd_pass<F, Pass::kFold>(lane(b, c), 1, t0, t1, nullptr,
-                                           at_state(sp, b, ch, 0, c), p.C, gw, gu);
-      if (ch > 0)
-        wkv::lane_bwd_pass<F, Pass::kFold>(lane(b, c), -1, t0, t1, nullptr,
-                                           at_state(sp, b, ch, 1, c), p.C, gw, gu);
+      wkv::lane_bwd_summary(lane(b, c), ch, p.nch, t0, t1, at_state(sp, b, ch, c), ds, p.C);
     });
   }
   const F* wp = w.data_ptr<F>();
   for (int64_t b = 0; b < p.B; ++b) carries<F>(p, kBwdFields, b, sp, cp, wp);
   for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
     const int64_t part = (b * p.nch + ch) * p.C + c;
-    wkv::lane_bwd_pass<F, Pass::kStore>(lane(b, c), 1, t0, t1, at_state(cp, b, ch, 0, c),
-                                        nullptr, p.C, gwp[part], gup[part]);
-    wkv::lane_bwd_pass<F, Pass::kFinish>(lane(b, c), -1, t0, t1, at_state(cp, b, ch, 1, c),
-                                         nullptr, p.C, gwp[part], gup[part]);
+    wkv::lane_bwd_rescan(lane(b, c), t0, t1, at_state(cp, b, ch, c), ds, p.C, gwp[part],
+                         gup[part]);
   });
 }
 

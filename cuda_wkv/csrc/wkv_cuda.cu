@@ -79,15 +79,8 @@ template <typename F>
 __global__ void fwd_summary_kernel(FwdArgs<F> a, F* __restrict__ summ, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
-  const wkv::Lane<F> l = fwd_lane(a, s, tk);
-  if (tk.ch + 1 < s.nch) {  // the last chunk's left sum and the first's right sum: unused
-    wkv::lane_fwd_pass<F, wkv::Pass::kFold>(l, 1, tk.t0, tk.t1, nullptr,
-                                            summ + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), s.C);
-  }
-  if (tk.ch > 0) {
-    wkv::lane_fwd_pass<F, wkv::Pass::kFold>(l, -1, tk.t0, tk.t1, nullptr,
-                                            summ + s.state(kFwdFields, tk.b, tk.ch, 1, tk.c), s.C);
-  }
+  wkv::lane_fwd_summary(fwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
+                        summ + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C);
 }
 
 // Phase 2 of the forward (Fields = kFwdFields) or the backward (kBwdFields).
@@ -109,13 +102,8 @@ template <typename F>
 __global__ void fwd_rescan_kernel(FwdArgs<F> a, const F* __restrict__ carry, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
-  const wkv::Lane<F> l = fwd_lane(a, s, tk);
-  wkv::lane_fwd_pass<F, wkv::Pass::kStore>(l, 1, tk.t0, tk.t1,
-                                           carry + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c),
-                                           nullptr, s.C);
-  wkv::lane_fwd_pass<F, wkv::Pass::kFinish>(l, -1, tk.t0, tk.t1,
-                                            carry + s.state(kFwdFields, tk.b, tk.ch, 1, tk.c),
-                                            nullptr, s.C);
+  wkv::lane_fwd_rescan(fwd_lane(a, s, tk), tk.t0, tk.t1,
+                       carry + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C);
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -137,18 +125,8 @@ template <typename F>
 __global__ void bwd_summary_kernel(BwdArgs<F> a, F* __restrict__ summ, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
-  const wkv::Lane<F> l = bwd_lane(a, s, tk);
-  double gw = 0.0, gu = 0.0;  // not accumulated by a fold pass
-  if (tk.ch + 1 < s.nch) {
-    wkv::lane_bwd_pass<F, wkv::Pass::kFold>(l, 1, tk.t0, tk.t1, nullptr,
-                                            summ + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), s.C,
-                                            gw, gu);
-  }
-  if (tk.ch > 0) {
-    wkv::lane_bwd_pass<F, wkv::Pass::kFold>(l, -1, tk.t0, tk.t1, nullptr,
-                                            summ + s.state(kBwdFields, tk.b, tk.ch, 1, tk.c), s.C,
-                                            gw, gu);
-  }
+  wkv::lane_bwd_summary(bwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
+                        summ + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), kBwdFields * s.C, s.C);
 }
 
 template <typename F>
@@ -157,17 +135,10 @@ __global__ void bwd_rescan_kernel(BwdArgs<F> a, const F* __restrict__ carry,
                                   Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
-  const wkv::Lane<F> l = bwd_lane(a, s, tk);
-  double gw = 0.0, gu = 0.0;
-  wkv::lane_bwd_pass<F, wkv::Pass::kStore>(l, 1, tk.t0, tk.t1,
-                                           carry + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c),
-                                           nullptr, s.C, gw, gu);
-  wkv::lane_bwd_pass<F, wkv::Pass::kFinish>(l, -1, tk.t0, tk.t1,
-                                            carry + s.state(kBwdFields, tk.b, tk.ch, 1, tk.c),
-                                            nullptr, s.C, gw, gu);
   const int64_t p = (tk.b * s.nch + tk.ch) * s.C + tk.c;
-  gw_part[p] = gw;
-  gu_part[p] = gu;
+  wkv::lane_bwd_rescan(bwd_lane(a, s, tk), tk.t0, tk.t1,
+                       carry + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), kBwdFields * s.C, s.C,
+                       gw_part[p], gu_part[p]);
 }
 
 // Fixed-order sum over (batch, chunk): one thread per channel.

@@ -24,7 +24,8 @@
 // log-sum-exp merge -- with one exp: the smaller maximum is scaled by e^{-|rel|}.
 // Because a sum does not depend on the position it is seen from (only its distances
 // do), a chunk of the sequence can be summarised once and merged into any later state:
-// that is the chunked three-phase scan the kernels run:
+// that is the chunked three-phase scan the kernels run (the CPU kernel runs "two halves"
+// instead when there are exactly two chunks, see wkv_cpu.cpp):
 //   1. chunk summaries, all chunks in parallel;
 //   2. a short sequential scan over the chunk summaries of one lane (the carries);
 //   3. each chunk rescanned from its carried-in state, all chunks in parallel.
@@ -38,8 +39,8 @@
 // direction, merges the other side's sum, the stored one and the diagonal u + k_t, and
 // position t writes
 //   y_t,   m_t, r_t  with  lse_t = log D_t = m_t + r_t * w,  r_t an integer.
-// Either side can come first; the kernels use this when a lane is split in two halves
-// (see "two halves" in wkv_cpu.cpp).
+// Either side can come first; the CPU kernel uses this when a lane is split in exactly two
+// chunks (see "Two halves" in wkv_cpu.cpp; the CUDA kernel always runs three phases).
 // A row whose weights are all e^{-inf} = 0 gives y_t = NaN (0/0, as the definition).
 //
 // Backward (closed form).  P_tj = e^{L_tj - lse_t} (softmax weights, <= 1):
@@ -453,17 +454,31 @@ template <typename F> struct Row {
   F k, v, y, m, r, gy, gv, gk;
 };
 
+// A value the kernel never writes (a call's inputs): on a GPU through the read-only data
+// cache.  y, m, r are inputs of the backward only: the forward writes them.
+template <typename F> WKV_HD F load_input(const F* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
 template <typename F, Pass P, bool Bwd>
 WKV_HD void load_row(Row<F>& row, const Lane<F>& l, int64_t t) {
   const int64_t o = t * l.C;
-  row.k = l.k[o];
-  row.v = l.v[o];
-  if (Bwd || P == Pass::kFinish) {
+  row.k = load_input(l.k + o);
+  row.v = load_input(l.v + o);
+  if (Bwd) {
+    row.y = load_input<F>(l.y + o);
+    row.m = load_input<F>(l.m + o);
+    row.r = load_input<F>(l.r + o);
+    row.gy = load_input(l.gy + o);
+  } else if (P == Pass::kFinish) {
     row.y = l.y[o];
     row.m = l.m[o];
     row.r = l.r[o];
   }
-  if (Bwd) row.gy = l.gy[o];
   if (Bwd && P == Pass::kFinish) {
     row.gv = l.gv[o];
     row.gk = l.gk[o];
@@ -548,6 +563,41 @@ WKV_HD void lane_bwd_pass(const Lane<F>& l, int dir, int64_t t0, int64_t t1, con
     bwd_fold(st, fdir, tf, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, l.w);
   });
   if (to != nullptr) bwd_store(st, to, fs);
+}
+
+// One (batch, channel, chunk) task of phase 1 and of phase 3, as a CUDA thread runs it.
+// `st` points at this task's (direction 0, field 0) entry of the (B, chunks, 2, fields, C)
+// summary or carry buffer; ds: the stride to direction 1 (fields * C), fs: between fields
+// (C).  Phase 1 skips the sums nobody uses: the last chunk's left sum, the first's right.
+template <typename F>
+WKV_HD void lane_fwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
+                             F* st, int64_t ds, int64_t fs) {
+  if (ch + 1 < nch) lane_fwd_pass<F, Pass::kFold>(l, 1, t0, t1, nullptr, st, fs);
+  if (ch > 0) lane_fwd_pass<F, Pass::kFold>(l, -1, t0, t1, nullptr, st + ds, fs);
+}
+
+template <typename F>
+WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
+                            int64_t ds, int64_t fs) {
+  lane_fwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, nullptr, fs);
+  lane_fwd_pass<F, Pass::kFinish>(l, -1, t0, t1, carry + ds, nullptr, fs);
+}
+
+template <typename F>
+WKV_HD void lane_bwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
+                             F* st, int64_t ds, int64_t fs) {
+  double gw = 0.0, gu = 0.0;  // a fold pass accumulates nothing
+  if (ch + 1 < nch) lane_bwd_pass<F, Pass::kFold>(l, 1, t0, t1, nullptr, st, fs, gw, gu);
+  if (ch > 0) lane_bwd_pass<F, Pass::kFold>(l, -1, t0, t1, nullptr, st + ds, fs, gw, gu);
+}
+
+// gw, gu: this task's partial sums (set, not accumulated).
+template <typename F>
+WKV_HD void lane_bwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
+                            int64_t ds, int64_t fs, double& gw, double& gu) {
+  gw = gu = 0.0;
+  lane_bwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, nullptr, fs, gw, gu);
+  lane_bwd_pass<F, Pass::kFinish>(l, -1, t0, t1, carry + ds, nullptr, fs, gw, gu);
 }
 
 // ------------------------------------------------------------------------ chunk length
