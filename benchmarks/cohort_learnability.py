@@ -44,13 +44,15 @@ NUM_CLASSES = len(cohort.CLASSES)  # background + 16
 MERGED = np.array([0, 1, 1] + [2 + i for i in range(len(cohort.SUBCORTICAL))] * 2, dtype=np.uint8)
 
 
-def contrast_for(kind: str, rng: np.random.Generator, jitter: float) -> cohort.Contrast:
+def contrast_for(kind: str, rng: np.random.Generator, jitter: float, jitter_rng: np.random.Generator
+                 ) -> cohort.Contrast:
     """The dataset's random contrast, or (``t1-jitter``) the same draw with tissue means moved to the T1-like
-    table plus U(-jitter, jitter)."""
+    table plus U(-jitter, jitter), drawn from ``jitter_rng`` so that ``rng`` (the case's generator, which
+    also deforms the case) is consumed exactly as ``cohort-dataset`` consumes it."""
     contrast = cohort.Contrast.random(rng)
     if kind == 't1-jitter':
         t1 = np.array([cohort.T1_LIKE[t] for t in cohort.TISSUES])
-        contrast.means = np.clip(t1 + rng.uniform(-jitter, jitter, t1.size), 0.0, 1.0)
+        contrast.means = np.clip(t1 + jitter_rng.uniform(-jitter, jitter, t1.size), 0.0, 1.0)
     return contrast
 
 
@@ -115,8 +117,9 @@ def main(argv=None) -> int:
     for name in args.train_subjects:
         for n in range(args.cases_per_subject):
             rng = np.random.default_rng([args.seed, int(name), n])  # as cohort.write_cohort draws case n
-            image, label, _ = cohort.synthesise(donors[name], args.spacing, contrast_for(args.contrast, rng,
-                                                                                         args.jitter), rng)
+            jitter_rng = np.random.default_rng([args.seed, int(name), n, 1])
+            contrast = contrast_for(args.contrast, rng, args.jitter, jitter_rng)
+            image, label, _ = cohort.synthesise(donors[name], args.spacing, contrast, rng)
             cases.append((zscore(image), label))
     tests = {name: cohort.synthesise(donors[name], args.spacing, cohort.Contrast.t1_like())[:2]
              for name in cohort.DONORS if name not in args.train_subjects}

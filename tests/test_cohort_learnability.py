@@ -52,3 +52,16 @@ def test_errors_name_the_problem(script, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(script.cohort, 'package_dir', lambda name: None)
     assert script.main(['--steps', '1']) == 1
     assert 'pip install' in capsys.readouterr().err
+
+
+def test_t1_jitter_leaves_the_case_generator_as_the_dataset_uses_it(script):
+    """With --contrast t1-jitter a case is deformed exactly as cohort-dataset's case n: the jitter comes from its
+    own generator, so the case's generator is consumed as by the random contrast."""
+    import numpy as np
+    from nnunetv2_ext import cohort
+    rng_random, rng_t1 = (np.random.default_rng([0, 9861, 3]) for _ in range(2))
+    random = script.contrast_for('random', rng_random, 0.1, np.random.default_rng(1))
+    t1 = script.contrast_for('t1-jitter', rng_t1, 0.1, np.random.default_rng(1))
+    assert rng_random.random() == rng_t1.random()  # same position in the case's stream
+    table = np.array([cohort.T1_LIKE[t] for t in cohort.TISSUES])
+    assert np.all(np.abs(t1.means - table) <= 0.1 + 1e-12) and not np.allclose(random.means, t1.means)

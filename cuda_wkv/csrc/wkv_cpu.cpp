@@ -137,6 +137,7 @@ using wkv::Pass;
 inline int64_t step_at(int dir, int64_t t0, int64_t t1, int64_t i) {
   return dir > 0 ? t0 + i : t1 - 1 - i;
 }
+
 // A pass's lanes start from the states at `from` (field by field at `stride`), or empty.
 template <typename F, typename Lanes>
 void start_lanes(Lanes& s, const F* from, int64_t stride, int n) {
@@ -146,6 +147,8 @@ void start_lanes(Lanes& s, const F* from, int64_t stride, int n) {
     s.empty(n);
   }
 }
+
+// Tags selecting a pass kind in the drivers' generic lambdas.
 constexpr std::integral_constant<Pass, Pass::kFold> kFold{};
 constexpr std::integral_constant<Pass, Pass::kStore> kStore{};
 constexpr std::integral_constant<Pass, Pass::kFinish> kFinish{};
