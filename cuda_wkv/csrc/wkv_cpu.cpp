@@ -240,32 +240,52 @@ template <typename Fn> void for_lane_tasks(const Plan& p, Fn&& fn) {
   });
 }
 
-// Lane-wise forward (see "lane-wise path" above): phases 1-3 with the CUDA thread code.
+// Lane (b, c) of (B, T, C) tensors given by their data pointers (gy, gk, gv: null in the
+// forward).
+template <typename F>
+wkv::Lane<F> lane_at(const Plan& p, int64_t b, int64_t c, const F* k, const F* v, F* y, F* m,
+                     F* r, const F* gy, F* gk, F* gv, const F* w, const F* u) {
+  const int64_t o = b * p.T * p.C + c;
+  auto at = [o](auto* x) { return x == nullptr ? x : x + o; };
+  return {at(k), at(v), at(y), at(m), at(r), at(gy), at(gk), at(gv), p.C, w[c], u[c]};
+}
+
+// Phases 1-3 with the CUDA thread bodies over every (batch, channel, chunk) task: a
+// summary(lane, ch, t0, t1, state, ds) and a rescan(lane, b, c, ch, t0, t1, carry, ds) of
+// the forward or the backward, whose states have `fields` fields.
+template <typename F, typename LaneOf, typename Summary, typename Rescan>
+void lane_phases(const Plan& p, int fields, const F* wp, F* sp, F* cp, LaneOf&& lane,
+                 Summary&& summary, Rescan&& rescan) {
+  const int64_t ds = fields * p.C;
+  if (p.nch > 1) {
+    for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
+      summary(lane(b, c), ch, t0, t1, sp + state_off(p, fields, b, ch, 0, c), ds);
+    });
+  }
+  for (int64_t b = 0; b < p.B; ++b) carries<F>(p, fields, b, sp, cp, wp);
+  for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
+    rescan(lane(b, c), b, c, ch, t0, t1, cp + state_off(p, fields, b, ch, 0, c), ds);
+  });
+}
+
+// Lane-wise forward (see "lane-wise path" above).
 template <typename F>
 void forward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
                    const at::Tensor& v, at::Tensor& y, at::Tensor& m, at::Tensor& r, F* sp,
                    F* cp) {
-  auto lane = [&](int64_t b, int64_t c) {
-    const int64_t o = b * p.T * p.C + c;
-    return wkv::Lane<F>{k.data_ptr<F>() + o, v.data_ptr<F>() + o, y.data_ptr<F>() + o,
-                        m.data_ptr<F>() + o, r.data_ptr<F>() + o, nullptr,
-                        nullptr,             nullptr,             p.C,
-                        w.data_ptr<F>()[c],  u.data_ptr<F>()[c]};
-  };
-  auto at_state = [&](F* buf, int64_t b, int64_t ch, int64_t c) {  // direction 0
-    return buf + state_off(p, kFwdFields, b, ch, 0, c);
-  };
-  const int64_t ds = kFwdFields * p.C;
-  if (p.nch > 1) {
-    for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-      wkv::lane_fwd_summary(lane(b, c), ch, p.nch, t0, t1, at_state(sp, b, ch, c), ds, p.C);
-    });
-  }
-  const F* wp = w.data_ptr<F>();
-  for (int64_t b = 0; b < p.B; ++b) carries<F>(p, kFwdFields, b, sp, cp, wp);
-  for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-    wkv::lane_fwd_rescan(lane(b, c), t0, t1, at_state(cp, b, ch, c), ds, p.C);
-  });
+  using L = wkv::Lane<F>;
+  lane_phases<F>(
+      p, kFwdFields, w.data_ptr<F>(), sp, cp,
+      [&](int64_t b, int64_t c) {
+        return lane_at<F>(p, b, c, k.data_ptr<F>(), v.data_ptr<F>(), y.data_ptr<F>(),
+                          m.data_ptr<F>(), r.data_ptr<F>(), nullptr, nullptr, nullptr,
+                          w.data_ptr<F>(), u.data_ptr<F>());
+      },
+      [&](const L& l, int64_t ch, int64_t t0, int64_t t1, F* st, int64_t ds) {
+        wkv::lane_fwd_summary(l, ch, p.nch, t0, t1, st, ds, p.C);
+      },
+      [&](const L& l, int64_t, int64_t, int64_t, int64_t t0, int64_t t1, const F* carry,
+          int64_t ds) { wkv::lane_fwd_rescan(l, t0, t1, carry, ds, p.C); });
 }
 
 // Lane-wise backward.
@@ -274,29 +294,22 @@ void backward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, con
                     const at::Tensor& v, const at::Tensor& y, const at::Tensor& m,
                     const at::Tensor& r, const at::Tensor& gy, at::Tensor& gk, at::Tensor& gv,
                     F* sp, F* cp, double* gwp, double* gup) {
-  auto lane = [&](int64_t b, int64_t c) {
-    const int64_t o = b * p.T * p.C + c;
-    return wkv::Lane<F>{k.data_ptr<F>() + o,  v.data_ptr<F>() + o,  y.data_ptr<F>() + o,
-                        m.data_ptr<F>() + o,  r.data_ptr<F>() + o,  gy.data_ptr<F>() + o,
-                        gk.data_ptr<F>() + o, gv.data_ptr<F>() + o, p.C,
-                        w.data_ptr<F>()[c],   u.data_ptr<F>()[c]};
-  };
-  auto at_state = [&](F* buf, int64_t b, int64_t ch, int64_t c) {  // direction 0
-    return buf + state_off(p, kBwdFields, b, ch, 0, c);
-  };
-  const int64_t ds = kBwdFields * p.C;
-  if (p.nch > 1) {
-    for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-      wkv::lane_bwd_summary(lane(b, c), ch, p.nch, t0, t1, at_state(sp, b, ch, c), ds, p.C);
-    });
-  }
-  const F* wp = w.data_ptr<F>();
-  for (int64_t b = 0; b < p.B; ++b) carries<F>(p, kBwdFields, b, sp, cp, wp);
-  for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-    const int64_t part = (b * p.nch + ch) * p.C + c;
-    wkv::lane_bwd_rescan(lane(b, c), t0, t1, at_state(cp, b, ch, c), ds, p.C, gwp[part],
-                         gup[part]);
-  });
+  using L = wkv::Lane<F>;
+  lane_phases<F>(
+      p, kBwdFields, w.data_ptr<F>(), sp, cp,
+      [&](int64_t b, int64_t c) {
+        return lane_at<F>(p, b, c, k.data_ptr<F>(), v.data_ptr<F>(), y.data_ptr<F>(),
+                          m.data_ptr<F>(), r.data_ptr<F>(), gy.data_ptr<F>(), gk.data_ptr<F>(),
+                          gv.data_ptr<F>(), w.data_ptr<F>(), u.data_ptr<F>());
+      },
+      [&](const L& l, int64_t ch, int64_t t0, int64_t t1, F* st, int64_t ds) {
+        wkv::lane_bwd_summary(l, ch, p.nch, t0, t1, st, ds, p.C);
+      },
+      [&](const L& l, int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1, const F* carry,
+          int64_t ds) {
+        const int64_t part = (b * p.nch + ch) * p.C + c;  // gw, gu partial sums
+        wkv::lane_bwd_rescan(l, t0, t1, carry, ds, p.C, gwp[part], gup[part]);
+      });
 }
 
 // lanes: the lane-wise path (tests) instead of the vectorised kernel.
