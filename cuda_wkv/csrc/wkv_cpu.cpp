@@ -221,6 +221,39 @@ void carries(const Plan& p, int fields, int64_t b, const F* summ, F* carry, cons
   }
 }
 
+// The vectorised kernel's schedule over (batch, channel block, chunk) tasks, for the forward
+// or the backward (states of `fields` fields in the summary buffer sp and the carry buffer
+// cp): pass(kind, b, c0, n, ch, dir, from, to) runs one pass of that kind over chunk ch of
+// block (b, c0) in direction dir.  Two halves for exactly two chunks, else phases 1-3.
+template <typename F, typename PassFn>
+void block_phases(const Plan& p, int fields, const F* wp, F* sp, F* cp, PassFn&& pass) {
+  auto state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c0) {
+    return buf + state_off(p, fields, b, ch, dir, c0);
+  };
+  if (p.nch == 2) {  // two halves: first passes outwards-in, then each half finishes
+    for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+      pass(kStore, b, c0, n, ch, half_dir(ch), nullptr, state(sp, b, ch, ch, c0));
+    });
+    for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+      pass(kFinish, b, c0, n, ch, -half_dir(ch), state(sp, b, 1 - ch, 1 - ch, c0), nullptr);
+    });
+    return;
+  }
+  if (p.nch > 1) {
+    for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+      if (ch + 1 < p.nch) pass(kFold, b, c0, n, ch, 1, nullptr, state(sp, b, ch, 0, c0));
+      if (ch > 0) pass(kFold, b, c0, n, ch, -1, nullptr, state(sp, b, ch, 1, c0));
+    });
+  }
+  at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) carries<F>(p, fields, b, sp, cp, wp);
+  });
+  for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
+    pass(kStore, b, c0, n, ch, 1, state(cp, b, ch, 0, c0), nullptr);
+    pass(kFinish, b, c0, n, ch, -1, state(cp, b, ch, 1, c0), nullptr);
+  });
+}
+
 // ------------------------------------------------------------------ lane-wise path (tests)
 // The bodies of the CUDA kernels' threads -- wkv::lane_fwd_summary / lane_fwd_rescan /
 // lane_bwd_summary / lane_bwd_rescan and the phase-2 carries of wkv_recurrence.h, with
@@ -346,31 +379,7 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at
                                                mp + off, rp + off, dir, p.chunk_begin(ch),
                                                p.chunk_end(ch), p.C, n, from, to, p.C););
     };
-    auto state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c0) {
-      return buf + state_off(p, kFwdFields, b, ch, dir, c0);
-    };
-    if (p.nch == 2) {  // two halves: first passes outwards-in, then each half finishes
-      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-        pass(kStore, b, c0, n, ch, half_dir(ch), nullptr, state(sp, b, ch, ch, c0));
-      });
-      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-        pass(kFinish, b, c0, n, ch, -half_dir(ch), state(sp, b, 1 - ch, 1 - ch, c0), nullptr);
-      });
-      return;
-    }
-    if (p.nch > 1) {
-      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-        if (ch + 1 < p.nch) pass(kFold, b, c0, n, ch, 1, nullptr, state(sp, b, ch, 0, c0));
-        if (ch > 0) pass(kFold, b, c0, n, ch, -1, nullptr, state(sp, b, ch, 1, c0));
-      });
-    }
-    at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) carries<F>(p, kFwdFields, b, sp, cp, wp);
-    });
-    for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-      pass(kStore, b, c0, n, ch, 1, state(cp, b, ch, 0, c0), nullptr);
-      pass(kFinish, b, c0, n, ch, -1, state(cp, b, ch, 1, c0), nullptr);
-    });
+    block_phases<F>(p, kFwdFields, wp, sp, cp, pass);
   });
   return {y, m, r};
 }
@@ -535,32 +544,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                                                p.chunk_end(ch), n, from, to, p.C, gwp + part,
                                                gup + part););
     };
-    auto state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c0) {
-      return buf + state_off(p, kBwdFields, b, ch, dir, c0);
-    };
-    if (p.nch == 2) {  // two halves, as in the forward
-      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-        pass(kStore, b, c0, n, ch, half_dir(ch), nullptr, state(sp, b, ch, ch, c0));
-      });
-      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-        pass(kFinish, b, c0, n, ch, -half_dir(ch), state(sp, b, 1 - ch, 1 - ch, c0), nullptr);
-      });
-      return;
-    }
-    if (p.nch > 1) {
-      for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-        if (ch + 1 < p.nch) pass(kFold, b, c0, n, ch, 1, nullptr, state(sp, b, ch, 0, c0));
-        if (ch > 0) pass(kFold, b, c0, n, ch, -1, nullptr, state(sp, b, ch, 1, c0));
-      });
-    }
-    const F* wp = w.data_ptr<F>();
-    at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) carries<F>(p, kBwdFields, b, sp, cp, wp);
-    });
-    for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-      pass(kStore, b, c0, n, ch, 1, state(cp, b, ch, 0, c0), nullptr);
-      pass(kFinish, b, c0, n, ch, -1, state(cp, b, ch, 1, c0), nullptr);
-    });
+    block_phases<F>(p, kBwdFields, w.data_ptr<F>(), sp, cp, pass);
   });
   auto g = reduce_parts(gw_part, gu_part, k.scalar_type());
   return {g[0], g[1], gk, gv};
