@@ -229,13 +229,15 @@ class Benchmark:
             '--chill'])
         return os.path.join(out, 'summary.json')
 
-    def compare_and_cost(self, folds: list[int], name: str) -> None:
-        """``nnunetv2-ext compare`` on the folds' validation results and ``nnunetv2-ext benchmark`` (unless
-        ``--no-cost``) on the same plans."""
+    def compare_and_cost(self, folds: list[int], name: str, compare: bool = True) -> None:
+        """``nnunetv2-ext compare`` on the folds' validation results (unless ``compare`` is False) and
+        ``nnunetv2-ext benchmark`` (unless ``--no-cost``) on the same plans."""
         ordered = [self.baseline] + [s for s in self.specs if s is not self.baseline]
-        self.step('compare', self.ext + ['compare', '-d', str(self.dataset_id), '-p', self.plans, '-c', '3d_fullres',
-                                         '-f', *map(str, folds), '-tr', *[s.class_name for s in ordered],
-                                         '-o', os.path.join(self.work, f'{name}_compare')])
+        if compare:
+            self.step('compare', self.ext + ['compare', '-d', str(self.dataset_id), '-p', self.plans, '-c',
+                                             '3d_fullres', '-f', *map(str, folds), '-tr',
+                                             *[s.class_name for s in ordered],
+                                             '-o', os.path.join(self.work, f'{name}_compare')])
         if not self.args.no_cost:
             bases = list(dict.fromkeys(s.base for s in self.specs))
             self.step('benchmark', self.ext + ['benchmark', '-d', str(self.dataset_id), '-p', self.plans,

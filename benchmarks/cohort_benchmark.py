@@ -6,7 +6,10 @@
 
 (PVT-GDLA's default warm-up of 10 epochs is 1 % of nnU-Net's 1000; ``warmup_epochs=1`` keeps it short in a short
 schedule.) An interrupted run continues with the same command: finished folds are reused, an interrupted one
-resumes from its last epoch (``--c``). How many steps the task needs: cohort_learnability.py.
+resumes from its last epoch (``--c``). Each finished fold leaves a small JSON record (``--records``, default
+<work-dir>/records) and the table is built from the records: folds run on different machines or in different
+sessions combine when their records are copied into one folder (folds recorded there are not trained again).
+How many steps the task needs: cohort_learnability.py.
 
 Steps (stock nnU-Net commands; data: nnunetv2_ext/cohort.py): nnunetv2-ext cohort-dataset (random-contrast
 cases of six real brains in imagesTr, one fixed T1-like case per subject in imagesTs, subject-wise
@@ -15,7 +18,8 @@ nnUNetv2_train per trainer and fold (short-schedule ``<Trainer>_Anatomy`` subcla
 anatomy_benchmark.py; finished folds are reused) -> per fold, nnUNetv2_predict of the T1-like cases of that fold's
 held-out subjects with that fold's model only -> nnUNetv2_evaluate_folder -> per-subject test Dice, paired
 (held-out subject × class) comparison against the baseline -> nnunetv2-ext compare (the folds' validation:
-random-contrast cases of the held-out subjects) -> nnunetv2-ext benchmark on the same plans.
+random-contrast cases of the held-out subjects; where every fold's nnU-Net results are here) -> nnunetv2-ext
+benchmark on the same plans.
 Results (``--name``, default cohort_results): <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/, <work-dir>/cost/.
 """
 from __future__ import annotations
@@ -27,6 +31,8 @@ import os
 import re
 import shutil
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -34,6 +40,7 @@ from anatomy_benchmark import Benchmark, add_arguments
 from nnunetv2_ext.cohort import CLASSES, SPACING_MM, TEST_CASE, subject_of
 from nnunetv2_ext.compare import paired_comparison
 from nnunetv2_ext.demo.pipeline import foreground_dice
+from nnunetv2_ext.publish import write_atomically
 
 DATASET_ID = 992
 DATASET = f'Dataset{DATASET_ID}_DKCohort'
@@ -143,20 +150,81 @@ def pseudo_dice_curve(fold_dir: str) -> list[list[float]]:
     return curve
 
 
-def learning_table(fold_dirs: dict[str, dict[int, str]]) -> str:
-    """Markdown: per trainer and fold, the final validation (nnU-Net's, on the held-out subjects' random-contrast
-    cases) as foreground mean and worst class, and the mean pseudo Dice at the first, middle and last epoch.
-    ``fold_dirs``: ``{trainer: {fold: fold directory}}``."""
+def _finite(values: list[float]) -> list[float | None]:
+    """JSON has no NaN: NaN (a class absent from reference and prediction) is stored as null."""
+    return [None if math.isnan(x) else x for x in values]
+
+
+def fold_record(settings: dict, spec, fold: int, held: list[str], fold_dir: str, test_summary: str,
+                train_s: float | None) -> dict:
+    """What the results need of one trained fold, as JSON: the settings it was trained with, the held-out
+    subjects' test Dice (``per_subject_dice`` of ``test_summary``), nnU-Net's final validation (foreground mean
+    and per class, from ``fold_dir``) and pseudo Dice per epoch, the training seconds, and where it ran."""
+    import platform
+
+    import nnunetv2
+    mean, per_class = foreground_dice(os.path.join(fold_dir, 'validation', 'summary.json'))
+    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+               platform.processor()) if os.path.isfile('/proc/cpuinfo') else platform.processor()
+    return {'trainer': spec.label, 'class_name': spec.class_name, 'fold': fold, 'held_out': held,
+            'settings': settings,
+            'test_dice': {s: dict(zip(d, _finite(list(d.values())))) for s, d in per_subject_dice(test_summary).items()},
+            'validation': {'foreground_mean': mean, 'per_class': per_class},
+            'pseudo_dice': [_finite(epoch) for epoch in pseudo_dice_curve(fold_dir)], 'train_s': train_s,
+            'machine': f'{cpu}, {os.cpu_count()} cores, {platform.system()}',
+            'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
+            'versions': {'nnunetv2': getattr(nnunetv2, '__version__', 'unknown'), 'python': platform.python_version()}}
+
+
+class FoldRecords:
+    """One JSON record per trained (trainer, fold) in ``folder``/<class name>/fold_<k>.json, written atomically
+    when the fold's training, test prediction and evaluation are done. The results table is built from the
+    records, so folds trained on different machines or in different sessions (each writing its records, e.g.
+    into a folder kept under version control) combine into one table, and a fold with a record is not trained
+    again. A record of other settings (schedule, widths, spacing, dataset seed ...) is an error, not reused."""
+
+    def __init__(self, folder: str, settings: dict):
+        self.folder, self.settings = folder, settings
+
+    def path(self, spec, fold: int) -> str:
+        return os.path.join(self.folder, spec.class_name, f'fold_{fold}.json')
+
+    def get(self, spec, fold: int) -> dict | None:
+        path = self.path(spec, fold)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path) as f:
+                record = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f'{path}: unreadable fold record ({e}); delete it to train that fold again') from None
+        if record.get('settings') != self.settings:
+            differ = sorted(k for k in set(self.settings) | set(record.get('settings') or {})
+                            if (record.get('settings') or {}).get(k) != self.settings.get(k))
+            raise SystemExit(f'{path}: recorded with other settings ({", ".join(differ)}: '
+                             f'{ {k: (record.get("settings") or {}).get(k) for k in differ} } here '
+                             f'{ {k: self.settings.get(k) for k in differ} }); use another --records folder '
+                             'or the recorded settings')
+        return record
+
+    def put(self, spec, fold: int, record: dict) -> None:
+        os.makedirs(os.path.dirname(self.path(spec, fold)), exist_ok=True)
+        write_atomically(self.path(spec, fold), json.dumps(record, indent=1, allow_nan=False))
+
+
+def learning_table(records: list[dict]) -> str:
+    """Markdown: per trainer and fold (records of ``fold_record``), the final validation (nnU-Net's, on the
+    held-out subjects' random-contrast cases) as foreground mean and worst class, and the mean pseudo Dice at
+    the first, middle and last epoch."""
     lines = ['| trainer | fold | validation mean | worst class (Dice) | pseudo Dice first / middle / last epoch |',
              '|---|---:|---:|---|---|']
-    for trainer, folds in fold_dirs.items():
-        for k, folder in sorted(folds.items()):
-            mean, per_class = foreground_dice(os.path.join(folder, 'validation', 'summary.json'))
-            worst = min(per_class, key=lambda c: per_class[c])
-            curve = [float(np.nanmean(c)) for c in pseudo_dice_curve(folder)]
-            picks = ' / '.join(f'{curve[i]:.3f}' for i in (0, len(curve) // 2, -1)) if curve else 'n/a'
-            lines.append(f'| {trainer} | {k} | {mean:.3f} | {CLASSES[int(worst)]} ({per_class[worst]:.3f}) | '
-                         f'{picks} |')
+    for r in records:
+        per_class = r['validation']['per_class']
+        worst = min(per_class, key=lambda c: per_class[c])
+        curve = [float(np.nanmean([np.nan if x is None else x for x in epoch])) for epoch in r['pseudo_dice']]
+        picks = ' / '.join(f'{curve[i]:.3f}' for i in (0, len(curve) // 2, -1)) if curve else 'n/a'
+        lines.append(f"| {r['trainer']} | {r['fold']} | {r['validation']['foreground_mean']:.3f} | "
+                     f'{CLASSES[int(worst)]} ({per_class[worst]:.3f}) | {picks} |')
     return '\n'.join(lines) + '\n'
 
 
@@ -172,6 +240,9 @@ def main(argv=None) -> int:
     ap.add_argument('--seed', type=int, default=0, help='dataset seed')
     ap.add_argument('--name', default='cohort_results',
                     help='results: <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/ (default cohort_results)')
+    ap.add_argument('--records', default=None,
+                    help='folder of the per-fold records the table is built from (default <work-dir>/records); '
+                         'folds recorded there are not trained again')
     args = ap.parse_args(argv)
     command = ['cohort-dataset', '--id', str(DATASET_ID), '--cases-per-subject', str(args.cases_per_subject),
                '--folds', str(args.subject_folds), '--spacing', str(args.spacing), '--seed', str(args.seed)]
@@ -182,30 +253,52 @@ def main(argv=None) -> int:
     folds = list(range(len(held))) if args.folds is None else args.folds
     if not set(folds) <= set(range(len(held))):
         ap.error(f'--folds {folds}: the dataset has folds 0..{len(held) - 1}')
+    settings = {'epochs': args.epochs, 'iterations': args.iterations, 'base_features': args.base_features,
+                'max_features': args.max_features, 'spacing': args.spacing, 'seed': args.seed,
+                'cases_per_subject': args.cases_per_subject, 'subject_folds': args.subject_folds,
+                'subjects': args.subjects, 'device': args.device, 'plans': bench.plans}
+    records = FoldRecords(os.path.abspath(args.records or os.path.join(bench.work, 'records')), settings)
     # left and right structures are different classes: no mirroring across the midline (training or inference)
     bench.env['ANATOMY_NO_MIRROR_AXIS'] = str(left_right_axis(
         bench.raw, os.path.join(bench.env['nnUNet_preprocessed'], DATASET, f'{bench.plans}.json')))
-    train_s = bench.train_all(folds)
-    test: dict[str, dict[str, dict[str, float]]] = {}
+    images = {k: test_inputs(bench.raw, held[k], os.path.join(bench.work, 'test_inputs', f'fold_{k}')) for k in folds}
+
+    def run_fold(task) -> None:
+        """Train (or reuse / resume) one fold, predict its held-out subjects' test cases, record it."""
+        spec, k = task
+        seconds = bench.train(spec, k)
+        summary = bench.predict_and_evaluate(spec, [k], images[k], os.path.join(bench.raw, 'labelsTs'),
+                                             f'test_fold_{k}')
+        records.put(spec, k, fold_record(settings, spec, k, held[k], bench.fold_dir(spec, k), summary, seconds))
+
+    # fold-major, --jobs at a time; each fold is recorded as soon as it is done (an early stop keeps it)
+    todo = [(spec, k) for k in folds for spec in bench.specs if records.get(spec, k) is None]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(run_fold, todo))
+    done = {(spec.label, k): records.get(spec, k) for k in folds for spec in bench.specs}
+    test = {spec.label: {s: {c: math.nan if x is None else x for c, x in d.items()}
+                         for k in folds for s, d in done[spec.label, k]['test_dice'].items()} for spec in bench.specs}
+    train_s = {}
     for spec in bench.specs:
-        test[spec.label] = {}
-        for k in folds:
-            images = test_inputs(bench.raw, held[k], os.path.join(bench.work, 'test_inputs', f'fold_{k}'))
-            summary = bench.predict_and_evaluate(spec, [k], images, os.path.join(bench.raw, 'labelsTs'),
-                                                 f'test_fold_{k}')
-            test[spec.label].update(per_subject_dice(summary))
-    bench.compare_and_cost(folds, args.name)
+        times = [done[spec.label, k]['train_s'] for k in folds]
+        train_s[spec.label] = None if None in times else sum(times) / len(times)
+    # nnunetv2-ext compare needs the folds' nnU-Net results, which folds recorded elsewhere do not have here
+    local = all(os.path.isfile(os.path.join(bench.fold_dir(spec, k), 'validation', 'summary.json'))
+                for spec in bench.specs for k in folds)
+    bench.compare_and_cost(folds, args.name, compare=local)
     table, paired = results_table(test, bench.baseline.label, train_s)
-    learning = learning_table({spec.label: {k: bench.fold_dir(spec, k) for k in folds} for spec in bench.specs})
+    learning = learning_table([done[spec.label, k] for spec in bench.specs for k in folds])
     subjects = [s for k in folds for s in held[k]]
     text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans}, "
             f"folds {folds} (held-out subjects {[held[k] for k in folds]}). Test Dice on each held-out subject's "
             f"T1-like case, predicted by the fold that held it out; mean ± std over the {len(subjects)} held-out "
             f"subject(s).\n\n"
             + table + '\nEvery class learned in every fold? Validation of each fold (its held-out subjects\' '
-            'random-contrast cases) and the mean pseudo Dice of training:\n\n' + learning)
+            'random-contrast cases) and the mean pseudo Dice of training:\n\n' + learning
+            + ('' if local else '\nValidation comparison (nnunetv2-ext compare) not run: some folds were '
+               'trained elsewhere (their records are in ' + records.folder + ').\n'))
     bench.write_results(args.name, text, {'held_out': {k: held[k] for k in folds}, 'test_dice': test,
-                                          'paired': paired, 'train_s': train_s})
+                                          'paired': paired, 'train_s': train_s, 'records': records.folder})
     return 0
 
 

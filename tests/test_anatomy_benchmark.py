@@ -1,6 +1,7 @@
 """benchmarks/anatomy_benchmark.py: trainer specs with overrides become short-schedule subclasses that
 nnU-Net's own trainer lookup finds (the training runs themselves are the benchmark, not a test)."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -130,7 +131,7 @@ def test_left_right_axis_in_nnunet_array_order(cohort_bench, tmp_path, codes_axi
         cohort_bench.left_right_axis(str(tmp_path), str(plans))
 
 
-def test_learning_table_reads_validation_and_pseudo_dice_curves(cohort_bench, tmp_path):
+def test_learning_table_reads_validation_and_pseudo_dice_curves(bench, cohort_bench, tmp_path):
     """Every class learned in every fold? The final validation's worst class and nnU-Net's pseudo Dice per
     epoch, parsed from its training logs (numpy-scalar and plain formats; a resumed run's second log)."""
     import json
@@ -146,8 +147,32 @@ def test_learning_table_reads_validation_and_pseudo_dice_curves(cohort_bench, tm
     (fold / 'training_log_2026_11_30_11_00_00.txt').write_text('x: Pseudo dice [0.6, 0.8]\n')
     assert cohort_bench.pseudo_dice_curve(str(fold)) == [[0.0, 0.2], [pytest.approx(float('nan'), nan_ok=True), 0.4],
                                                          [0.6, 0.8]]
-    table = cohort_bench.learning_table({'T': {0: str(fold)}})
+    test = tmp_path / 'test_summary.json'
+    test.write_text(json.dumps({'metric_per_case': [
+        {'reference_file': '/x/labelsTs/9861_t1.nii.gz', 'metrics': {'1': {'Dice': 0.25}, '2': {'Dice': float('nan')}}}]}))
+    record = cohort_bench.fold_record({'epochs': 1}, bench.TrainerSpec('T'), 0, ['9861'], str(fold), str(test),
+                                      12.5)
+    assert record['pseudo_dice'][1][0] is None  # NaN (class absent) stored as JSON null
+    assert record['test_dice'] == {'9861': {'1': 0.25, '2': None}} and record['train_s'] == 12.5
+    json.dumps(record, allow_nan=False)  # valid JSON
+    table = cohort_bench.learning_table([record])
     assert '| T | 0 | 0.477 | left_accumbensarea (0.125) | 0.100 / 0.400 / 0.700 |' in table
+
+
+def test_fold_records_are_reused_and_other_settings_are_refused(bench, cohort_bench, tmp_path):
+    spec = bench.TrainerSpec('nnUNetTrainer')
+    records = cohort_bench.FoldRecords(str(tmp_path / 'rec'), {'epochs': 100, 'spacing': 4.0})
+    assert records.get(spec, 0) is None
+    records.put(spec, 0, {'settings': {'epochs': 100, 'spacing': 4.0}, 'fold': 0})
+    assert records.get(spec, 0)['fold'] == 0
+    assert os.listdir(tmp_path / 'rec' / 'nnUNetTrainer_Anatomy') == ['fold_0.json']  # no temporary left
+    other = cohort_bench.FoldRecords(str(tmp_path / 'rec'), {'epochs': 20, 'spacing': 4.0})
+    with pytest.raises(SystemExit, match=r"fold_0.json: recorded with other settings \(epochs: \{'epochs': 100\} "
+                                         r"here \{'epochs': 20\}\); use another --records folder"):
+        other.get(spec, 0)
+    (tmp_path / 'rec' / 'nnUNetTrainer_Anatomy' / 'fold_0.json').write_text('{"settings": ')  # truncated
+    with pytest.raises(SystemExit, match='unreadable fold record .*delete it to train that fold again'):
+        records.get(spec, 0)
 
 
 def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path):
@@ -175,3 +200,15 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     assert (work / 'cohort_results_compare' / 'compare.md').is_file()
     # nnU-Net trained on the builder's subject-wise split, not on a random 5-fold split of its own
     assert 'Using splits from existing split file' in (work / 'logs' / 'train_nnUNetTrainer_Anatomy_fold0.log').read_text()
+    # the folds' records alone rebuild the results, as for folds trained in another session: nothing is trained
+    # or predicted again, and nnunetv2-ext compare (which needs nnU-Net's fold results) is left out
+    records = work / 'records'
+    assert sorted(os.listdir(records)) == ['nnUNetTrainerLightDecoder_Anatomy', 'nnUNetTrainer_Anatomy']
+    shutil.rmtree(work / 'nnUNet_results')
+    shutil.rmtree(work / 'logs')
+    assert cohort_bench.main(['--work-dir', str(work), '-tr', 'nnUNetTrainer', 'nnUNetTrainerLightDecoder',
+                              '-f', '0', '--epochs', '1', '--iterations', '2', '--base-features', '4',
+                              '--max-features', '8', '--no-cost', '--name', 'again']) == 0
+    assert not (work / 'nnUNet_results' / cohort_bench.DATASET).exists() and not (work / 'again_compare').exists()
+    assert json.loads((work / 'again.json').read_text())['test_dice'] == result['test_dice']
+    assert 'compare) not run: some folds were trained elsewhere' in (work / 'again.md').read_text()
