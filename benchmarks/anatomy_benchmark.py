@@ -32,9 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 from nnunetv2_ext.demo.pipeline import foreground_dice, nnunet_command, nnunet_env, run_step, write_small_plans
 from nnunetv2_ext.publish import write_atomically
+from nnunetv2_ext.trainers.base import CHECKPOINT_NAMES
 
 DATASET_ID = 990
 DATASET = f'Dataset{DATASET_ID}_BrainTemplates'
+SCHEDULE_FILE = 'anatomy_schedule.json'  # in a fold folder: the schedule and widths it was trained with
 
 SCHEDULE_MODULE = '''
 import os
@@ -183,13 +185,35 @@ class Benchmark:
     def fold_dir(self, spec: TrainerSpec, fold: int) -> str:
         return os.path.join(self.results, f'{spec.class_name}__{self.plans}__3d_fullres', f'fold_{fold}')
 
+    def schedule(self) -> dict:
+        """What a fold's training depends on besides the data and the trainer: schedule and plans' widths."""
+        return {'epochs': self.args.epochs, 'iterations': self.args.iterations, 'plans': self.plans,
+                'base_features': self.args.base_features, 'max_features': self.args.max_features}
+
+    def _check_schedule(self, spec: TrainerSpec, fold: int) -> None:
+        """A fold folder with a checkpoint is reused or resumed only if it was trained with this run's
+        schedule (``anatomy_schedule.json``, written when its training started): the folder's name does not
+        change with the schedule or the widths. SystemExit naming both otherwise."""
+        path = os.path.join(self.fold_dir(spec, fold), SCHEDULE_FILE)
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as e:
+            recorded = f'unknown ({e.__class__.__name__}: no readable {SCHEDULE_FILE})'
+        if recorded != self.schedule():
+            raise SystemExit(f'{self.fold_dir(spec, fold)} holds a training with schedule {recorded}, this run asks '
+                             f'for {self.schedule()}: use another --work-dir, or delete that folder to train it again')
+
     def train(self, spec: TrainerSpec, fold: int) -> float | None:
         """Trains one fold (seconds), or reuses its ``checkpoint_final.pth`` (recorded seconds or None),
         finishing an interrupted final validation, or resumes an interrupted training from its
-        ``checkpoint_latest.pth`` with ``--c`` (None: the time of a training done in parts is not recorded)."""
+        ``checkpoint_latest.pth`` with ``--c`` (None: the time of a training done in parts is not recorded);
+        either only if the fold was trained with this run's schedule (see ``_check_schedule``)."""
         timing = os.path.join(self.fold_dir(spec, fold), 'anatomy_train_seconds.txt')
         command = nnunet_command('nnUNetv2_train') + [str(self.dataset_id), '3d_fullres', str(fold), '-tr',
                                                       spec.class_name, '-p', self.plans, '-device', self.args.device]
+        if any(os.path.isfile(os.path.join(self.fold_dir(spec, fold), n)) for n in CHECKPOINT_NAMES):
+            self._check_schedule(spec, fold)
         if os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'checkpoint_final.pth')):
             print(f'== train {spec.label} fold {fold}: checkpoint_final.pth exists, not trained again', flush=True)
             if not os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'validation', 'summary.json')):
@@ -201,6 +225,8 @@ class Benchmark:
             print(f'== train {spec.label} fold {fold}: resuming from checkpoint_latest.pth (--c)', flush=True)
             self.step(f'train_{spec.class_name}_fold{fold}_resumed', command + ['--c'])
             return None
+        os.makedirs(self.fold_dir(spec, fold), exist_ok=True)
+        write_atomically(os.path.join(self.fold_dir(spec, fold), SCHEDULE_FILE), json.dumps(self.schedule()))
         seconds = self.step(f'train_{spec.class_name}_fold{fold}', command)
         write_atomically(timing, f'{seconds:.1f}')
         return seconds
@@ -244,13 +270,15 @@ class Benchmark:
                                                '-tr', *bases, '--device', self.args.device,
                                                '-o', os.path.join(self.work, 'cost')])
 
-    def write_results(self, name: str, text: str, payload: dict) -> None:
-        """``<work-dir>/NAME.md`` (``text``) and ``NAME.json`` (``payload`` plus the arguments), atomically."""
+    def write_results(self, name: str, text: str, payload: dict, compared: bool = True) -> None:
+        """``<work-dir>/NAME.md`` (``text``) and ``NAME.json`` (``payload`` plus the arguments), atomically;
+        ``compared``: ``compare_and_cost`` ran ``nnunetv2-ext compare``."""
         content = json.dumps({'args': vars(self.args), **payload}, indent=2)
         for ext_, data in (('md', text), ('json', content)):
             write_atomically(os.path.join(self.work, f'{name}.{ext_}'), data)
         print(text)
-        print(f"paired comparison: {os.path.join(self.work, f'{name}_compare', 'compare.md')}")
+        if compared:
+            print(f"paired comparison: {os.path.join(self.work, f'{name}_compare', 'compare.md')}")
         if not self.args.no_cost:
             print(f"cost table: {os.path.join(self.work, 'cost', 'benchmark.md')}")
 

@@ -32,12 +32,13 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
-from anatomy_benchmark import Benchmark, add_arguments
-from nnunetv2_ext.cohort import CLASSES, SPACING_MM, TEST_CASE, subject_of
+from anatomy_benchmark import Benchmark, TrainerSpec, add_arguments
+from nnunetv2_ext.cohort import CLASSES, DONORS, SPACING_MM, TEST_CASE, build_parameters, subject_of
 from nnunetv2_ext.compare import paired_comparison
 from nnunetv2_ext.demo.pipeline import foreground_dice
 from nnunetv2_ext.publish import write_atomically
@@ -150,30 +151,47 @@ def pseudo_dice_curve(fold_dir: str) -> list[list[float]]:
     return curve
 
 
+def dataset_parameters(raw: str, wanted: dict) -> dict:
+    """The parameters the cohort in ``raw`` was built from (its dataset.json), if they are ``wanted`` (this run's
+    options); SystemExit naming the differences otherwise: the driver reuses an existing dataset."""
+    path = os.path.join(raw, 'dataset.json')
+    with open(path) as f:
+        built = json.load(f).get('cohort')
+    if built != wanted:
+        differ = sorted(k for k in wanted if (built or {}).get(k) != wanted[k])
+        raise SystemExit(f"{path}: the dataset here was built with {', '.join(f'{k}={(built or {}).get(k)!r}' for k in differ)}"
+                         f", this run asks for {', '.join(f'{k}={wanted[k]!r}' for k in differ)}: pass the options it was "
+                         f"built with, or use another --work-dir")
+    return built
+
+
 def _finite(values: list[float]) -> list[float | None]:
     """JSON has no NaN: NaN (a class absent from reference and prediction) is stored as null."""
     return [None if math.isnan(x) else x for x in values]
 
 
-def fold_record(settings: dict, spec, fold: int, held: list[str], fold_dir: str, test_summary: str,
-                train_s: float | None) -> dict:
+def fold_record(settings: dict, spec: TrainerSpec, fold: int, held: list[str], fold_dir: str, test_summary: str,
+                train_s: float | None, device: str) -> dict:
     """What the results need of one trained fold, as JSON: the settings it was trained with, the held-out
     subjects' test Dice (``per_subject_dice`` of ``test_summary``), nnU-Net's final validation (foreground mean
     and per class, from ``fold_dir``) and pseudo Dice per epoch, the training seconds, and where it ran."""
     import platform
+    from importlib.metadata import version
 
-    import nnunetv2
     mean, per_class = foreground_dice(os.path.join(fold_dir, 'validation', 'summary.json'))
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
-               platform.processor()) if os.path.isfile('/proc/cpuinfo') else platform.processor()
+    cpu = platform.processor()
+    if os.path.isfile('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
     return {'trainer': spec.label, 'class_name': spec.class_name, 'fold': fold, 'held_out': held,
             'settings': settings,
             'test_dice': {s: dict(zip(d, _finite(list(d.values())))) for s, d in per_subject_dice(test_summary).items()},
-            'validation': {'foreground_mean': mean, 'per_class': per_class},
+            'validation': {'foreground_mean': _finite([mean])[0], 'per_class': dict(zip(per_class, _finite(list(
+                per_class.values()))))},
             'pseudo_dice': [_finite(epoch) for epoch in pseudo_dice_curve(fold_dir)], 'train_s': train_s,
-            'machine': f'{cpu}, {os.cpu_count()} cores, {platform.system()}',
+            'device': device, 'machine': f'{cpu}, {os.cpu_count()} cores, {platform.system()}',
             'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
-            'versions': {'nnunetv2': getattr(nnunetv2, '__version__', 'unknown'), 'python': platform.python_version()}}
+            'versions': {p: version(p) for p in ('nnunetv2', 'nnunetv2_ext', 'torch')}}
 
 
 class FoldRecords:
@@ -186,28 +204,32 @@ class FoldRecords:
     def __init__(self, folder: str, settings: dict):
         self.folder, self.settings = folder, settings
 
-    def path(self, spec, fold: int) -> str:
+    def path(self, spec: TrainerSpec, fold: int) -> str:
         return os.path.join(self.folder, spec.class_name, f'fold_{fold}.json')
 
-    def get(self, spec, fold: int) -> dict | None:
+    def get(self, spec: TrainerSpec, fold: int, held: list[str]) -> dict | None:
+        """The record of ``spec`` on ``fold`` (held-out subjects ``held``), None if there is none; SystemExit
+        for an unreadable record or one made with other settings."""
         path = self.path(spec, fold)
         if not os.path.isfile(path):
             return None
         try:
             with open(path) as f:
                 record = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f'{path}: unreadable fold record ({e}); delete it to train that fold again') from None
-        if record.get('settings') != self.settings:
-            differ = sorted(k for k in set(self.settings) | set(record.get('settings') or {})
-                            if (record.get('settings') or {}).get(k) != self.settings.get(k))
-            raise SystemExit(f'{path}: recorded with other settings ({", ".join(differ)}: '
-                             f'{ {k: (record.get("settings") or {}).get(k) for k in differ} } here '
-                             f'{ {k: self.settings.get(k) for k in differ} }); use another --records folder '
-                             'or the recorded settings')
+            recorded = record['settings']
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f'{path}: unreadable fold record ({e.__class__.__name__}: {e}); delete it to train '
+                             'and predict that fold again') from None
+        wanted = {**self.settings, 'held_out': held}
+        recorded = {**recorded, 'held_out': record.get('held_out')}
+        differ = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
+        if differ:
+            raise SystemExit(f'{path}: recorded with other settings ('
+                             + '; '.join(f'{k}: recorded {recorded.get(k)!r}, here {wanted.get(k)!r}' for k in differ)
+                             + '); use another --records folder, or this run\'s options as recorded')
         return record
 
-    def put(self, spec, fold: int, record: dict) -> None:
+    def put(self, spec: TrainerSpec, fold: int, record: dict) -> None:
         os.makedirs(os.path.dirname(self.path(spec, fold)), exist_ok=True)
         write_atomically(self.path(spec, fold), json.dumps(record, indent=1, allow_nan=False))
 
@@ -218,13 +240,16 @@ def learning_table(records: list[dict]) -> str:
     the first, middle and last epoch."""
     lines = ['| trainer | fold | validation mean | worst class (Dice) | pseudo Dice first / middle / last epoch |',
              '|---|---:|---:|---|---|']
+    def fmt(x: float | None) -> str:
+        return 'n/a' if x is None or math.isnan(x) else f'{x:.3f}'
+
     for r in records:
-        per_class = r['validation']['per_class']
-        worst = min(per_class, key=lambda c: per_class[c])
+        per_class = {c: x for c, x in r['validation']['per_class'].items() if x is not None}
+        worst = f'{CLASSES[int(min(per_class, key=per_class.get))]} ({fmt(min(per_class.values()))})' \
+            if per_class else 'n/a'
         curve = [float(np.nanmean([np.nan if x is None else x for x in epoch])) for epoch in r['pseudo_dice']]
-        picks = ' / '.join(f'{curve[i]:.3f}' for i in (0, len(curve) // 2, -1)) if curve else 'n/a'
-        lines.append(f"| {r['trainer']} | {r['fold']} | {r['validation']['foreground_mean']:.3f} | "
-                     f'{CLASSES[int(worst)]} ({per_class[worst]:.3f}) | {picks} |')
+        picks = ' / '.join(fmt(curve[i]) for i in (0, len(curve) // 2, -1)) if curve else 'n/a'
+        lines.append(f"| {r['trainer']} | {r['fold']} | {fmt(r['validation']['foreground_mean'])} | {worst} | {picks} |")
     return '\n'.join(lines) + '\n'
 
 
@@ -253,35 +278,53 @@ def main(argv=None) -> int:
     folds = list(range(len(held))) if args.folds is None else args.folds
     if not set(folds) <= set(range(len(held))):
         ap.error(f'--folds {folds}: the dataset has folds 0..{len(held) - 1}')
-    settings = {'epochs': args.epochs, 'iterations': args.iterations, 'base_features': args.base_features,
-                'max_features': args.max_features, 'spacing': args.spacing, 'seed': args.seed,
-                'cases_per_subject': args.cases_per_subject, 'subject_folds': args.subject_folds,
-                'subjects': args.subjects, 'device': args.device, 'plans': bench.plans}
+    wanted = build_parameters(list(dict.fromkeys(args.subjects or DONORS)), args.cases_per_subject,
+                              args.subject_folds, args.spacing, args.seed)
+    settings = {'dataset': dataset_parameters(bench.raw, wanted), **bench.schedule()}
     records = FoldRecords(os.path.abspath(args.records or os.path.join(bench.work, 'records')), settings)
     # left and right structures are different classes: no mirroring across the midline (training or inference)
     bench.env['ANATOMY_NO_MIRROR_AXIS'] = str(left_right_axis(
         bench.raw, os.path.join(bench.env['nnUNet_preprocessed'], DATASET, f'{bench.plans}.json')))
     images = {k: test_inputs(bench.raw, held[k], os.path.join(bench.work, 'test_inputs', f'fold_{k}')) for k in folds}
+    # one task of a trainer at a time: nnU-Net rewrites the trainer's plans.json / dataset.json (not atomically)
+    # when a fold's training starts, and nnUNetv2_predict of another fold of that trainer reads them
+    busy = {spec.label: threading.Lock() for spec in bench.specs}
 
-    def run_fold(task) -> None:
+    def run_fold(task: tuple[TrainerSpec, int]) -> None:
         """Train (or reuse / resume) one fold, predict its held-out subjects' test cases, record it."""
         spec, k = task
-        seconds = bench.train(spec, k)
-        summary = bench.predict_and_evaluate(spec, [k], images[k], os.path.join(bench.raw, 'labelsTs'),
-                                             f'test_fold_{k}')
-        records.put(spec, k, fold_record(settings, spec, k, held[k], bench.fold_dir(spec, k), summary, seconds))
+        with busy[spec.label]:
+            seconds = bench.train(spec, k)
+            summary = bench.predict_and_evaluate(spec, [k], images[k], os.path.join(bench.raw, 'labelsTs'),
+                                                 f'test_fold_{k}')
+        records.put(spec, k, fold_record(settings, spec, k, held[k], bench.fold_dir(spec, k), summary, seconds,
+                                         args.device))
 
-    # fold-major, --jobs at a time; each fold is recorded as soon as it is done (an early stop keeps it)
-    todo = [(spec, k) for k in folds for spec in bench.specs if records.get(spec, k) is None]
+    # fold-major, --jobs at a time; each fold is recorded as soon as it is done (an early stop keeps it), and a
+    # failure is reported at once and stops what has not started
+    todo = [(spec, k) for k in folds for spec in bench.specs if records.get(spec, k, held[k]) is None]
+    failed = []
     with ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        list(pool.map(run_fold, todo))
-    done = {(spec.label, k): records.get(spec, k) for k in folds for spec in bench.specs}
+        futures = {pool.submit(run_fold, task): task for task in todo}
+        for future in as_completed(futures):
+            if future.exception() is not None:
+                spec, k = futures[future]
+                failed.append(f'{spec.label} fold {k}: {future.exception()}')
+                print(f'== FAILED {failed[-1]}', flush=True)
+                for other in futures:
+                    other.cancel()
+    if failed:
+        raise SystemExit('cohort benchmark: ' + '\n'.join(failed))
+    done = {(spec.label, k): records.get(spec, k, held[k]) for k in folds for spec in bench.specs}
     test = {spec.label: {s: {c: math.nan if x is None else x for c, x in d.items()}
                          for k in folds for s, d in done[spec.label, k]['test_dice'].items()} for spec in bench.specs}
     train_s = {}
     for spec in bench.specs:
-        times = [done[spec.label, k]['train_s'] for k in folds]
-        train_s[spec.label] = None if None in times else sum(times) / len(times)
+        mine = [done[spec.label, k] for k in folds]
+        times = [r['train_s'] for r in mine]
+        # a mean over folds timed on different machines or devices would mean nothing
+        same = len({(r['machine'], r['device']) for r in mine}) == 1
+        train_s[spec.label] = None if None in times or not same else sum(times) / len(times)
     # nnunetv2-ext compare needs the folds' nnU-Net results, which folds recorded elsewhere do not have here
     local = all(os.path.isfile(os.path.join(bench.fold_dir(spec, k), 'validation', 'summary.json'))
                 for spec in bench.specs for k in folds)
@@ -298,7 +341,8 @@ def main(argv=None) -> int:
             + ('' if local else '\nValidation comparison (nnunetv2-ext compare) not run: some folds were '
                'trained elsewhere (their records are in ' + records.folder + ').\n'))
     bench.write_results(args.name, text, {'held_out': {k: held[k] for k in folds}, 'test_dice': test,
-                                          'paired': paired, 'train_s': train_s, 'records': records.folder})
+                                          'paired': paired, 'train_s': train_s, 'records': records.folder},
+                        compared=local)
     return 0
 
 

