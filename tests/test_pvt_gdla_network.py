@@ -57,6 +57,15 @@ def test_outputs_match_trainer_scales_and_gradients_reach_every_parameter(case):
     torch.manual_seed(case)
     # no stochastic depth: a block dropped for both samples would get no gradient, whatever the seed draws
     net = PVTGDLA.from_plans(cm, in_channels, 3, True, attention=attention, drop_path_rate=0.0, **TINY)
+    # an attention over a single key (the deepest stages of deep plans hold one token) weights it by 1 whatever
+    # the query: its query projection gets no gradient but rounding noise, by construction
+    single_key = set()
+    for name, module in net.named_modules():
+        if isinstance(getattr(module, 'kv', None), torch.nn.Module) and isinstance(getattr(module, 'q', None),
+                                                                                     torch.nn.Module):
+            module.kv.register_forward_hook(
+                lambda m, i, o, name=name: single_key.update({f'{name}.q.weight', f'{name}.q.bias'})
+                if o.shape[1] == 1 else None)
     x = torch.randn(2, in_channels, *plans['patch_size'])
     out = net(x)
     scales = trainer._get_deep_supervision_scales()
@@ -66,8 +75,8 @@ def test_outputs_match_trainer_scales_and_gradients_reach_every_parameter(case):
     seg = torch.randint(0, 3, (2, 1, *plans['patch_size'])).float()
     targets = [F.interpolate(seg, size=o.shape[2:], mode='nearest') for o in out]
     trainer._build_loss()(out, targets).backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
-    assert missing == []
+    missing = {n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)}
+    assert missing <= single_key, sorted(missing - single_key)
     net.decoder.deep_supervision = False
     with torch.no_grad():
         single = net(x)
