@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 
 from anatomy_benchmark import Benchmark, TrainerSpec, add_arguments
-from nnunetv2_ext.cohort import CLASSES, DONORS, SPACING_MM, TEST_CASE, build_parameters, subject_of
+from nnunetv2_ext.cohort import CLASSES, SPACING_MM, TEST_CASE, build_parameters, subject_of
 from nnunetv2_ext.compare import paired_comparison
 from nnunetv2_ext.demo.pipeline import foreground_dice
 from nnunetv2_ext.publish import write_atomically
@@ -156,10 +156,10 @@ def dataset_parameters(raw: str, wanted: dict) -> dict:
     options); SystemExit naming the differences otherwise: the driver reuses an existing dataset."""
     path = os.path.join(raw, 'dataset.json')
     with open(path) as f:
-        built = json.load(f).get('cohort')
+        built = json.load(f).get('cohort') or {}
     if built != wanted:
-        differ = sorted(k for k in wanted if (built or {}).get(k) != wanted[k])
-        raise SystemExit(f"{path}: the dataset here was built with {', '.join(f'{k}={(built or {}).get(k)!r}' for k in differ)}"
+        differ = sorted(k for k in wanted if built.get(k) != wanted[k])
+        raise SystemExit(f"{path}: the dataset here was built with {', '.join(f'{k}={built.get(k)!r}' for k in differ)}"
                          f", this run asks for {', '.join(f'{k}={wanted[k]!r}' for k in differ)}: pass the options it was "
                          f"built with, or use another --work-dir")
     return built
@@ -278,8 +278,7 @@ def main(argv=None) -> int:
     folds = list(range(len(held))) if args.folds is None else args.folds
     if not set(folds) <= set(range(len(held))):
         ap.error(f'--folds {folds}: the dataset has folds 0..{len(held) - 1}')
-    wanted = build_parameters(list(dict.fromkeys(args.subjects or DONORS)), args.cases_per_subject,
-                              args.subject_folds, args.spacing, args.seed)
+    wanted = build_parameters(args.subjects, args.cases_per_subject, args.subject_folds, args.spacing, args.seed)
     settings = {'dataset': dataset_parameters(bench.raw, wanted), **bench.schedule()}
     records = FoldRecords(os.path.abspath(args.records or os.path.join(bench.work, 'records')), settings)
     # left and right structures are different classes: no mirroring across the midline (training or inference)

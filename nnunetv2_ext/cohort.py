@@ -250,11 +250,12 @@ def subject_of(case: str) -> str:
     return case.split('_', 1)[0]
 
 
-def build_parameters(donors: list[str], cases_per_subject: int, n_folds: int, spacing: float, seed: int) -> dict:
+def build_parameters(donors: list[str] | None, cases_per_subject: int, n_folds: int, spacing: float,
+                     seed: int) -> dict:
     """What a cohort dataset is built from (stored as ``cohort`` in its dataset.json, which nnU-Net ignores):
-    two builds with equal parameters write equal data."""
-    return {'subjects': list(donors), 'cases_per_subject': cases_per_subject, 'folds': n_folds,
-            'spacing_mm': float(spacing), 'seed': seed}
+    two builds with equal parameters write equal data. ``donors`` None: all six; repeats are dropped."""
+    return {'subjects': list(DONORS) if donors is None else list(dict.fromkeys(donors)),
+            'cases_per_subject': cases_per_subject, 'folds': n_folds, 'spacing_mm': float(spacing), 'seed': seed}
 
 
 def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None = None, cases_per_subject: int = 8,
@@ -268,7 +269,8 @@ def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None =
     imagesTs/labelsTs: ``<donor>_t1``, the fixed T1-like contrast, undeformed. Fold ``k`` validates on the
     held-out subjects of :func:`subject_folds` and trains on the rest. Every file is written atomically.
     """
-    donors = list(DONORS) if donors is None else list(dict.fromkeys(donors))
+    parameters = build_parameters(donors, cases_per_subject, n_folds, spacing, seed)
+    donors = parameters['subjects']
     unknown = [d for d in donors if d not in DONORS]
     if unknown:
         raise CohortError(f'unknown subjects {unknown}; the cohort has {list(DONORS)}')
@@ -300,7 +302,7 @@ def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None =
                        f'BSD-3) with SynthSeg-style synthetic contrasts, {spacing} mm, {cases_per_subject} random '
                        f'cases per subject (seed {seed}) in imagesTr, one fixed T1-like case per subject in '
                        f'imagesTs; see nnunetv2_ext/cohort.py',
-        'cohort': build_parameters(donors, cases_per_subject, n_folds, spacing, seed)})
+        'cohort': parameters})
     cases = {d: [f'{d}_{n}' for n in range(cases_per_subject)] for d in donors}
     splits = [{'train': [c for d in donors if d not in held for c in cases[d]],
                'val': [c for d in held for c in cases[d]]} for held in folds]
