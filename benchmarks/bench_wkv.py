@@ -54,7 +54,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -601,15 +600,8 @@ def main(argv=None) -> int:
         mem_method = ("`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, "
                       "minus the memory allocated before the op.")
     else:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-        try:
-            with open("/proc/cpuinfo") as fh:
-                for line in fh:
-                    if line.startswith("model name"):
-                        machine = f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} CPUs"
-                        break
-        except OSError:
-            pass
+        from nnunetv2_ext.benchmark import cpu_model
+        machine = f"{cpu_model()}, {os.cpu_count()} CPUs"
         mem_method = ("fresh subprocess per (backend, T) with `MALLOC_MMAP_THRESHOLD_=131072`; "
                       "`ru_maxrss` after the first call minus the resident set size just "
                       "before it (inputs allocated, kernel loaded, warmed up on tiny inputs), "

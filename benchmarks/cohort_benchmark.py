@@ -39,6 +39,7 @@ import numpy as np
 
 from anatomy_benchmark import Benchmark, TrainerSpec, add_arguments
 from nnunetv2_ext.cohort import CLASSES, SPACING_MM, TEST_CASE, build_parameters, subject_of
+from nnunetv2_ext.benchmark import cpu_model
 from nnunetv2_ext.compare import paired_comparison
 from nnunetv2_ext.demo.pipeline import foreground_dice
 from nnunetv2_ext.publish import write_atomically
@@ -179,17 +180,13 @@ def fold_record(settings: dict, spec: TrainerSpec, fold: int, held: list[str], f
     from importlib.metadata import version
 
     mean, per_class = foreground_dice(os.path.join(fold_dir, 'validation', 'summary.json'))
-    cpu = platform.processor()
-    if os.path.isfile('/proc/cpuinfo'):
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
     return {'trainer': spec.label, 'class_name': spec.class_name, 'fold': fold, 'held_out': held,
             'settings': settings,
             'test_dice': {s: dict(zip(d, _finite(list(d.values())))) for s, d in per_subject_dice(test_summary).items()},
             'validation': {'foreground_mean': _finite([mean])[0], 'per_class': dict(zip(per_class, _finite(list(
                 per_class.values()))))},
             'pseudo_dice': [_finite(epoch) for epoch in pseudo_dice_curve(fold_dir)], 'train_s': train_s,
-            'device': device, 'machine': f'{cpu}, {os.cpu_count()} cores, {platform.system()}',
+            'device': device, 'machine': f'{cpu_model()}, {os.cpu_count()} cores, {platform.system()}',
             'date': time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime()),
             'versions': {p: version(p) for p in ('nnunetv2', 'nnunetv2_ext', 'torch')}}
 

@@ -36,6 +36,7 @@ import gc
 import json
 import math
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -427,6 +428,18 @@ def benchmark_jobs(jobs, dataset_json: dict, device: str = 'auto', batch_size: i
         if on_result is not None:
             on_result(report)
     return report
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows of it."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _device_name(dev: torch.device) -> str:
