@@ -51,7 +51,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -68,6 +67,9 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
+
+from nnunetv2_ext.env_options import env_float
+from nnunetv2_ext.publish import fsync_path
 
 __all__ = ["VERSION", "WKVBuildWarning", "load_extension", "failure_reason",
            "resolve_cuda_home", "extension_dir", "clear_state"]
@@ -324,14 +326,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's or folder's data and metadata to disk (where the system allows)."""
+def _flush(path: Path) -> None:
+    """``fsync_path`` where the file system allows it (some refuse a folder's fsync)."""
     with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(str(path))
 
 
 def _verified_library(folder: Path) -> Tuple[str, Path]:
@@ -423,14 +421,14 @@ def _publish(mod: ModuleType, build_dir: Path, folder: Path) -> None:
     if so.parent != build_dir or not so.is_file():
         raise RuntimeError(f"the built module {mod.__name__} is not in {build_dir}")
     os.chmod(so, stat.S_IMODE(so.stat().st_mode) & ~0o022)
-    _fsync(so)
+    _flush(so)
     record = {"module": mod.__name__, "file": so.name, "size": so.stat().st_size,
               "sha256": _sha256(so), "host": socket.gethostname(), "time": time.time()}
     with open(build_dir / _RECORD, "w") as fh:
         json.dump(record, fh)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync(build_dir)
+    _flush(build_dir)
     for _ in range(3):
         try:
             os.rename(build_dir, folder)
@@ -447,24 +445,14 @@ def _publish(mod: ModuleType, build_dir: Path, folder: Path) -> None:
     else:
         log.warning("cuda_wkv: could not publish the build as %s (%s); this process uses "
                     "it, later ones will build again", folder, error)
-    _fsync(folder.parent)
+    _flush(folder.parent)
 
 
 # ------------------------------------------------------------------------ build lock
 def _lock_timeout() -> float:
-    """``CUDA_WKV_LOCK_TIMEOUT`` in seconds; ValueError naming it when not finite >= 0."""
-    raw = os.environ.get(_LOCK_TIMEOUT_ENV, "").strip()
-    if not raw:
-        return _DEFAULT_LOCK_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{_LOCK_TIMEOUT_ENV}={raw!r}: expected a finite number of seconds "
-                         f">= 0 to wait for another process's kernel build (default "
-                         f"{_DEFAULT_LOCK_TIMEOUT_S:.0f}; 0 = never wait)")
-    return value
+    """``CUDA_WKV_LOCK_TIMEOUT`` in seconds (0 = never wait); ``EnvOptionError`` (a ValueError) naming it
+    when it is not a number in [0, 86400]."""
+    return env_float(_LOCK_TIMEOUT_ENV, _DEFAULT_LOCK_TIMEOUT_S, 0.0, 86400.0)
 
 
 def _pid_alive(pid: int) -> bool:
