@@ -274,10 +274,10 @@ template <typename Fn> void for_lane_tasks(const Plan& p, Fn&& fn) {
 }
 
 // Lane (b, c) of (B, T, C) tensors given by their data pointers (gy, gk, gv: null in the
-// forward).
-template <typename F>
-wkv::Lane<F> lane_at(const Plan& p, int64_t b, int64_t c, const F* k, const F* v, F* y, F* m,
-                     F* r, const F* gy, F* gk, F* gv, const F* w, const F* u) {
+// forward; S = const F in the backward, which only reads y, m, r).
+template <typename F, typename S>
+wkv::Lane<F, S> lane_at(const Plan& p, int64_t b, int64_t c, const F* k, const F* v, S* y, S* m,
+                        S* r, const F* gy, F* gk, F* gv, const F* w, const F* u) {
   const int64_t o = b * p.T * p.C + c;
   auto at = [o](auto* x) { return x == nullptr ? x : x + o; };
   return {at(k), at(v), at(y), at(m), at(r), at(gy), at(gk), at(gv), p.C, w[c], u[c]};
@@ -310,7 +310,7 @@ void forward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, cons
   lane_phases<F>(
       p, kFwdFields, w.data_ptr<F>(), sp, cp,
       [&](int64_t b, int64_t c) {
-        return lane_at<F>(p, b, c, k.data_ptr<F>(), v.data_ptr<F>(), y.data_ptr<F>(),
+        return lane_at<F, F>(p, b, c, k.data_ptr<F>(), v.data_ptr<F>(), y.data_ptr<F>(),
                           m.data_ptr<F>(), r.data_ptr<F>(), nullptr, nullptr, nullptr,
                           w.data_ptr<F>(), u.data_ptr<F>());
       },
@@ -327,11 +327,11 @@ void backward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, con
                     const at::Tensor& v, const at::Tensor& y, const at::Tensor& m,
                     const at::Tensor& r, const at::Tensor& gy, at::Tensor& gk, at::Tensor& gv,
                     F* sp, F* cp, double* gwp, double* gup) {
-  using L = wkv::Lane<F>;
+  using L = wkv::BwdLane<F>;
   lane_phases<F>(
       p, kBwdFields, w.data_ptr<F>(), sp, cp,
       [&](int64_t b, int64_t c) {
-        return lane_at<F>(p, b, c, k.data_ptr<F>(), v.data_ptr<F>(), y.data_ptr<F>(),
+        return lane_at<F, const F>(p, b, c, k.data_ptr<F>(), v.data_ptr<F>(), y.data_ptr<F>(),
                           m.data_ptr<F>(), r.data_ptr<F>(), gy.data_ptr<F>(), gk.data_ptr<F>(),
                           gv.data_ptr<F>(), w.data_ptr<F>(), u.data_ptr<F>());
       },

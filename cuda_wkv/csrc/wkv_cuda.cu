@@ -112,13 +112,11 @@ template <typename F> struct BwdArgs {
   F *gk, *gv;
 };
 
-template <typename F> __device__ wkv::Lane<F> bwd_lane(const BwdArgs<F>& a, const Shape& s,
-                                                      const Task& tk) {
+template <typename F> __device__ wkv::BwdLane<F> bwd_lane(const BwdArgs<F>& a, const Shape& s,
+                                                         const Task& tk) {
   const int64_t base = tk.b * s.T * s.C + tk.c;
-  // y, m, r are only read in the backward (Lane holds them as writable for the forward)
-  return {a.k + base,  a.v + base,  const_cast<F*>(a.y + base), const_cast<F*>(a.m + base),
-          const_cast<F*>(a.r + base), a.gy + base, a.gk + base, a.gv + base,
-          s.C,         a.w[tk.c],   a.u[tk.c]};
+  return {a.k + base,  a.v + base,  a.y + base, a.m + base, a.r + base, a.gy + base,
+          a.gk + base, a.gv + base, s.C,        a.w[tk.c],  a.u[tk.c]};
 }
 
 template <typename F>

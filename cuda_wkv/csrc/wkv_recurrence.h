@@ -437,14 +437,17 @@ enum class Pass {
 
 // One lane (batch b, channel c) in the (B, T, C) layout: pointers at (b, 0, c), stride C
 // between positions; w, u of channel c.  Backward-only members are null in the forward.
-template <typename F> struct Lane {
+// Saved: the type of the saved y, m, r — written by the forward (F), read by the backward
+// (const F: BwdLane).
+template <typename F, typename Saved = F> struct Lane {
   const F *k, *v;
-  F *y, *m, *r;
+  Saved *y, *m, *r;
   const F* gy;
   F *gk, *gv;
   int64_t C;
   F w, u;
 };
+template <typename F> using BwdLane = Lane<F, const F>;
 
 // One position's inputs, loaded one step ahead by the lane passes below: the CUDA kernel
 // runs one thread per (batch, channel, chunk), and without this each step waits on its
@@ -464,8 +467,8 @@ template <typename F> WKV_HD F load_input(const F* p) {
 #endif
 }
 
-template <typename F, Pass P, bool Bwd>
-WKV_HD void load_row(Row<F>& row, const Lane<F>& l, int64_t t) {
+template <typename F, Pass P, bool Bwd, typename S>
+WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int64_t t) {
   const int64_t o = t * l.C;
   row.k = load_input(l.k + o);
   row.v = load_input(l.v + o);
@@ -487,8 +490,8 @@ WKV_HD void load_row(Row<F>& row, const Lane<F>& l, int64_t t) {
 
 // Calls step(t, row) for the positions of [t0, t1) in direction dir, each row loaded one
 // step ahead.
-template <typename F, Pass P, bool Bwd, typename Step>
-WKV_HD void pipelined_steps(const Lane<F>& l, int dir, int64_t t0, int64_t t1, Step&& step) {
+template <typename F, Pass P, bool Bwd, typename S, typename Step>
+WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, int64_t t0, int64_t t1, Step&& step) {
   const int64_t len = t1 - t0;
   int64_t t = dir > 0 ? t0 : t1 - 1;
   Row<F> next{};
@@ -535,7 +538,7 @@ WKV_HD void lane_fwd_pass(const Lane<F>& l, int dir, int64_t t0, int64_t t1, con
 // side's q0, q1 in gv, gk, kFinish adds them to its own and writes the gradients.  gw, gu:
 // this lane's partial sums, accumulated.
 template <typename F, Pass P>
-WKV_HD void lane_bwd_pass(const Lane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
+WKV_HD void lane_bwd_pass(const BwdLane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
                           F* to, int64_t fs, double& gw, double& gu) {
   BwdState<F> st;
   if (from != nullptr) {
@@ -584,7 +587,7 @@ WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* c
 }
 
 template <typename F>
-WKV_HD void lane_bwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
+WKV_HD void lane_bwd_summary(const BwdLane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
                              F* st, int64_t ds, int64_t fs) {
   double gw = 0.0, gu = 0.0;  // a fold pass accumulates nothing
   if (ch + 1 < nch) lane_bwd_pass<F, Pass::kFold>(l, 1, t0, t1, nullptr, st, fs, gw, gu);
@@ -593,7 +596,7 @@ WKV_HD void lane_bwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t 
 
 // gw, gu: this task's partial sums (set, not accumulated).
 template <typename F>
-WKV_HD void lane_bwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
+WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, int64_t t0, int64_t t1, const F* carry,
                             int64_t ds, int64_t fs, double& gw, double& gu) {
   gw = gu = 0.0;
   lane_bwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, nullptr, fs, gw, gu);
