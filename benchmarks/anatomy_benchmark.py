@@ -77,6 +77,11 @@ def _short(base_name, name, overrides):
 '''
 
 
+def mean_seconds(times: list[float | None]) -> float | None:
+    """The mean training seconds per fold; None when some fold has no time (trained in parts, or reused)."""
+    return None if not times or None in times else sum(times) / len(times)
+
+
 class TrainerSpec:
     """``Base`` or ``Base:attr=value,attr=value`` (values are Python literals) -> a short-schedule subclass."""
 
@@ -237,11 +242,8 @@ class Benchmark:
         tasks = [(s, f) for f in folds for s in self.specs]
         with ThreadPoolExecutor(max(1, self.args.jobs)) as pool:
             seconds = list(pool.map(lambda t: self.train(*t), tasks))
-        mean = {}
-        for spec in self.specs:
-            mine = [s for (sp, _), s in zip(tasks, seconds) if sp is spec]
-            mean[spec.label] = None if None in mine else sum(mine) / len(mine)
-        return mean
+        return {spec.label: mean_seconds([s for (sp, _), s in zip(tasks, seconds) if sp is spec])
+                for spec in self.specs}
 
     def predict_and_evaluate(self, spec: TrainerSpec, folds: list[int], images: str, labels: str, tag: str) -> str:
         """``nnUNetv2_predict`` of ``images`` with the ensemble of ``folds``, then ``nnUNetv2_evaluate_folder``

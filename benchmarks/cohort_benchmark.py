@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
-from anatomy_benchmark import Benchmark, TrainerSpec, add_arguments
+from anatomy_benchmark import Benchmark, TrainerSpec, add_arguments, mean_seconds
 from nnunetv2_ext.cohort import CLASSES, SPACING_MM, TEST_CASE, build_parameters, subject_of
 from nnunetv2_ext.benchmark import cpu_model
 from nnunetv2_ext.compare import paired_comparison
@@ -317,10 +317,9 @@ def main(argv=None) -> int:
     train_s = {}
     for spec in bench.specs:
         mine = [done[spec.label, k] for k in folds]
-        times = [r['train_s'] for r in mine]
         # a mean over folds timed on different machines or devices would mean nothing
         same = len({(r['machine'], r['device']) for r in mine}) == 1
-        train_s[spec.label] = None if None in times or not same else sum(times) / len(times)
+        train_s[spec.label] = mean_seconds([r['train_s'] for r in mine]) if same else None
     # nnunetv2-ext compare needs the folds' nnU-Net results, which folds recorded elsewhere do not have here
     local = all(os.path.isfile(os.path.join(bench.fold_dir(spec, k), 'validation', 'summary.json'))
                 for spec in bench.specs for k in folds)

@@ -100,6 +100,12 @@ def test_an_interrupted_fold_resumes_with_c_and_a_finished_one_is_reused(bench, 
     assert len(calls) == n
 
 
+def test_mean_seconds_needs_every_fold_timed(bench):
+    assert bench.mean_seconds([10.0, 20.0]) == 15.0
+    assert bench.mean_seconds([10.0, None]) is None  # a fold trained in parts, or reused without a time
+    assert bench.mean_seconds([]) is None
+
+
 def test_held_out_subjects_rejects_a_subject_on_both_sides(cohort_bench, tmp_path):
     path = tmp_path / 'splits_final.json'
     path.write_text('[{"train": ["9861_0", "10021_0"], "val": ["12876_0", "12876_1"]},'
