@@ -13,8 +13,10 @@ nnunetv2-ext compare (the folds' validation results) -> nnunetv2-ext benchmark o
 Results (``--name``, default anatomy_results): <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/,
 <work-dir>/cost/.
 
-A trainer may carry class-attribute overrides, for ablations: ``nnUNetTrainerPVTGDLA_EncRefine:attn_weight=0``
+A trainer may carry attribute overrides, for ablations: ``nnUNetTrainerPVTGDLA_EncRefine:attn_weight=0``
 trains a subclass with ``attn_weight = 0`` (class name ``nnUNetTrainerPVTGDLA_EncRefine__attn_weight0_Anatomy``).
+They are set on the class and again on the trainer after its ``__init__``, so values nnU-Net's trainers set
+there (``initial_lr``, ``weight_decay``) can be overridden too; the schedule (epochs, iterations) cannot.
 Folds whose ``checkpoint_final.pth`` exists are not trained again, so a second invocation on the same
 work dir (other trainers, more folds) reuses what is there.
 Validation cases are deformed copies of the training subjects (optimistic); the Colin27 Dice is the honest
@@ -53,6 +55,8 @@ def _short(base_name, name, overrides):
 
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device('cuda')):
         base.__init__(self, plans, configuration, fold, dataset_json, device)
+        for key, value in overrides.items():  # also what nnU-Net's __init__ sets (initial_lr, weight_decay)
+            setattr(self, key, value)
         self.num_epochs = int(os.environ['ANATOMY_EPOCHS'])
         self.num_iterations_per_epoch = int(os.environ['ANATOMY_ITERS'])
         self.num_val_iterations_per_epoch = 5

@@ -37,7 +37,8 @@ def test_bad_specs_say_what_is_wrong(bench, text, message):
 def test_schedule_classes_are_found_by_nnunet_and_carry_schedule_and_overrides(bench, tmp_path, monkeypatch):
     from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
-    specs = [bench.TrainerSpec('nnUNetTrainer'), bench.TrainerSpec('nnUNetTrainerGLSP_EncRefine:boundary_weight=0')]
+    specs = [bench.TrainerSpec('nnUNetTrainer'),
+             bench.TrainerSpec('nnUNetTrainerGLSP_EncRefine:boundary_weight=0,initial_lr=0.003,num_epochs=9')]
     paths = bench.write_schedule_modules(str(tmp_path), specs)
     assert sorted(os.path.basename(p) for p in paths) == sorted(s.class_name + '.py' for s in specs)
     monkeypatch.setenv('ANATOMY_EPOCHS', '3')
@@ -61,6 +62,8 @@ def test_schedule_classes_are_found_by_nnunet_and_carry_schedule_and_overrides(b
         assert trainer.inference_allowed_mirroring_axes == (0, 1)  # saved in the checkpoint, used by predict
         monkeypatch.delenv('ANATOMY_NO_MIRROR_AXIS')
     assert cls.boundary_weight == 0 and cls.attn_weight == 0.1  # override set, other defaults kept
+    # a value nnU-Net's __init__ sets is overridden on the trainer; the schedule is not (it is recorded)
+    assert trainer.initial_lr == 0.003 and trainer.num_epochs == 3
 
 
 @pytest.fixture(scope='module')
