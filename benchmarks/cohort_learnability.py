@@ -9,7 +9,8 @@ z-scores each image as nnU-Net's ``ZScoreNormalization`` does without a mask, pa
 (nnU-Net's topology rule for the largest case), and trains a trainer's network (``build_network_architecture``, deep
 supervision off) with nnU-Net's loss and optimiser: ``DC_and_CE_loss`` (soft Dice without background, smooth
 1e-5, ``MemoryEfficientSoftDiceLoss``), SGD with Nesterov momentum 0.99 and weight decay 3e-5 at a constant
-``--lr``, gradients clipped at norm 12. No augmentation, random pairs of training cases per step (batch 2).
+``--lr`` (``--optimizer adamw``: the PVT-GDLA trainers' AdamW instead), gradients clipped at norm 12. No
+augmentation, random pairs of training cases per step (batch 2).
 
 Every ``--every`` steps it prints, on that step's batch: the loss, its cross-entropy and soft-Dice parts, the
 fraction of voxels predicted as foreground (argmax) against the true fraction, and the argmax Dice averaged over
@@ -90,6 +91,10 @@ def main(argv=None) -> int:
     ap.add_argument('--steps', type=int, default=400)
     ap.add_argument('--every', type=int, default=20, help='print every N steps')
     ap.add_argument('--lr', type=float, default=0.01, help="constant learning rate (nnU-Net's initial one)")
+    ap.add_argument('--optimizer', choices=('sgd', 'adamw'), default='sgd',
+                    help="sgd: nnU-Net's (Nesterov momentum 0.99, weight decay 3e-5); adamw: the PVT-GDLA trainers' "
+                         "(betas 0.9/0.999, decoupled --weight-decay on weights only)")
+    ap.add_argument('--weight-decay', type=float, default=0.05, help='adamw only')
     ap.add_argument('--contrast', choices=('random', 't1-jitter'), default='random')
     ap.add_argument('--jitter', type=float, default=0.1, help='t1-jitter: U(-j, j) added to the T1-like means')
     ap.add_argument('--merge-sides', action='store_true',
@@ -142,10 +147,14 @@ def main(argv=None) -> int:
     from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
     loss_fn = DC_and_CE_loss({'batch_dice': False, 'smooth': 1e-5, 'do_bg': False, 'ddp': False}, {},
                              weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    if args.optimizer == 'adamw':
+        from nnunetv2_ext.trainers.pvt_gdla import weight_decay_groups
+        opt = torch.optim.AdamW(weight_decay_groups(net, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
     data = [pad_to(x, y, patch) for x, y in cases]
     print(f'{args.trainer}, widths {configuration["architecture"]["arch_kwargs"]["features_per_stage"]}, patch '
-          f'{patch}, {len(data)} cases of {args.train_subjects}, {args.contrast} contrast, lr {args.lr}', flush=True)
+          f'{patch}, {len(data)} cases of {args.train_subjects}, {args.contrast} contrast, {args.optimizer} lr {args.lr}', flush=True)
     rng = np.random.default_rng(args.seed)
     rows, start = [], time.time()
     for step in range(1, args.steps + 1):
