@@ -282,6 +282,9 @@ def test_trainer_optimiser_is_adamw_with_groups():
     opt, sched = trainer.configure_optimizers()
     assert isinstance(opt, torch.optim.AdamW) and [g['weight_decay'] for g in opt.param_groups] == [0.05, 0.0]
     assert trainer.initial_lr == 3e-4 and isinstance(sched, WarmupPolyLRScheduler)
+    assert opt.param_groups[0]['lr'] == pytest.approx(3e-4 / trainer.warmup_epochs)  # first warm-up epoch
+    narrow = make_trainer(nnUNetTrainerPVTGDLA_PlansWidths, cm)
+    assert narrow.initial_lr == 1e-3  # the plans-width variant's own default (docs/pvt_gdla.md)
 
 
 PLANS_2D_TIMM = dict(patch_size=[64, 64], strides=[[1, 1]] + [[2, 2]] * 5, features=[4] * 6)
