@@ -44,6 +44,19 @@ def test_trains_and_reports_every_step_and_the_held_out_subjects(script, tmp_pat
     assert 'over 8 classes' in capsys.readouterr().out
 
 
+def test_adamw_is_the_pvt_trainers_optimiser_with_its_weight_decay_groups(script, tmp_path, capsys, keep_threads,
+                                                                          monkeypatch):
+    made, real = [], torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, 'AdamW', lambda groups, **kw: made.append((groups, kw)) or real(groups, **kw))
+    source = write_toy_abagen(str(tmp_path / 'data'))
+    assert script.main(['--source', source, '--steps', '1', '--spacing', '2', '--train-subjects', '9861',
+                        '--cases-per-subject', '1', '--threads', '1', '--optimizer', 'adamw', '--lr', '0.001',
+                        '--weight-decay', '0.02']) == 0
+    (groups, kw), = made
+    assert kw['lr'] == 0.001 and [g['weight_decay'] for g in groups] == [0.02, 0.0]  # biases, norms: no decay
+    assert 'adamw lr 0.001' in capsys.readouterr().out
+
+
 def test_errors_name_the_problem(script, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         script.main(['--train-subjects', '42'])
