@@ -154,7 +154,8 @@ def main(argv=None) -> int:
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
     data = [pad_to(x, y, patch) for x, y in cases]
     print(f'{args.trainer}, widths {configuration["architecture"]["arch_kwargs"]["features_per_stage"]}, patch '
-          f'{patch}, {len(data)} cases of {args.train_subjects}, {args.contrast} contrast, {args.optimizer} lr {args.lr}', flush=True)
+          f'{patch}, {len(data)} cases of {args.train_subjects}, {args.contrast} contrast, '
+          f'{args.optimizer} lr {args.lr}', flush=True)
     rng = np.random.default_rng(args.seed)
     rows, start = [], time.time()
     for step in range(1, args.steps + 1):
