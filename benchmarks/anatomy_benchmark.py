@@ -16,7 +16,7 @@ Results (``--name``, default anatomy_results): <work-dir>/NAME.{md,json}, <work-
 A trainer may carry attribute overrides, for ablations: ``nnUNetTrainerPVTGDLA_EncRefine:attn_weight=0``
 trains a subclass with ``attn_weight = 0`` (class name ``nnUNetTrainerPVTGDLA_EncRefine__attn_weight0_Anatomy``).
 They are set on the class and again on the trainer after its ``__init__``, so values nnU-Net's trainers set
-there (``initial_lr``, ``weight_decay``) can be overridden too; the schedule (epochs, iterations) cannot.
+there (``initial_lr``, ``weight_decay``) can be overridden too; the schedule (epochs, iterations) is refused.
 Folds whose ``checkpoint_final.pth`` exists are not trained again, so a second invocation on the same
 work dir (other trainers, more folds) reuses what is there.
 Validation cases are deformed copies of the training subjects (optimistic); the Colin27 Dice is the honest
@@ -38,6 +38,8 @@ from nnunetv2_ext.trainers.base import CHECKPOINT_NAMES
 
 DATASET_ID = 990
 DATASET = f'Dataset{DATASET_ID}_BrainTemplates'
+# what the short-schedule subclasses set from the run's options (after any override, so not overridable)
+SCHEDULE_ATTRS = ('num_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch', 'save_every')
 SCHEDULE_FILE = 'anatomy_schedule.json'  # in a fold folder: the schedule and widths it was trained with
 
 SCHEDULE_MODULE = '''
@@ -99,6 +101,9 @@ class TrainerSpec:
             key, eq, value = item.partition('=')
             if not eq or not re.fullmatch(r'[A-Za-z_]\w*', key.strip()):
                 raise ValueError(f'bad override {item!r} in {text!r}: expected attr=value')
+            if key.strip() in SCHEDULE_ATTRS:
+                raise ValueError(f'override {item!r} in {text!r}: the schedule is the run\'s (--epochs, '
+                                 '--iterations), the same for every trainer')
             try:
                 self.overrides[key.strip()] = ast.literal_eval(value.strip())
             except (ValueError, SyntaxError):

