@@ -1,12 +1,13 @@
 """Six-subject cohort benchmark: nnU-Net's baseline vs our trainers with subject-wise folds, identical settings.
 
-    python benchmarks/cohort_benchmark.py --work-dir /tmp/cohort --epochs 20 --iterations 50 \
+    python benchmarks/cohort_benchmark.py --work-dir /tmp/cohort --epochs 300 --iterations 50 \
         --base-features 8 --max-features 64 --jobs 2 -tr nnUNetTrainer nnUNetTrainerLightDecoder \
-        nnUNetTrainerGLSP nnUNetTrainerPVTGDLA_PlansWidths:warmup_epochs=1
+        nnUNetTrainerGLSP nnUNetTrainerPVTGDLA_PlansWidths
 
-(PVT-GDLA's default warm-up of 10 epochs is 1 % of nnU-Net's 1000; ``warmup_epochs=1`` keeps it short in a short
-schedule.) An interrupted run continues with the same command: finished folds are reused, an interrupted one
-resumes from its last epoch (``--c``). Each finished fold leaves a small JSON record (``--records``, default
+(300 x 50 steps: the budget at which nnU-Net's own trainer learns all 16 classes, docs/benchmarks.md; in a short
+schedule ``nnUNetTrainerPVTGDLA_PlansWidths:warmup_epochs=1`` shortens PVT-GDLA's 10-epoch warm-up.)
+An interrupted run continues with the same command: finished folds are reused, an interrupted one resumes from
+its last epoch (``--c``). Each finished fold leaves a small JSON record (``--records``, default
 <work-dir>/records) and the table is built from the records: folds run on different machines or in different
 sessions combine when their records are copied into one folder (folds recorded there are not trained again).
 How many steps the task needs: cohort_learnability.py.
