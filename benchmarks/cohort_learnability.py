@@ -150,9 +150,8 @@ def main(argv=None) -> int:
     loss_fn = DC_and_CE_loss({'batch_dice': False, 'smooth': 1e-5, 'do_bg': False, 'ddp': False}, {},
                              weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
     if args.optimizer == 'adamw':
-        from nnunetv2_ext.trainers.pvt_gdla import weight_decay_groups
-        decay = 0.05 if args.weight_decay is None else args.weight_decay
-        opt = torch.optim.AdamW(weight_decay_groups(net, decay), lr=args.lr, betas=(0.9, 0.999))
+        from nnunetv2_ext.trainers.pvt_gdla import adamw
+        opt = adamw(net, args.lr) if args.weight_decay is None else adamw(net, args.lr, args.weight_decay)
     else:
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.99, nesterov=True, weight_decay=3e-5)
     data = [pad_to(x, y, patch) for x, y in cases]

@@ -37,6 +37,14 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
+WEIGHT_DECAY = 0.05  # decoupled, on weights only
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float = WEIGHT_DECAY) -> torch.optim.AdamW:
+    """The PVT-GDLA trainers' AdamW (betas 0.9/0.999, eps 1e-8) on :func:`weight_decay_groups`."""
+    return torch.optim.AdamW(weight_decay_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
 class WarmupPolyLRScheduler(_LRScheduler):
     """Per epoch ``e``: ``lr = initial_lr · (e + 1) / W`` for ``e < W``,
     then ``initial_lr · (1 − (e − W)/(E − W))^0.9``.
@@ -81,7 +89,7 @@ class nnUNetTrainerPVTGDLA(nnUNetTrainerExtBase):
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = self.adamw_lr
-        self.weight_decay = 0.05
+        self.weight_decay = WEIGHT_DECAY
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
@@ -90,8 +98,7 @@ class nnUNetTrainerPVTGDLA(nnUNetTrainerExtBase):
                                   enable_deep_supervision, **cls.network_options)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(weight_decay_groups(self.network, self.weight_decay), lr=self.initial_lr,
-                                      betas=(0.9, 0.999), eps=1e-8)
+        optimizer = adamw(self.network, self.initial_lr, self.weight_decay)
         scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
         return optimizer, scheduler
 
