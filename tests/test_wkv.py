@@ -242,30 +242,6 @@ def test_chunked_scan_vs_dense(cpu_kernel, monkeypatch, chunk, shape):
                 assert _rel_err(g, r) <= tol * 10, (name, dtype, _rel_err(g, r))
 
 
-@pytest.mark.parametrize("chunk", ["1", "2", "3", "7", "64", "half", ""],
-                         ids=lambda c: f"chunk{c or 'auto'}")
-@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 2, 3), (2, 33, 3), (1, 1000, 5)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_cuda_thread_code_on_cpu(cpu_kernel, monkeypatch, chunk, shape):
-    """The CUDA kernel's per-thread passes and carries (wkv_recurrence.h, with loads one step
-    ahead), run on the CPU by the extension's forward_lanes / backward_lanes, give the dense
-    reference's values and gradients: the GPU algorithm is tested without a GPU."""
-    monkeypatch.setenv("CUDA_WKV_CHUNK", _chunk_env(chunk, shape[1]))
-    args, gy, y_ref, g_ref = _grad_ref(shape, seed=sum(shape) + 1)
-    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
-        w, u, k, v = (x.to(dtype) for x in args)
-        y, m, r = cpu_kernel.forward_lanes(w, u, k, v)
-        assert (y.double() - y_ref).abs().max().item() <= tol * args[3].abs().max().item()
-        grads = cpu_kernel.backward_lanes(w, u, k, v, y, m, r, gy.to(dtype))
-        for name, g, ref in zip("wukv", grads, g_ref):
-            assert g.dtype == dtype
-            assert _rel_err(g, ref) <= tol * 10, (name, dtype, _rel_err(g, ref))
-        if dtype == torch.float64:  # the same algebra as the CPU kernel: equal to rounding
-            y_cpu, m_cpu, r_cpu = cpu_kernel.forward(w, u, k, v)
-            torch.testing.assert_close(y, y_cpu, rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(m + r * w, m_cpu + r_cpu * w, rtol=1e-12, atol=1e-12)
-
-
 def test_chunk_length_rules(cpu_kernel, monkeypatch):
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
     cl = cpu_kernel.chunk_length

@@ -254,100 +254,7 @@ void block_phases(const Plan& p, int fields, const F* wp, F* sp, F* cp, PassFn&&
   });
 }
 
-// ------------------------------------------------------------------ lane-wise path (tests)
-// The bodies of the CUDA kernels' threads -- wkv::lane_fwd_summary / lane_fwd_rescan /
-// lane_bwd_summary / lane_bwd_rescan and the phase-2 carries of wkv_recurrence.h, with
-// their one-step-ahead loads -- run here one (batch, channel, chunk) task at a time, so
-// that the tests check that code on a CPU against the dense reference.  Not covered here:
-// the CUDA kernels' index arithmetic (chunk_task, Shape::state), the device exp / log and
-// the read-only-cache loads.  Chunk length as the CPU kernel's (CUDA_WKV_CHUNK forces it).
-// bi_wkv never calls these.
-
-// Runs fn(b, c, ch, t0, t1) for every (batch, channel, chunk) task in parallel.
-template <typename Fn> void for_lane_tasks(const Plan& p, Fn&& fn) {
-  at::parallel_for(0, p.B * p.C * p.nch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t ch = task % p.nch, rest = task / p.nch;
-      fn(rest / p.C, rest % p.C, ch, p.chunk_begin(ch), p.chunk_end(ch));
-    }
-  });
-}
-
-// Lane (b, c) of (B, T, C) tensors given by their data pointers (gy, gk, gv: null in the
-// forward; S = const F in the backward, which only reads y, m, r).
-template <typename F, typename S>
-wkv::Lane<F, S> lane_at(const Plan& p, int64_t b, int64_t c, const F* k, const F* v, S* y, S* m,
-                        S* r, const F* gy, F* gk, F* gv, const F* w, const F* u) {
-  const int64_t o = b * p.T * p.C + c;
-  auto at = [o](auto* x) { return x == nullptr ? x : x + o; };
-  return {at(k), at(v), at(y), at(m), at(r), at(gy), at(gk), at(gv), p.C, w[c], u[c]};
-}
-
-// Phases 1-3 with the CUDA thread bodies over every (batch, channel, chunk) task: a
-// summary(lane, ch, t0, t1, state, ds) and a rescan(lane, b, c, ch, t0, t1, carry, ds) of
-// the forward or the backward, whose states have `fields` fields.
-template <typename F, typename LaneOf, typename Summary, typename Rescan>
-void lane_phases(const Plan& p, int fields, const F* wp, F* sp, F* cp, LaneOf&& lane,
-                 Summary&& summary, Rescan&& rescan) {
-  const int64_t ds = fields * p.C;
-  if (p.nch > 1) {
-    for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-      summary(lane(b, c), ch, t0, t1, sp + state_off(p, fields, b, ch, 0, c), ds);
-    });
-  }
-  for (int64_t b = 0; b < p.B; ++b) carries<F>(p, fields, b, sp, cp, wp);
-  for_lane_tasks(p, [&](int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1) {
-    rescan(lane(b, c), b, c, ch, t0, t1, cp + state_off(p, fields, b, ch, 0, c), ds);
-  });
-}
-
-// Lane-wise forward (see "lane-wise path" above).
-template <typename F>
-void forward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
-                   const at::Tensor& v, at::Tensor& y, at::Tensor& m, at::Tensor& r, F* sp,
-                   F* cp) {
-  using L = wkv::Lane<F>;
-  lane_phases<F>(
-      p, kFwdFields, w.data_ptr<F>(), sp, cp,
-      [&](int64_t b, int64_t c) {
-        return lane_at<F, F>(p, b, c, k.data_ptr<F>(), v.data_ptr<F>(), y.data_ptr<F>(),
-                          m.data_ptr<F>(), r.data_ptr<F>(), nullptr, nullptr, nullptr,
-                          w.data_ptr<F>(), u.data_ptr<F>());
-      },
-      [&](const L& l, int64_t ch, int64_t t0, int64_t t1, F* st, int64_t ds) {
-        wkv::lane_fwd_summary(l, ch, p.nch, t0, t1, st, ds, p.C);
-      },
-      [&](const L& l, int64_t, int64_t, int64_t, int64_t t0, int64_t t1, const F* carry,
-          int64_t ds) { wkv::lane_fwd_rescan(l, t0, t1, carry, ds, p.C); });
-}
-
-// Lane-wise backward.
-template <typename F>
-void backward_lanes(const Plan& p, const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
-                    const at::Tensor& v, const at::Tensor& y, const at::Tensor& m,
-                    const at::Tensor& r, const at::Tensor& gy, at::Tensor& gk, at::Tensor& gv,
-                    F* sp, F* cp, double* gwp, double* gup) {
-  using L = wkv::BwdLane<F>;
-  lane_phases<F>(
-      p, kBwdFields, w.data_ptr<F>(), sp, cp,
-      [&](int64_t b, int64_t c) {
-        return lane_at<F, const F>(p, b, c, k.data_ptr<F>(), v.data_ptr<F>(), y.data_ptr<F>(),
-                          m.data_ptr<F>(), r.data_ptr<F>(), gy.data_ptr<F>(), gk.data_ptr<F>(),
-                          gv.data_ptr<F>(), w.data_ptr<F>(), u.data_ptr<F>());
-      },
-      [&](const L& l, int64_t ch, int64_t t0, int64_t t1, F* st, int64_t ds) {
-        wkv::lane_bwd_summary(l, ch, p.nch, t0, t1, st, ds, p.C);
-      },
-      [&](const L& l, int64_t b, int64_t c, int64_t ch, int64_t t0, int64_t t1, const F* carry,
-          int64_t ds) {
-        const int64_t part = (b * p.nch + ch) * p.C + c;  // gw, gu partial sums
-        wkv::lane_bwd_rescan(l, t0, t1, carry, ds, p.C, gwp[part], gup[part]);
-      });
-}
-
-// lanes: the lane-wise path (tests) instead of the vectorised kernel.
-std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v,
-                                    bool lanes) {
+std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v) {
   wkv::check_inputs("wkv_cpu", c10::DeviceType::CPU, w, u, k, v);
   auto y = at::empty_like(k), m = at::empty_like(k), r = at::empty_like(k);
   if (k.numel() == 0) return {y, m, r};
@@ -365,10 +272,6 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at
     F* rp = r.data_ptr<F>();
     F* sp = summ.data_ptr<F>();
     F* cp = carry.data_ptr<F>();
-    if (lanes) {
-      forward_lanes<F>(p, w, u, k, v, y, m, r, sp, cp);
-      return;
-    }
     const int64_t TC = p.T * p.C;
     // One pass of kind P over chunk ch of block (b, c0) in direction dir.
     auto pass = [&](auto kind, int64_t b, int64_t c0, int n, int64_t ch, int dir,
@@ -506,7 +409,7 @@ std::vector<at::Tensor> reduce_parts(const at::Tensor& gw_part, const at::Tensor
 
 std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                                      at::Tensor v, at::Tensor y, at::Tensor m,
-                                     at::Tensor r, at::Tensor gy, bool lanes) {
+                                     at::Tensor r, at::Tensor gy) {
   wkv::check_inputs("wkv_cpu", c10::DeviceType::CPU, w, u, k, v);
   wkv::check_saved("wkv_cpu", k, {&y, &m, &r, &gy});
   auto gk = at::empty_like(k), gv = at::empty_like(k);
@@ -530,10 +433,6 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
     F* cp = carry.data_ptr<F>();
     double* gwp = gw_part.data_ptr<double>();
     double* gup = gu_part.data_ptr<double>();
-    if (lanes) {
-      backward_lanes<F>(p, w, u, k, v, y, m, r, gy, gk, gv, sp, cp, gwp, gup);
-      return;
-    }
     // One pass of kind P over chunk ch of block (b, c0) in direction dir; partial sums of
     // gw and gu per (batch, chunk, channel).
     auto pass = [&](auto kind, int64_t b, int64_t c0, int n, int64_t ch, int dir,
@@ -566,23 +465,9 @@ int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "cuda_wkv: exact bidirectional WKV, C++ CPU kernel";
-  using T = at::Tensor;
-  mod.def("forward", [](T w, T u, T k, T v) { return wkv_forward(w, u, k, v, false); },
-          "forward(w, u, k, v) -> [y, m, r]");
-  mod.def("backward",
-          [](T w, T u, T k, T v, T y, T m, T r, T gy) {
-            return wkv_backward(w, u, k, v, y, m, r, gy, false);
-          },
+  mod.def("forward", &wkv_forward, "forward(w, u, k, v) -> [y, m, r]");
+  mod.def("backward", &wkv_backward,
           "backward(w, u, k, v, y, m, r, gy) -> [gw, gu, gk, gv]");
-  mod.def("forward_lanes", [](T w, T u, T k, T v) { return wkv_forward(w, u, k, v, true); },
-          "forward_lanes(w, u, k, v) -> [y, m, r]: the CUDA kernel's per-thread code on the "
-          "CPU (tests)");
-  mod.def("backward_lanes",
-          [](T w, T u, T k, T v, T y, T m, T r, T gy) {
-            return wkv_backward(w, u, k, v, y, m, r, gy, true);
-          },
-          "backward_lanes(w, u, k, v, y, m, r, gy) -> [gw, gu, gk, gv]: the CUDA kernel's "
-          "per-thread code on the CPU (tests)");
   mod.def("chunk_length", &chunk_length,
           "chunk_length(device, B, T, C, parallel) -> chunk length of the three-phase scan "
           "(parallel: CPU threads or CUDA resident threads)");

@@ -10,8 +10,13 @@
 //
 // This translation unit only needs the CUDA runtime (no ATen / pybind11), which keeps
 // the nvcc part of the JIT build short; the tensor glue, the chunk length and the
-// scratch buffers are in wkv_cuda_binding.cpp.
+// scratch buffers are in wkv_cuda_binding.cpp.  Every kernel is a thin mapping from its
+// thread to a lane of the shared header (no shared memory, no barriers), so a host
+// compiler can run this file too: tests/csrc/wkv_cuda_host.cpp supplies the CUDA names
+// and a launch that runs every thread in turn (tests/test_wkv_cuda_host.py).
+#if defined(__CUDACC__)
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 
@@ -156,6 +161,22 @@ __global__ void reduce_kernel(const double* __restrict__ gw_part,
 }
 
 // --------------------------------------------------------------------------- launching
+template <typename T> struct Exactly {  // keeps launch's arguments out of deduction
+  using type = T;
+};
+
+// Runs `kernel` over grid x block on `stream`; without nvcc, the includer's
+// launch_on_host runs the threads one by one.
+template <typename... P>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream,
+            typename Exactly<P>::type... args) {
+#if defined(__CUDACC__)
+  kernel<<<grid, block, 0, stream>>>(args...);
+#else
+  launch_on_host(kernel, grid, block, stream, args...);
+#endif
+}
+
 Shape make_shape(int64_t B, int64_t T, int64_t C, int64_t len) {
   const int64_t nch = (T + len - 1) / len;
   return {B, T, C, len, nch, (nch + kRows - 1) / kRows};
@@ -179,10 +200,11 @@ cudaError_t forward_impl(const F* w, const F* u, const F* k, const F* v, F* y, F
   const dim3 block(kLanes, kRows);
   const FwdArgs<F> a{w, u, k, v, y, m, r};
   if (s.nch > 1) {
-    fwd_summary_kernel<F><<<chunk_grid(s), block, 0, stream>>>(a, summ, s);
+    launch(fwd_summary_kernel<F>, chunk_grid(s), block, stream, a, summ, s);
   }
-  carry_kernel<F, kFwdFields><<<lane_blocks(s), 128, 0, stream>>>(w, summ, carry, s);
-  fwd_rescan_kernel<F><<<chunk_grid(s), block, 0, stream>>>(a, carry, s);
+  launch(carry_kernel<F, kFwdFields>, dim3(lane_blocks(s)), dim3(128), stream, w,
+         summ, carry, s);
+  launch(fwd_rescan_kernel<F>, chunk_grid(s), block, stream, a, carry, s);
   return cudaGetLastError();
 }
 
@@ -194,15 +216,18 @@ cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, double* gw_par
   const Shape s = make_shape(B, T, C, len);
   if (B * T > 0) {
     const dim3 block(kLanes, kRows);
-    if (s.nch > 1) bwd_summary_kernel<F><<<chunk_grid(s), block, 0, stream>>>(a, summ, s);
-    carry_kernel<F, kBwdFields><<<lane_blocks(s), 128, 0, stream>>>(a.w, summ, carry, s);
-    bwd_rescan_kernel<F><<<chunk_grid(s), block, 0, stream>>>(a, carry, gw_part, gu_part, s);
+    if (s.nch > 1) launch(bwd_summary_kernel<F>, chunk_grid(s), block, stream, a, summ, s);
+    launch(carry_kernel<F, kBwdFields>, dim3(lane_blocks(s)), dim3(128), stream, a.w,
+           summ, carry, s);
+    launch(bwd_rescan_kernel<F>, chunk_grid(s), block, stream, a, carry,
+           gw_part, gu_part, s);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   const int64_t parts = B * T > 0 ? B * s.nch : 0;
-  reduce_kernel<F><<<static_cast<unsigned int>((C + 127) / 128), 128, 0, stream>>>(
-      gw_part, gu_part, gw, gu, parts, C);
+  launch(reduce_kernel<F>, dim3(static_cast<unsigned int>((C + 127) / 128)), dim3(128), stream,
+         gw_part, gu_part, gw, gu, parts,
+         C);
   return cudaGetLastError();
 }
 
@@ -229,16 +254,3 @@ cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, double* gw_par
 
 WKV_CUDA_ENTRY_POINTS(float)
 WKV_CUDA_ENTRY_POINTS(double)
-
-// Resident threads of the current device (SMs x threads per SM): the automatic chunk
-// length aims to give every one of them a (batch, channel, chunk) task.
-cudaError_t wkv_cuda_thread_slots(int64_t* slots) {
-  int dev = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
-  }
-  *slots = static_cast<int64_t>(sms) * per_sm;
-  return err;
-}

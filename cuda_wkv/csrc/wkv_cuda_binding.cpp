@@ -23,9 +23,21 @@
                                 int64_t C, int64_t len, cudaStream_t stream);
 WKV_CUDA_DECLARE(float)
 WKV_CUDA_DECLARE(double)
-cudaError_t wkv_cuda_thread_slots(int64_t* slots);
 
 namespace {
+
+// Resident threads of the current device (SMs x threads per SM): the automatic chunk
+// length aims to give every one of them a (batch, channel, chunk) task.
+cudaError_t thread_slots(int64_t* slots) {
+  int dev = 0, sms = 0, per_sm = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
+  }
+  *slots = static_cast<int64_t>(sms) * per_sm;
+  return err;
+}
 
 // Chunk length for k's shape on the current device: CUDA_WKV_CHUNK or automatic.
 int64_t chunk_len(const at::Tensor& k) {
@@ -33,7 +45,7 @@ int64_t chunk_len(const at::Tensor& k) {
   const int64_t forced = wkv::forced_chunk("wkv_cuda");
   if (forced > 0) return std::min(forced, std::max<int64_t>(T, 1));
   int64_t slots = 0;
-  const cudaError_t err = wkv_cuda_thread_slots(&slots);
+  const cudaError_t err = thread_slots(&slots);
   TORCH_CHECK(err == cudaSuccess, "wkv_cuda: cannot query the device: ",
               cudaGetErrorString(err));
   return wkv::cuda_auto_chunk(B, T, C, slots);

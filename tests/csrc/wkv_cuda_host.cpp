@@ -1,0 +1,75 @@
+// Runs the CUDA kernel's source (cuda_wkv/csrc/wkv_cuda.cu) on the host, for tests on
+// machines without a GPU: the CUDA names it uses are defined here and every launch runs
+// its threads one after another, in launch order or reversed.  The kernels share no
+// memory and never synchronise inside a launch, so any thread order must give the same
+// bits; a thread that reads another's output of the same launch, or writes outside its
+// own lane, shows up as a difference between the two orders (tests/test_wkv_cuda_host.py
+// also fills every buffer and its surroundings with NaN to see out-of-range accesses).
+//
+// Build: c++ -std=c++17 -O1 -shared -fPIC -I cuda_wkv/csrc tests/csrc/wkv_cuda_host.cpp
+#include <cstdint>
+
+struct dim3 {
+  unsigned int x, y, z;
+  dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using cudaStream_t = void*;
+enum cudaError_t { cudaSuccess = 0 };
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+#define __global__
+#define __device__
+
+namespace {
+dim3 blockIdx, threadIdx, blockDim;
+bool reversed_order = false;
+}  // namespace
+
+// Every (block, thread) of grid x block, one at a time.
+template <typename... P, typename... A>
+void launch_on_host(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, A... args) {
+  blockDim = block;
+  const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
+  const int64_t threads = int64_t(block.x) * block.y * block.z;
+  for (int64_t i = 0; i < blocks * threads; ++i) {
+    const int64_t j = reversed_order ? blocks * threads - 1 - i : i;
+    const int64_t bi = j / threads, ti = j % threads;
+    blockIdx = dim3(unsigned(bi % grid.x), unsigned(bi / grid.x % grid.y),
+                    unsigned(bi / (int64_t(grid.x) * grid.y)));
+    threadIdx = dim3(unsigned(ti % block.x), unsigned(ti / block.x % block.y),
+                     unsigned(ti / (int64_t(block.x) * block.y)));
+    kernel(args...);
+  }
+}
+
+#include "wkv_cuda.cu"
+
+// C entry points for ctypes; `reversed` picks the thread order.  Buffer sizes as
+// documented above WKV_CUDA_ENTRY_POINTS.
+#define WKV_HOST_ENTRY_POINTS(F, SUFFIX)                                                     \
+  extern "C" void wkv_host_forward_##SUFFIX(const F* w, const F* u, const F* k,          \
+                                               const F* v, F* y, F* m, F* r, F* summ,       \
+                                               F* carry, int64_t B, int64_t T, int64_t C,   \
+                                               int64_t len, int reversed) {                 \
+    reversed_order = reversed != 0;                                                        \
+    wkv_cuda_forward(w, u, k, v, y, m, r, summ, carry, B, T, C, len, nullptr);             \
+  }                                                                                        \
+  extern "C" void wkv_host_backward_##SUFFIX(                                            \
+      const F* w, const F* u, const F* k, const F* v, const F* y, const F* m, const F* r,   \
+      const F* gy, F* gk, F* gv, F* summ, F* carry, double* gw_part, double* gu_part,       \
+      F* gw, F* gu, int64_t B, int64_t T, int64_t C, int64_t len, int reversed) {           \
+    reversed_order = reversed != 0;                                                        \
+    wkv_cuda_backward(w, u, k, v, y, m, r, gy, gk, gv, summ, carry, gw_part, gu_part, gw,  \
+                      gu, B, T, C, len, nullptr);                                          \
+  }
+
+WKV_HOST_ENTRY_POINTS(float, f32)
+WKV_HOST_ENTRY_POINTS(double, f64)
+
+// Fields of a forward (bwd = 0) or backward state in the summary / carry buffers.
+extern "C" int64_t wkv_host_state_fields(int bwd) { return bwd ? wkv::kBwdFields : wkv::kFwdFields; }
+
+// The automatic chunk length the CUDA binding would pick on a device with `slots`
+// resident threads.
+extern "C" int64_t wkv_host_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t slots) {
+  return wkv::cuda_auto_chunk(B, T, C, slots);
+}
