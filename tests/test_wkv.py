@@ -190,7 +190,7 @@ CHUNKS = ["1", "2", "3", "7", "64", "", "half"]  # "" = automatic
 
 def _chunk_env(chunk, T):
     """CUDA_WKV_CHUNK for a test's chunk spec: "half" = two chunks (the CPU kernel's two-halves
-    path, see wkv_cpu.cpp; three phases on two chunks in the CUDA thread code), else the text."""
+    path, see wkv_cpu.cpp; three phases on two chunks on the CUDA backend), else the text."""
     return str(max(1, (T + 1) // 2)) if chunk == "half" else chunk
 CHUNK_SHAPES = [(1, 1, 1), (2, 2, 3), (1, 31, 64), (2, 33, 3), (1, 1000, 64), (2, 1000, 3),
                 (1, 4099, 3), (1, 4099, 1)]

@@ -4,9 +4,12 @@
 // memory and never synchronise inside a launch, so any thread order must give the same
 // bits; a thread that reads another's output of the same launch, or writes outside its
 // own lane, shows up as a difference between the two orders (tests/test_wkv_cuda_host.py
-// also fills every buffer and its surroundings with NaN to see out-of-range accesses).
+// also surrounds and fills every buffer with NaN to see out-of-range accesses).  A launch
+// configuration a GPU would refuse (a zero or too large grid or block dimension, more
+// than 1024 threads per block) does not run and is reported by cudaGetLastError, as on a GPU.
 //
 // Build: c++ -std=c++17 -O1 -shared -fPIC -I cuda_wkv/csrc tests/csrc/wkv_cuda_host.cpp
+//        -o wkv_cuda_host.so
 #include <cstdint>
 
 struct dim3 {
@@ -14,19 +17,38 @@ struct dim3 {
   dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 using cudaStream_t = void*;
-enum cudaError_t { cudaSuccess = 0 };
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9 };
 #define __global__
 #define __device__
 
 namespace {
 dim3 blockIdx, threadIdx, blockDim;
 bool reversed_order = false;
+cudaError_t last_error = cudaSuccess;
 }  // namespace
+
+// The last launch error, then cleared (as the CUDA runtime's).
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t err = last_error;
+  last_error = cudaSuccess;
+  return err;
+}
+
+// A configuration every CUDA device since compute capability 3.0 launches.
+inline bool valid_launch(dim3 grid, dim3 block) {
+  const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+  return grid.x >= 1 && grid.y >= 1 && grid.z >= 1 && grid.x <= 0x7fffffffu &&
+         grid.y <= 65535 && grid.z <= 65535 && block.x >= 1 && block.y >= 1 && block.z >= 1 &&
+         block.x <= 1024 && block.y <= 1024 && block.z <= 64 && threads <= 1024;
+}
 
 // Every (block, thread) of grid x block, one at a time.
 template <typename... P, typename... A>
 void launch_on_host(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, A... args) {
+  if (!valid_launch(grid, block)) {
+    last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
   blockDim = block;
   const int64_t blocks = int64_t(grid.x) * grid.y * grid.z;
   const int64_t threads = int64_t(block.x) * block.y * block.z;
@@ -43,23 +65,25 @@ void launch_on_host(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, A
 
 #include "wkv_cuda.cu"
 
-// C entry points for ctypes; `reversed` picks the thread order.  Buffer sizes as
-// documented above WKV_CUDA_ENTRY_POINTS.
-#define WKV_HOST_ENTRY_POINTS(F, SUFFIX)                                                     \
-  extern "C" void wkv_host_forward_##SUFFIX(const F* w, const F* u, const F* k,          \
-                                               const F* v, F* y, F* m, F* r, F* summ,       \
-                                               F* carry, int64_t B, int64_t T, int64_t C,   \
-                                               int64_t len, int reversed) {                 \
-    reversed_order = reversed != 0;                                                        \
-    wkv_cuda_forward(w, u, k, v, y, m, r, summ, carry, B, T, C, len, nullptr);             \
-  }                                                                                        \
-  extern "C" void wkv_host_backward_##SUFFIX(                                            \
-      const F* w, const F* u, const F* k, const F* v, const F* y, const F* m, const F* r,   \
-      const F* gy, F* gk, F* gv, F* summ, F* carry, double* gw_part, double* gu_part,       \
-      F* gw, F* gu, int64_t B, int64_t T, int64_t C, int64_t len, int reversed) {           \
-    reversed_order = reversed != 0;                                                        \
-    wkv_cuda_backward(w, u, k, v, y, m, r, gy, gk, gv, summ, carry, gw_part, gu_part, gw,  \
-                      gu, B, T, C, len, nullptr);                                          \
+// C entry points for ctypes; `reversed` picks the thread order; each returns the
+// cudaError_t of the call (0: success).  Buffer sizes as documented above
+// WKV_CUDA_ENTRY_POINTS.
+#define WKV_HOST_ENTRY_POINTS(F, SUFFIX)                                                  \
+  extern "C" int wkv_host_forward_##SUFFIX(const F* w, const F* u, const F* k, const F* v,\
+                                           F* y, F* m, F* r, F* summ, F* carry, int64_t B,\
+                                           int64_t T, int64_t C, int64_t len, int reversed) {\
+    reversed_order = reversed != 0;                                                       \
+    last_error = cudaSuccess;                                                             \
+    return wkv_cuda_forward(w, u, k, v, y, m, r, summ, carry, B, T, C, len, nullptr);     \
+  }                                                                                       \
+  extern "C" int wkv_host_backward_##SUFFIX(                                              \
+      const F* w, const F* u, const F* k, const F* v, const F* y, const F* m, const F* r, \
+      const F* gy, F* gk, F* gv, F* summ, F* carry, double* gw_part, double* gu_part,     \
+      F* gw, F* gu, int64_t B, int64_t T, int64_t C, int64_t len, int reversed) {         \
+    reversed_order = reversed != 0;                                                       \
+    last_error = cudaSuccess;                                                             \
+    return wkv_cuda_backward(w, u, k, v, y, m, r, gy, gk, gv, summ, carry, gw_part,       \
+                             gu_part, gw, gu, B, T, C, len, nullptr);                     \
   }
 
 WKV_HOST_ENTRY_POINTS(float, f32)
