@@ -21,7 +21,8 @@ held-out subjects with that fold's model only -> nnUNetv2_evaluate_folder -> per
 (held-out subject × class) comparison against the baseline -> nnunetv2-ext compare (the folds' validation:
 random-contrast cases of the held-out subjects; where every fold's nnU-Net results are here) -> nnunetv2-ext
 benchmark on the same plans.
-Results (``--name``, default cohort_results): <work-dir>/NAME.{md,json}, <work-dir>/NAME_compare/, <work-dir>/cost/.
+Results (``--name``, default cohort_results): <work-dir>/NAME.{md,json}, <work-dir>/NAME_curves.png (training
+curves), <work-dir>/NAME_compare/, <work-dir>/cost/.
 """
 from __future__ import annotations
 
@@ -232,12 +233,22 @@ class FoldRecords:
         write_atomically(self.path(spec, fold), json.dumps(record, indent=1, allow_nan=False))
 
 
+LEARNED = 0.05  # a class counts as learned at an epoch when its pseudo Dice is above this
+
+
+def classes_learned(curve: list[list[float | None]]) -> list[int]:
+    """Per epoch of a record's ``pseudo_dice``, the number of classes above ``LEARNED``."""
+    return [sum(x is not None and x > LEARNED for x in epoch) for epoch in curve]
+
+
 def learning_table(records: list[dict]) -> str:
     """Markdown: per trainer and fold (records of ``fold_record``), the final validation (nnU-Net's, on the
-    held-out subjects' random-contrast cases) as foreground mean and worst class, and the mean pseudo Dice at
-    the first, middle and last epoch."""
-    lines = ['| trainer | fold | validation mean | worst class (Dice) | pseudo Dice first / middle / last epoch |',
-             '|---|---:|---:|---|---|']
+    held-out subjects' random-contrast cases) as foreground mean and worst class, the mean pseudo Dice at the
+    first, middle and last epoch, the classes above ``LEARNED`` pseudo Dice at a quarter, half and the end of
+    training, and the first epoch (from 1) at which every class was."""
+    lines = ['| trainer | fold | validation mean | worst class (Dice) | pseudo Dice first / middle / last epoch '
+             f'| classes > {LEARNED} at ¼ / ½ / last epoch | every class from epoch |',
+             '|---|---:|---:|---|---|---|---:|']
     def fmt(x: float | None) -> str:
         return 'n/a' if x is None or math.isnan(x) else f'{x:.3f}'
 
@@ -247,8 +258,44 @@ def learning_table(records: list[dict]) -> str:
             if per_class else 'n/a'
         curve = [float(np.nanmean([np.nan if x is None else x for x in epoch])) for epoch in r['pseudo_dice']]
         picks = ' / '.join(fmt(curve[i]) for i in (0, len(curve) // 2, -1)) if curve else 'n/a'
-        lines.append(f"| {r['trainer']} | {r['fold']} | {fmt(r['validation']['foreground_mean'])} | {worst} | {picks} |")
+        learned = classes_learned(r['pseudo_dice'])
+        n = len(r['pseudo_dice'][0]) if r['pseudo_dice'] else 0
+        counts = ' / '.join(f'{learned[i]}/{n}' for i in (len(learned) // 4 - 1, len(learned) // 2 - 1, -1)) \
+            if len(learned) >= 4 else 'n/a'
+        every = next((str(e + 1) for e, c in enumerate(learned) if n and c == n), 'never')
+        lines.append(f"| {r['trainer']} | {r['fold']} | {fmt(r['validation']['foreground_mean'])} | {worst} | "
+                     f"{picks} | {counts} | {every} |")
     return '\n'.join(lines) + '\n'
+
+
+def plot_curves(records: list[dict], path: str) -> None:
+    """PNG at ``path`` (written atomically): per trainer and fold, the classes above ``LEARNED`` pseudo Dice and
+    the mean pseudo Dice per epoch (the training curves of the table's folds)."""
+    import io
+
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    trainers = list(dict.fromkeys(r['trainer'] for r in records))
+    for r in records:
+        style = dict(color=f'C{trainers.index(r["trainer"])}', linestyle=('-', '--', ':', '-.')[r['fold'] % 4],
+                     label=f"{r['trainer']} fold {r['fold']}")
+        epochs = range(1, len(r['pseudo_dice']) + 1)
+        left.plot(epochs, classes_learned(r['pseudo_dice']), **style)
+        right.plot(epochs, [float(np.nanmean([np.nan if x is None else x for x in e])) for e in r['pseudo_dice']],
+                   **style)
+    left.set_title(f'classes with pseudo Dice > {LEARNED}')
+    right.set_title('mean pseudo Dice (validation batches)')
+    for ax in (left, right):
+        ax.set_xlabel('epoch')
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png', dpi=100)
+    plt.close(fig)
+    write_atomically(path, buf.getvalue())
 
 
 def main(argv=None) -> int:
@@ -339,6 +386,9 @@ def main(argv=None) -> int:
     bench.write_results(args.name, text, {'held_out': {k: held[k] for k in folds}, 'test_dice': test,
                                           'paired': paired, 'train_s': train_s, 'records': records.folder},
                         compared=local)
+    curves = os.path.join(bench.work, f'{args.name}_curves.png')
+    plot_curves([done[spec.label, k] for spec in bench.specs for k in folds], curves)
+    print(f'training curves: {curves}')
     return 0
 
 

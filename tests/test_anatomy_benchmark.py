@@ -179,7 +179,18 @@ def test_learning_table_reads_validation_and_pseudo_dice_curves(bench, cohort_be
     assert record['test_dice'] == {'9861': {'1': 0.25, '2': None}} and record['train_s'] == 12.5
     json.dumps(record, allow_nan=False)  # valid JSON
     table = cohort_bench.learning_table([record])
-    assert '| T | 0 | 0.477 | left_accumbensarea (0.125) | 0.100 / 0.400 / 0.700 |' in table
+    assert '| T | 0 | 0.477 | left_accumbensarea (0.125) | 0.100 / 0.400 / 0.700 | n/a | 3 |' in table
+    # classes above 0.05 pseudo Dice at a quarter, half and the end of 8 epochs; every class from epoch 6
+    record['pseudo_dice'] = [[0.0, 0.0], [0.1, None], [0.0, 0.01], [0.2, 0.0], [0.3, 0.04], [0.3, 0.06],
+                             [0.01, 0.5], [0.4, 0.6]]
+    assert '| 1/2 / 1/2 / 2/2 | 6 |' in cohort_bench.learning_table([record])
+    record['pseudo_dice'][-1] = [0.4, 0.05]  # not above the threshold at the end
+    assert '| 1/2 / 1/2 / 1/2 | 6 |' in cohort_bench.learning_table([record])
+    record['pseudo_dice'][5] = [0.3, 0.0]
+    assert '| never |' in cohort_bench.learning_table([record])
+    png = tmp_path / 'curves.png'
+    cohort_bench.plot_curves([record, dict(record, trainer='U', fold=1)], str(png))
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and not list(tmp_path.glob('.curves.png.partial*'))
 
 
 def test_fold_records_are_reused_and_other_settings_are_refused(bench, cohort_bench, tmp_path):
@@ -242,6 +253,7 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     assert os.listdir(work / 'test_inputs' / 'fold_0') == ['9861_t1_0000.nii.gz']
     assert 'left_cortex' in (work / 'cohort_results.md').read_text()
     assert (work / 'cohort_results_compare' / 'compare.md').is_file()
+    assert (work / 'cohort_results_curves.png').read_bytes()[:4] == b'\x89PNG'
     # nnU-Net trained on the builder's subject-wise split, not on a random 5-fold split of its own
     assert 'Using splits from existing split file' in (work / 'logs' / 'train_nnUNetTrainer_Anatomy_fold0.log').read_text()
     # the folds' records alone rebuild the results, as for folds trained in another session: nothing is trained
