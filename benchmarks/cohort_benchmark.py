@@ -247,7 +247,7 @@ def learning_table(records: list[dict]) -> str:
     first, middle and last epoch, the classes above ``LEARNED`` pseudo Dice at a quarter, half and the end of
     training, and the first epoch (from 1) at which every class was."""
     lines = ['| trainer | fold | validation mean | worst class (Dice) | pseudo Dice first / middle / last epoch '
-             f'| classes > {LEARNED} at ¼ / ½ / last epoch | every class from epoch |',
+             f'| classes > {LEARNED} at ¼ / ½ / last epoch | first epoch with every class |',
              '|---|---:|---:|---|---|---|---:|']
     def fmt(x: float | None) -> str:
         return 'n/a' if x is None or math.isnan(x) else f'{x:.3f}'

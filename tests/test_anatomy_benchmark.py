@@ -180,7 +180,7 @@ def test_learning_table_reads_validation_and_pseudo_dice_curves(bench, cohort_be
     json.dumps(record, allow_nan=False)  # valid JSON
     table = cohort_bench.learning_table([record])
     assert '| T | 0 | 0.477 | left_accumbensarea (0.125) | 0.100 / 0.400 / 0.700 | n/a | 3 |' in table
-    # classes above 0.05 pseudo Dice at a quarter, half and the end of 8 epochs; every class from epoch 6
+    # classes above 0.05 pseudo Dice at a quarter, half and the end of 8 epochs; every class first at epoch 6
     record['pseudo_dice'] = [[0.0, 0.0], [0.1, None], [0.0, 0.01], [0.2, 0.0], [0.3, 0.04], [0.3, 0.06],
                              [0.01, 0.5], [0.4, 0.6]]
     assert '| 1/2 / 1/2 / 2/2 | 6 |' in cohort_bench.learning_table([record])
