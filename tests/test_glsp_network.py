@@ -266,10 +266,15 @@ def test_regions_and_ignore_label_ignored_voxels_do_not_change_the_loss(name):
 
 @pytest.mark.parametrize('name', ['2d_5_odd', '3d_iso_5'])
 def test_amp_forward_backward(name):
-    cm = make_configuration(**PLANS[name])
+    # 3-D at 32^3, not the plan's 16^3: at a 2^3 grid, torch 2.14's CPU bfloat16 Conv3d weight gradient
+    # (16 channels, 3^3 kernel) intermittently reads uninitialised memory (NaN in ~1 of 5 calls once freed
+    # memory holds NaN; a bare Conv3d shows it, float32/float16 and 4^3 grids do not). nnU-Net autocasts on CUDA
+    # only, so CPU training never runs that kernel.
+    plan = dict(PLANS[name], patch_size=[32, 32, 32]) if name == '3d_iso_5' else PLANS[name]
+    cm = make_configuration(**plan)
     net = _unzero(RWKVUNet.from_plans(cm, 1, 2))
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = net(torch.randn(2, 1, *PLANS[name]['patch_size']))
+        out = net(torch.randn(2, 1, *plan['patch_size']))
     sum(o.float().mean() for o in out).backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters())
 
