@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -41,6 +43,7 @@ DATASET = f'Dataset{DATASET_ID}_BrainTemplates'
 # what the short-schedule subclasses set from the run's options (after any override, so not overridable)
 SCHEDULE_ATTRS = ('num_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch', 'save_every')
 SCHEDULE_FILE = 'anatomy_schedule.json'  # in a fold folder: the schedule and widths it was trained with
+TRAIN_LOCK = '.anatomy_train.lock'  # in a fold folder: held (flock) while a driver trains, resumes or validates it
 
 SCHEDULE_MODULE = '''
 import os
@@ -218,11 +221,30 @@ class Benchmark:
             raise SystemExit(f'{self.fold_dir(spec, fold)} holds a training with schedule {recorded}, this run asks '
                              f'for {self.schedule()}: use another --work-dir, or delete that folder to train it again')
 
+    @contextlib.contextmanager
+    def _fold_lock(self, spec: TrainerSpec, fold: int):
+        """Holds the fold folder's ``TRAIN_LOCK`` (an flock: the system drops it when the holder dies, so it is
+        never stale); SystemExit if another driver holds it, as two trainings of one folder would overwrite
+        each other's checkpoints."""
+        os.makedirs(self.fold_dir(spec, fold), exist_ok=True)
+        with open(os.path.join(self.fold_dir(spec, fold), TRAIN_LOCK), 'a') as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SystemExit(f'{self.fold_dir(spec, fold)} is being trained by another run (it holds '
+                                 f'{TRAIN_LOCK}): wait for that run, or give this one other -tr / -f') from None
+            yield
+
     def train(self, spec: TrainerSpec, fold: int) -> float | None:
         """Trains one fold (seconds), or reuses its ``checkpoint_final.pth`` (recorded seconds or None),
         finishing an interrupted final validation, or resumes an interrupted training from its
         ``checkpoint_latest.pth`` with ``--c`` (None: the time of a training done in parts is not recorded);
-        either only if the fold was trained with this run's schedule (see ``_check_schedule``)."""
+        either only if the fold was trained with this run's schedule (see ``_check_schedule``), and only by one
+        run at a time (see ``_fold_lock``)."""
+        with self._fold_lock(spec, fold):
+            return self._train(spec, fold)
+
+    def _train(self, spec: TrainerSpec, fold: int) -> float | None:
         timing = os.path.join(self.fold_dir(spec, fold), 'anatomy_train_seconds.txt')
         command = nnunet_command('nnUNetv2_train') + [str(self.dataset_id), '3d_fullres', str(fold), '-tr',
                                                       spec.class_name, '-p', self.plans, '-device', self.args.device]

@@ -103,6 +103,29 @@ def test_an_interrupted_fold_resumes_with_c_and_a_finished_one_is_reused(bench, 
     assert len(calls) == n
 
 
+def test_a_fold_is_trained_by_one_run_at_a_time(bench, tmp_path):
+    """A second driver asking for a fold that another one is training stops with a message instead of
+    training the same folder twice; the lock goes with its holder (no stale lock after a kill)."""
+    import argparse
+    import fcntl
+
+    b = object.__new__(bench.Benchmark)
+    b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8)
+    b.dataset_id, b.plans, b.results = 990, 'P', str(tmp_path)
+    calls = []
+    b.step = lambda name, cmd: calls.append(name) or 1.0
+    spec = bench.TrainerSpec('nnUNetTrainer')
+    os.makedirs(b.fold_dir(spec, 0))
+    holder = open(os.path.join(b.fold_dir(spec, 0), bench.TRAIN_LOCK), 'a')  # another run, training fold 0
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(SystemExit, match=r"fold_0 is being trained by another run \(it holds "
+                                         r"\.anatomy_train\.lock\): wait for that run, or give this one other -tr / -f"):
+        b.train(spec, 0)
+    assert calls == []
+    holder.close()  # that run ended (or was killed): its lock is gone
+    assert b.train(spec, 0) == 1.0 and calls == ['train_nnUNetTrainer_Anatomy_fold0']
+
+
 def test_mean_seconds_needs_every_fold_timed(bench):
     assert bench.mean_seconds([10.0, 20.0]) == 15.0
     assert bench.mean_seconds([10.0, None]) is None  # a fold trained in parts, or reused without a time
