@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from cuda_wkv import bi_wkv_dense
+from test_wkv import _chunk_env, _grad_ref, _rel_err
+from test_wkv import _inputs as wkv_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shlex.split(os.environ.get("CXX") or "c++")
@@ -108,23 +109,9 @@ def run_host(mod, w, u, k, v, gy, chunk, reversed_order=False):
 
 
 def _inputs(B, T, C, wT, seed):
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * wT / T
-    u = torch.randn(C, generator=g, dtype=torch.float64)
-    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * 2
-    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    gy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    return w, u, k, v, gy
-
-
-def _dense(w, u, k, v, gy):
-    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
-    y = bi_wkv_dense(*leaves)
-    return [y.detach()] + list(torch.autograd.grad(y, leaves, gy))
-
-
-def _rel_err(got, ref):
-    return (got.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-3)
+    """test_wkv's inputs (|k| ~ 2) and an incoming gradient gy."""
+    gy = torch.randn(B, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return (*wkv_inputs(B, T, C, wT=wT, kscale=2.0, seed=seed), gy)
 
 
 # C below, at and above one 32-channel block, several 128-thread blocks of phase 2 and of the
@@ -136,7 +123,7 @@ SHAPES = [(1, 1, 1), (2, 2, 3), (1, 40, 32), (1, 31, 33), (2, 33, 3), (2, 130, 4
 def _length(mod, chunk, B, T, C):
     """A test's chunk spec: "half" = two chunks, "auto" = the automatic length on an H200."""
     if chunk == "half":
-        return max(1, (T + 1) // 2)
+        return int(_chunk_env(chunk, T))
     return mod.wkv_host_auto_chunk(B, T, C, H200_SLOTS) if chunk == "auto" else min(chunk, T)
 
 
@@ -147,10 +134,10 @@ def test_cuda_kernel_on_host_vs_dense(host_kernel, shape, chunk):
     counts below, at and above one 32-channel block; "auto": the length an H200 would use."""
     B, T, C = shape
     length = _length(host_kernel, chunk, B, T, C)
-    args = _inputs(B, T, C, wT=4.0, seed=sum(shape))
-    ref = _dense(*args)
+    args, gy, y_ref, g_ref = _grad_ref(shape, seed=sum(shape), wT=4.0)
+    ref = [y_ref, *g_ref]
     for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
-        got = run_host(host_kernel, *(x.to(dtype) for x in args), chunk=length)
+        got = run_host(host_kernel, *(x.to(dtype) for x in (*args, gy)), chunk=length)
         for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, ref):
             assert x.dtype == dtype and x.shape == r.shape
             assert _rel_err(x, r) <= tol * (1 if name == "y" else 10), (name, dtype, _rel_err(x, r))
