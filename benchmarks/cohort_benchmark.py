@@ -241,6 +241,11 @@ def classes_learned(curve: list[list[float | None]]) -> list[int]:
     return [sum(x is not None and x > LEARNED for x in epoch) for epoch in curve]
 
 
+def mean_pseudo_dice(curve: list[list[float | None]]) -> list[float]:
+    """Per epoch of a record's ``pseudo_dice``, the mean over the classes present (NaN if none)."""
+    return [float(np.nanmean([np.nan if x is None else x for x in epoch])) for epoch in curve]
+
+
 def learning_table(records: list[dict]) -> str:
     """Markdown: per trainer and fold (records of ``fold_record``), the final validation (nnU-Net's, on the
     held-out subjects' random-contrast cases) as foreground mean and worst class, the mean pseudo Dice at the
@@ -256,7 +261,7 @@ def learning_table(records: list[dict]) -> str:
         per_class = {c: x for c, x in r['validation']['per_class'].items() if x is not None}
         worst = f'{CLASSES[int(min(per_class, key=per_class.get))]} ({fmt(min(per_class.values()))})' \
             if per_class else 'n/a'
-        curve = [float(np.nanmean([np.nan if x is None else x for x in epoch])) for epoch in r['pseudo_dice']]
+        curve = mean_pseudo_dice(r['pseudo_dice'])
         picks = ' / '.join(fmt(curve[i]) for i in (0, len(curve) // 2, -1)) if curve else 'n/a'
         learned = classes_learned(r['pseudo_dice'])
         n = len(r['pseudo_dice'][0]) if r['pseudo_dice'] else 0
@@ -284,8 +289,7 @@ def plot_curves(records: list[dict], path: str) -> None:
                      label=f"{r['trainer']} fold {r['fold']}")
         epochs = range(1, len(r['pseudo_dice']) + 1)
         left.plot(epochs, classes_learned(r['pseudo_dice']), **style)
-        right.plot(epochs, [float(np.nanmean([np.nan if x is None else x for x in e])) for e in r['pseudo_dice']],
-                   **style)
+        right.plot(epochs, mean_pseudo_dice(r['pseudo_dice']), **style)
     left.set_title(f'classes with pseudo Dice > {LEARNED}')
     right.set_title('mean pseudo Dice (validation batches)')
     for ax in (left, right):
@@ -373,7 +377,8 @@ def main(argv=None) -> int:
                 for spec in bench.specs for k in folds)
     bench.compare_and_cost(folds, args.name, compare=local)
     table, paired = results_table(test, bench.baseline.label, train_s)
-    learning = learning_table([done[spec.label, k] for spec in bench.specs for k in folds])
+    ordered = [done[spec.label, k] for spec in bench.specs for k in folds]
+    learning = learning_table(ordered)
     subjects = [s for k in folds for s in held[k]]
     text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans}, "
             f"folds {folds} (held-out subjects {[held[k] for k in folds]}). Test Dice on each held-out subject's "
@@ -387,7 +392,7 @@ def main(argv=None) -> int:
                                           'paired': paired, 'train_s': train_s, 'records': records.folder},
                         compared=local)
     curves = os.path.join(bench.work, f'{args.name}_curves.png')
-    plot_curves([done[spec.label, k] for spec in bench.specs for k in folds], curves)
+    plot_curves(ordered, curves)
     print(f'training curves: {curves}')
     return 0
 
