@@ -193,9 +193,10 @@ class Benchmark:
         self.plans = write_small_plans(prep, base_features=args.base_features, max_features=args.max_features)
         self.results = os.path.join(env['nnUNet_results'], dataset)
 
-    def step(self, name: str, cmd: list[str]) -> float:
+    def step(self, name: str, cmd: list[str], pass_fds: tuple[int, ...] = ()) -> float:
+        """Runs one logged step (``run_step``); ``pass_fds``: descriptors the command inherits."""
         print(f'== {name}', flush=True)
-        seconds = run_step(cmd, self.env, os.path.join(self.logs, f'{name}.log'))
+        seconds = run_step(cmd, self.env, os.path.join(self.logs, f'{name}.log'), pass_fds=pass_fds)
         print(f'== {name} done in {seconds:.0f} s', flush=True)
         return seconds
 
@@ -223,9 +224,10 @@ class Benchmark:
 
     @contextlib.contextmanager
     def _fold_lock(self, spec: TrainerSpec, fold: int):
-        """Holds the fold folder's ``TRAIN_LOCK`` (an flock: the system drops it when the holder dies, so it is
-        never stale); SystemExit if another driver holds it, as two trainings of one folder would overwrite
-        each other's checkpoints."""
+        """Holds the fold folder's ``TRAIN_LOCK`` (an flock: the system drops it when its last holder dies, so
+        it is never stale) and yields its descriptor, which the fold's ``nnUNetv2_train`` inherits: a training
+        left running by a killed driver still holds it. SystemExit if another run holds it, as two trainings of
+        one folder would overwrite each other's checkpoints."""
         os.makedirs(self.fold_dir(spec, fold), exist_ok=True)
         with open(os.path.join(self.fold_dir(spec, fold), TRAIN_LOCK), 'a') as f:
             try:
@@ -233,7 +235,7 @@ class Benchmark:
             except BlockingIOError:
                 raise SystemExit(f'{self.fold_dir(spec, fold)} is being trained by another run (it holds '
                                  f'{TRAIN_LOCK}): wait for that run, or give this one other -tr / -f') from None
-            yield
+            yield f.fileno()
 
     def train(self, spec: TrainerSpec, fold: int) -> float | None:
         """Trains one fold (seconds), or reuses its ``checkpoint_final.pth`` (recorded seconds or None),
@@ -241,10 +243,10 @@ class Benchmark:
         ``checkpoint_latest.pth`` with ``--c`` (None: the time of a training done in parts is not recorded);
         either only if the fold was trained with this run's schedule (see ``_check_schedule``), and only by one
         run at a time (see ``_fold_lock``)."""
-        with self._fold_lock(spec, fold):
-            return self._train(spec, fold)
+        with self._fold_lock(spec, fold) as lock_fd:
+            return self._train(spec, fold, (lock_fd,))
 
-    def _train(self, spec: TrainerSpec, fold: int) -> float | None:
+    def _train(self, spec: TrainerSpec, fold: int, lock_fds: tuple[int, ...]) -> float | None:
         timing = os.path.join(self.fold_dir(spec, fold), 'anatomy_train_seconds.txt')
         command = nnunet_command('nnUNetv2_train') + [str(self.dataset_id), '3d_fullres', str(fold), '-tr',
                                                       spec.class_name, '-p', self.plans, '-device', self.args.device]
@@ -254,16 +256,16 @@ class Benchmark:
             print(f'== train {spec.label} fold {fold}: checkpoint_final.pth exists, not trained again', flush=True)
             if not os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'validation', 'summary.json')):
                 # nnU-Net saves checkpoint_final before its final validation: finish an interrupted one
-                self.step(f'validate_{spec.class_name}_fold{fold}', command + ['--val'])
+                self.step(f'validate_{spec.class_name}_fold{fold}', command + ['--val'], lock_fds)
             return float(open(timing).read()) if os.path.isfile(timing) else None
         if os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'checkpoint_latest.pth')):
             # an interrupted training: nnU-Net resumes from its last epoch; the time is that of this part only
             print(f'== train {spec.label} fold {fold}: resuming from checkpoint_latest.pth (--c)', flush=True)
-            self.step(f'train_{spec.class_name}_fold{fold}_resumed', command + ['--c'])
+            self.step(f'train_{spec.class_name}_fold{fold}_resumed', command + ['--c'], lock_fds)
             return None
         os.makedirs(self.fold_dir(spec, fold), exist_ok=True)
         write_atomically(os.path.join(self.fold_dir(spec, fold), SCHEDULE_FILE), json.dumps(self.schedule()))
-        seconds = self.step(f'train_{spec.class_name}_fold{fold}', command)
+        seconds = self.step(f'train_{spec.class_name}_fold{fold}', command, lock_fds)
         write_atomically(timing, f'{seconds:.1f}')
         return seconds
 

@@ -78,7 +78,7 @@ def test_an_interrupted_fold_resumes_with_c_and_a_finished_one_is_reused(bench, 
     b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8)
     b.dataset_id, b.plans, b.results = 990, 'P', str(tmp_path)
     calls = []
-    b.step = lambda name, cmd: calls.append((name, cmd)) or 12.0
+    b.step = lambda name, cmd, pass_fds=(): calls.append((name, cmd)) or 12.0
     spec = bench.TrainerSpec('nnUNetTrainer')
     assert b.train(spec, 0) == 12.0 and '--c' not in calls[-1][1]  # fresh: trained, time recorded
     with open(os.path.join(b.fold_dir(spec, 0), bench.SCHEDULE_FILE)) as f:  # the schedule it was trained with
@@ -113,7 +113,7 @@ def test_a_fold_is_trained_by_one_run_at_a_time(bench, tmp_path):
     b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8)
     b.dataset_id, b.plans, b.results = 990, 'P', str(tmp_path)
     calls = []
-    b.step = lambda name, cmd: calls.append(name) or 1.0
+    b.step = lambda name, cmd, pass_fds=(): calls.append(name) or 1.0
     spec = bench.TrainerSpec('nnUNetTrainer')
     os.makedirs(b.fold_dir(spec, 0))
     holder = open(os.path.join(b.fold_dir(spec, 0), bench.TRAIN_LOCK), 'a')  # another run, training fold 0
@@ -124,6 +124,62 @@ def test_a_fold_is_trained_by_one_run_at_a_time(bench, tmp_path):
     assert calls == []
     holder.close()  # that run ended (or was killed): its lock is gone
     assert b.train(spec, 0) == 1.0 and calls == ['train_nnUNetTrainer_Anatomy_fold0']
+
+
+def test_a_training_left_running_by_a_killed_driver_keeps_its_fold_locked(bench, tmp_path):
+    """``kill -9`` of a driver leaves its ``nnUNetv2_train`` running: that child inherited the lock, so a new
+    driver cannot start a second training of the same folder until the child is gone too."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    marker = tmp_path / 'child.pid'
+    child = f"import os, time; open({str(marker)!r} + '.tmp', 'w').write(str(os.getpid())); " \
+            f"os.replace({str(marker)!r} + '.tmp', {str(marker)!r}); time.sleep(300)"
+    driver = f"""
+import argparse, os, sys
+sys.path.insert(0, {os.path.dirname(__file__)!r})
+import bench_scripts
+bench = bench_scripts.load('anatomy_benchmark')
+bench.nnunet_command = lambda name: [sys.executable, '-c', {child!r}]  # stands in for nnUNetv2_train
+b = object.__new__(bench.Benchmark)
+b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8)
+b.dataset_id, b.plans, b.results = 990, 'P', {str(tmp_path / 'results')!r}
+b.env, b.logs = dict(os.environ), {str(tmp_path)!r}
+b.train(bench.TrainerSpec('nnUNetTrainer'), 0)
+"""
+    proc = subprocess.Popen([sys.executable, '-c', driver])
+    child_pid = None
+    try:
+        for _ in range(1200):  # up to 120 s (the driver imports nnU-Net)
+            if marker.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.exists(), f'the driver never started its training (exit {proc.poll()})'
+        child_pid = int(marker.read_text())
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        lock = tmp_path / 'results' / 'nnUNetTrainer_Anatomy__P__3d_fullres' / 'fold_0' / bench.TRAIN_LOCK
+        with open(lock, 'a') as f:
+            with pytest.raises(BlockingIOError):  # the orphaned training still holds it
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.kill(child_pid, signal.SIGKILL)
+            child_pid = None
+            for _ in range(100):
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # gone with the training: not stale
+                    break
+                except BlockingIOError:
+                    time.sleep(0.1)
+            else:
+                pytest.fail('the lock outlived the training that held it')
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if child_pid is not None:
+            os.kill(child_pid, signal.SIGKILL)
 
 
 def test_mean_seconds_needs_every_fold_timed(bench):

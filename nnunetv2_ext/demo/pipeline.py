@@ -36,10 +36,12 @@ def _pump(stream, lines: queue.Queue) -> None:
 
 
 def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[str], None] | None = None,
-             on_quiet: Callable[[float], None] | None = None, quiet_s: float = 20.0) -> float:
+             on_quiet: Callable[[float], None] | None = None, quiet_s: float = 20.0,
+             pass_fds: Sequence[int] = ()) -> float:
     """Runs ``cmd``, writing its output to ``log_path`` line by line as it arrives (``tail -f`` shows it) and
     passing each line to ``on_line``; ``on_quiet(seconds since start)`` runs after every ``quiet_s`` seconds
-    without output. Returns the step's seconds.
+    without output; ``pass_fds``: open file descriptors the command inherits (e.g. one holding a lock, so
+    the lock lasts as long as the command even if this process is killed). Returns the step's seconds.
 
     Raises :class:`StepFailed` naming the command, the log and its last 30 lines.
     """
@@ -48,7 +50,7 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
     lines: queue.Queue = queue.Queue()
     with open(log_path, 'w', buffering=1) as log:
         proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         while True:
