@@ -19,10 +19,12 @@ HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
-def _inputs(B, T, C, wT=1.0, kscale=1.0, dtype=torch.float64, device="cpu", seed=0):
-    """Random inputs with |w| * T ~ wT (w of both signs) and |k| ~ kscale."""
+def _inputs(B, T, C, wT=1.0, kscale=1.0, dtype=torch.float64, device="cpu", seed=0, w_sign=None):
+    """Random inputs with |w| * T <= wT (w of both signs, or of the sign ``w_sign``) and k ~ N(0, kscale^2)."""
     g = torch.Generator().manual_seed(seed)
     w = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * wT / T
+    if w_sign is not None:
+        w = w.abs() * w_sign
     u = torch.randn(C, generator=g, dtype=torch.float64)
     k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * kscale
     v = torch.randn(B, T, C, generator=g, dtype=torch.float64)

@@ -10,20 +10,9 @@ import pytest
 import torch
 
 from cuda_wkv import bi_wkv_dense, bi_wkv_scan
+from test_wkv import _inputs
 
 EPS32 = torch.finfo(torch.float32).eps
-
-
-def _inputs(B, T, C, wT=1.0, kscale=1.0, seed=0, w_sign=None):
-    """float64 inputs with |w| * T <= wT (both signs unless ``w_sign``) and k ~ N(0, kscale^2)."""
-    g = torch.Generator().manual_seed(seed)
-    w = (torch.rand(C, generator=g, dtype=torch.float64) * 2 - 1) * wT / T
-    if w_sign is not None:
-        w = w.abs() * w_sign
-    u = torch.randn(C, generator=g, dtype=torch.float64)
-    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * kscale
-    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-    return [w, u, k, v]
 
 
 def _float32_case(w, u, k, v):
