@@ -102,6 +102,9 @@ def per_subject_dice(summary_json: str) -> dict[str, dict[str, float]]:
     return out
 
 
+LEARNED = 0.05  # a class counts as learned (at an epoch, or on a test case) when its (pseudo) Dice is above this
+
+
 def _stat(values: list[float]) -> str:
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=float)
     if v.size == 0:
@@ -112,7 +115,8 @@ def _stat(values: list[float]) -> str:
 def results_table(test: dict[str, dict[str, dict[str, float]]], baseline: str,
                   train_s: dict[str, float | None]) -> tuple[str, dict]:
     """Markdown table (one row per class and the foreground mean, one column per trainer: mean ± std over
-    held-out subjects) and the paired (subject × class) comparison of each trainer against ``baseline``."""
+    held-out subjects; then per held-out subject the classes with Dice above ``LEARNED``, of those present)
+    and the paired (subject × class) comparison of each trainer against ``baseline``."""
     trainers = list(test)
     labels = [str(i) for i in range(1, len(CLASSES))]
     lines = ['| structure | ' + ' | '.join(trainers) + ' |', '|---|' + '---:|' * len(trainers)]
@@ -121,6 +125,13 @@ def results_table(test: dict[str, dict[str, dict[str, float]]], baseline: str,
             _stat([d[lab] for d in test[t].values()]) for t in trainers) + ' |')
     means = {t: [float(np.nanmean([d[lab] for lab in labels])) for d in test[t].values()] for t in trainers}
     lines.append('| **foreground mean** | ' + ' | '.join(f'**{_stat(means[t])}**' for t in trainers) + ' |')
+    subjects = list(dict.fromkeys(s for t in trainers for s in test[t]))
+
+    def learned(d: dict[str, float] | None) -> str:
+        present = [] if d is None else [d[lab] for lab in labels if not math.isnan(d[lab])]
+        return '—' if d is None else f'{sum(x > LEARNED for x in present)}/{len(present)}'
+    lines.append(f'| classes with Dice > {LEARNED} ({", ".join(subjects)}) | ' + ' | '.join(
+        ', '.join(learned(test[t].get(s)) for s in subjects) for t in trainers) + ' |')
     paired = {}
     flat = {t: {f'{s}/{lab}': d[lab] for s, d in test[t].items() for lab in labels} for t in trainers}
     for t in trainers:
@@ -231,9 +242,6 @@ class FoldRecords:
     def put(self, spec: TrainerSpec, fold: int, record: dict) -> None:
         os.makedirs(os.path.dirname(self.path(spec, fold)), exist_ok=True)
         write_atomically(self.path(spec, fold), json.dumps(record, indent=1, allow_nan=False))
-
-
-LEARNED = 0.05  # a class counts as learned at an epoch when its pseudo Dice is above this
 
 
 def classes_learned(curve: list[list[float | None]]) -> list[int]:

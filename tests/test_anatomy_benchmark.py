@@ -209,6 +209,10 @@ def test_results_table_statistics_over_held_out_subjects(cohort_bench):
     assert '| left_cortex | 0.600 ± 0.141 | 0.700 ± 0.141 |' in table
     assert '| right_amygdala | 0.600 ± 0.141 | 0.600 |' in table  # the NaN is left out, not counted as 0
     assert '| base | | baseline | | | 60 |' in table and '| new | 31 | 31/0/0 | +0.1000 |' in table
+    assert '| classes with Dice > 0.05 (a, b) | 16/16, 16/16 | 16/16, 15/15 |' in table  # NaN: not present
+    base['a']['3'] = 0.05  # not above the threshold
+    assert '| classes with Dice > 0.05 (a, b) | 15/16, 16/16 |' in cohort_bench.results_table(
+        {'base': base, 'new': better}, 'base', {})[0]
 
 
 @pytest.mark.parametrize('codes_axis,transpose,expected', [(0, [0, 1, 2], 2), (0, [2, 0, 1], 0), (1, [0, 1, 2], 1),
