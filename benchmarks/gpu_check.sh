@@ -228,7 +228,7 @@ run_step environment 120 environment
 run_step wkv_selfcheck 240 wkv_selfcheck
 if [ "$DEVICE" = cuda ]; then
     # the nvcc compile test runs without a GPU too (and the self-check step has built the kernel)
-    run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda and not compiles" tests
+    run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda and not compiles and not cuda_host" tests
     run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cuda --profile --out-dir "$OUT/bench_wkv"
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"

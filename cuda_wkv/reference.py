@@ -161,9 +161,13 @@ def bi_wkv_scan(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
     largest exponent, so
 
     * the float32 rounding is a few ulp of ``sum_i P_ti |v_i|`` (``P`` = the softmax
-      weights): an outlier in ``v`` only matters where its weight does, and the error
-      does not grow with ``|w| * T`` (a carry over ``n`` positions costs the exact
-      exponent ``n * w``, never ``t * w`` anchored at ``t = 0``);
+      weights): an outlier in ``v`` only matters where its weight does; a carry over ``n``
+      positions costs the exponent ``n * w``, never ``t * w`` anchored at ``t = 0``, so
+      with decay (``w > 0``) the error does not grow with ``|w| * T``; with growth
+      (``w < 0``), where far tokens dominate, the rounding of a long carry's ``n * w``
+      does show: measured up to 7.2e-5 in ``y`` and 7.5e-3 of ``max |gw|`` at
+      ``|w| * T = 1e5`` with ``|k| <= 30`` (docs/wkv.md, Accuracy; the C++ and CUDA
+      kernels stay at ~2e-6 there);
     * any finite ``w``, ``u``, ``k`` (``k = -inf`` is a zero weight) and finite ``v`` up
       to the dtype's maximum give finite outputs wherever the exact result is finite
       (``v`` is rescaled by an exact power of two when near the top of the range);

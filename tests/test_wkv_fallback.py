@@ -1,6 +1,6 @@
 """The pure-PyTorch fallback ``cuda_wkv.bi_wkv_scan`` against the float64 dense reference:
-values and gradients, float32 accuracy that depends neither on outliers in ``v`` nor on
-``|w| * T``, the extreme-input contract (NaN where the definition is 0/0, finite where the
+values and gradients, float32 accuracy that depends neither on outliers in ``v`` nor, for
+decay (w > 0), on ``|w| * T``, the extreme-input contract (NaN where the definition is 0/0, finite where the
 exact result is finite) and O(T) autograd memory."""
 from __future__ import annotations
 
