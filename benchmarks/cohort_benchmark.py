@@ -116,7 +116,9 @@ def results_table(test: dict[str, dict[str, dict[str, float]]], baseline: str,
                   train_s: dict[str, float | None]) -> tuple[str, dict]:
     """Markdown table (one row per class and the foreground mean, one column per trainer: mean ± std over
     held-out subjects; then per held-out subject the classes with Dice above ``LEARNED``, of those present)
-    and the paired (subject × class) comparison of each trainer against ``baseline``."""
+    and the paired (subject × class) comparison of each trainer against ``baseline``: over all pairs, and
+    (``paired[t]['where_baseline_learned']``) over the pairs whose class the baseline learned on that subject
+    (Dice above ``LEARNED``), so a mean difference made only of classes the baseline missed shows as such."""
     trainers = list(test)
     labels = [str(i) for i in range(1, len(CLASSES))]
     lines = ['| structure | ' + ' | '.join(trainers) + ' |', '|---|' + '---:|' * len(trainers)]
@@ -134,20 +136,27 @@ def results_table(test: dict[str, dict[str, dict[str, float]]], baseline: str,
         ', '.join(learned(test[t].get(s)) for s in subjects) for t in trainers) + ' |')
     paired = {}
     flat = {t: {f'{s}/{lab}': d[lab] for s, d in test[t].items() for lab in labels} for t in trainers}
+    learned_by_baseline = {pair for pair, x in flat[baseline].items() if x > LEARNED}  # NaN > x is False
     for t in trainers:
         if t != baseline:
             paired[t] = paired_comparison(flat[t], flat[baseline])
-    lines += ['', f'Paired (held-out subject × class) comparison against {baseline}; training time per fold:', '',
-              '| trainer | pairs | wins/losses/ties | mean Δ Dice | Wilcoxon p | train s per fold |',
-              '|---|---:|---:|---:|---:|---:|']
+            paired[t]['where_baseline_learned'] = paired_comparison(
+                {pair: x for pair, x in flat[t].items() if pair in learned_by_baseline}, flat[baseline])
+
+    def cells(p: dict) -> str:
+        return (f"{p['n_cases']} | {p['wins']}/{p['losses']}/{p['ties']} | {p['mean_difference']:+.4f} | "
+                f"{p['wilcoxon_p']:.3g}")
+    lines += ['', f'Paired (held-out subject × class) comparison against {baseline}, over all pairs and over the '
+              f'pairs whose class {baseline} learned on that subject (Dice > {LEARNED}); training time per fold:', '',
+              '| trainer | pairs | wins/losses/ties | mean Δ Dice | Wilcoxon p | pairs (baseline learned) | '
+              'wins/losses/ties | mean Δ Dice | Wilcoxon p | train s per fold |',
+              '|---|' + '---:|' * 9]
     for t in trainers:
         seconds = '—' if train_s.get(t) is None else f'{train_s[t]:.0f}'
         if t == baseline:
-            lines.append(f'| {t} | | baseline | | | {seconds} |')
+            lines.append(f'| {t} | | baseline | | | | | | | {seconds} |')
         else:
-            p = paired[t]
-            lines.append(f"| {t} | {p['n_cases']} | {p['wins']}/{p['losses']}/{p['ties']} | "
-                         f"{p['mean_difference']:+.4f} | {p['wilcoxon_p']:.3g} | {seconds} |")
+            lines.append(f"| {t} | {cells(paired[t])} | {cells(paired[t]['where_baseline_learned'])} | {seconds} |")
     return '\n'.join(lines) + '\n', paired
 
 

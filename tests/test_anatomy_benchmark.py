@@ -208,11 +208,20 @@ def test_results_table_statistics_over_held_out_subjects(cohort_bench):
     assert paired['new']['mean_difference'] == pytest.approx(0.1)
     assert '| left_cortex | 0.600 ± 0.141 | 0.700 ± 0.141 |' in table
     assert '| right_amygdala | 0.600 ± 0.141 | 0.600 |' in table  # the NaN is left out, not counted as 0
-    assert '| base | | baseline | | | 60 |' in table and '| new | 31 | 31/0/0 | +0.1000 |' in table
+    assert '| base | | baseline | | | | | | | 60 |' in table
+    p = f"{paired['new']['wilcoxon_p']:.3g}"
+    assert f'| new | 31 | 31/0/0 | +0.1000 | {p} | 31 | 31/0/0 | +0.1000 | {p} | — |' in table  # all learned
     assert '| classes with Dice > 0.05 (a, b) | 16/16, 16/16 | 16/16, 15/15 |' in table  # NaN: not present
-    base['a']['3'] = 0.05  # not above the threshold
-    assert '| classes with Dice > 0.05 (a, b) | 15/16, 16/16 |' in cohort_bench.results_table(
-        {'base': base, 'new': better}, 'base', {})[0]
+    base['a']['3'] = 0.05  # not above the threshold: not learned by the baseline
+    base['a']['4'] = 0.0
+    better['a']['4'] = 0.9  # the only large gain is on a class the baseline missed
+    table, paired = cohort_bench.results_table({'base': base, 'new': better}, 'base', {})
+    assert '| classes with Dice > 0.05 (a, b) | 14/16, 16/16 |' in table
+    assert paired['new']['n_cases'] == 31 and paired['new']['mean_difference'] == pytest.approx((29 * 0.1 + 0.55 + 0.9) / 31)
+    learned = paired['new']['where_baseline_learned']
+    assert (learned['n_cases'], learned['wins']) == (29, 29) and learned['mean_difference'] == pytest.approx(0.1)
+    assert f"| new | 31 | 31/0/0 | {paired['new']['mean_difference']:+.4f} | " in table
+    assert f"| 29 | 29/0/0 | +0.1000 | {learned['wilcoxon_p']:.3g} | — |" in table
 
 
 @pytest.mark.parametrize('codes_axis,transpose,expected', [(0, [0, 1, 2], 2), (0, [2, 0, 1], 0), (1, [0, 1, 2], 1),
