@@ -34,9 +34,14 @@ def requested_backend() -> str:
 
 
 def _device_of(x: Union[torch.Tensor, torch.device, str]) -> torch.device:
+    """``x``'s device, a bare ``"cuda"`` resolved to the current CUDA device as tensors have
+    it (``cuda:0``), so the self-check runs once per GPU, not once per spelling."""
     if isinstance(x, torch.Tensor):
         return x.device
-    return torch.device(x)
+    device = torch.device(x)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _select(device_type: str, build: bool = True) -> str:

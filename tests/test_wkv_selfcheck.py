@@ -207,3 +207,13 @@ def test_cuda_kernel_passes_the_selfcheck(dtype, monkeypatch):
     assert not warned
     assert dispatch._checks == {(str(x.device), dtype): None}
     assert cuda_wkv.backend_for(x) == "cuda"
+    if dtype == torch.float32:  # a device's default dtype: the bare "cuda" is the same GPU
+        assert cuda_wkv.backend_for("cuda") == "cuda" and len(dispatch._checks) == 1
+
+
+@pytest.mark.parametrize("spelling,expected", [("cuda", "cuda:1"), ("cuda:0", "cuda:0"), ("cpu", "cpu")])
+def test_bare_cuda_is_the_current_device(monkeypatch, spelling, expected):
+    """backend_for("cuda") and a tensor on cuda:N share one self-check (its key is the device)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert dispatch._device_of(spelling) == torch.device(expected)
