@@ -35,12 +35,14 @@ def requested_backend() -> str:
 
 def _device_of(x: Union[torch.Tensor, torch.device, str]) -> torch.device:
     """``x``'s device, a bare ``"cuda"`` resolved to the current CUDA device as tensors have
-    it (``cuda:0``), so the self-check runs once per GPU, not once per spelling."""
+    it (``cuda:0``), so the self-check runs once per GPU, not once per spelling. Does not
+    initialise CUDA: before it is, the current device is 0."""
     if isinstance(x, torch.Tensor):
         return x.device
     device = torch.device(x)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+        index = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+        return torch.device("cuda", index)
     return device
 
 

@@ -211,9 +211,24 @@ def test_cuda_kernel_passes_the_selfcheck(dtype, monkeypatch):
         assert cuda_wkv.backend_for("cuda") == "cuda" and len(dispatch._checks) == 1
 
 
-@pytest.mark.parametrize("spelling,expected", [("cuda", "cuda:1"), ("cuda:0", "cuda:0"), ("cpu", "cpu")])
-def test_bare_cuda_is_the_current_device(monkeypatch, spelling, expected):
-    """backend_for("cuda") and a tensor on cuda:N share one self-check (its key is the device)."""
+@pytest.mark.parametrize("initialized,spelling,expected", [
+    (True, "cuda", "cuda:1"), (False, "cuda", "cuda:0"), (True, "cuda:0", "cuda:0"), (True, "cpu", "cpu")])
+def test_bare_cuda_is_the_current_device(monkeypatch, initialized, spelling, expected):
+    """backend_for("cuda") and a tensor on cuda:N share one self-check (its key is the device);
+    resolving it never initialises CUDA (before initialisation the current device is 0)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialized)
+
+    def current_device() -> int:
+        if not initialized:
+            raise AssertionError("current_device() would initialise CUDA")
+        return 1
+
+    monkeypatch.setattr(torch.cuda, "current_device", current_device)
     assert dispatch._device_of(spelling) == torch.device(expected)
+
+
+def test_bare_cuda_without_a_gpu_stays_bare(monkeypatch):
+    """Without a GPU "cuda" is left as it is (the dispatcher then warns that no CUDA device is visible)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dispatch._device_of("cuda") == torch.device("cuda")
