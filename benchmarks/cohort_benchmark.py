@@ -4,8 +4,8 @@
         --base-features 8 --max-features 64 --jobs 2 -tr nnUNetTrainer nnUNetTrainerLightDecoder \
         nnUNetTrainerGLSP nnUNetTrainerPVTGDLA_PlansWidths
 
-(300 x 50 steps: the budget at which nnU-Net's own trainer learns all 16 classes, docs/benchmarks.md; in a short
-schedule ``nnUNetTrainerPVTGDLA_PlansWidths:warmup_epochs=1`` shortens PVT-GDLA's 10-epoch warm-up.)
+(300 x 50 steps: the budget at which nnU-Net's own trainer learns all 16 classes on fold 0, docs/benchmarks.md;
+in a short schedule ``nnUNetTrainerPVTGDLA_PlansWidths:warmup_epochs=1`` shortens PVT-GDLA's 10-epoch warm-up.)
 An interrupted run continues with the same command: finished folds are reused, an interrupted one resumes from
 its last epoch (``--c``). Each finished fold leaves a small JSON record (``--records``, default
 <work-dir>/records) and the table is built from the records: folds run on different machines or in different

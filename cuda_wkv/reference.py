@@ -118,8 +118,9 @@ def _inclusive_scan(s: _Sums, w: torch.Tensor, span: int = 1) -> _Sums:
     last one).  Work-efficient pairwise recursion (up-sweep, then down-sweep): the pairs
     halve the length at each level, so memory is O(length) in total and the depth is
     log2(length).  A carry over ``span`` positions costs ``span * w`` in the exponent, an
-    exact integer times ``w``; exponents stay relative to local maxima, so the rounding
-    does not grow with the sequence length.
+    exact integer times ``w``; exponents stay relative to local maxima, so with decay
+    (``w > 0``) the rounding does not grow with the sequence length (with growth it does,
+    mildly: see :func:`bi_wkv_scan`).
     """
     length = s.m.shape[-2]
     if length == 1:
@@ -165,9 +166,9 @@ def bi_wkv_scan(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
       positions costs the exponent ``n * w``, never ``t * w`` anchored at ``t = 0``, so
       with decay (``w > 0``) the error does not grow with ``|w| * T``; with growth
       (``w < 0``), where far tokens dominate, the rounding of a long carry's ``n * w``
-      does show: measured up to 7.2e-5 in ``y`` and 7.5e-3 of ``max |gw|`` at
-      ``|w| * T = 1e5`` with ``|k| <= 30`` (docs/wkv.md, Accuracy; the C++ and CUDA
-      kernels stay at ~2e-6 there);
+      does show: measured up to 7.2e-5 in ``y`` (at ``|w| * T = 1e4``) and 7.5e-3 of
+      ``max |gw|`` (at ``1e5``) with ``|k| <= 30`` (docs/wkv.md, Accuracy; the C++ kernel
+      stays at ~2e-6 there);
     * any finite ``w``, ``u``, ``k`` (``k = -inf`` is a zero weight) and finite ``v`` up
       to the dtype's maximum give finite outputs wherever the exact result is finite
       (``v`` is rescaled by an exact power of two when near the top of the range);

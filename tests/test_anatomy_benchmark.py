@@ -222,6 +222,11 @@ def test_results_table_statistics_over_held_out_subjects(cohort_bench):
     assert (learned['n_cases'], learned['wins']) == (29, 29) and learned['mean_difference'] == pytest.approx(0.1)
     assert f"| new | 31 | 31/0/0 | {paired['new']['mean_difference']:+.4f} | " in table
     assert f"| 29 | 29/0/0 | +0.1000 | {learned['wilcoxon_p']:.3g} | — |" in table
+    better['b']['5'] = 0.0  # a class the candidate misses is kept: the subset is the baseline's, not both
+    _, paired = cohort_bench.results_table({'base': base, 'new': better}, 'base', {})
+    learned = paired['new']['where_baseline_learned']
+    assert (learned['n_cases'], learned['wins'], learned['losses']) == (29, 28, 1)
+    assert learned['mean_difference'] == pytest.approx((28 * 0.1 - 0.7) / 29)
 
 
 @pytest.mark.parametrize('codes_axis,transpose,expected', [(0, [0, 1, 2], 2), (0, [2, 0, 1], 0), (1, [0, 1, 2], 1),
