@@ -44,6 +44,8 @@ DATASET = f'Dataset{DATASET_ID}_BrainTemplates'
 SCHEDULE_ATTRS = ('num_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch', 'save_every')
 SCHEDULE_FILE = 'anatomy_schedule.json'  # in a fold folder: the schedule and widths it was trained with
 TRAIN_LOCK = '.anatomy_train.lock'  # in a fold folder: held (flock) while a driver trains, resumes or validates it
+# ``Trainer@variant``: the run's narrowed plans with another network of nnU-Net's (plans identifier written)
+PLANS_VARIANTS = {'resenc_m': 'nnUNetSmallResEncMPlans'}
 
 SCHEDULE_MODULE = '''
 import os
@@ -92,10 +94,18 @@ def mean_seconds(times: list[float | None]) -> float | None:
 
 
 class TrainerSpec:
-    """``Base`` or ``Base:attr=value,attr=value`` (values are Python literals) -> a short-schedule subclass."""
+    """``Base`` or ``Base:attr=value,attr=value`` (values are Python literals) -> a short-schedule subclass;
+    a ``@variant`` suffix (``PLANS_VARIANTS``: ``@resenc_m``) trains it on the run's plans with that network of
+    nnU-Net's instead of the plans' own (``nnUNetTrainer@resenc_m``: nnU-Net's ResEnc-M baseline, same patch and
+    widths). ``key`` names the spec's folders and records (class name + variant)."""
 
     def __init__(self, text: str):
-        base, _, rest = text.partition(':')
+        head, at, variant = text.rpartition('@') if '@' in text else (text, '', '')
+        if at and variant not in PLANS_VARIANTS:
+            raise ValueError(f"unknown plans variant '@{variant}' in {text!r} (known: "
+                             f"{', '.join('@' + v for v in PLANS_VARIANTS)})")
+        self.variant = variant
+        base, _, rest = head.partition(':')
         if not re.fullmatch(r'[A-Za-z_]\w*', base):
             raise ValueError(f'bad trainer name {base!r} in {text!r}')
         self.base = base
@@ -113,8 +123,9 @@ class TrainerSpec:
                 raise ValueError(f'bad override value {value!r} in {text!r}: expected a Python literal') from None
         suffix = ''.join('__' + k + re.sub(r'\W', '_', str(v)) for k, v in self.overrides.items())
         self.class_name = f'{base}{suffix}_Anatomy'
+        self.key = self.class_name + at + variant
         self.label = base + (f"[{', '.join(f'{k}={v!r}' for k, v in self.overrides.items())}]"
-                             if self.overrides else '')
+                             if self.overrides else '') + at + variant
 
     def source_line(self) -> str:
         return f'{self.class_name} = _short({self.base!r}, {self.class_name!r}, {self.overrides!r})\n'
@@ -191,6 +202,11 @@ class Benchmark:
             self.step('plan', nnunet_command('nnUNetv2_plan_and_preprocess') + [
                 '-d', str(dataset_id), '-c', '3d_fullres', '-np', self.n_proc, '-npfp', self.n_proc])
         self.plans = write_small_plans(prep, base_features=args.base_features, max_features=args.max_features)
+        self.variant_plans = {'': self.plans}
+        for variant in sorted({s.variant for s in self.specs} - {''}):
+            self.variant_plans[variant] = write_small_plans(
+                prep, target=PLANS_VARIANTS[variant], base_features=args.base_features,
+                max_features=args.max_features, resenc_m=variant == 'resenc_m')
         self.results = os.path.join(env['nnUNet_results'], dataset)
 
     def step(self, name: str, cmd: list[str], pass_fds: tuple[int, ...] = ()) -> float:
@@ -200,12 +216,20 @@ class Benchmark:
         print(f'== {name} done in {seconds:.0f} s', flush=True)
         return seconds
 
-    def fold_dir(self, spec: TrainerSpec, fold: int) -> str:
-        return os.path.join(self.results, f'{spec.class_name}__{self.plans}__3d_fullres', f'fold_{fold}')
+    def plans_of(self, spec: TrainerSpec) -> str:
+        """The plans identifier ``spec`` trains with: the run's narrowed plans, or their ``@variant``."""
+        return self.variant_plans[spec.variant]
 
-    def schedule(self) -> dict:
-        """What a fold's training depends on besides the data and the trainer: schedule and plans' widths."""
-        return {'epochs': self.args.epochs, 'iterations': self.args.iterations, 'plans': self.plans,
+    def plans_text(self) -> str:
+        """The run's plans identifiers, as the results name them."""
+        return self.plans + ''.join(f' ({plans} for @{v})' for v, plans in self.variant_plans.items() if v)
+
+    def fold_dir(self, spec: TrainerSpec, fold: int) -> str:
+        return os.path.join(self.results, f'{spec.class_name}__{self.plans_of(spec)}__3d_fullres', f'fold_{fold}')
+
+    def schedule(self, spec: TrainerSpec) -> dict:
+        """What a fold's training depends on besides the data and the trainer: schedule, plans and widths."""
+        return {'epochs': self.args.epochs, 'iterations': self.args.iterations, 'plans': self.plans_of(spec),
                 'base_features': self.args.base_features, 'max_features': self.args.max_features}
 
     def _check_schedule(self, spec: TrainerSpec, fold: int) -> None:
@@ -218,9 +242,9 @@ class Benchmark:
                 recorded = json.load(f)
         except (OSError, ValueError) as e:
             recorded = f'unknown ({e.__class__.__name__}: no readable {SCHEDULE_FILE})'
-        if recorded != self.schedule():
+        if recorded != self.schedule(spec):
             raise SystemExit(f'{self.fold_dir(spec, fold)} holds a training with schedule {recorded}, this run asks '
-                             f'for {self.schedule()}: use another --work-dir, or delete that folder to train it again')
+                             f'for {self.schedule(spec)}: use another --work-dir, or delete that folder to train it again')
 
     @contextlib.contextmanager
     def _fold_lock(self, spec: TrainerSpec, fold: int):
@@ -249,23 +273,23 @@ class Benchmark:
     def _train(self, spec: TrainerSpec, fold: int, lock_fds: tuple[int, ...]) -> float | None:
         timing = os.path.join(self.fold_dir(spec, fold), 'anatomy_train_seconds.txt')
         command = nnunet_command('nnUNetv2_train') + [str(self.dataset_id), '3d_fullres', str(fold), '-tr',
-                                                      spec.class_name, '-p', self.plans, '-device', self.args.device]
+                                                      spec.class_name, '-p', self.plans_of(spec), '-device', self.args.device]
         if any(os.path.isfile(os.path.join(self.fold_dir(spec, fold), n)) for n in CHECKPOINT_NAMES):
             self._check_schedule(spec, fold)
         if os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'checkpoint_final.pth')):
             print(f'== train {spec.label} fold {fold}: checkpoint_final.pth exists, not trained again', flush=True)
             if not os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'validation', 'summary.json')):
                 # nnU-Net saves checkpoint_final before its final validation: finish an interrupted one
-                self.step(f'validate_{spec.class_name}_fold{fold}', command + ['--val'], lock_fds)
+                self.step(f'validate_{spec.key}_fold{fold}', command + ['--val'], lock_fds)
             return float(open(timing).read()) if os.path.isfile(timing) else None
         if os.path.isfile(os.path.join(self.fold_dir(spec, fold), 'checkpoint_latest.pth')):
             # an interrupted training: nnU-Net resumes from its last epoch; the time is that of this part only
             print(f'== train {spec.label} fold {fold}: resuming from checkpoint_latest.pth (--c)', flush=True)
-            self.step(f'train_{spec.class_name}_fold{fold}_resumed', command + ['--c'], lock_fds)
+            self.step(f'train_{spec.key}_fold{fold}_resumed', command + ['--c'], lock_fds)
             return None
         os.makedirs(self.fold_dir(spec, fold), exist_ok=True)
-        write_atomically(os.path.join(self.fold_dir(spec, fold), SCHEDULE_FILE), json.dumps(self.schedule()))
-        seconds = self.step(f'train_{spec.class_name}_fold{fold}', command, lock_fds)
+        write_atomically(os.path.join(self.fold_dir(spec, fold), SCHEDULE_FILE), json.dumps(self.schedule(spec)))
+        seconds = self.step(f'train_{spec.key}_fold{fold}', command, lock_fds)
         write_atomically(timing, f'{seconds:.1f}')
         return seconds
 
@@ -281,29 +305,35 @@ class Benchmark:
     def predict_and_evaluate(self, spec: TrainerSpec, folds: list[int], images: str, labels: str, tag: str) -> str:
         """``nnUNetv2_predict`` of ``images`` with the ensemble of ``folds``, then ``nnUNetv2_evaluate_folder``
         against ``labels`` (cases not predicted are skipped); returns the summary.json path."""
-        out = os.path.join(self.work, 'predictions', spec.class_name, tag)
-        self.step(f'predict_{spec.class_name}_{tag}', nnunet_command('nnUNetv2_predict') + [
+        out = os.path.join(self.work, 'predictions', spec.key, tag)
+        self.step(f'predict_{spec.key}_{tag}', nnunet_command('nnUNetv2_predict') + [
             '-i', images, '-o', out, '-d', str(self.dataset_id), '-c', '3d_fullres', '-tr', spec.class_name,
-            '-p', self.plans, '-f', *map(str, folds), '-device', self.args.device])
-        self.step(f'evaluate_{spec.class_name}_{tag}', nnunet_command('nnUNetv2_evaluate_folder') + [
+            '-p', self.plans_of(spec), '-f', *map(str, folds), '-device', self.args.device])
+        self.step(f'evaluate_{spec.key}_{tag}', nnunet_command('nnUNetv2_evaluate_folder') + [
             labels, out, '-djfile', os.path.join(out, 'dataset.json'), '-pfile', os.path.join(out, 'plans.json'),
             '--chill'])
         return os.path.join(out, 'summary.json')
 
-    def compare_and_cost(self, folds: list[int], name: str, compare: bool = True) -> None:
-        """``nnunetv2-ext compare`` on the folds' validation results (unless ``compare`` is False) and
-        ``nnunetv2-ext benchmark`` (unless ``--no-cost``) on the same plans."""
+    def compare_and_cost(self, folds: list[int], name: str, compare: bool = True) -> bool:
+        """``nnunetv2-ext compare`` on the folds' validation results (unless ``compare`` is False) of the trainers
+        on the baseline's plans (it reads one plans identifier), and ``nnunetv2-ext benchmark`` (unless
+        ``--no-cost``) on each plans of the run: ``<work-dir>/cost`` for the run's plans, ``cost_<variant>``.
+        Returns whether ``compare`` ran."""
         ordered = [self.baseline] + [s for s in self.specs if s is not self.baseline]
-        if compare:
-            self.step('compare', self.ext + ['compare', '-d', str(self.dataset_id), '-p', self.plans, '-c',
-                                             '3d_fullres', '-f', *map(str, folds), '-tr',
-                                             *[s.class_name for s in ordered],
+        peers = [s for s in ordered if s.variant == self.baseline.variant]
+        if compare and len(peers) > 1:
+            self.step('compare', self.ext + ['compare', '-d', str(self.dataset_id), '-p',
+                                             self.plans_of(self.baseline), '-c', '3d_fullres',
+                                             '-f', *map(str, folds), '-tr', *[s.class_name for s in peers],
                                              '-o', os.path.join(self.work, f'{name}_compare')])
         if not self.args.no_cost:
-            bases = list(dict.fromkeys(s.base for s in self.specs))
-            self.step('benchmark', self.ext + ['benchmark', '-d', str(self.dataset_id), '-p', self.plans,
-                                               '-tr', *bases, '--device', self.args.device,
-                                               '-o', os.path.join(self.work, 'cost')])
+            for variant, plans in self.variant_plans.items():
+                bases = list(dict.fromkeys(s.base for s in self.specs if s.variant == variant))
+                if bases:
+                    self.step('benchmark' + (variant and '_' + variant), self.ext + [
+                        'benchmark', '-d', str(self.dataset_id), '-p', plans, '-tr', *bases, '--device',
+                        self.args.device, '-o', os.path.join(self.work, 'cost' + (variant and '_' + variant))])
+        return compare and len(peers) > 1
 
     def write_results(self, name: str, text: str, payload: dict, compared: bool = True) -> None:
         """``<work-dir>/NAME.md`` (``text``) and ``NAME.json`` (``payload`` plus the arguments), atomically;
@@ -315,7 +345,8 @@ class Benchmark:
         if compared:
             print(f"paired comparison: {os.path.join(self.work, f'{name}_compare', 'compare.md')}")
         if not self.args.no_cost:
-            print(f"cost table: {os.path.join(self.work, 'cost', 'benchmark.md')}")
+            for variant in self.variant_plans:
+                print(f"cost table: {os.path.join(self.work, 'cost' + (variant and '_' + variant), 'benchmark.md')}")
 
 
 def main(argv=None) -> int:
@@ -339,15 +370,15 @@ def main(argv=None) -> int:
         rows.append(dict(trainer=spec.label, class_name=spec.class_name, folds=args.folds, train_s=train_s[spec.label],
                          colin27_dice=test_per_class, colin27_mean=test_mean, val_mean_per_fold=val,
                          val_mean=sum(val) / len(val)))
-    bench.compare_and_cost(args.folds, args.name)
+    compared = bench.compare_and_cost(args.folds, args.name)
     table = ['| trainer | train s per fold | Colin27 Dice other-brain | Colin27 Dice grey matter | Colin27 mean | '
              'validation mean over folds (deformed copies) |', '|---|---:|---:|---:|---:|---:|']
     table += [f"| {r['trainer']} | {'—' if r['train_s'] is None else format(r['train_s'], '.0f')} | "
               f"{r['colin27_dice']['1']:.3f} | {r['colin27_dice']['2']:.3f} | {r['colin27_mean']:.3f} | "
               f"{r['val_mean']:.3f} |" for r in rows]
-    text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans}, "
+    text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans_text()}, "
             f"folds {args.folds} (Colin27: ensemble of these folds).\n\n" + '\n'.join(table) + '\n')
-    bench.write_results(args.name, text, {'rows': rows})
+    bench.write_results(args.name, text, {'rows': rows}, compared=compared)
     return 0
 
 

