@@ -17,6 +17,11 @@ A trainer may carry attribute overrides, for ablations: ``nnUNetTrainerPVTGDLA_E
 trains a subclass with ``attn_weight = 0`` (class name ``nnUNetTrainerPVTGDLA_EncRefine__attn_weight0_Anatomy``).
 They are set on the class and again on the trainer after its ``__init__``, so values nnU-Net's trainers set
 there (``initial_lr``, ``weight_decay``) can be overridden too; the schedule (epochs, iterations) is refused.
+``nnUNetTrainer@resenc_m`` trains on the run's narrowed plans with nnU-Net's ResEnc-M network instead
+(``ResidualEncoderUNet``, residual blocks per encoder stage 1, 3, 4, 6, …; same patch and widths; plans
+``nnUNetSmallResEncMPlans``): nnU-Net's residual-encoder baseline at the benchmark's size, for trainers that build
+the network their plans name (refused on ours). Its predictions, logs and records are named
+``<class>@resenc_m``; ``nnunetv2-ext compare`` (one plans identifier) covers the trainers on the baseline's plans.
 Folds whose ``checkpoint_final.pth`` exists are not trained again, so a second invocation on the same
 work dir (other trainers, more folds) reuses what is there.
 Validation cases are deformed copies of the training subjects (optimistic); the Colin27 Dice is the honest
@@ -34,6 +39,7 @@ import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
+from nnunetv2_ext.benchmark import BenchmarkError, find_trainer
 from nnunetv2_ext.demo.pipeline import foreground_dice, nnunet_command, nnunet_env, run_step, write_small_plans
 from nnunetv2_ext.publish import write_atomically
 from nnunetv2_ext.trainers.base import CHECKPOINT_NAMES
@@ -93,17 +99,27 @@ def mean_seconds(times: list[float | None]) -> float | None:
     return None if not times or None in times else sum(times) / len(times)
 
 
+def builds_plans_network(trainer: str) -> bool:
+    """Whether nnU-Net trainer class ``trainer`` builds the network its plans name (nnU-Net's own
+    ``build_network_architecture``), so that a plans ``@variant`` changes its network."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    cls = find_trainer(trainer)
+    return cls.build_network_architecture is nnUNetTrainer.build_network_architecture  # a staticmethod in nnU-Net
+
+
 class TrainerSpec:
     """``Base`` or ``Base:attr=value,attr=value`` (values are Python literals) -> a short-schedule subclass;
-    a ``@variant`` suffix (``PLANS_VARIANTS``: ``@resenc_m``) trains it on the run's plans with that network of
+    a final ``@variant`` (``PLANS_VARIANTS``: ``@resenc_m``) trains it on the run's plans with that network of
     nnU-Net's instead of the plans' own (``nnUNetTrainer@resenc_m``: nnU-Net's ResEnc-M baseline, same patch and
-    widths). ``key`` names the spec's folders and records (class name + variant)."""
+    widths; only for trainers that build the network the plans name, checked by :class:`Benchmark`). ``key``
+    names the spec's predictions, logs and records (class name + ``@variant``)."""
 
     def __init__(self, text: str):
         head, at, variant = text.rpartition('@') if '@' in text else (text, '', '')
         if at and variant not in PLANS_VARIANTS:
-            raise ValueError(f"unknown plans variant '@{variant}' in {text!r} (known: "
-                             f"{', '.join('@' + v for v in PLANS_VARIANTS)})")
+            raise ValueError(f"unknown plans variant '@{variant}' in {text!r}: expected Base[:attr=value,...]@variant "
+                             f"with the variant last, one of {', '.join('@' + v for v in PLANS_VARIANTS)}")
         self.variant = variant
         base, _, rest = head.partition(':')
         if not re.fullmatch(r'[A-Za-z_]\w*', base):
@@ -181,6 +197,14 @@ class Benchmark:
         os.makedirs(self.logs, exist_ok=True)
         from nnunetv2_ext import discovery
         discovery.register()
+        for spec in self.specs:
+            try:
+                own_network = spec.variant and not builds_plans_network(spec.base)
+            except BenchmarkError as e:
+                ap.error(str(e))
+            if own_network:
+                ap.error(f'{spec.label}: @{spec.variant} swaps the network the plans name, and {spec.base} builds '
+                         f'its own network instead; use a trainer of nnU-Net\'s, e.g. nnUNetTrainer@{spec.variant}')
         env = nnunet_env(self.work)
         shim = os.path.join(self.work, 'schedule_trainers')
         write_schedule_modules(shim, self.specs)
@@ -314,13 +338,28 @@ class Benchmark:
             '--chill'])
         return os.path.join(out, 'summary.json')
 
+    def compare_peers(self) -> list[TrainerSpec]:
+        """The baseline, then the other trainers on its plans: what ``nnunetv2-ext compare`` (which reads one plans
+        identifier) compares."""
+        return [self.baseline] + [s for s in self.specs if s is not self.baseline and s.variant == self.baseline.variant]
+
+    def compare_note(self, ran: bool) -> str:
+        """A line for the results on what ``nnunetv2-ext compare`` left out because of the plans ('' if nothing)."""
+        others = [s.label for s in self.specs if s not in self.compare_peers()]
+        if not others:
+            return ''
+        if not ran:
+            return (f'\nValidation comparison (nnunetv2-ext compare) not run: no other trainer on the baseline\'s '
+                    f'plans ({self.plans_of(self.baseline)}).\n')
+        return (f"\nValidation comparison (nnunetv2-ext compare, one plans identifier): {', '.join(others)} "
+                f"left out (other plans).\n")
+
     def compare_and_cost(self, folds: list[int], name: str, compare: bool = True) -> bool:
-        """``nnunetv2-ext compare`` on the folds' validation results (unless ``compare`` is False) of the trainers
-        on the baseline's plans (it reads one plans identifier), and ``nnunetv2-ext benchmark`` (unless
-        ``--no-cost``) on each plans of the run: ``<work-dir>/cost`` for the run's plans, ``cost_<variant>``.
-        Returns whether ``compare`` ran."""
-        ordered = [self.baseline] + [s for s in self.specs if s is not self.baseline]
-        peers = [s for s in ordered if s.variant == self.baseline.variant]
+        """``nnunetv2-ext compare`` on the folds' validation results (unless ``compare`` is False) of
+        :meth:`compare_peers`, and ``nnunetv2-ext benchmark`` (unless ``--no-cost``) on each plans of the run:
+        ``<work-dir>/cost`` for the run's plans, ``cost_<variant>`` for a variant's. Returns whether ``compare``
+        ran (not with fewer than two peers; :meth:`compare_note` says what it left out)."""
+        peers = self.compare_peers()
         if compare and len(peers) > 1:
             self.step('compare', self.ext + ['compare', '-d', str(self.dataset_id), '-p',
                                              self.plans_of(self.baseline), '-c', '3d_fullres',
@@ -345,7 +384,7 @@ class Benchmark:
         if compared:
             print(f"paired comparison: {os.path.join(self.work, f'{name}_compare', 'compare.md')}")
         if not self.args.no_cost:
-            for variant in self.variant_plans:
+            for variant in sorted({s.variant for s in self.specs}):
                 print(f"cost table: {os.path.join(self.work, 'cost' + (variant and '_' + variant), 'benchmark.md')}")
 
 
@@ -377,7 +416,8 @@ def main(argv=None) -> int:
               f"{r['colin27_dice']['1']:.3f} | {r['colin27_dice']['2']:.3f} | {r['colin27_mean']:.3f} | "
               f"{r['val_mean']:.3f} |" for r in rows]
     text = (f"{args.epochs} epochs x {args.iterations} iterations per fold on {args.device}, plans {bench.plans_text()}, "
-            f"folds {args.folds} (Colin27: ensemble of these folds).\n\n" + '\n'.join(table) + '\n')
+            f"folds {args.folds} (Colin27: ensemble of these folds).\n\n" + '\n'.join(table) + '\n'
+            + bench.compare_note(compared))
     bench.write_results(args.name, text, {'rows': rows}, compared=compared)
     return 0
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import resource
 import statistics

@@ -10,7 +10,9 @@ An interrupted run continues with the same command: finished folds are reused, a
 its last epoch (``--c``). Each finished fold leaves a small JSON record (``--records``, default
 <work-dir>/records) and the table is built from the records: folds run on different machines or in different
 sessions combine when their records are copied into one folder (folds recorded there are not trained again).
-How many steps the task needs: cohort_learnability.py.
+How many steps the task needs: cohort_learnability.py. ``nnUNetTrainer@resenc_m`` among ``-tr`` is nnU-Net's
+ResEnc-M as a second baseline (its residual encoder on the same narrowed plans; anatomy_benchmark.py's
+``TrainerSpec``).
 
 Steps (stock nnU-Net commands; data: nnunetv2_ext/cohort.py): nnunetv2-ext cohort-dataset (random-contrast
 cases of six real brains in imagesTr, one fixed T1-like case per subject in imagesTs, subject-wise
@@ -22,7 +24,7 @@ held-out subjects with that fold's model only -> nnUNetv2_evaluate_folder -> per
 random-contrast cases of the held-out subjects; where every fold's nnU-Net results are here) -> nnunetv2-ext
 benchmark on the same plans.
 Results (``--name``, default cohort_results): <work-dir>/NAME.{md,json}, <work-dir>/NAME_curves.png (training
-curves), <work-dir>/NAME_compare/, <work-dir>/cost/.
+curves), <work-dir>/NAME_compare/, <work-dir>/cost/ (and cost_resenc_m/ for ``@resenc_m``).
 """
 from __future__ import annotations
 
@@ -397,7 +399,7 @@ def main(argv=None) -> int:
         train_s[spec.label] = mean_seconds([r['train_s'] for r in mine]) if same else None
     # nnunetv2-ext compare needs the folds' nnU-Net results, which folds recorded elsewhere do not have here
     local = all(os.path.isfile(os.path.join(bench.fold_dir(spec, k), 'validation', 'summary.json'))
-                for spec in bench.specs for k in folds)
+                for spec in bench.compare_peers() for k in folds)
     compared = bench.compare_and_cost(folds, args.name, compare=local)
     table, paired = results_table(test, bench.baseline.label, train_s)
     ordered = [done[spec.label, k] for spec in bench.specs for k in folds]
@@ -409,8 +411,8 @@ def main(argv=None) -> int:
             f"subject(s).\n\n"
             + table + '\nEvery class learned in every fold? Validation of each fold (its held-out subjects\' '
             'random-contrast cases) and the mean pseudo Dice of training:\n\n' + learning
-            + ('' if local else '\nValidation comparison (nnunetv2-ext compare) not run: some folds were '
-               'trained elsewhere (their records are in ' + records.folder + ').\n'))
+            + ('\nValidation comparison (nnunetv2-ext compare) not run: some folds were trained elsewhere (their '
+               'records are in ' + records.folder + ').\n' if not local else bench.compare_note(compared)))
     bench.write_results(args.name, text, {'held_out': {k: held[k] for k in folds}, 'test_dice': test,
                                           'paired': paired, 'train_s': train_s, 'records': records.folder},
                         compared=compared)

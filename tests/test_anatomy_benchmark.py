@@ -45,7 +45,11 @@ def test_resenc_m_plans_are_nnunets_resenc_m_network_on_the_same_patch_and_width
 
     cm = make_configuration([16, 32, 32], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
                             [32, 64, 128, 256, 320])
-    (tmp_path / 'nnUNetPlans.json').write_text(json.dumps(make_plans(cm, '3d_fullres')))
+    source = make_plans(cm, '3d_fullres')
+    # as nnU-Net's default planner writes them: two convolutions per encoder and per decoder stage
+    source['configurations']['3d_fullres']['architecture']['arch_kwargs'].update(n_conv_per_stage=[2] * 5,
+                                                                                 n_conv_per_stage_decoder=[2] * 4)
+    (tmp_path / 'nnUNetPlans.json').write_text(json.dumps(source))
     name = write_small_plans(str(tmp_path), target='nnUNetSmallResEncMPlans', base_features=4, max_features=16,
                              resenc_m=True)
     plans = json.loads((tmp_path / f'{name}.json').read_text())
@@ -57,8 +61,7 @@ def test_resenc_m_plans_are_nnunets_resenc_m_network_on_the_same_patch_and_width
     assert (kwargs['n_blocks_per_stage'], kwargs['n_conv_per_stage_decoder']) == ([1, 3, 4, 6, 6], [1] * 4)
     assert kwargs['features_per_stage'] == [4, 8, 16, 16, 16]
     assert plans['configurations']['3d_fullres']['patch_size'] == [16, 32, 32]
-    source = json.loads((tmp_path / 'nnUNetPlans.json').read_text())['configurations']['3d_fullres']
-    assert kwargs['strides'] == source['architecture']['arch_kwargs']['strides']
+    assert kwargs['strides'] == source['configurations']['3d_fullres']['architecture']['arch_kwargs']['strides']
     configuration = PlansManager(plans).get_configuration('3d_fullres')
     network = get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
                                      configuration.network_arch_init_kwargs_req_import, 1, 3)
@@ -66,12 +69,65 @@ def test_resenc_m_plans_are_nnunets_resenc_m_network_on_the_same_patch_and_width
     blocks = [[m for m in stage.modules() if type(m).__name__ == 'StackedResidualBlocks'] for stage in
               network.encoder.stages]
     assert [len(b[0].blocks) for b in blocks] == [1, 3, 4, 6, 6]
+    assert [len(stage.convs) for stage in network.decoder.stages] == [1] * 4
+
+
+def test_only_trainers_that_build_the_plans_network_take_a_plans_variant(bench):
+    from nnunetv2_ext import discovery
+    discovery.register()
+    assert bench.builds_plans_network('nnUNetTrainer') and bench.builds_plans_network('nnUNetTrainerNoDeepSupervision')
+    assert not bench.builds_plans_network('nnUNetTrainerGLSP')  # builds its own network from the plans' widths
+    assert not bench.builds_plans_network('nnUNetTrainerLightDecoder')
+
+
+def test_a_resenc_m_spec_trains_predicts_and_costs_on_its_own_plans(bench, tmp_path):
+    import argparse
+
+    b = object.__new__(bench.Benchmark)  # the command lines only; no dataset, no training
+    b.args = argparse.Namespace(device='cpu', epochs=3, iterations=5, base_features=4, max_features=8, no_cost=False)
+    b.dataset_id, b.plans, b.results, b.work = 990, 'P', str(tmp_path / 'results'), str(tmp_path)
+    b.variant_plans = {'': 'P', 'resenc_m': 'nnUNetSmallResEncMPlans'}
+    b.ext = ['ext']
+    plain, glsp, resenc = (bench.TrainerSpec(t) for t in ('nnUNetTrainer', 'nnUNetTrainerGLSP', 'nnUNetTrainer@resenc_m'))
+    b.specs, b.baseline = [plain, glsp, resenc], plain
+    calls = {}
+
+    def step(name, cmd, pass_fds=()):
+        calls[name] = cmd
+        return 1.0
+
+    b.step = step
+    b.train(resenc, 0)
+    b.train(plain, 0)
+    b.predict_and_evaluate(resenc, [0], 'in', 'labels', 'test')
+    train = calls['train_nnUNetTrainer_Anatomy@resenc_m_fold0']
+    assert train[train.index('-p') + 1] == 'nnUNetSmallResEncMPlans' and train[train.index('-tr') + 1] == 'nnUNetTrainer_Anatomy'
+    assert b.fold_dir(resenc, 0) == str(tmp_path / 'results' / 'nnUNetTrainer_Anatomy__nnUNetSmallResEncMPlans__3d_fullres' / 'fold_0')
+    plain_train = calls['train_nnUNetTrainer_Anatomy_fold0']
+    assert plain_train[plain_train.index('-p') + 1] == 'P'
+    predict = calls['predict_nnUNetTrainer_Anatomy@resenc_m_test']
+    assert predict[predict.index('-p') + 1] == 'nnUNetSmallResEncMPlans'
+    assert predict[predict.index('-o') + 1] == str(tmp_path / 'predictions' / 'nnUNetTrainer_Anatomy@resenc_m' / 'test')
+    assert b.compare_and_cost([0], 'res') is True
+    compare = calls['compare']
+    assert compare[compare.index('-tr') + 1:compare.index('-o')] == ['nnUNetTrainer_Anatomy', 'nnUNetTrainerGLSP_Anatomy']
+    assert 'nnUNetTrainer@resenc_m left out (other plans)' in b.compare_note(True)
+    cost = calls['benchmark_resenc_m']
+    assert cost[cost.index('-p') + 1] == 'nnUNetSmallResEncMPlans' and cost[cost.index('-tr') + 1:cost.index('--device')] == ['nnUNetTrainer']
+    assert cost[-1] == str(tmp_path / 'cost_resenc_m') and calls['benchmark'][-1] == str(tmp_path / 'cost')
+    b.specs = [plain, resenc]  # the baseline alone on its plans: nothing to compare, and said so
+    calls.clear()
+    assert b.compare_and_cost([0], 'res') is False and 'compare' not in calls
+    assert "not run: no other trainer on the baseline's plans (P)" in b.compare_note(False)
 
 
 @pytest.mark.parametrize('text,message', [('bad name', 'bad trainer name'), ('T:attn', 'expected attr=value'),
                                           ('T:a=b c', 'expected a Python literal'), ('T:1a=2', 'attr=value'),
                                           ('T:num_epochs=9', "the schedule is the run's"),
-                                          ('T@resenc_l', r"unknown plans variant '@resenc_l' in 'T@resenc_l' \(known: @resenc_m\)")])
+                                          ('T@resenc_l', r"unknown plans variant '@resenc_l' in 'T@resenc_l': expected "
+                                                         r"Base\[:attr=value,...\]@variant with the variant last, "
+                                                         "one of @resenc_m"),
+                                          ('T@resenc_m:a=1', "with the variant last")])
 def test_bad_specs_say_what_is_wrong(bench, text, message):
     with pytest.raises(ValueError, match=message):
         bench.TrainerSpec(text)
