@@ -40,7 +40,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from nnunetv2_ext.benchmark import BenchmarkError, find_trainer
-from nnunetv2_ext.demo.pipeline import foreground_dice, nnunet_command, nnunet_env, run_step, write_small_plans
+from nnunetv2_ext.demo.pipeline import (NETWORK_VARIANTS, foreground_dice, nnunet_command, nnunet_env, run_step,
+                                        write_small_plans)
 from nnunetv2_ext.publish import write_atomically
 from nnunetv2_ext.trainers.base import CHECKPOINT_NAMES
 
@@ -50,7 +51,7 @@ DATASET = f'Dataset{DATASET_ID}_BrainTemplates'
 SCHEDULE_ATTRS = ('num_epochs', 'num_iterations_per_epoch', 'num_val_iterations_per_epoch', 'save_every')
 SCHEDULE_FILE = 'anatomy_schedule.json'  # in a fold folder: the schedule and widths it was trained with
 TRAIN_LOCK = '.anatomy_train.lock'  # in a fold folder: held (flock) while a driver trains, resumes or validates it
-# ``Trainer@variant``: the run's narrowed plans with another network of nnU-Net's (plans identifier written)
+# ``Trainer@variant``: the run's narrowed plans with another network of nnU-Net's (NETWORK_VARIANTS), written as
 PLANS_VARIANTS = {'resenc_m': 'nnUNetSmallResEncMPlans'}
 
 SCHEDULE_MODULE = '''
@@ -230,7 +231,7 @@ class Benchmark:
         for variant in sorted({s.variant for s in self.specs} - {''}):
             self.variant_plans[variant] = write_small_plans(
                 prep, target=PLANS_VARIANTS[variant], base_features=args.base_features,
-                max_features=args.max_features, resenc_m=variant == 'resenc_m')
+                max_features=args.max_features, network=NETWORK_VARIANTS[variant])
         self.results = os.path.join(env['nnUNet_results'], dataset)
 
     def step(self, name: str, cmd: list[str], pass_fds: tuple[int, ...] = ()) -> float:
@@ -250,6 +251,10 @@ class Benchmark:
 
     def fold_dir(self, spec: TrainerSpec, fold: int) -> str:
         return os.path.join(self.results, f'{spec.class_name}__{self.plans_of(spec)}__3d_fullres', f'fold_{fold}')
+
+    def cost_dir(self, variant: str) -> str:
+        """Where ``nnunetv2-ext benchmark`` measures the plans of ``variant`` ('' for the run's plans)."""
+        return os.path.join(self.work, 'cost' + (variant and '_' + variant))
 
     def schedule(self, spec: TrainerSpec) -> dict:
         """What a fold's training depends on besides the data and the trainer: schedule, plans and widths."""
@@ -345,7 +350,8 @@ class Benchmark:
 
     def compare_note(self, ran: bool) -> str:
         """A line for the results on what ``nnunetv2-ext compare`` left out because of the plans ('' if nothing)."""
-        others = [s.label for s in self.specs if s not in self.compare_peers()]
+        peers = self.compare_peers()
+        others = [s.label for s in self.specs if s not in peers]
         if not others:
             return ''
         if not ran:
@@ -360,7 +366,8 @@ class Benchmark:
         ``<work-dir>/cost`` for the run's plans, ``cost_<variant>`` for a variant's. Returns whether ``compare``
         ran (not with fewer than two peers; :meth:`compare_note` says what it left out)."""
         peers = self.compare_peers()
-        if compare and len(peers) > 1:
+        ran = compare and len(peers) > 1
+        if ran:
             self.step('compare', self.ext + ['compare', '-d', str(self.dataset_id), '-p',
                                              self.plans_of(self.baseline), '-c', '3d_fullres',
                                              '-f', *map(str, folds), '-tr', *[s.class_name for s in peers],
@@ -371,8 +378,8 @@ class Benchmark:
                 if bases:
                     self.step('benchmark' + (variant and '_' + variant), self.ext + [
                         'benchmark', '-d', str(self.dataset_id), '-p', plans, '-tr', *bases, '--device',
-                        self.args.device, '-o', os.path.join(self.work, 'cost' + (variant and '_' + variant))])
-        return compare and len(peers) > 1
+                        self.args.device, '-o', self.cost_dir(variant)])
+        return ran
 
     def write_results(self, name: str, text: str, payload: dict, compared: bool = True) -> None:
         """``<work-dir>/NAME.md`` (``text``) and ``NAME.json`` (``payload`` plus the arguments), atomically;
@@ -385,7 +392,7 @@ class Benchmark:
             print(f"paired comparison: {os.path.join(self.work, f'{name}_compare', 'compare.md')}")
         if not self.args.no_cost:
             for variant in sorted({s.variant for s in self.specs}):
-                print(f"cost table: {os.path.join(self.work, 'cost' + (variant and '_' + variant), 'benchmark.md')}")
+                print(f"cost table: {os.path.join(self.cost_dir(variant), 'benchmark.md')}")
 
 
 def main(argv=None) -> int:

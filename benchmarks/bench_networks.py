@@ -122,15 +122,16 @@ def jobs_for(entries: list[str], configurations: list[dict]) -> list[tuple]:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunetv2_ext.benchmark import find_trainer
-    from nnunetv2_ext.demo.pipeline import as_resenc_m
+    from nnunetv2_ext.demo.pipeline import NETWORK_VARIANTS
 
     jobs = []
     for configuration in configurations:
         for entry in entries:
             name, _, variant = entry.partition('@')
-            if variant not in ('', 'resenc_m'):
-                raise SystemExit(f"unknown plans variant '@{variant}' in {entry!r} (known: @resenc_m)")
-            pm = PlansManager(plans_dict(as_resenc_m(configuration) if variant else configuration))
+            if variant and variant not in NETWORK_VARIANTS:
+                raise SystemExit(f"unknown plans variant '@{variant}' in {entry!r} (known: "
+                                 f"{', '.join('@' + v for v in NETWORK_VARIANTS)})")
+            pm = PlansManager(plans_dict(NETWORK_VARIANTS[variant](configuration) if variant else configuration))
             cm = pm.get_configuration('3d_fullres')
             jobs.append((entry, find_trainer(name), pm, cm, list(cm.patch_size)))
     return jobs

@@ -41,7 +41,7 @@ def test_resenc_m_plans_are_nnunets_resenc_m_network_on_the_same_patch_and_width
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunetv2_ext.demo.pipeline import write_small_plans
+    from nnunetv2_ext.demo.pipeline import as_resenc_m, write_small_plans
 
     cm = make_configuration([16, 32, 32], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
                             [32, 64, 128, 256, 320])
@@ -51,7 +51,7 @@ def test_resenc_m_plans_are_nnunets_resenc_m_network_on_the_same_patch_and_width
                                                                                  n_conv_per_stage_decoder=[2] * 4)
     (tmp_path / 'nnUNetPlans.json').write_text(json.dumps(source))
     name = write_small_plans(str(tmp_path), target='nnUNetSmallResEncMPlans', base_features=4, max_features=16,
-                             resenc_m=True)
+                             network=as_resenc_m)
     plans = json.loads((tmp_path / f'{name}.json').read_text())
     assert plans['plans_name'] == name == 'nnUNetSmallResEncMPlans'
     arch = plans['configurations']['3d_fullres']['architecture']

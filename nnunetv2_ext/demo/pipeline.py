@@ -102,11 +102,15 @@ def as_resenc_m(configuration: dict) -> dict:
     return cfg
 
 
+# ``NAME@variant`` (bench_networks.py, the anatomy drivers): the same plans with another network of nnU-Net's
+NETWORK_VARIANTS: dict[str, Callable[[dict], dict]] = {'resenc_m': as_resenc_m}
+
+
 def write_small_plans(preprocessed_dataset_dir: str, source: str = 'nnUNetPlans', target: str = 'nnUNetSmallPlans',
                       configuration: str = '3d_fullres', base_features: int = 8, max_features: int = 64,
-                      resenc_m: bool = False) -> str:
+                      network: Callable[[dict], dict] | None = None) -> str:
     """Copies plans ``source`` to ``target`` with ``features_per_stage = min(base·2^s, max)`` and, with
-    ``resenc_m``, nnU-Net's ResEnc-M network (:func:`as_resenc_m`) in ``configuration``.
+    ``network`` (e.g. :func:`as_resenc_m`), that function applied to ``configuration``.
 
     The preprocessed data is shared (same ``data_identifier``), so nothing is preprocessed again.
     Returns the new plans identifier.
@@ -116,8 +120,8 @@ def write_small_plans(preprocessed_dataset_dir: str, source: str = 'nnUNetPlans'
     plans['plans_name'] = target
     arch = plans['configurations'][configuration]['architecture']['arch_kwargs']
     arch['features_per_stage'] = [min(base_features * 2 ** s, max_features) for s in range(arch['n_stages'])]
-    if resenc_m:
-        plans['configurations'][configuration] = as_resenc_m(plans['configurations'][configuration])
+    if network is not None:
+        plans['configurations'][configuration] = network(plans['configurations'][configuration])
     write_atomically(os.path.join(preprocessed_dataset_dir, f'{target}.json'), json.dumps(plans, indent=2))
     return target
 
