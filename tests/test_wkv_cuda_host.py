@@ -36,11 +36,11 @@ MARK = {np.float64: np.uint64(0x7FF8DEADBEEF0001), np.float32: np.uint32(0x7FC0B
 pytestmark = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler")
 
 
-@pytest.fixture(scope="module")
-def host_kernel(tmp_path_factory):
-    lib = tmp_path_factory.mktemp("wkv_cuda_host") / "wkv_cuda_host.so"
-    r = subprocess.run([*CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall",
-                        "-I", os.path.join(REPO, "cuda_wkv", "csrc"),
+def _build_host_kernel(folder, *defines: str):
+    """The host harness compiled with the host C++ compiler (``-D`` defines added)."""
+    lib = folder / "wkv_cuda_host.so"
+    r = subprocess.run([*CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wall", "-Werror",
+                        *(f"-D{d}" for d in defines), "-I", os.path.join(REPO, "cuda_wkv", "csrc"),
                         os.path.join(REPO, "tests", "csrc", "wkv_cuda_host.cpp"), "-o", str(lib)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -53,6 +53,11 @@ def host_kernel(tmp_path_factory):
         for sfx in ("f32", "f64"):
             getattr(mod, f"wkv_host_{name}_{sfx}").restype = ctypes.c_int
     return mod
+
+
+@pytest.fixture(scope="module")
+def host_kernel(tmp_path_factory):
+    return _build_host_kernel(tmp_path_factory.mktemp("wkv_cuda_host"))
 
 
 class Guarded:
@@ -127,7 +132,8 @@ def _length(mod, chunk, B, T, C):
     return mod.wkv_host_auto_chunk(B, T, C, H200_SLOTS) if chunk == "auto" else min(chunk, T)
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, "half", "auto"], ids=lambda c: f"chunk{c}")
+# 9 and 17: one and two blocks of loads ahead (8 positions, float forward) plus one
+@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 9, 17, 64, "half", "auto"], ids=lambda c: f"chunk{c}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_cuda_kernel_on_host_vs_dense(host_kernel, shape, chunk):
     """Values and all four gradients, float64 and float32, every chunk boundary case; channel
@@ -150,6 +156,28 @@ def test_threads_of_a_launch_are_independent(host_kernel, chunk):
     for a, b in zip(run_host(host_kernel, *args, chunk=chunk),
                     run_host(host_kernel, *args, chunk=chunk, reversed_order=True)):
         assert torch.equal(a, b)
+
+
+@pytest.fixture(scope="module", params=[1, 5], ids=lambda d: f"ahead{d}")
+def host_kernel_other_depth(request, tmp_path_factory):
+    """The harness with another depth of loads ahead: 1 = each row and summary loaded one step
+    ahead (no blocks); 5 = blocks of 5, 2 and 1 (float forward, backward / double, both)."""
+    folder = tmp_path_factory.mktemp(f"wkv_cuda_host_ahead{request.param}")
+    return _build_host_kernel(folder, f"WKV_ROWS_AHEAD={request.param}")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 9, 17, 40, 203], ids=lambda c: f"chunk{c}")
+def test_loads_ahead_do_not_change_a_bit(host_kernel, host_kernel_other_depth, chunk):
+    """Rows and chunk summaries loaded in blocks ahead of the steps that use them (8 / 4 positions,
+    4 / 2 summaries by default) give the bits of other depths, float32 and float64: the blocks only
+    move loads.  T = 203: chunk lengths and chunk counts (203 ... 1) below, at and across the block
+    sizes, with tails."""
+    for dtype in (torch.float32, torch.float64):
+        args = [x.to(dtype) for x in _inputs(2, 203, 37, wT=6.0, seed=5)]
+        got = run_host(host_kernel, *args, chunk=chunk)
+        other = run_host(host_kernel_other_depth, *args, chunk=chunk)
+        for name, a, b in zip(["y", "gw", "gu", "gk", "gv"], got, other):
+            assert torch.equal(a, b), (name, dtype)
 
 
 @pytest.mark.parametrize("wT", [1e2, 1e3, 1e4])

@@ -66,7 +66,30 @@
 #define WKV_HD inline __attribute__((always_inline))
 #endif
 
+// A loop over a compile-time count, unrolled so that arrays indexed by it stay in registers.
+#if defined(__CUDACC__) || defined(__clang__)
+#define WKV_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define WKV_UNROLL _Pragma("GCC unroll 16")
+#else
+#define WKV_UNROLL
+#endif
+
+// Rows (positions) and chunk summaries a lane loads ahead of the step that uses them (see
+// "Loads ahead" below); a compile-time depth, overridable for the tests that check the
+// results do not depend on it.
+#ifndef WKV_ROWS_AHEAD
+#define WKV_ROWS_AHEAD 8
+#endif
+
 namespace wkv {
+
+// Positions (or chunk summaries) a pass loads ahead: WKV_ROWS_AHEAD for the forward in
+// float, half as many for the backward's 11-field state and for double (registers).
+template <typename F, bool Bwd>
+constexpr int kAheadOf = WKV_ROWS_AHEAD / ((Bwd ? 2 : 1) * (sizeof(F) > 4 ? 2 : 1)) > 0
+                             ? WKV_ROWS_AHEAD / ((Bwd ? 2 : 1) * (sizeof(F) > 4 ? 2 : 1))
+                             : 1;
 
 template <typename F> WKV_HD F neg_inf() { return static_cast<F>(-INFINITY); }
 template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
@@ -350,38 +373,6 @@ template <typename F> WKV_HD void fwd_store(F a, F n, F s0, F mean, F* p, int64_
   p[3 * fs] = mean;
 }
 
-// ---------------------------------------------------------------------- phase 2 (carries)
-// Summaries and carries live in (B, chunks, 2 directions, fields, C) buffers.  For one
-// lane and direction (pointers at chunk 0, field 0; `cs` = stride between chunks, `fs` =
-// between fields): carry[ch] = merge of the sums of the chunks before ch (dir 0, left
-// sums) or after ch (dir 1), merged in chunk order.  The summary merged at step i is
-// loaded at step i - 1: on a GPU its global-memory latency then overlaps a merge
-// instead of adding to every step of this sequential loop (same operations, same order).
-WKV_HD int64_t chunk_at(int64_t i, int64_t nch, int dir) { return dir == 0 ? i : nch - 1 - i; }
-
-template <typename F>
-WKV_HD void fwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
-                           int dir, F w) {
-  F a, n, s0, mean;
-  fwd_empty(a, n, s0, mean);
-  F next[4] = {F(0), F(0), F(0), F(0)};
-  if (nch > 1) {
-    const F* q = summ + chunk_at(0, nch, dir) * cs;
-    for (int f = 0; f < 4; ++f) next[f] = q[f * fs];
-  }
-  for (int64_t i = 0; i < nch; ++i) {
-    fwd_store(a, n, s0, mean, carry + chunk_at(i, nch, dir) * cs, fs);
-    if (i + 1 < nch) {
-      const F cur[4] = {next[0], next[1], next[2], next[3]};
-      if (i + 2 < nch) {
-        const F* q = summ + chunk_at(i + 1, nch, dir) * cs;
-        for (int f = 0; f < 4; ++f) next[f] = q[f * fs];
-      }
-      fwd_merge(a, n, s0, mean, cur[0], cur[1], cur[2], cur[3], w);
-    }
-  }
-}
-
 template <typename F> WKV_HD void bwd_load(BwdState<F>& s, const F* p, int64_t fs) {
   s.a = p[0];
   s.n = p[fs];
@@ -410,21 +401,75 @@ template <typename F> WKV_HD void bwd_store(const BwdState<F>& s, F* p, int64_t 
   p[10 * fs] = s.ty;
 }
 
+// A forward sum as one value, so that phase 2 handles forward sums and backward states alike.
+template <typename F> struct FwdSum {
+  F a, n, s0, mean;
+};
+
+template <typename F> WKV_HD void state_empty(FwdSum<F>& s) { fwd_empty(s.a, s.n, s.s0, s.mean); }
+template <typename F> WKV_HD void state_empty(BwdState<F>& s) { bwd_empty(s); }
+template <typename F> WKV_HD void state_load(FwdSum<F>& s, const F* p, int64_t fs) {
+  fwd_load(s.a, s.n, s.s0, s.mean, p, fs);
+}
+template <typename F> WKV_HD void state_load(BwdState<F>& s, const F* p, int64_t fs) {
+  bwd_load(s, p, fs);
+}
+template <typename F> WKV_HD void state_store(const FwdSum<F>& s, F* p, int64_t fs) {
+  fwd_store(s.a, s.n, s.s0, s.mean, p, fs);
+}
+template <typename F> WKV_HD void state_store(const BwdState<F>& s, F* p, int64_t fs) {
+  bwd_store(s, p, fs);
+}
+template <typename F> WKV_HD void state_merge(FwdSum<F>& s, const FwdSum<F>& o, F w) {
+  fwd_merge(s.a, s.n, s.s0, s.mean, o.a, o.n, o.s0, o.mean, w);
+}
+template <typename F> WKV_HD void state_merge(BwdState<F>& s, const BwdState<F>& o, F w) {
+  bwd_merge(s, o, w);
+}
+
+// ---------------------------------------------------------------------- phase 2 (carries)
+// Summaries and carries live in (B, chunks, 2 directions, fields, C) buffers.  For one
+// lane and direction (pointers at chunk 0, field 0; `cs` = stride between chunks, `fs` =
+// between fields): carry[ch] = merge of the sums of the chunks before ch (dir 0, left
+// sums) or after ch (dir 1), merged in chunk order.  The summaries are loaded in blocks of
+// Ahead, one block ahead of the merges that use them (see "Loads ahead" below): on a GPU
+// their global-memory latency overlaps a block of merges instead of adding to every step
+// of this sequential loop.
+WKV_HD int64_t chunk_at(int64_t i, int64_t nch, int dir) { return dir == 0 ? i : nch - 1 - i; }
+
+template <int Ahead, typename F, typename State>
+WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs, int dir,
+                       F w) {
+  const int64_t merges = nch - 1;  // summary i is merged after carry i is stored, i < nch - 1
+  State s, cur[Ahead], next[Ahead];
+  state_empty(s);
+  WKV_UNROLL for (int j = 0; j < Ahead; ++j) state_empty(next[j]);
+  const auto load_block = [&](int64_t i) {
+    WKV_UNROLL for (int j = 0; j < Ahead; ++j) {
+      if (i + j < merges) state_load(next[j], summ + chunk_at(i + j, nch, dir) * cs, fs);
+    }
+  };
+  load_block(0);
+  for (int64_t i = 0; i < nch; i += Ahead) {
+    WKV_UNROLL for (int j = 0; j < Ahead; ++j) cur[j] = next[j];
+    load_block(i + Ahead);
+    WKV_UNROLL for (int j = 0; j < Ahead; ++j) {
+      if (i + j < nch) state_store(s, carry + chunk_at(i + j, nch, dir) * cs, fs);
+      if (i + j < merges) state_merge(s, cur[j], w);
+    }
+  }
+}
+
+template <typename F>
+WKV_HD void fwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
+                           int dir, F w) {
+  carry_lane<kAheadOf<F, false>, F, FwdSum<F>>(summ, carry, nch, cs, fs, dir, w);
+}
+
 template <typename F>
 WKV_HD void bwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
                            int dir, F w) {
-  BwdState<F> s, next;
-  bwd_empty(s);
-  bwd_empty(next);
-  if (nch > 1) bwd_load(next, summ + chunk_at(0, nch, dir) * cs, fs);
-  for (int64_t i = 0; i < nch; ++i) {  // loads one step ahead, as fwd_carry_lane
-    bwd_store(s, carry + chunk_at(i, nch, dir) * cs, fs);
-    if (i + 1 < nch) {
-      const BwdState<F> cur = next;
-      if (i + 2 < nch) bwd_load(next, summ + chunk_at(i + 1, nch, dir) * cs, fs);
-      bwd_merge(s, cur, w);
-    }
-  }
+  carry_lane<kAheadOf<F, true>, F, BwdState<F>>(summ, carry, nch, cs, fs, dir, w);
 }
 
 // ------------------------------------------------------------------ one lane's passes
@@ -449,10 +494,18 @@ template <typename F, typename Saved = F> struct Lane {
 };
 template <typename F> using BwdLane = Lane<F, const F>;
 
-// One position's inputs, loaded one step ahead by the lane passes below: the CUDA kernel
-// runs one thread per (batch, channel, chunk), and without this each step waits on its
-// global-memory loads (the rows a step reads do not depend on the running state, but the
-// compiler may not move a load of y, m, r above the previous step's store to them).
+// Loads ahead.  The CUDA kernel runs one thread per (batch, channel, chunk): a thread's
+// only parallelism is across the steps of its pass, and each step depends on the previous
+// one through the running sums.  The rows a step reads do not depend on those sums, so a
+// pass loads them in blocks of kAheadOf positions, one block ahead of the steps that use
+// them (RowBlocks): the loads of the next block are in flight while the current block is
+// computed, and a step waits on the arithmetic of the previous one rather than on a
+// global-memory round trip (the first GPU run, which loaded each row in its own step,
+// took 0.5-0.9 us per sequential step, docs/wkv.md).  A load of y, m, r or gv, gk of a
+// later position may move above this position's store: they are different elements.
+// Same operations in the same order, so the results do not depend on the depth.
+//
+// One position's inputs.
 template <typename F> struct Row {
   F k, v, y, m, r, gy, gv, gk;
 };
@@ -488,40 +541,68 @@ WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int64_t t) {
   }
 }
 
-// Calls step(t, row) for the positions of [t0, t1) in direction dir, each row loaded one
-// step ahead.
-template <typename F, Pass P, bool Bwd, typename S, typename Step>
-WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, int64_t t0, int64_t t1, Step&& step) {
-  const int64_t len = t1 - t0;
-  int64_t t = dir > 0 ? t0 : t1 - 1;
-  Row<F> next{};
-  if (len > 0) load_row<F, P, Bwd>(next, l, t);
-  for (int64_t i = 0; i < len; ++i, t += dir) {
-    const Row<F> cur = next;
-    if (i + 1 < len) load_row<F, P, Bwd>(next, l, t + dir);
-    step(t, cur);
+// The rows of one pass over [t0, t1) of a lane in direction dir, in blocks of kAhead:
+// advance(i) makes the block of steps i .. i + kAhead - 1 current (cur) and issues the
+// loads of the next one (next).
+template <typename F, Pass P, bool Bwd, typename S> struct RowBlocks {
+  static constexpr int kAhead = kAheadOf<F, Bwd>;
+  const Lane<F, S>& l;
+  int64_t first, len;
+  int dir;
+  Row<F> cur[kAhead], next[kAhead];
+
+  WKV_HD RowBlocks(const Lane<F, S>& lane, int d, int64_t t0, int64_t t1)
+      : l(lane), first(d > 0 ? t0 : t1 - 1), len(t1 - t0), dir(d), cur{}, next{} {
+    load(0);
+  }
+  WKV_HD int64_t pos(int64_t i) const { return first + dir * i; }  // position of step i
+  WKV_HD void load(int64_t i) {
+    WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
+      if (i + j < len) load_row<F, P, Bwd>(next[j], l, pos(i + j));
+    }
+  }
+  WKV_HD void advance(int64_t i) {
+    WKV_UNROLL for (int j = 0; j < kAhead; ++j) cur[j] = next[j];
+    load(i + kAhead);
+  }
+};
+
+// body(j) for the steps i + j < len of the block at i; a full block runs unguarded, as one
+// straight-line sequence the compiler can schedule.
+template <int Ahead, typename Body> WKV_HD void block_steps(int64_t i, int64_t len, Body&& body) {
+  if (i + Ahead <= len) {
+    WKV_UNROLL for (int j = 0; j < Ahead; ++j) body(j);
+  } else {
+    WKV_UNROLL for (int j = 0; j < Ahead; ++j) {
+      if (i + j < len) body(j);
+    }
   }
 }
 
-// A forward pass of kind P over [t0, t1) of one lane in direction dir (+1: left to
-// right), from the sums at `from` (nullptr: empty; fields at stride fs) to `to` (nullptr:
-// not needed).  The CPU kernel's vectorised passes (wkv_cpu.cpp) do the same per block.
+// Calls step(t, row) for the positions of [t0, t1) in direction dir.
+template <typename F, Pass P, bool Bwd, typename S, typename Step>
+WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, int64_t t0, int64_t t1, Step&& step) {
+  RowBlocks<F, P, Bwd, S> rows(l, dir, t0, t1);
+  constexpr int kAhead = RowBlocks<F, P, Bwd, S>::kAhead;
+  for (int64_t i = 0; i < rows.len; i += kAhead) {
+    rows.advance(i);
+    block_steps<kAhead>(i, rows.len, [&](int j) { step(rows.pos(i + j), rows.cur[j]); });
+  }
+}
+
+// A rescan pass of kind P (kStore or kFinish) over [t0, t1) of one lane in direction dir
+// (+1: left to right), from the carried-in sum at `from` (fields at stride fs).  The CPU
+// kernel's vectorised passes (wkv_cpu.cpp) do the same per block.
 template <typename F, Pass P>
 WKV_HD void lane_fwd_pass(const Lane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
-                          F* to, int64_t fs) {
+                          int64_t fs) {
   F a, n, s0, mean;
-  if (from != nullptr) {
-    fwd_load(a, n, s0, mean, from, fs);
-  } else {
-    fwd_empty(a, n, s0, mean);
-  }
+  fwd_load(a, n, s0, mean, from, fs);
   const F fdir = static_cast<F>(dir);
   pipelined_steps<F, P, false>(l, dir, t0, t1, [&](int64_t t, const Row<F>& cur) {
     const int64_t o = t * l.C;
     const F tf = static_cast<F>(t);
-    if (P == Pass::kFold) {
-      fwd_fold(a, n, s0, mean, fdir * tf, cur.k, cur.v, l.w);
-    } else if (P == Pass::kStore) {
+    if (P == Pass::kStore) {
       fwd_store_step(a, n, s0, mean, fdir * tf, cur.k, cur.v, l.w, l.y[o], l.m[o], l.r[o]);
     } else {
       F yy = cur.y, mm = cur.m, rr = cur.r;
@@ -531,21 +612,16 @@ WKV_HD void lane_fwd_pass(const Lane<F>& l, int dir, int64_t t0, int64_t t1, con
       l.r[o] = rr;
     }
   });
-  if (to != nullptr) fwd_store(a, n, s0, mean, to, fs);
 }
 
-// A backward pass of kind P over [t0, t1) of one lane, as lane_fwd_pass; kStore keeps this
-// side's q0, q1 in gv, gk, kFinish adds them to its own and writes the gradients.  gw, gu:
-// this lane's partial sums, accumulated.
+// A backward rescan pass of kind P over [t0, t1) of one lane, as lane_fwd_pass; kStore
+// keeps this side's q0, q1 in gv, gk, kFinish adds them to its own and writes the
+// gradients.  gw, gu: this lane's partial sums, accumulated.
 template <typename F, Pass P>
 WKV_HD void lane_bwd_pass(const BwdLane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
-                          F* to, int64_t fs, double& gw, double& gu) {
+                          int64_t fs, double& gw, double& gu) {
   BwdState<F> st;
-  if (from != nullptr) {
-    bwd_load(st, from, fs);
-  } else {
-    bwd_empty(st);
-  }
+  bwd_load(st, from, fs);
   const F fdir = static_cast<F>(dir);
   pipelined_steps<F, P, true>(l, dir, t0, t1, [&](int64_t t, const Row<F>& cur) {
     const int64_t o = t * l.C;
@@ -565,33 +641,67 @@ WKV_HD void lane_bwd_pass(const BwdLane<F>& l, int dir, int64_t t0, int64_t t1, 
     }
     bwd_fold(st, fdir, tf, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, l.w);
   });
-  if (to != nullptr) bwd_store(st, to, fs);
 }
 
 // One (batch, channel, chunk) task of phase 1 and of phase 3, as a CUDA thread runs it.
 // `st` points at this task's (direction 0, field 0) entry of the (B, chunks, 2, fields, C)
 // summary or carry buffer; ds: the stride to direction 1 (fields * C), fs: between fields
 // (C).  Phase 1 skips the sums nobody uses: the last chunk's left sum, the first's right.
+// A chunk that needs both folds them in one pass, left to right: each row is read once and
+// the two chains of folds are independent, so each hides the other's latency (a sum does not
+// depend on the order its terms are folded in, up to rounding).
+template <typename F>
+WKV_HD void state_fold(FwdSum<F>& s, F dir, F t, const Row<F>& row, F w) {
+  fwd_fold(s.a, s.n, s.s0, s.mean, dir * t, row.k, row.v, w);
+}
+template <typename F>
+WKV_HD void state_fold(BwdState<F>& s, F dir, F t, const Row<F>& row, F w) {
+  bwd_fold(s, dir, t, row.k, row.v, row.y, row.m, row.r, row.gy, w);
+}
+
+// Phase 1 of the forward (State = FwdSum, Bwd = false) or the backward (BwdState, true).
+template <typename State, bool Bwd, typename F, typename S>
+WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
+                         F* st, int64_t ds, int64_t fs) {
+  const bool left = ch + 1 < nch, right = ch > 0;
+  State sl, sr;
+  state_empty(sl);
+  state_empty(sr);
+  if (left && right) {
+    pipelined_steps<F, Pass::kFold, Bwd>(l, 1, t0, t1, [&](int64_t t, const Row<F>& row) {
+      state_fold(sl, F(1), static_cast<F>(t), row, l.w);
+      state_fold(sr, F(-1), static_cast<F>(t), row, l.w);
+    });
+  } else if (left) {
+    pipelined_steps<F, Pass::kFold, Bwd>(l, 1, t0, t1, [&](int64_t t, const Row<F>& row) {
+      state_fold(sl, F(1), static_cast<F>(t), row, l.w);
+    });
+  } else if (right) {
+    pipelined_steps<F, Pass::kFold, Bwd>(l, -1, t0, t1, [&](int64_t t, const Row<F>& row) {
+      state_fold(sr, F(-1), static_cast<F>(t), row, l.w);
+    });
+  }
+  if (left) state_store(sl, st, fs);
+  if (right) state_store(sr, st + ds, fs);
+}
+
 template <typename F>
 WKV_HD void lane_fwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
                              F* st, int64_t ds, int64_t fs) {
-  if (ch + 1 < nch) lane_fwd_pass<F, Pass::kFold>(l, 1, t0, t1, nullptr, st, fs);
-  if (ch > 0) lane_fwd_pass<F, Pass::kFold>(l, -1, t0, t1, nullptr, st + ds, fs);
+  lane_summary<FwdSum<F>, false>(l, ch, nch, t0, t1, st, ds, fs);
 }
 
 template <typename F>
 WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
                             int64_t ds, int64_t fs) {
-  lane_fwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, nullptr, fs);
-  lane_fwd_pass<F, Pass::kFinish>(l, -1, t0, t1, carry + ds, nullptr, fs);
+  lane_fwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, fs);
+  lane_fwd_pass<F, Pass::kFinish>(l, -1, t0, t1, carry + ds, fs);
 }
 
 template <typename F>
 WKV_HD void lane_bwd_summary(const BwdLane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
                              F* st, int64_t ds, int64_t fs) {
-  double gw = 0.0, gu = 0.0;  // a fold pass accumulates nothing
-  if (ch + 1 < nch) lane_bwd_pass<F, Pass::kFold>(l, 1, t0, t1, nullptr, st, fs, gw, gu);
-  if (ch > 0) lane_bwd_pass<F, Pass::kFold>(l, -1, t0, t1, nullptr, st + ds, fs, gw, gu);
+  lane_summary<BwdState<F>, true>(l, ch, nch, t0, t1, st, ds, fs);
 }
 
 // gw, gu: this task's partial sums (set, not accumulated).
@@ -599,8 +709,8 @@ template <typename F>
 WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, int64_t t0, int64_t t1, const F* carry,
                             int64_t ds, int64_t fs, double& gw, double& gu) {
   gw = gu = 0.0;
-  lane_bwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, nullptr, fs, gw, gu);
-  lane_bwd_pass<F, Pass::kFinish>(l, -1, t0, t1, carry + ds, nullptr, fs, gw, gu);
+  lane_bwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, fs, gw, gu);
+  lane_bwd_pass<F, Pass::kFinish>(l, -1, t0, t1, carry + ds, fs, gw, gu);
 }
 
 // ------------------------------------------------------------------------ chunk length
