@@ -36,6 +36,8 @@ Other modes:
 * ``--work-items``: the parallel work the kernels offer at GLSP's shapes on default
   3d_fullres plans (128^3 patch, widths 32..320, batch 2), per encoder stage; needs no GPU.
 * ``--accuracy``: max errors vs the float64 dense reference (load-independent).
+* ``--call-cost``: what one call costs at B=1, T=1, C=8 (the op's fixed costs: the
+  extension alone, ``bi_wkv`` from eager code, the custom op ``torch.compile`` traces).
 * ``--profile`` (with the sweep): one more call per point under the PyTorch profiler; the
   markdown tabulates where its time went (CUDA: each kernel's device time and the bandwidth
   on device time; CPU: operators' self time, the op's kernel calls named
@@ -45,6 +47,7 @@ Other modes:
     python benchmarks/bench_wkv.py --device cuda
     python benchmarks/bench_wkv.py --targets
     python benchmarks/bench_wkv.py --work-items
+    python benchmarks/bench_wkv.py --call-cost --threads 1
     python benchmarks/bench_wkv.py --T 1024 4096 --repeat 3 --out-dir /tmp/bench
 """
 from __future__ import annotations
@@ -478,6 +481,66 @@ def run_targets(args) -> None:
     print(f"machine load average after: {os.getloadavg()}", flush=True)
 
 
+def run_call_cost(args) -> None:
+    """What one call costs when the kernel has almost nothing to do (B=1, T=1, C=8): the
+    extension's forward (+ backward) alone, ``bi_wkv`` as eager code calls it (validation,
+    backend choice, autograd), and the custom op that ``torch.compile`` traces, called eagerly.
+    Median over ``--repeat`` batches of 2000 calls after 200 warm-up calls (CUDA: synchronised
+    after each batch, so queued kernels count)."""
+    import torch
+    from cuda_wkv import bi_wkv, dispatch
+
+    device = torch.device(args.device)
+    if dispatch.kernel_backend(device) is None:
+        raise SystemExit(f"no compiled kernel for {device}: "
+                         f"{dispatch.loader.failure_reason(device.type)}")
+    gen = torch.Generator().manual_seed(0)
+    w, u = (torch.rand(8, generator=gen).to(device) for _ in range(2))
+    k, v = (torch.randn(1, 1, 8, generator=gen).to(device) for _ in range(2))
+    ext = dispatch._ext_for(k)
+    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    gy = torch.ones_like(k)
+
+    def fwd_bwd(fn):
+        def call():
+            torch.autograd.grad(fn(*leaves), leaves, gy)
+        return call
+
+    def ext_fwd_bwd():
+        y, m, r = ext.forward(w, u, k, v)
+        ext.backward(w, u, k, v, y, m, r, gy)
+
+    def no_grad_fwd():
+        with torch.no_grad():
+            bi_wkv(w, u, k, v)
+
+    cases = [("extension forward", lambda: ext.forward(w, u, k, v)),
+             ("extension forward + backward", ext_fwd_bwd),
+             ("bi_wkv forward (no grad)", no_grad_fwd),
+             ("bi_wkv forward + backward (autograd.grad)", fwd_bwd(bi_wkv))]
+    if dispatch._FWD_OP is not None:
+        cases.append(("custom op forward + backward, eager (the op torch.compile traces)",
+                      fwd_bwd(lambda *a: dispatch._FWD_OP(*a)[0])))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n = 2000
+    print(f"machine load average before: {os.getloadavg()}", flush=True)
+    print(f"| call ({device}, torch {torch.__version__}, {torch.get_num_threads()} threads) "
+          f"| us per call, median of {args.repeat} x {n} |\n|---|---:|")
+    for name, call in cases:
+        for _ in range(200):
+            call()
+        sync()
+        batches = []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                call()
+            sync()
+            batches.append((time.perf_counter() - t0) / n)
+        print(f"| {name} | {statistics.median(batches) * 1e6:.1f} |", flush=True)
+    print(f"machine load average after: {os.getloadavg()}", flush=True)
+
+
 # GLSP's encoder on default 3d_fullres plans: 128^3 patch, strides 1, 2, 2, 2, 2, 2 and
 # widths 32 * 2^s capped at 320 (nnU-Net's defaults), batch 2.
 GLSP_STAGES = [(128 // 2 ** s, min(32 * 2 ** s, 320)) for s in range(6)]
@@ -545,6 +608,9 @@ def main(argv=None) -> int:
                    help="also profile one call per point and tabulate where its time goes "
                         "(CUDA: each kernel's device time, so host overhead shows as the gap "
                         "to the wall time; CPU: operators' self time)")
+    p.add_argument("--call-cost", action="store_true",
+                   help="print what one call costs at a tiny shape (the op's fixed costs: "
+                        "extension alone, bi_wkv eager, the custom op)")
     p.add_argument("--_point", nargs=2, metavar=("BACKEND", "T"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -566,6 +632,9 @@ def main(argv=None) -> int:
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no GPU is available")
+    if args.call_cost:
+        run_call_cost(args)
+        return 0
     if args.accuracy:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@
 #
 # Run from anywhere; the repository is this script's parent folder. Every output goes under OUT_DIR
 # (default ./gpu_check_<UTC date and time>; it must not exist yet): one log per step in logs/, the
-# WKV benchmark in bench_wkv/, the network benchmark in networks/, and summary.md, which is also
+# WKV benchmark in bench_wkv/ (on CUDA also call_cost.md, the op's fixed cost per call), the network benchmark in networks/, and summary.md, which is also
 # printed at the end. A step that fails or times out is recorded and the others still run; the
 # whole run stays within --budget seconds (default 480 = 8 minutes) and each step within its own
 # limit (--step-timeout caps them all). --steps runs only some of the steps, comma-separated, in
@@ -207,6 +207,15 @@ wkv_selfcheck() {
         "$PY" -m cuda_wkv.selfcheck --device "$DEVICE" --dtype float64
 }
 
+# wkv_bench BENCH_WKV_ARGS...: the WKV sweep into bench_wkv/, then on CUDA what one call costs there
+# (bench_wkv/call_cost.md: the op's fixed host costs, which a small T cannot hide)
+wkv_bench() {
+    "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv" "$@" || return 1
+    [ "$DEVICE" = cuda ] || return 0
+    "$PY" benchmarks/bench_wkv.py --device cuda --call-cost --repeat 5 > "$OUT/bench_wkv/call_cost.md.part" &&
+        mv "$OUT/bench_wkv/call_cost.md.part" "$OUT/bench_wkv/call_cost.md" && cat "$OUT/bench_wkv/call_cost.md"
+}
+
 # wkv_chunks BENCH_WKV_ARGS...: bench_wkv.py once per chunk length (automatic first: no CUDA_WKV_CHUNK,
 # not even the caller's), each into bench_wkv_chunks/<length>/, printing the first table row of each
 wkv_chunks() {
@@ -221,7 +230,7 @@ wkv_chunks() {
 }
 
 export PY REPO OUT DEVICE SMOKE
-export -f environment write_plans network_benchmark wkv_selfcheck wkv_chunks
+export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks
 TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
 echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
 run_step environment 120 environment
@@ -229,14 +238,13 @@ run_step wkv_selfcheck 240 wkv_selfcheck
 if [ "$DEVICE" = cuda ]; then
     # the nvcc compile test runs without a GPU too (and the self-check step has built the kernel)
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda and not compiles and not cuda_host" tests
-    run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cuda --profile --out-dir "$OUT/bench_wkv"
+    run_step bench_wkv 150 wkv_bench --device cuda --profile
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
     run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
-    run_step bench_wkv 150 "$PY" benchmarks/bench_wkv.py --device cpu --T 256 --backends scan \
-        --modes fwd --repeat 1 --out-dir "$OUT/bench_wkv"
+    run_step bench_wkv 150 wkv_bench --device cpu --T 256 --backends scan --modes fwd --repeat 1
     run_step plans 60 write_plans "$OUT/nnUNet" 16x16x16 16
     # the WKV op's PyTorch path: the smoke run compiles no kernel for the networks
     run_step networks 240 env CUDA_WKV_BACKEND=torch bash -c 'network_benchmark "$@"' _ \

@@ -2,6 +2,7 @@
 and the autograd Function."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import threading
@@ -160,15 +161,43 @@ def _validate(w, u, k, v) -> None:
         raise ValueError(f"bi_wkv: all inputs must be on the same device, got {desc}")
 
 
-class _BiWKVFunction(torch.autograd.Function):
-    """Autograd wrapper around a compiled kernel module (forward + closed-form backward).
+def _ext_for(t: torch.Tensor):
+    ext = loader.load_extension(t.device.type)
+    if ext is None:  # pragma: no cover - bi_wkv checks the backend first
+        raise RuntimeError(f"cuda_wkv: the {t.device.type} kernel is not available: "
+                           f"{loader.failure_reason(t.device.type)}")
+    return ext
 
-    Used when ``torch.library.custom_op`` is unavailable (old PyTorch)."""
+
+# Whether a profiler records (record_function costs ~5 us per call even when none does).
+_profiling = getattr(torch._C._autograd, "_profiler_enabled", lambda: True)
+
+
+def _named(name: str):
+    """Names the kernel call in profiles (bench_wkv.py --profile reads these names)."""
+    return torch.profiler.record_function(name) if _profiling() else contextlib.nullcontext()
+
+
+def _kernel_forward(w, u, k, v) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _named("cuda_wkv::forward_kernel"):
+        y, m, r = _ext_for(k).forward(w, u, k, v)
+    return y, m, r
+
+
+def _kernel_backward(w, u, k, v, y, m, r, gy) -> Tuple[torch.Tensor, ...]:
+    with _named("cuda_wkv::backward_kernel"):
+        gw, gu, gk, gv = _ext_for(k).backward(w, u, k, v, y, m, r, gy)
+    return gw, gu, gk, gv
+
+
+class _BiWKVFunction(torch.autograd.Function):
+    """Autograd wrapper around the compiled kernel (forward + closed-form backward) for eager
+    calls: its Python cost per call is about half the custom op's (docs/wkv.md, "Cost of a
+    call").  ``torch.compile`` traces the custom op below instead."""
 
     @staticmethod
-    def forward(ctx, w, u, k, v, ext):  # type: ignore[override]
-        y, m, r = ext.forward(w, u, k, v)
-        ctx.ext = ext
+    def forward(ctx, w, u, k, v):  # type: ignore[override]
+        y, m, r = _kernel_forward(w, u, k, v)
         ctx.save_for_backward(w, u, k, v, y, m, r)
         return y
 
@@ -176,17 +205,7 @@ class _BiWKVFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
         w, u, k, v, y, m, r = ctx.saved_tensors
-        gy = gy.to(k.dtype).contiguous()
-        gw, gu, gk, gv = ctx.ext.backward(w, u, k, v, y, m, r, gy)
-        return gw, gu, gk, gv, None
-
-
-def _ext_for(t: torch.Tensor):
-    ext = loader.load_extension(t.device.type)
-    if ext is None:  # pragma: no cover - bi_wkv checks the backend first
-        raise RuntimeError(f"cuda_wkv: the {t.device.type} kernel is not available: "
-                           f"{loader.failure_reason(t.device.type)}")
-    return ext
+        return _kernel_backward(w, u, k, v, y, m, r, gy.to(k.dtype).contiguous())
 
 
 def _register_ops():
@@ -199,9 +218,7 @@ def _register_ops():
         @custom_op("cuda_wkv::bi_wkv_forward", mutates_args=())
         def fwd_op(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
                    v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            with torch.profiler.record_function("cuda_wkv::forward_kernel"):  # names it in profiles
-                y, m, r = _ext_for(k).forward(w, u, k, v)
-            return y, m, r
+            return _kernel_forward(w, u, k, v)
 
         @fwd_op.register_fake
         def _(w, u, k, v):
@@ -212,9 +229,7 @@ def _register_ops():
                    y: torch.Tensor, m: torch.Tensor, r: torch.Tensor,
                    gy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                               torch.Tensor]:
-            with torch.profiler.record_function("cuda_wkv::backward_kernel"):
-                gw, gu, gk, gv = _ext_for(k).backward(w, u, k, v, y, m, r, gy)
-            return gw, gu, gk, gv
+            return _kernel_backward(w, u, k, v, y, m, r, gy)
 
         @bwd_op.register_fake
         def _(w, u, k, v, y, m, r, gy):
@@ -241,16 +256,19 @@ def _register_ops():
 
 
 _FWD_OP = _register_ops()
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 
 
 def kernel_bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> torch.Tensor:
     """The compiled kernel of ``k``'s device on inputs already validated, of one dtype
     (float32 or float64) and contiguous; differentiable.  Raises RuntimeError when that
-    kernel is not available (see :func:`kernel_backend`)."""
-    if _FWD_OP is not None:
+    kernel is not available (see :func:`kernel_backend`).  ``torch.compile`` traces it as
+    the custom op ``cuda_wkv::bi_wkv_forward``; eager calls take the lighter autograd
+    Function (the same kernel calls)."""
+    if _FWD_OP is not None and _is_compiling():
         return _FWD_OP(w, u, k, v)[0]
-    return _BiWKVFunction.apply(w, u, k, v, _ext_for(k))
+    return _BiWKVFunction.apply(w, u, k, v)
 
 
 def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
