@@ -556,11 +556,17 @@ def run_work_items(args) -> None:
     if ext is None:
         raise SystemExit(f"the CPU kernel is needed for its chunk rule: "
                          f"{loader.failure_reason('cpu')}")
-    slots = args.sms * 2048
+    per_sm, source = args.resident_per_sm, "--resident-per-sm"
+    if per_sm <= 0 and torch.cuda.is_available() and loader.load_extension("cuda") is not None:
+        per_sm, source = loader.load_extension("cuda").resident_threads_per_sm(False), "this GPU"
+    if per_sm <= 0:
+        per_sm, source = 512, "sm_90 float32, from the kernels' registers"
+    slots = args.sms * per_sm
     threads = args.threads or torch.get_num_threads()
     B = 2
     print(f"GLSP on default 3d_fullres plans (128^3 patch, batch {B}); CUDA: {args.sms} SMs x "
-          f"2048 resident threads = {slots} slots; CPU: {threads} threads, 16-channel blocks.")
+          f"{per_sm} resident threads ({source}) = {slots} slots; CPU: {threads} threads, "
+          f"16-channel blocks.")
     print("| stage | grid | T | C | CUDA chunk | chunks | threads phases 1+3 | "
           "threads phase 2 | % of slots | CPU chunk | CPU tasks |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -604,6 +610,9 @@ def main(argv=None) -> int:
                    help="print the parallel work items per GLSP encoder stage (no GPU needed)")
     p.add_argument("--sms", type=int, default=132,
                    help="--work-items: streaming multiprocessors of the GPU (H200/H100: 132)")
+    p.add_argument("--resident-per-sm", type=int, default=0,
+                   help="--work-items: threads of the chunk kernels an SM keeps resident (default: "
+                        "this GPU's, else 512, sm_90 in float32)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one call per point and tabulate where its time goes "
                         "(CUDA: each kernel's device time, so host overhead shows as the gap "

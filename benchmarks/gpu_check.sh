@@ -11,10 +11,12 @@
 # printed at the end. A step that fails or times out is recorded and the others still run; the
 # whole run stays within --budget seconds (default 480 = 8 minutes) and each step within its own
 # limit (--step-timeout caps them all). --steps runs only some of the steps, comma-separated, in
-# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks (all but
-# wkv_chunks by default; networks needs plans). wkv_chunks times the kernel at GLSP's largest
-# sequence on default 3d_fullres plans (B=2, T=32768, C=128) for the automatic and several forced
-# chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes). On CUDA the WKV
+# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks,wkv_depths
+# (all but wkv_chunks and wkv_depths by default; networks needs plans). wkv_chunks times the kernel at
+# GLSP's largest sequence on default 3d_fullres plans (B=2, T=32768, C=128) for the automatic and
+# several forced chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes);
+# wkv_depths times it (T=4096 and 32768, C=128) for the default depth of its loads ahead and for
+# CUDA_WKV_ROWS_AHEAD=1 and 4 (two more builds, about 3 minutes). On CUDA the WKV
 # benchmarks and the network benchmark also profile one call / one training step (--profile): each
 # kernel's device time, so the host overhead and the slowest kernels show. Exit status: 0 all
 # steps passed, 1 a step failed or timed out, 2 no GPU or bad arguments.
@@ -30,7 +32,7 @@ set -u
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
-ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks
+ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks,wkv_depths
 STEPS_WANTED=environment,wkv_selfcheck,tests,bench_wkv,plans,networks
 SMOKE=0
 BUDGET=480
@@ -229,8 +231,23 @@ wkv_chunks() {
     done
 }
 
+# wkv_depths BENCH_WKV_ARGS...: bench_wkv.py once per depth of the CUDA kernel's loads ahead (the default,
+# 8, first: no CUDA_WKV_ROWS_AHEAD, not even the caller's; 1 = each row loaded one step ahead, the
+# nearest to the first GPU run's kernel; each other depth is a build of its own, ~1 min), each into
+# bench_wkv_depths/<depth>/
+wkv_depths() {
+    local depth ahead
+    for depth in default 1 4; do
+        echo "== CUDA_WKV_ROWS_AHEAD=$depth"
+        if [ "$depth" = default ]; then ahead=(-u CUDA_WKV_ROWS_AHEAD); else ahead=("CUDA_WKV_ROWS_AHEAD=$depth"); fi
+        env "${ahead[@]}" "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv_depths/$depth" "$@" || return 1
+        grep -h -E '^\| [0-9]' "$OUT/bench_wkv_depths/$depth"/wkv_*.md  # time rows, then bandwidth rows
+        grep -h -E '^kernel fwd(\+bwd)?, T=' "$OUT/bench_wkv_depths/$depth"/wkv_*.md || true  # --profile
+    done
+}
+
 export PY REPO OUT DEVICE SMOKE
-export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks
+export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks wkv_depths
 TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
 echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
 run_step environment 120 environment
@@ -242,6 +259,7 @@ if [ "$DEVICE" = cuda ]; then
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
     run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
+    run_step wkv_depths 300 wkv_depths --device cuda --B 2 --C 128 --T 4096 32768 --backends kernel --profile
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
     run_step bench_wkv 150 wkv_bench --device cpu --T 256 --backends scan --modes fwd --repeat 1
@@ -250,6 +268,8 @@ else
     run_step networks 240 env CUDA_WKV_BACKEND=torch bash -c 'network_benchmark "$@"' _ \
         -tr "${TRAINERS[@]}" --batch-size 1 --warmup 0 --repeats 1 -o "$OUT/networks"
     run_step wkv_chunks 120 wkv_chunks --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
+    # the CPU kernel ignores the depth: this checks the step's loop and outputs only
+    run_step wkv_depths 120 wkv_depths --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
 fi
 
 {
@@ -274,6 +294,13 @@ fi
         echo "## wkv_chunks (first table row of each chunk length; columns as in bench_wkv)"
         echo
         grep -E '^(== CUDA_WKV_CHUNK|\| [0-9]|kernel fwd)' "$OUT/logs/wkv_chunks.log" |
+            sed 's/^== /    /; s/^|/    |/; s/^kernel/    kernel/'
+        echo
+    fi
+    if [ -f "$OUT/logs/wkv_depths.log" ]; then
+        echo "## wkv_depths (rows loaded ahead: table rows of each depth; columns as in bench_wkv)"
+        echo
+        grep -E '^(== CUDA_WKV_ROWS_AHEAD|\| [0-9]|kernel fwd)' "$OUT/logs/wkv_depths.log" |
             sed 's/^== /    /; s/^|/    |/; s/^kernel/    kernel/'
         echo
     fi

@@ -42,7 +42,8 @@ Environment variables: ``TORCH_EXTENSIONS_DIR`` (cache root), ``TORCH_CUDA_ARCH_
 root), ``CXX`` (host compiler), ``CUDA_WKV_VERBOSE=1`` (show the build log),
 ``CUDA_WKV_NATIVE=0`` (no ``-march=native`` for the CPU kernel),
 ``CUDA_WKV_LOCK_TIMEOUT`` (seconds to wait for another process's build, in [0, 86400],
-default 600).
+default 600), ``CUDA_WKV_ROWS_AHEAD`` (rows the CUDA kernel loads ahead, an integer in
+[1, 32], default 8; each value is a separate build).
 """
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
-from nnunetv2_ext.env_options import env_float
+from nnunetv2_ext.env_options import env_float, env_int
 from nnunetv2_ext.publish import fsync_path
 
 __all__ = ["VERSION", "WKVBuildWarning", "load_extension", "failure_reason",
@@ -194,6 +195,13 @@ def _cuda_arch_list() -> Optional[str]:
     return None
 
 
+def _rows_ahead() -> int:
+    """``CUDA_WKV_ROWS_AHEAD``: rows each CUDA pass loads ahead of its steps (0 = the header's
+    default, 8); a tuning knob for GPU runs, each value a build of its own.  ``EnvOptionError``
+    (a ValueError) naming it for anything but an integer in [1, 32]."""
+    return env_int("CUDA_WKV_ROWS_AHEAD", 0, 1, 32)
+
+
 def _flags(kind: str) -> Dict[str, List[str]]:
     # -fno-trapping-math lets gcc if-convert the selects of the recurrence so that the
     # channel loops vectorise; no -ffast-math (the exp relies on exact rounding).
@@ -208,6 +216,9 @@ def _flags(kind: str) -> Dict[str, List[str]]:
             cflags.append("-march=native")
     else:
         cuda_cflags = ["-O3"]
+        ahead = _rows_ahead()
+        if ahead:
+            cuda_cflags.append(f"-DWKV_ROWS_AHEAD={ahead}")
     return {"extra_cflags": cflags, "extra_ldflags": ldflags,
             "extra_cuda_cflags": cuda_cflags}
 
@@ -685,7 +696,7 @@ def load_extension(kind: str) -> Optional[ModuleType]:
     Loads the complete build from the cache, or builds it on first use (thread-safe; at
     most once per process).  On failure emits a single :class:`WKVBuildWarning` naming
     the cause and returns None from then on.  Raises ValueError for an unknown ``kind``
-    or an invalid ``CUDA_WKV_LOCK_TIMEOUT``.
+    or an invalid ``CUDA_WKV_LOCK_TIMEOUT`` / ``CUDA_WKV_ROWS_AHEAD``.
     """
     if kind not in _KINDS:
         raise ValueError(f"unknown kernel kind {kind!r}; expected one of {_KINDS}")
@@ -693,6 +704,8 @@ def load_extension(kind: str) -> Optional[ModuleType]:
         entry = _state.get(kind)
         if entry is None:
             timeout = _lock_timeout()
+            if kind == "cuda":
+                _rows_ahead()  # a bad value is the caller's error, not a build failure
             reason = None
             try:
                 reason = _precheck(kind)

@@ -126,28 +126,54 @@ def test_networks_without_plans_and_exhausted_budget_are_skipped(tmp_path):
                                                       "SKIPPED (needs the plans step)"]
 
 
+def _fake_bench_wkv(tmp_path, var: str, default: int, profile_line: str = "", only: int = 0):
+    """A stand-in ``PYTHON`` for bench_wkv.py: appends ``$var`` (or "unset") to ``<var>.txt`` and
+    writes a one-row table whose time is ``$var`` (``default`` when unset) into ``--out-dir``; with
+    ``profile_line``, adds it where ``$var`` is ``only``."""
+    fake = tmp_path / "fake_python"
+    fake.write_text('#!/bin/sh\n'
+                    f'echo "${{{var}:-unset}}" >> "{tmp_path}/{var}.txt"\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && dir=$2; shift; done\n'
+                    'mkdir -p "$dir" && printf "| T |\\n|---:|\\n| 256 | %s ms |\\n" '
+                    f'"${{{var}:-{default}}}" > "$dir/wkv_cpu.md"\n'
+                    + (f'[ "${var}" = {only} ] && echo "{profile_line}" >> "$dir/wkv_cpu.md"\n'
+                       if profile_line else '')
+                    + 'exit 0\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    return fake
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without a GPU")
 def test_wkv_chunks_times_the_automatic_and_each_forced_chunk_length(tmp_path):
     """The opt-in step runs bench_wkv.py once per chunk length, the automatic one without any
     CUDA_WKV_CHUNK inherited from the caller, and the summary lists each length's first row.
     ``PYTHON`` is a stand-in that records the chunk length and writes a one-row table."""
-    fake = tmp_path / "fake_python"
-    fake.write_text('#!/bin/sh\n'
-                    f'echo "${{CUDA_WKV_CHUNK:-unset}}" >> "{tmp_path}/chunks.txt"\n'
-                    'while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && dir=$2; shift; done\n'
-                    'mkdir -p "$dir" && printf "| T |\\n|---:|\\n| 256 | %s ms |\\n" '
-                    '"${CUDA_WKV_CHUNK:-9}" > "$dir/wkv_cpu.md"\n'
-                    # a --profile line for one length only: the others have none, and that is no failure
-                    '[ "$CUDA_WKV_CHUNK" = 64 ] && echo "kernel fwd+bwd, T=256: wall 2.0 ms" >> "$dir/wkv_cpu.md"\n'
-                    'exit 0\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    # a --profile line for one length only: the others have none, and that is no failure
+    fake = _fake_bench_wkv(tmp_path, "CUDA_WKV_CHUNK", 9, 'kernel fwd+bwd, T=256: wall 2.0 ms', only=64)
     env = dict(os.environ, PYTHON=str(fake), CUDA_WKV_CHUNK="7")
     res = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--steps", "wkv_chunks", "out"], cwd=tmp_path,
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert (tmp_path / "chunks.txt").read_text().split() == ["unset", "32", "64", "128", "256", "512",
+    assert (tmp_path / "CUDA_WKV_CHUNK.txt").read_text().split() == ["unset", "32", "64", "128", "256", "512",
                                                               "1024", "2048"]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "    CUDA_WKV_CHUNK=auto\n    | 256 | 9 ms |\n    CUDA_WKV_CHUNK=32\n    | 256 | 32 ms |" in summary
     assert "    CUDA_WKV_CHUNK=64\n    | 256 | 64 ms |\n    kernel fwd+bwd, T=256: wall 2.0 ms\n" in summary
     assert (tmp_path / "out" / "bench_wkv_chunks" / "2048" / "wkv_cpu.md").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without a GPU")
+def test_wkv_depths_times_the_default_and_each_forced_depth(tmp_path):
+    """The opt-in step runs bench_wkv.py once per depth of the kernel's loads ahead, the default
+    without any CUDA_WKV_ROWS_AHEAD inherited from the caller, and the summary lists each depth's
+    rows.  ``PYTHON`` is a stand-in that records the depth and writes a one-row table."""
+    fake = _fake_bench_wkv(tmp_path, "CUDA_WKV_ROWS_AHEAD", 8)
+    env = dict(os.environ, PYTHON=str(fake), CUDA_WKV_ROWS_AHEAD="2")
+    res = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--steps", "wkv_depths", "out"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "CUDA_WKV_ROWS_AHEAD.txt").read_text().split() == ["unset", "1", "4"]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert ("    CUDA_WKV_ROWS_AHEAD=default\n    | 256 | 8 ms |\n    CUDA_WKV_ROWS_AHEAD=1\n    | 256 | 1 ms |\n"
+            "    CUDA_WKV_ROWS_AHEAD=4\n    | 256 | 4 ms |") in summary
+    assert (tmp_path / "out" / "bench_wkv_depths" / "4" / "wkv_cpu.md").is_file()

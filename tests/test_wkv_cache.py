@@ -346,6 +346,23 @@ def test_lock_timeout_is_validated(monkeypatch):
     assert loader._lock_timeout() == loader._DEFAULT_LOCK_TIMEOUT_S
 
 
+def test_rows_ahead_is_validated_and_gives_a_build_of_its_own(monkeypatch):
+    """CUDA_WKV_ROWS_AHEAD: a bad value is an error naming it (not a silent fallback); a valid one
+    is a -D flag of the CUDA build and changes its cache name (each depth is a build of its own)."""
+    monkeypatch.setattr(loader, "_state", {})
+    for bad in ("abc", "0", "33", "4.5"):
+        monkeypatch.setenv("CUDA_WKV_ROWS_AHEAD", bad)
+        with pytest.raises(ValueError, match=f"CUDA_WKV_ROWS_AHEAD='{bad}'.*integer in \\[1, 32\\]"):
+            loader.load_extension("cuda")
+    monkeypatch.delenv("CUDA_WKV_ROWS_AHEAD")
+    default = loader._target("cuda")
+    assert not any("WKV_ROWS_AHEAD" in f for f in default.flags["extra_cuda_cflags"])
+    monkeypatch.setenv("CUDA_WKV_ROWS_AHEAD", "4")
+    four = loader._target("cuda")
+    assert "-DWKV_ROWS_AHEAD=4" in four.flags["extra_cuda_cflags"] and four.name != default.name
+    assert not any("WKV_ROWS_AHEAD" in f for flags in loader._flags("cpu").values() for f in flags)
+
+
 def test_lock_staleness_rules():
     host = socket.gethostname()
     assert loader._stale_reason({"pid": os.getpid(), "host": host}, 5) is None

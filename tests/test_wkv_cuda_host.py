@@ -30,7 +30,9 @@ from test_wkv import _inputs as wkv_inputs
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shlex.split(os.environ.get("CXX") or "c++")
 HAS_CXX = shutil.which(CXX[0]) is not None
-H200_SLOTS = 132 * 2048  # resident threads of an H200: the automatic chunk length of GLSP's runs
+# what an H200 keeps resident of these kernels (132 SMs x 4 blocks of 128 threads, float32): the
+# slots behind the automatic chunk length of GLSP's runs
+H200_SLOTS = 132 * 4 * 128
 MARK = {np.float64: np.uint64(0x7FF8DEADBEEF0001), np.float32: np.uint32(0x7FC0BEEF)}  # quiet NaNs
 
 pytestmark = pytest.mark.skipif(not HAS_CXX, reason="no C++ compiler")
@@ -47,6 +49,7 @@ def _build_host_kernel(folder, *defines: str):
     mod = ctypes.CDLL(str(lib))
     mod.wkv_host_auto_chunk.restype = ctypes.c_int64
     mod.wkv_host_auto_chunk.argtypes = [ctypes.c_int64] * 4
+    mod.wkv_host_resident_threads.restype = ctypes.c_int
     mod.wkv_host_state_fields.restype = ctypes.c_int64
     mod.wkv_host_state_fields.argtypes = [ctypes.c_int]
     for name in ("forward", "backward"):
@@ -158,6 +161,13 @@ def test_threads_of_a_launch_are_independent(host_kernel, chunk):
         assert torch.equal(a, b)
 
 
+def test_resident_threads_are_the_occupancy_of_the_chunk_kernels(host_kernel):
+    """The automatic chunk length counts the threads an SM keeps resident (occupancy x 128-thread
+    blocks, here the harness's 4 blocks), not the SM's thread limit."""
+    assert host_kernel.wkv_host_resident_threads(0) == 512
+    assert host_kernel.wkv_host_resident_threads(1) == 512
+
+
 @pytest.fixture(scope="module", params=[1, 5], ids=lambda d: f"ahead{d}")
 def host_kernel_other_depth(request, tmp_path_factory):
     """The harness with another depth of loads ahead: 1 = each row and summary loaded one step
@@ -168,8 +178,8 @@ def host_kernel_other_depth(request, tmp_path_factory):
 
 @pytest.mark.parametrize("chunk", [1, 3, 8, 9, 17, 40, 203], ids=lambda c: f"chunk{c}")
 def test_loads_ahead_do_not_change_a_bit(host_kernel, host_kernel_other_depth, chunk):
-    """Rows and chunk summaries loaded in blocks ahead of the steps that use them (8 / 4 positions,
-    4 / 2 summaries by default) give the bits of other depths, float32 and float64: the blocks only
+    """Rows and chunk summaries loaded in blocks ahead of the steps that use them (by default 8 in
+    the float32 forward, 4 in its backward, 4 / 2 in float64) give the bits of other depths: the blocks only
     move loads.  T = 203: chunk lengths and chunk counts (203 ... 1) below, at and across the block
     sizes, with tails."""
     for dtype in (torch.float32, torch.float64):

@@ -26,6 +26,10 @@ namespace {
 
 constexpr int kLanes = 32;  // channels per block: one warp
 constexpr int kRows = 4;    // chunks per block
+// The phase-1/3 kernels: 128-thread blocks, in float32 at least 4 resident per SM (512
+// threads), so the compiler keeps their registers (the rows held ahead) within 128 per
+// thread; float64 holds half as many rows ahead and asks for 2 (no spills either way).
+#define WKV_CHUNK_BOUNDS __launch_bounds__(32 * 4, sizeof(F) > 4 ? 2 : 4)
 using wkv::kBwdFields;
 using wkv::kFwdFields;
 
@@ -81,7 +85,7 @@ template <typename F> __device__ wkv::Lane<F> fwd_lane(const FwdArgs<F>& a, cons
 }
 
 template <typename F>
-__global__ void fwd_summary_kernel(FwdArgs<F> a, F* __restrict__ summ, Shape s) {
+__global__ void WKV_CHUNK_BOUNDS fwd_summary_kernel(FwdArgs<F> a, F* __restrict__ summ, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
   wkv::lane_fwd_summary(fwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
@@ -104,7 +108,7 @@ __global__ void carry_kernel(const F* __restrict__ w, const F* __restrict__ summ
 }
 
 template <typename F>
-__global__ void fwd_rescan_kernel(FwdArgs<F> a, const F* __restrict__ carry, Shape s) {
+__global__ void WKV_CHUNK_BOUNDS fwd_rescan_kernel(FwdArgs<F> a, const F* __restrict__ carry, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
   wkv::lane_fwd_rescan(fwd_lane(a, s, tk), tk.t0, tk.t1,
@@ -125,7 +129,7 @@ template <typename F> __device__ wkv::BwdLane<F> bwd_lane(const BwdArgs<F>& a, c
 }
 
 template <typename F>
-__global__ void bwd_summary_kernel(BwdArgs<F> a, F* __restrict__ summ, Shape s) {
+__global__ void WKV_CHUNK_BOUNDS bwd_summary_kernel(BwdArgs<F> a, F* __restrict__ summ, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
   wkv::lane_bwd_summary(bwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
@@ -133,7 +137,7 @@ __global__ void bwd_summary_kernel(BwdArgs<F> a, F* __restrict__ summ, Shape s) 
 }
 
 template <typename F>
-__global__ void bwd_rescan_kernel(BwdArgs<F> a, const F* __restrict__ carry,
+__global__ void WKV_CHUNK_BOUNDS bwd_rescan_kernel(BwdArgs<F> a, const F* __restrict__ carry,
                                   double* __restrict__ gw_part, double* __restrict__ gu_part,
                                   Shape s) {
   Task tk;
@@ -231,7 +235,34 @@ cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, double* gw_par
   return cudaGetLastError();
 }
 
+// Threads per SM the device keeps resident for the phase-1/3 kernels of one dtype: the fewest
+// over the four.  Their registers (the rows they hold ahead), not the SM's thread limit,
+// bound it: 512 on sm_90 in float32 (docs/wkv.md, "CUDA registers").
+template <typename F> cudaError_t resident_threads(int* per_sm) {
+  int fewest = 0;
+  cudaError_t err = cudaSuccess;
+  const auto count = [&](auto kernel) {
+    int blocks = 0;
+    if (err == cudaSuccess) {
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kLanes * kRows, 0);
+    }
+    const int threads = blocks * kLanes * kRows;
+    if (err == cudaSuccess && (fewest == 0 || threads < fewest)) fewest = threads;
+  };
+  count(fwd_summary_kernel<F>);
+  count(fwd_rescan_kernel<F>);
+  count(bwd_summary_kernel<F>);
+  count(bwd_rescan_kernel<F>);
+  *per_sm = fewest;
+  return err;
+}
+
 }  // namespace
+
+// Resident threads per SM of the chunk kernels (float64 if `dbl`), for the automatic chunk length.
+cudaError_t wkv_cuda_resident_threads(bool dbl, int* per_sm) {
+  return dbl ? resident_threads<double>(per_sm) : resident_threads<float>(per_sm);
+}
 
 // Entry points used by wkv_cuda_binding.cpp (plain overloads, no templates across TUs).
 // summ, carry: scratch of 2 * fields * B * ceil(T / len) * C elements (fields: kFwdFields,

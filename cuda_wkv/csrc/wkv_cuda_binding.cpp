@@ -23,18 +23,18 @@
                                 int64_t C, int64_t len, cudaStream_t stream);
 WKV_CUDA_DECLARE(float)
 WKV_CUDA_DECLARE(double)
+cudaError_t wkv_cuda_resident_threads(bool dbl, int* per_sm);
 
 namespace {
 
-// Resident threads of the current device (SMs x threads per SM): the automatic chunk
-// length aims to give every one of them a (batch, channel, chunk) task.
-cudaError_t thread_slots(int64_t* slots) {
+// Threads the current device keeps resident for the chunk kernels of k's dtype (SMs x
+// resident threads per SM): the automatic chunk length aims to give each a (batch, channel,
+// chunk) task, in one wave.
+cudaError_t thread_slots(const at::Tensor& k, int64_t* slots) {
   int dev = 0, sms = 0, per_sm = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) {
-    err = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, dev);
-  }
+  if (err == cudaSuccess) err = wkv_cuda_resident_threads(k.scalar_type() == at::kDouble, &per_sm);
   *slots = static_cast<int64_t>(sms) * per_sm;
   return err;
 }
@@ -45,7 +45,7 @@ int64_t chunk_len(const at::Tensor& k) {
   const int64_t forced = wkv::forced_chunk("wkv_cuda");
   if (forced > 0) return std::min(forced, std::max<int64_t>(T, 1));
   int64_t slots = 0;
-  const cudaError_t err = thread_slots(&slots);
+  const cudaError_t err = thread_slots(k, &slots);
   TORCH_CHECK(err == cudaSuccess, "wkv_cuda: cannot query the device: ",
               cudaGetErrorString(err));
   return wkv::cuda_auto_chunk(B, T, C, slots);
@@ -112,11 +112,20 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
   return {gw, gu, gk, gv};
 }
 
+int resident_threads_per_sm(bool dbl) {
+  int per_sm = 0;
+  const cudaError_t err = wkv_cuda_resident_threads(dbl, &per_sm);
+  TORCH_CHECK(err == cudaSuccess, "wkv_cuda: cannot query the occupancy: ", cudaGetErrorString(err));
+  return per_sm;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "cuda_wkv: exact bidirectional WKV, CUDA kernel";
   mod.def("forward", &wkv_forward, "forward(w, u, k, v) -> [y, m, r]");
+  mod.def("resident_threads_per_sm", &resident_threads_per_sm,
+          "resident_threads_per_sm(double) -> threads of the chunk kernels one SM keeps resident");
   mod.def("backward", &wkv_backward,
           "backward(w, u, k, v, y, m, r, gy) -> [gw, gu, gk, gv]");
 }

@@ -10,6 +10,7 @@
 //
 // Build: c++ -std=c++17 -O1 -shared -fPIC -I cuda_wkv/csrc tests/csrc/wkv_cuda_host.cpp
 //        -o wkv_cuda_host.so
+#include <cstddef>
 #include <cstdint>
 
 struct dim3 {
@@ -20,6 +21,7 @@ using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9 };
 #define __global__
 #define __device__
+#define __launch_bounds__(...)
 
 namespace {
 dim3 blockIdx, threadIdx, blockDim;
@@ -63,7 +65,22 @@ void launch_on_host(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, A
   }
 }
 
+// Occupancy: the blocks of 128 threads an SM keeps resident, whatever the kernel (an H200
+// keeps 4 of these kernels in float32: 108-140 registers per thread).
+constexpr int kHostBlocksPerSm = 4;
+template <typename K>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, K, int, std::size_t) {
+  *blocks = kHostBlocksPerSm;
+  return cudaSuccess;
+}
+
 #include "wkv_cuda.cu"
+
+// Resident threads per SM as the binding computes them for the automatic chunk length.
+extern "C" int wkv_host_resident_threads(int dbl) {
+  int per_sm = 0;
+  return wkv_cuda_resident_threads(dbl != 0, &per_sm) == cudaSuccess ? per_sm : -1;
+}
 
 // C entry points for ctypes; `reversed` picks the thread order; each returns the
 // cudaError_t of the call (0: success).  Buffer sizes as documented above
