@@ -482,9 +482,10 @@ def run_targets(args) -> None:
 
 
 def run_call_cost(args) -> None:
-    """What one call costs when the kernel has almost nothing to do (B=1, T=1, C=8): the
-    extension's forward (+ backward) alone, ``bi_wkv`` as eager code calls it (validation,
-    backend choice, autograd), and the custom op that ``torch.compile`` traces, called eagerly.
+    """What one call costs when the kernel has almost nothing to do (fixed shape B=1, T=1, C=8,
+    float32; ``--B/--T/--C/--dtype`` do not apply): the extension's forward (+ backward) alone,
+    ``bi_wkv`` as eager code calls it (validation, backend choice, autograd), the autograd
+    Function it calls, and the custom op that traced calls use, called eagerly.
     Median over ``--repeat`` batches of 2000 calls after 200 warm-up calls (CUDA: synchronised
     after each batch, so queued kernels count)."""
     import torch
@@ -517,7 +518,9 @@ def run_call_cost(args) -> None:
     cases = [("extension forward", lambda: ext.forward(w, u, k, v)),
              ("extension forward + backward", ext_fwd_bwd),
              ("bi_wkv forward (no grad)", no_grad_fwd),
-             ("bi_wkv forward + backward (autograd.grad)", fwd_bwd(bi_wkv))]
+             ("bi_wkv forward + backward (autograd.grad)", fwd_bwd(bi_wkv)),
+             ("autograd Function forward + backward (eager bi_wkv's path, without its checks)",
+              fwd_bwd(dispatch._BiWKVFunction.apply))]
     if dispatch._FWD_OP is not None:
         cases.append(("custom op forward + backward, eager (the op torch.compile traces)",
                       fwd_bwd(lambda *a: dispatch._FWD_OP(*a)[0])))
@@ -618,8 +621,9 @@ def main(argv=None) -> int:
                         "(CUDA: each kernel's device time, so host overhead shows as the gap "
                         "to the wall time; CPU: operators' self time)")
     p.add_argument("--call-cost", action="store_true",
-                   help="print what one call costs at a tiny shape (the op's fixed costs: "
-                        "extension alone, bi_wkv eager, the custom op)")
+                   help="print what one call costs at a fixed tiny shape, B=1 T=1 C=8 float32 (the "
+                        "op's fixed costs: extension alone, bi_wkv eager, its autograd Function, "
+                        "the custom op)")
     p.add_argument("--_point", nargs=2, metavar=("BACKEND", "T"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 

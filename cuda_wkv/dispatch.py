@@ -10,7 +10,6 @@ import warnings
 from typing import Dict, Optional, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import loader
 from .reference import _compute_dtype, bi_wkv_scan
@@ -190,10 +189,28 @@ def _kernel_backward(w, u, k, v, y, m, r, gy) -> Tuple[torch.Tensor, ...]:
     return gw, gu, gk, gv
 
 
+_NO_DOUBLE_BACKWARD = ("bi_wkv: the compiled kernels' backward is not differentiable (no double "
+                       "backward, e.g. for a gradient penalty); set CUDA_WKV_BACKEND=torch to use "
+                       "the PyTorch path, which is")
+
+
+class _BiWKVGrad(torch.autograd.Function):
+    """The kernels' closed-form backward as a node of a graph being built (``create_graph=True``):
+    differentiating through it raises a clear error rather than silently giving no gradient."""
+
+    @staticmethod
+    def forward(ctx, w, u, k, v, y, m, r, gy):  # type: ignore[override]
+        return _kernel_backward(w, u, k, v, y, m, r, gy)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
+
+
 class _BiWKVFunction(torch.autograd.Function):
     """Autograd wrapper around the compiled kernel (forward + closed-form backward) for eager
-    calls: its Python cost per call is about half the custom op's (docs/wkv.md, "Cost of a
-    call").  ``torch.compile`` traces the custom op below instead."""
+    calls, whose Python cost is lower than the custom op's (docs/wkv.md, "Cost of a call").
+    Traced calls take the custom op below (see :func:`kernel_bi_wkv`)."""
 
     @staticmethod
     def forward(ctx, w, u, k, v):  # type: ignore[override]
@@ -202,10 +219,11 @@ class _BiWKVFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy):  # type: ignore[override]
-        w, u, k, v, y, m, r = ctx.saved_tensors
-        return _kernel_backward(w, u, k, v, y, m, r, gy.to(k.dtype).contiguous())
+        args = (*ctx.saved_tensors, gy.to(ctx.saved_tensors[2].dtype).contiguous())
+        if torch.is_grad_enabled():  # create_graph=True: the gradients are differentiated again
+            return _BiWKVGrad.apply(*args)
+        return _kernel_backward(*args)
 
 
 def _register_ops():
@@ -257,16 +275,27 @@ def _register_ops():
 
 _FWD_OP = _register_ops()
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+# Python dispatch modes in force (make_fx, FakeTensorMode, export); unknown: assume some.
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _traced(*tensors: torch.Tensor) -> bool:
+    """Whether this call is being traced rather than run: by dynamo (torch.compile), under a
+    Python dispatch mode (make_fx, FakeTensorMode, export), by torch.jit.trace, or on tensor
+    subclasses (fake, functional tensors)."""
+    return (_is_compiling() or _dispatch_modes() > 0 or torch.jit.is_tracing()
+            or any(type(t) not in _PLAIN for t in tensors))
 
 
 def kernel_bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
                   v: torch.Tensor) -> torch.Tensor:
     """The compiled kernel of ``k``'s device on inputs already validated, of one dtype
     (float32 or float64) and contiguous; differentiable.  Raises RuntimeError when that
-    kernel is not available (see :func:`kernel_backend`).  ``torch.compile`` traces it as
-    the custom op ``cuda_wkv::bi_wkv_forward``; eager calls take the lighter autograd
-    Function (the same kernel calls)."""
-    if _FWD_OP is not None and _is_compiling():
+    kernel is not available (see :func:`kernel_backend`).  A traced call goes through the
+    custom op ``cuda_wkv::bi_wkv_forward``, which every tracer records; an eager call through
+    the lighter autograd Function (the same kernel calls)."""
+    if _FWD_OP is not None and _traced(w, u, k, v):
         return _FWD_OP(w, u, k, v)[0]
     return _BiWKVFunction.apply(w, u, k, v)
 

@@ -481,6 +481,37 @@ def test_noncontiguous_inputs(cpu_kernel):
     torch.testing.assert_close(bi_wkv(w, u, kt, vs), bi_wkv_dense(w, u, k, vs))
 
 
+@pytest.mark.parametrize("allow_unused", [False, True])
+def test_double_backward_through_the_kernel_is_a_clear_error(cpu_kernel, monkeypatch, allow_unused):
+    """Differentiating the kernel's gradients again (a gradient penalty) raises an error that says
+    so and names the way out -- never a silent None / zero gradient."""
+    monkeypatch.setenv("CUDA_WKV_BACKEND", "cpu")
+    w, u, k, v = (x.requires_grad_() for x in _inputs(1, 9, 4, wT=2.0))
+    grads = torch.autograd.grad(bi_wkv(w, u, k, v).sum(), (w, u, k, v), create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward.*CUDA_WKV_BACKEND=torch"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), (w, u, k, v), allow_unused=allow_unused)
+    monkeypatch.setenv("CUDA_WKV_BACKEND", "torch")  # the way out works
+    grads = torch.autograd.grad(bi_wkv(w, u, k, v).sum(), (w, u, k, v), create_graph=True)
+    assert all(g is not None for g in torch.autograd.grad(sum(g.square().sum() for g in grads), (w, u, k, v)))
+
+
+def test_tracers_record_the_kernel_op(cpu_kernel, monkeypatch):
+    """make_fx records the kernel as the custom op (a graph that recomputes on new inputs), and
+    FakeTensorMode gets shapes from its fake implementation: a traced call never runs the
+    extension directly, whose outputs a tracer could not see."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    monkeypatch.setenv("CUDA_WKV_BACKEND", "cpu")
+    gm = make_fx(bi_wkv)(*_inputs(2, 17, 3, wT=2.0, seed=1))
+    assert "cuda_wkv.bi_wkv_forward" in str(gm.graph)
+    fresh = _inputs(2, 17, 3, wT=2.0, seed=2)
+    torch.testing.assert_close(gm(*fresh), bi_wkv_dense(*fresh), rtol=1e-10, atol=1e-10)
+    with FakeTensorMode() as mode:
+        y = bi_wkv(*(mode.from_tensor(x) for x in fresh))
+    assert y.shape == (2, 17, 3) and y.dtype == torch.float64
+
+
 def test_backward_allocates_no_zero_gradients_for_the_saved_outputs(cpu_kernel, monkeypatch):
     """m and r are outputs of the kernel op that never get gradients: the backward must not be
     handed (B, T, C) tensors of zeros for them (two extra writes of the sequence per call)."""
