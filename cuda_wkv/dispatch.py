@@ -220,7 +220,8 @@ class _BiWKVFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):  # type: ignore[override]
-        args = (*ctx.saved_tensors, gy.to(ctx.saved_tensors[2].dtype).contiguous())
+        saved = ctx.saved_tensors  # once: under activation checkpointing each access recomputes
+        args = (*saved, gy.to(saved[2].dtype).contiguous())
         if torch.is_grad_enabled():  # create_graph=True: the gradients are differentiated again
             return _BiWKVGrad.apply(*args)
         return _kernel_backward(*args)

@@ -495,6 +495,19 @@ def test_double_backward_through_the_kernel_is_a_clear_error(cpu_kernel, monkeyp
     assert all(g is not None for g in torch.autograd.grad(sum(g.square().sum() for g in grads), (w, u, k, v)))
 
 
+def test_kernel_under_activation_checkpointing(cpu_kernel, monkeypatch):
+    """GLSP recomputes its branch (torch.utils.checkpoint): the kernel's backward unpacks its
+    saved tensors once, as checkpointing requires, and gives the gradients of a plain call."""
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setenv("CUDA_WKV_BACKEND", "cpu")
+    args = [x.requires_grad_() for x in _inputs(2, 17, 3, wT=2.0, seed=4)]
+    plain = torch.autograd.grad(bi_wkv(*args).square().sum(), args)
+    recomputed = torch.autograd.grad(checkpoint(bi_wkv, *args, use_reentrant=False).square().sum(), args)
+    for a, b in zip(plain, recomputed):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_tracers_record_the_kernel_op(cpu_kernel, monkeypatch):
     """make_fx records the kernel as the custom op (a graph that recomputes on new inputs), and
     FakeTensorMode gets shapes from its fake implementation: a traced call never runs the
@@ -607,6 +620,22 @@ def test_cuda_values_vs_dense(shape, wT, monkeypatch):
         assert y.device.type == "cuda" and y.dtype == dtype
         err = (y.double().cpu() - ref).abs().max().item()
         assert err <= _tol(dtype, v), (dtype, err)
+
+
+@needs_gpu
+def test_cuda_resident_threads_are_whole_blocks_within_the_sm(monkeypatch):
+    """The automatic chunk length counts the threads an SM keeps resident for the chunk kernels:
+    whole 128-thread blocks, at least one, at most the SM's thread limit; 4 blocks in float32 on
+    sm_90 (__launch_bounds__(128, 4))."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    ext = loader.load_extension("cuda")
+    assert ext is not None, loader.failure_reason("cuda")
+    limit = torch.cuda.get_device_properties(0).max_threads_per_multi_processor
+    for dbl in (False, True):
+        per_sm = ext.resident_threads_per_sm(dbl)
+        assert per_sm % 128 == 0 and 128 <= per_sm <= limit, (dbl, per_sm)
+    if torch.cuda.get_device_capability(0) == (9, 0):
+        assert ext.resident_threads_per_sm(False) >= 512
 
 
 @needs_gpu
