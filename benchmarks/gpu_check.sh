@@ -21,6 +21,9 @@
 # kernel's device time, so the host overhead and the slowest kernels show. Exit status: 0 all
 # steps passed, 1 a step failed or timed out, 2 no GPU or bad arguments.
 #
+# A machine without nnU-Net and without a package index (the lent GPU machine) first installs it from
+# wheels fetched elsewhere: benchmarks/gpu_env.py (docs/gpu.md, "Preparing the GPU machine").
+#
 # --cpu-smoke runs the same steps on the CPU with tiny sizes (a 16^3 patch, short sequences, the
 # networks with the WKV op's PyTorch path): it checks the script, not the GPU.
 #

@@ -1,0 +1,327 @@
+#!/usr/bin/env python
+"""Carry nnU-Net to the lent GPU machine, whose Python has PyTorch but no nnU-Net and no network.
+
+Two halves, one on each machine::
+
+    python benchmarks/gpu_env.py fetch      # here (PyPI reachable): wheels into .whl/, about 20 MiB
+    python3 benchmarks/gpu_env.py install   # there, in the repository root: no network needed
+
+``fetch`` walks the requirements of the installed ``nnunetv2_ext`` (``importlib.metadata``, markers
+evaluated for the GPU machine's CPython 3.12 on Linux x86-64), stops at every distribution the GPU
+machine's image already holds (:data:`DEVICE_IMAGE`), and downloads the rest as wheels for that
+Python (pure-Python ones built here for projects published as source only), at the versions installed
+here (the versions CI tests). It publishes ``.whl/`` only when
+every wheel is there (a temporary folder renamed into place) with ``manifest.json``, refuses if the
+wheels exceed ``--max-mib`` (the device tool carries at most 64 MiB with the working tree), and puts
+``/.whl/`` into ``.git/info/exclude`` so that the folder travels only when ``carry`` names it.
+
+``install`` installs those wheels without dependencies or network into the running Python, then this
+repository (``pip install -e . --no-deps``: the console script ``nnunetv2-ext`` and the startup file
+that registers our trainers with nnU-Net), and checks that ``nnUNetv2_train``'s own lookup finds our trainers.
+Two requirements do not travel: ``SimpleITK`` (a 50 MB wheel; nnU-Net imports it at start but only
+image reading and writing use it, which no step of ``gpu_check.sh`` does) is replaced by a module that
+raises an ImportError naming this script on first use, and ``imagecodecs`` (an optional codec
+library of tifffile, never imported by nnU-Net at start) is left out.
+
+The GPU run, as one device call (``carry: [".whl"]``; docs/gpu.md gives the steps and the limits)::
+
+    python3 benchmarks/gpu_env.py install && PYTHON=python3 bash benchmarks/gpu_check.sh --budget 520 \\
+        --steps environment,wkv_selfcheck,tests,bench_wkv,wkv_chunks,wkv_depths /tmp/g; tar czf $OUT/gpu_check.tgz -C /tmp g
+
+Exit status: 0 done, 1 a download, an install or the import check failed, 2 bad arguments or input.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata as metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+REPO = Path(__file__).resolve().parent.parent
+WHEELS = REPO / '.whl'
+
+# Distributions in the GPU machine's image ('cuda'), as /work/.library/device/KINDS.md lists them
+# (read there on 2026-11-17): python3 is CPython 3.12.3 with CUDA PyTorch.
+DEVICE_PYTHON = '3.12'
+DEVICE_IMAGE = frozenset(canonicalize_name(n) for n in """
+absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
+certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
+cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython diffrax e3nn einops equinox etils execnet filelock
+flatbuffers flax fonttools formulaic frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx
+huggingface-hub humanize hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt
+jax-cuda13-plugin jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities
+linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes
+mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba
+numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti nvidia-cuda-nvrtc nvidia-cuda-runtime
+nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile nvidia-curand nvidia-cusolver nvidia-cusparse
+nvidia-cusparselt-cu13 nvidia-ml-py nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx
+onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix
+orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker prometheus-client
+propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks pyre-extensions
+pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
+pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image
+scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six
+sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
+tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
+torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop
+wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
+""".split())
+
+# Requirements that are not carried, and why; PLACEHOLDERS get a stand-in module on the GPU machine.
+NOT_CARRIED = {
+    'simpleitk': 'a 50 MB wheel; replaced by a placeholder module that raises on use',
+    'imagecodecs': "tifffile's optional codecs; nnU-Net does not import it at start",
+    'argparse': 'part of the standard library (the PyPI distribution is an obsolete backport)',
+}
+PLACEHOLDERS = {'simpleitk': 'SimpleITK'}
+PLATFORMS = ('manylinux_2_28_x86_64', 'manylinux_2_27_x86_64', 'manylinux_2_17_x86_64', 'manylinux2014_x86_64',
+             'manylinux1_x86_64')
+
+
+def marker_env(python: str) -> dict[str, str]:
+    """PEP 508 marker values of CPython ``python`` (major.minor) on Linux x86-64, no extra."""
+    return {'python_version': python, 'python_full_version': f'{python}.0', 'sys_platform': 'linux',
+            'platform_system': 'Linux', 'platform_machine': 'x86_64', 'os_name': 'posix',
+            'implementation_name': 'cpython', 'platform_python_implementation': 'CPython', 'extra': ''}
+
+
+ROOT = 'nnunetv2_ext'
+IMPORT_CHECK = ('import cuda_wkv; '
+                'from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find; '
+                "find('nnUNetTrainerGLSP'); find('nnUNetTrainerPVTGDLA')")  # nnUNetv2_train's own lookup
+
+
+class EnvError(Exception):
+    """Bad input (exit 2): the message names the problem and the fix."""
+
+
+def requirement_closure(root: str = ROOT, python: str = DEVICE_PYTHON) -> tuple[dict[str, str | None], set[str]]:
+    """What ``root`` needs on the GPU machine: (name -> version here or None if not installed, image names).
+
+    Walks ``Requires-Dist`` from ``root`` (itself excluded: it is installed from the working tree),
+    with markers evaluated for CPython ``python`` on Linux x86-64 and no extras. The first result holds every
+    distribution reached that the image lacks (:data:`DEVICE_IMAGE`) and that is carried (not in
+    :data:`NOT_CARRIED`); the walk does not descend into image distributions (the image satisfies their
+    own requirements): the second result names the ones reached.
+    """
+    carried: dict[str, str | None] = {}
+    image: set[str] = set()
+    seen: set[str] = set()
+    todo = [canonicalize_name(root)]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            carried[name] = None
+            continue
+        if name != canonicalize_name(root):
+            carried[name] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is not None and not req.marker.evaluate(marker_env(python)):
+                continue
+            dep = canonicalize_name(req.name)
+            if dep in DEVICE_IMAGE:
+                image.add(dep)
+            elif dep not in NOT_CARRIED:
+                todo.append(dep)
+    return dict(sorted(carried.items())), image
+
+
+def _pip(*args: str) -> list[str]:
+    return [sys.executable, '-m', 'pip', *args]
+
+
+def fetch(dest: Path, max_mib: float, python: str = DEVICE_PYTHON) -> dict:
+    """Download the carried wheels for CPython ``python`` into ``dest`` (replaced only when complete)."""
+    closure, _ = requirement_closure(python=python)
+    absent = sorted(n for n, v in closure.items() if v is None)
+    if absent:
+        raise EnvError(f'{", ".join(absent)} required by {ROOT} but not installed here; '
+                       f'install this repository first: pip install -e ".[test]"')
+    wanted = {n: str(v) for n, v in closure.items()}
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix='.whl.', dir=dest.parent) as tmp:
+        for name, version in wanted.items():
+            _download_wheel(f'{name}=={version}', Path(tmp), python)
+        files = sorted(Path(tmp).glob('*.whl'))
+        by_name = {canonicalize_name(f.name.split('-')[0]): f for f in files}
+        missing = sorted(set(wanted) - set(by_name))
+        if missing:
+            raise RuntimeError(f'pip download gave no wheel for {", ".join(missing)}')
+        mib = sum(f.stat().st_size for f in files) / 2**20
+        if mib > max_mib:
+            sizes = ', '.join(f'{f.name} {f.stat().st_size / 2**20:.1f}' for f in files)
+            raise EnvError(f'the wheels take {mib:.1f} MiB, over --max-mib {max_mib:g} (MiB: {sizes}); '
+                           f'leave the largest out (NOT_CARRIED in {Path(__file__).name}) or raise --max-mib')
+        manifest = {'python': python, 'platforms': list(PLATFORMS), 'mib': round(mib, 2),
+                    'wheels': {n: {'version': wanted[n], 'file': by_name[n].name} for n in wanted},
+                    'not_carried': NOT_CARRIED}
+        (Path(tmp) / 'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
+        old = dest.with_name(dest.name + '.old')
+        if dest.exists():
+            os.replace(dest, old)
+        os.chmod(tmp, 0o755)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if old.exists():
+                os.replace(old, dest)
+            raise
+        os.makedirs(tmp)  # for TemporaryDirectory's cleanup
+    shutil.rmtree(old, ignore_errors=True)
+    _exclude_from_git(dest)
+    return manifest
+
+
+def _download_wheel(spec: str, dest: Path, python: str) -> None:
+    """A wheel of ``spec`` for CPython ``python`` on Linux x86-64 into ``dest``: its binary wheel from the index,
+    else (a project published as source only, e.g. nnunetv2) one built here, which must be pure Python."""
+    platforms = [a for p in PLATFORMS for a in ('--platform', p)]
+    download = _pip('download', '--quiet', '--no-deps', '--only-binary=:all:', '--python-version', python,
+                    '--implementation', 'cp', *platforms, '--dest', str(dest), spec)
+    if subprocess.run(download, capture_output=True).returncode == 0:
+        return
+    with tempfile.TemporaryDirectory(dir=dest) as build:
+        cmd = _pip('wheel', '--quiet', '--no-deps', '--wheel-dir', build, spec)
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeError(f'{spec}: no wheel for CPython {python} on the index and building one failed '
+                               f'({" ".join(cmd)}); is the package index reachable?')
+        (built,) = Path(build).glob('*.whl')
+        if not built.name.endswith('-none-any.whl'):
+            raise RuntimeError(f'{spec}: the index has no binary wheel for CPython {python} and the one '
+                               f'built here ({built.name}) is for this machine, not the GPU machine')
+        os.replace(built, dest / built.name)
+
+
+def _exclude_from_git(dest: Path) -> None:
+    """Ignore ``dest`` in this clone only, so it travels to the GPU machine only when carried."""
+    info = REPO / '.git' / 'info'
+    if not (REPO / '.git').is_dir() or not dest.resolve().is_relative_to(REPO):
+        return
+    line = f'/{dest.resolve().relative_to(REPO).as_posix()}/'
+    exclude = info / 'exclude'
+    lines = exclude.read_text().splitlines() if exclude.exists() else []
+    if line not in lines:
+        info.mkdir(exist_ok=True)
+        with open(exclude, 'a') as f:
+            f.write(('\n' if lines and not exclude.read_text().endswith('\n') else '') + line + '\n')
+
+
+PLACEHOLDER_SOURCE = '''"""Placeholder written by benchmarks/gpu_env.py: the real {module} was not carried to this machine."""
+
+
+def __getattr__(name):
+    if name.startswith('__'):
+        raise AttributeError(name)
+    raise ImportError("{module}.%s: {module} is a placeholder on this machine (benchmarks/gpu_env.py install "
+                      "left the real package out: {why}); install the real {module} to read or write images" % name)
+'''
+
+
+def write_placeholders(site: Path) -> list[str]:
+    """Write a stand-in package into ``site`` for each :data:`PLACEHOLDERS` module that is not importable."""
+    written = []
+    for dist, module in PLACEHOLDERS.items():
+        if importlib.util.find_spec(module) is not None:
+            continue
+        pkg = site / module
+        pkg.mkdir(parents=True, exist_ok=True)
+        tmp = pkg / '__init__.py.partial'
+        tmp.write_text(PLACEHOLDER_SOURCE.format(module=module, why=NOT_CARRIED[dist]))
+        os.replace(tmp, pkg / '__init__.py')
+        written.append(module)
+    return written
+
+
+def install(src: Path) -> None:
+    """On the GPU machine: install the wheels of ``src`` and this repository, the placeholders; check imports."""
+    manifest_path = src / 'manifest.json'
+    if not manifest_path.is_file():
+        raise EnvError(f'{manifest_path} not found: run "python benchmarks/gpu_env.py fetch" where PyPI is '
+                       f'reachable and name ".whl" in the device call\'s carry')
+    manifest = json.loads(manifest_path.read_text())
+    python = f'{sys.version_info.major}.{sys.version_info.minor}'
+    if manifest['python'] != python:
+        raise EnvError(f'the wheels in {src} are for Python {manifest["python"]}, this is Python {python}; '
+                       f'fetch again with --python {python}')
+    wheels = [str(src / w['file']) for w in manifest['wheels'].values()]
+    for cmd in (_pip('install', '--quiet', '--no-index', '--no-deps', '--no-compile', *wheels),
+                _pip('install', '--quiet', '--no-index', '--no-deps', '--no-build-isolation', '-e', str(REPO))):
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeError(f'failed: {" ".join(cmd)}')
+    importlib.invalidate_caches()  # see what the pip subprocesses installed
+    carried, image = requirement_closure(python=python)
+    missing = sorted(n for n, v in carried.items() if v is None)
+    absent = sorted(n for n in image if not _installed(n))
+    if missing or absent:
+        raise EnvError('still missing after the install: '
+                       + '; '.join([f'{", ".join(missing)} (not in {src}: fetch again from this checkout)'] * bool(missing)
+                                   + [f'{", ".join(absent)} (DEVICE_IMAGE in {Path(__file__).name} says this '
+                                      f'machine\'s image holds them: remove them there and fetch again)'] * bool(absent)))
+    site = Path(next(p for p in sys.path if p.endswith('site-packages')))
+    written = write_placeholders(site)
+    check = subprocess.run([sys.executable, '-c', IMPORT_CHECK], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise RuntimeError(f'installed, but the import check failed:\n{check.stderr[-3000:]}')
+    print(f'installed {len(wheels)} wheels ({manifest["mib"]} MiB) and nnunetv2_ext from {REPO}'
+          + (f'; placeholder module(s): {", ".join(written)}' if written else ''))
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.distribution(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+    f = sub.add_parser('fetch', help='here: download the wheels the GPU machine lacks')
+    f.add_argument('--dest', type=Path, default=WHEELS, help='folder to publish (default: %(default)s)')
+    f.add_argument('--max-mib', type=float, default=48.0,
+                   help='refuse above this total (the device tool carries 64 MiB with the tree; default %(default)s)')
+    f.add_argument('--list', action='store_true', help='only print what would be downloaded')
+    f.add_argument('--python', default=DEVICE_PYTHON,
+                   help='CPython version of the target (default %(default)s, the GPU machine\'s)')
+    i = sub.add_parser('install', help='on the GPU machine: install them and this repository, offline')
+    i.add_argument('--src', type=Path, default=WHEELS, help='folder fetch published (default: %(default)s)')
+    args = parser.parse_args(argv)
+    try:
+        if args.command == 'fetch' and args.list:
+            for name, version in requirement_closure(python=args.python)[0].items():
+                print(f'{name}=={version}')
+        elif args.command == 'fetch':
+            m = fetch(args.dest, args.max_mib, args.python)
+            print(f'{args.dest}: {len(m["wheels"])} wheels, {m["mib"]} MiB for CPython {m["python"]}; '
+                  f'not carried: {", ".join(m["not_carried"])}')
+        else:
+            install(args.src)
+    except EnvError as e:
+        print(f'gpu_env.py {args.command}: {e}', file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f'gpu_env.py {args.command}: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

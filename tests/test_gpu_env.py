@@ -1,0 +1,121 @@
+"""benchmarks/gpu_env.py offline: what it carries to the GPU machine, how it publishes the wheels, how it
+refuses bad input, and the placeholder module. Downloading and installing for real needs the package
+index and the GPU machine (docs/gpu.md, "Preparing the GPU machine")."""
+import importlib.metadata as metadata
+import json
+import sys
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from bench_scripts import load
+
+gpu_env = load('gpu_env')
+
+
+def test_closure_carries_nnunet_and_what_the_image_lacks_only():
+    carried, image = gpu_env.requirement_closure()
+    assert all(v is not None for v in carried.values())
+    assert carried['nnunetv2'] == metadata.version('nnunetv2')
+    assert {'batchgenerators', 'dynamic-network-architectures', 'acvl-utils', 'blosc2'} <= set(carried)
+    assert 'nnunetv2-ext' not in carried  # installed from the working tree
+    assert not set(carried) & (gpu_env.DEVICE_IMAGE | set(gpu_env.NOT_CARRIED))
+    assert {'torch', 'numpy'} <= image <= gpu_env.DEVICE_IMAGE
+    # closed: every requirement of what is carried is carried, in the image, or left out on purpose
+    env = gpu_env.marker_env(gpu_env.DEVICE_PYTHON)
+    for name in carried:
+        for line in metadata.distribution(name).requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(env):
+                dep = canonicalize_name(req.name)
+                assert dep in carried or dep in image or dep in gpu_env.NOT_CARRIED, (name, dep)
+
+
+def test_closure_evaluates_markers_for_the_target_python():
+    # nibabel needs importlib-resources below Python 3.12 only
+    nibabel = [Requirement(r) for r in metadata.distribution('nibabel').requires or []]
+    backport = [r for r in nibabel if canonicalize_name(r.name) == 'importlib-resources' and r.marker]
+    if not backport:
+        pytest.skip('this nibabel does not require importlib-resources under a marker')
+    assert 'importlib-resources' not in gpu_env.requirement_closure(python='3.12')[0]
+    assert 'importlib-resources' in gpu_env.requirement_closure(python='3.10')[0]
+
+
+def _fake_download(sizes):
+    def download(spec, dest, python):
+        name, version = spec.split('==')
+        if name not in sizes:
+            raise RuntimeError(f'{spec}: no wheel (injected)')
+        (dest / f'{name.replace("-", "_")}-{version}-py3-none-any.whl').write_bytes(b'x' * sizes[name])
+    return download
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    (tmp_path / '.git' / 'info').mkdir(parents=True)
+    monkeypatch.setattr(gpu_env, 'REPO', tmp_path)
+    monkeypatch.setattr(gpu_env, 'requirement_closure',
+                        lambda python='3.12': ({'alpha': '1.0', 'beta-pkg': '2.1'}, {'torch'}))
+    return tmp_path
+
+
+def test_fetch_publishes_a_complete_folder_with_its_manifest(repo, monkeypatch):
+    monkeypatch.setattr(gpu_env, '_download_wheel', _fake_download({'alpha': 10, 'beta-pkg': 20}))
+    dest = repo / '.whl'
+    (dest).mkdir()
+    (dest / 'stale.whl').write_bytes(b'old')
+    manifest = gpu_env.fetch(dest, max_mib=1.0)
+    assert sorted(p.name for p in dest.iterdir()) == [
+        'alpha-1.0-py3-none-any.whl', 'beta_pkg-2.1-py3-none-any.whl', 'manifest.json']
+    assert json.loads((dest / 'manifest.json').read_text()) == manifest
+    assert manifest['wheels']['beta-pkg'] == {'version': '2.1', 'file': 'beta_pkg-2.1-py3-none-any.whl'}
+    assert manifest['python'] == '3.12' and 'simpleitk' in manifest['not_carried']
+    assert sorted(p.name for p in repo.iterdir()) == ['.git', '.whl']  # no temporary or old folder left
+    gpu_env.fetch(dest, max_mib=1.0)
+    assert (repo / '.git' / 'info' / 'exclude').read_text().splitlines().count('/.whl/') == 1
+
+
+def test_a_failed_fetch_leaves_the_previous_folder_as_it_was(repo, monkeypatch):
+    dest = repo / '.whl'
+    monkeypatch.setattr(gpu_env, '_download_wheel', _fake_download({'alpha': 10, 'beta-pkg': 20}))
+    gpu_env.fetch(dest, max_mib=1.0)
+    before = sorted(p.name for p in dest.iterdir())
+    monkeypatch.setattr(gpu_env, '_download_wheel', _fake_download({'alpha': 10}))
+    with pytest.raises(RuntimeError, match='beta-pkg==2.1: no wheel'):
+        gpu_env.fetch(dest, max_mib=1.0)
+    assert sorted(p.name for p in dest.iterdir()) == before
+    assert sorted(p.name for p in repo.iterdir()) == ['.git', '.whl']
+
+
+def test_fetch_refuses_wheels_over_the_size_limit(repo, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_env, '_download_wheel', _fake_download({'alpha': 3 * 2**20, 'beta-pkg': 10}))
+    assert gpu_env.main(['fetch', '--dest', str(repo / '.whl'), '--max-mib', '2']) == 2
+    err = capsys.readouterr().err
+    assert 'the wheels take 3.0 MiB, over --max-mib 2' in err and 'alpha-1.0-py3-none-any.whl 3.0' in err
+    assert sorted(p.name for p in repo.iterdir()) == ['.git']
+
+
+def test_install_without_fetched_wheels_says_how_to_get_them(tmp_path, capsys):
+    assert gpu_env.main(['install', '--src', str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'manifest.json not found' in err and 'gpu_env.py fetch' in err and 'carry' in err
+
+
+def test_install_refuses_wheels_for_another_python(tmp_path, capsys):
+    (tmp_path / 'manifest.json').write_text(json.dumps({'python': '2.7', 'wheels': {}}))
+    assert gpu_env.main(['install', '--src', str(tmp_path)]) == 2
+    this = f'{sys.version_info.major}.{sys.version_info.minor}'
+    assert f'for Python 2.7, this is Python {this}; fetch again with --python {this}' in capsys.readouterr().err
+
+
+def test_placeholder_imports_and_fails_on_use_with_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_env, 'PLACEHOLDERS', {'simpleitk': 'NoSuchImageLibrary_ext'})
+    assert gpu_env.write_placeholders(tmp_path) == ['NoSuchImageLibrary_ext']
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import NoSuchImageLibrary_ext as sitk  # noqa: N813  (as nnU-Net imports SimpleITK)
+    with pytest.raises(ImportError, match='NoSuchImageLibrary_ext.ReadImage: .* placeholder .*gpu_env.py'):
+        sitk.ReadImage('case.nii.gz')
+    assert not hasattr(sitk, '__wrapped__')  # dunder lookups (inspect, pickle) see a plain module
+    monkeypatch.setattr(gpu_env, 'PLACEHOLDERS', {'simpleitk': 'json'})  # importable: left alone
+    assert gpu_env.write_placeholders(tmp_path) == []
