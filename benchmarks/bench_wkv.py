@@ -66,6 +66,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from nnunetv2_ext.publish import write_atomically  # noqa: E402  (this checkout's)
+
 DEFAULT_T = [256 * 2 ** i for i in range(11)]  # 256 ... 262144
 
 
@@ -344,7 +346,7 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
         lines += ["", "Points that failed or were skipped:", ""]
         lines += [f"* {r['backend']} T={r['T']}: {r['error'].strip().splitlines()[-1]}"
                   for r in errs]
-    path.write_text("\n".join(lines) + "\n")
+    write_atomically(str(path), "\n".join(lines) + "\n")
 
 
 def write_plot(path: Path, meta: dict, rows: list) -> None:
@@ -655,27 +657,6 @@ def main(argv=None) -> int:
         return 0
     itemsize = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
     itemsize = max(itemsize, 4)  # computed in float32
-    rows = []
-    for T in args.T:
-        for backend in args.backends:
-            if backend == "dense":
-                need = _dense_bytes(args.B, T, args.C, itemsize, "fwd_bwd" in args.modes)
-                if need > args.dense_budget_gb * 2 ** 30:
-                    continue
-            t0 = time.time()
-            if args.device == "cpu":
-                res = _spawn(args, backend, T, args.modes)
-            else:
-                res = run_point(backend, T, args.B, args.C, args.device, args.dtype,
-                                args.repeat, args.max_seconds, args.modes, args.profile)
-            res.setdefault("backend", backend)
-            res.setdefault("T", T)
-            rows.append(res)
-            print(f"T={T:>7} {backend:>6}: " + ", ".join(
-                f"{m} {_fmt_s(res.get(m + '_s'))} / {_fmt_b(res.get(m + '_peak_bytes'))}"
-                for m in args.modes) + (f"  ERROR {res['error'][-200:]}" if "error" in res else "")
-                + f"  ({time.time() - t0:.0f}s)", flush=True)
-
     if args.device == "cuda":
         machine = torch.cuda.get_device_name()
         mem_method = ("`torch.cuda.max_memory_allocated` after `reset_peak_memory_stats`, "
@@ -704,8 +685,34 @@ def main(argv=None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"wkv_{args.device}"
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    write_markdown(out / f"{stem}.md", meta, rows)
+    rows = []
+    for T in args.T:
+        for backend in args.backends:
+            if backend == "dense":
+                need = _dense_bytes(args.B, T, args.C, itemsize, "fwd_bwd" in args.modes)
+                if need > args.dense_budget_gb * 2 ** 30:
+                    continue
+            t0 = time.time()
+            if args.device == "cpu":
+                res = _spawn(args, backend, T, args.modes)
+            else:
+                try:
+                    res = run_point(backend, T, args.B, args.C, args.device, args.dtype,
+                                    args.repeat, args.max_seconds, args.modes, args.profile)
+                except Exception as exc:  # one failed point (out of memory, a profiler gap)
+                    res = {"error": f"{type(exc).__name__}: {exc}"}  # must not lose the others
+                    torch.cuda.empty_cache()
+            res.setdefault("backend", backend)
+            res.setdefault("T", T)
+            rows.append(res)
+            print(f"T={T:>7} {backend:>6}: " + ", ".join(
+                f"{m} {_fmt_s(res.get(m + '_s'))} / {_fmt_b(res.get(m + '_peak_bytes'))}"
+                for m in args.modes) + (f"  ERROR {res['error'][-200:]}" if "error" in res else "")
+                + f"  ({time.time() - t0:.0f}s)", flush=True)
+            # the tables so far, replaced whole after every point: a sweep stopped by a time
+            # limit keeps the points it measured
+            write_atomically(str(out / f"{stem}.json"), json.dumps({"meta": meta, "results": rows}, indent=1))
+            write_markdown(out / f"{stem}.md", meta, rows)
     try:
         write_plot(out / f"{stem}.png", meta, rows)
     except ImportError as exc:  # pragma: no cover

@@ -16,7 +16,7 @@
 # GLSP's largest sequence on default 3d_fullres plans (B=2, T=32768, C=128) for the automatic and
 # several forced chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes);
 # wkv_depths times it (T=4096 and 32768, C=128) for the default depth of its loads ahead and for
-# CUDA_WKV_ROWS_AHEAD=1 and 4 (two more builds, about 3 minutes). On CUDA the WKV
+# CUDA_WKV_ROWS_AHEAD=1 and 4 (two more builds, made beside the self-check's; about 2 minutes). On CUDA the WKV
 # benchmarks and the network benchmark also profile one call / one training step (--profile): each
 # kernel's device time, so the host overhead and the slowest kernels show. Exit status: 0 all
 # steps passed, 1 a step failed or timed out, 2 no GPU or bad arguments.
@@ -236,8 +236,8 @@ wkv_chunks() {
 
 # wkv_depths BENCH_WKV_ARGS...: bench_wkv.py once per depth of the CUDA kernel's loads ahead (the default,
 # 8, first: no CUDA_WKV_ROWS_AHEAD, not even the caller's; 1 = each row loaded one step ahead, the
-# nearest to the first GPU run's kernel; each other depth is a build of its own, ~1 min), each into
-# bench_wkv_depths/<depth>/
+# nearest to the first GPU run's kernel; each other depth is a build of its own, ~1 min, made beforehand
+# by prebuild_depths on CUDA), each into bench_wkv_depths/<depth>/
 wkv_depths() {
     local depth ahead
     for depth in default 1 4; do
@@ -249,15 +249,32 @@ wkv_depths() {
     done
 }
 
+# prebuild_depths: the CUDA kernels that wkv_depths times besides the default (a build each, ~1 min of one
+# core), built beside the self-check's build and waited for before anything is timed; logs/prebuild_depths.log
+prebuild_depths() {
+    local depth log="$OUT/logs/prebuild_depths.log"
+    for depth in 1 4; do
+        CUDA_WKV_ROWS_AHEAD=$depth "$PY" -c 'import sys, cuda_wkv.loader as l; sys.exit(l.load_extension("cuda") is None)' \
+            > "$log.$depth.partial" 2>&1 &
+    done
+    wait
+    cat "$log".[0-9].partial > "$log.partial"; rm -f "$log".[0-9].partial; publish "$log"
+}
+
 export PY REPO OUT DEVICE SMOKE
 export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks wkv_depths
 TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
 echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
 run_step environment 120 environment
+PREBUILD=""
+if [ "$DEVICE" = cuda ] && [[ ",$STEPS_WANTED," == *",wkv_depths,"* ]]; then
+    prebuild_depths & PREBUILD=$!
+fi
 run_step wkv_selfcheck 240 wkv_selfcheck
 if [ "$DEVICE" = cuda ]; then
     # the nvcc compile test runs without a GPU too (and the self-check step has built the kernel)
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda and not compiles and not cuda_host" tests
+    [ -n "$PREBUILD" ] && wait "$PREBUILD"  # no build beside the timed steps
     run_step bench_wkv 150 wkv_bench --device cuda --profile
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"

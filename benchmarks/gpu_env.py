@@ -20,13 +20,11 @@ repository (``pip install -e . --no-deps``: the console script ``nnunetv2-ext`` 
 that registers our trainers with nnU-Net), and checks that ``nnUNetv2_train``'s own lookup finds our trainers.
 Two requirements do not travel: ``SimpleITK`` (a 50 MB wheel; nnU-Net imports it at start but only
 image reading and writing use it, which no step of ``gpu_check.sh`` does) is replaced by a module that
-raises an ImportError naming this script on first use, and ``imagecodecs`` (an optional codec
+raises an error naming this script on first use, and ``imagecodecs`` (an optional codec
 library of tifffile, never imported by nnU-Net at start) is left out.
 
-The GPU run, as one device call (``carry: [".whl"]``; docs/gpu.md gives the steps and the limits)::
-
-    python3 benchmarks/gpu_env.py install && PYTHON=python3 bash benchmarks/gpu_check.sh --budget 520 \\
-        --steps environment,wkv_selfcheck,tests,bench_wkv,wkv_chunks,wkv_depths /tmp/g; tar czf $OUT/gpu_check.tgz -C /tmp g
+The GPU run is one device call (``carry: [".whl"]``); docs/gpu.md, "Preparing the GPU machine", gives
+it and why each part is there.
 
 Exit status: 0 done, 1 a download, an install or the import check failed, 2 bad arguments or input.
 """
@@ -41,10 +39,13 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,8 +85,9 @@ NOT_CARRIED = {
     'argparse': 'part of the standard library (the PyPI distribution is an obsolete backport)',
 }
 PLACEHOLDERS = {'simpleitk': 'SimpleITK'}
-PLATFORMS = ('manylinux_2_28_x86_64', 'manylinux_2_27_x86_64', 'manylinux_2_17_x86_64', 'manylinux2014_x86_64',
-             'manylinux1_x86_64')
+# wheel platforms the GPU machine accepts (its glibc is at least 2.28: PyTorch's own wheels need that)
+PLATFORMS = ('manylinux_2_28_x86_64', 'manylinux_2_27_x86_64', 'manylinux_2_24_x86_64', 'manylinux_2_17_x86_64',
+             'manylinux2014_x86_64', 'manylinux1_x86_64')
 
 
 def marker_env(python: str) -> dict[str, str]:
@@ -105,57 +107,90 @@ class EnvError(Exception):
     """Bad input (exit 2): the message names the problem and the fix."""
 
 
-def requirement_closure(root: str = ROOT, python: str = DEVICE_PYTHON) -> tuple[dict[str, str | None], set[str]]:
-    """What ``root`` needs on the GPU machine: (name -> version here or None if not installed, image names).
+class Closure(NamedTuple):
+    """What ``nnunetv2_ext`` needs on the GPU machine (see :func:`requirement_closure`)."""
+    carried: dict[str, str | None]  # name -> version installed here (None: not installed here)
+    image: dict[str, list[tuple[str, str]]]  # image distribution -> [(version specifier, required by)]
 
-    Walks ``Requires-Dist`` from ``root`` (itself excluded: it is installed from the working tree),
-    with markers evaluated for CPython ``python`` on Linux x86-64 and no extras. The first result holds every
-    distribution reached that the image lacks (:data:`DEVICE_IMAGE`) and that is carried (not in
-    :data:`NOT_CARRIED`); the walk does not descend into image distributions (the image satisfies their
-    own requirements): the second result names the ones reached.
+
+def requirement_closure(root: str = ROOT, python: str = DEVICE_PYTHON, carry: frozenset[str] = frozenset()) -> Closure:
+    """Walk ``Requires-Dist`` from ``root`` as the GPU machine would need it.
+
+    Markers are evaluated for CPython ``python`` on Linux x86-64; requested extras (``httpx[http2]``) are
+    followed. ``root`` itself is not carried (it is installed from the working tree). A distribution of
+    :data:`DEVICE_IMAGE` (unless named in ``carry``) is not carried and its own requirements are not
+    walked (the image satisfies them), except those of the extras asked for; its version specifiers are
+    collected, for :func:`install` to check against the image's versions. :data:`NOT_CARRIED` is skipped.
     """
+    in_image = (DEVICE_IMAGE - {canonicalize_name(n) for n in carry}).__contains__
     carried: dict[str, str | None] = {}
-    image: set[str] = set()
-    seen: set[str] = set()
-    todo = [canonicalize_name(root)]
+    image: dict[str, list[tuple[str, str]]] = {}
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [(canonicalize_name(root), frozenset())]
     while todo:
-        name = todo.pop()
-        if name in seen:
+        name, extras = todo.pop()
+        if (name, extras) in seen:
             continue
-        seen.add(name)
+        seen.add((name, extras))
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
             carried[name] = None
             continue
-        if name != canonicalize_name(root):
+        if name != canonicalize_name(root) and not in_image(name):
             carried[name] = dist.version
         for line in dist.requires or []:
             req = Requirement(line)
-            if req.marker is not None and not req.marker.evaluate(marker_env(python)):
+            if not _needed(req, extras, python, base=not in_image(name)):
                 continue
             dep = canonicalize_name(req.name)
-            if dep in DEVICE_IMAGE:
-                image.add(dep)
+            if in_image(dep):
+                image.setdefault(dep, []).append((str(req.specifier), name))
+                if req.extras:
+                    todo.append((dep, frozenset(req.extras)))
             elif dep not in NOT_CARRIED:
-                todo.append(dep)
-    return dict(sorted(carried.items())), image
+                todo.append((dep, frozenset(req.extras)))
+    return Closure(dict(sorted(carried.items())), {n: sorted(set(v)) for n, v in sorted(image.items())})
+
+
+def _needed(req: Requirement, extras: frozenset[str], python: str, base: bool) -> bool:
+    """Whether ``req`` applies on the target: without an extra (if ``base``) or for one of ``extras``."""
+    if req.marker is None:
+        return base
+    env = marker_env(python)
+    with_extra = any(req.marker.evaluate({**env, 'extra': e}) for e in extras)
+    without = req.marker.evaluate(env)
+    return (base and without) or (with_extra and not without)
+
+
+def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``cmd`` run from the repository, so that no module of the caller's folder is imported."""
+    return subprocess.run(cmd, cwd=REPO, **kwargs)
 
 
 def _pip(*args: str) -> list[str]:
     return [sys.executable, '-m', 'pip', *args]
 
 
-def fetch(dest: Path, max_mib: float, python: str = DEVICE_PYTHON) -> dict:
-    """Download the carried wheels for CPython ``python`` into ``dest`` (replaced only when complete)."""
-    closure, _ = requirement_closure(python=python)
-    absent = sorted(n for n, v in closure.items() if v is None)
+def fetch(dest: Path, max_mib: float, python: str = DEVICE_PYTHON, carry: frozenset[str] = frozenset()) -> dict:
+    """Download the carried wheels for CPython ``python`` into ``dest`` (replaced only when complete).
+
+    ``carry``: image distributions to carry all the same (an image version a carried one does not accept)."""
+    unknown = sorted(n for n in carry if canonicalize_name(n) not in DEVICE_IMAGE)
+    if unknown:
+        raise EnvError(f'--carry {" ".join(unknown)}: not in the image list (DEVICE_IMAGE); what the image lacks '
+                       f'is carried anyway')
+    closure = requirement_closure(python=python, carry=carry)
+    absent = sorted(n for n, v in closure.carried.items() if v is None)
     if absent:
         raise EnvError(f'{", ".join(absent)} required by {ROOT} but not installed here; '
                        f'install this repository first: pip install -e ".[test]"')
-    wanted = {n: str(v) for n, v in closure.items()}
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix='.whl.', dir=dest.parent) as tmp:
+    wanted = {n: str(v) for n, v in closure.carried.items()}
+    dest = dest.resolve()
+    _exclude_from_git(dest)  # before anything is written: neither the folder nor its temporary twins travel
+    old = dest.with_name(dest.name + '.old')
+    shutil.rmtree(old, ignore_errors=True)  # left by a fetch killed between its two renames
+    with tempfile.TemporaryDirectory(prefix=dest.name + '.tmp-', dir=dest.parent) as tmp:
         for name, version in wanted.items():
             _download_wheel(f'{name}=={version}', Path(tmp), python)
         files = sorted(Path(tmp).glob('*.whl'))
@@ -170,12 +205,12 @@ def fetch(dest: Path, max_mib: float, python: str = DEVICE_PYTHON) -> dict:
                            f'leave the largest out (NOT_CARRIED in {Path(__file__).name}) or raise --max-mib')
         manifest = {'python': python, 'platforms': list(PLATFORMS), 'mib': round(mib, 2),
                     'wheels': {n: {'version': wanted[n], 'file': by_name[n].name} for n in wanted},
-                    'not_carried': NOT_CARRIED}
-        (Path(tmp) / 'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
-        old = dest.with_name(dest.name + '.old')
+                    'image_requirements': closure.image, 'not_carried': NOT_CARRIED}
+        text = json.dumps(manifest, indent=1) + '\n'
+        (Path(tmp) / 'manifest.json').write_text(text)
+        os.chmod(tmp, 0o755)
         if dest.exists():
             os.replace(dest, old)
-        os.chmod(tmp, 0o755)
         try:
             os.replace(tmp, dest)
         except OSError:
@@ -184,8 +219,7 @@ def fetch(dest: Path, max_mib: float, python: str = DEVICE_PYTHON) -> dict:
             raise
         os.makedirs(tmp)  # for TemporaryDirectory's cleanup
     shutil.rmtree(old, ignore_errors=True)
-    _exclude_from_git(dest)
-    return manifest
+    return json.loads(text)  # as install reads it
 
 
 def _download_wheel(spec: str, dest: Path, python: str) -> None:
@@ -194,42 +228,48 @@ def _download_wheel(spec: str, dest: Path, python: str) -> None:
     platforms = [a for p in PLATFORMS for a in ('--platform', p)]
     download = _pip('download', '--quiet', '--no-deps', '--only-binary=:all:', '--python-version', python,
                     '--implementation', 'cp', *platforms, '--dest', str(dest), spec)
-    if subprocess.run(download, capture_output=True).returncode == 0:
+    got = _run(download, capture_output=True, text=True)
+    if got.returncode == 0:
         return
     with tempfile.TemporaryDirectory(dir=dest) as build:
         cmd = _pip('wheel', '--quiet', '--no-deps', '--wheel-dir', build, spec)
-        if subprocess.run(cmd).returncode != 0:
+        if _run(cmd).returncode != 0:
             raise RuntimeError(f'{spec}: no wheel for CPython {python} on the index and building one failed '
                                f'({" ".join(cmd)}); is the package index reachable?')
         (built,) = Path(build).glob('*.whl')
         if not built.name.endswith('-none-any.whl'):
-            raise RuntimeError(f'{spec}: the index has no binary wheel for CPython {python} and the one '
-                               f'built here ({built.name}) is for this machine, not the GPU machine')
+            raise RuntimeError(f'{spec}: the index gave no binary wheel for CPython {python} on {", ".join(PLATFORMS)} '
+                               f'(pip: {got.stderr.strip()[-300:]}), and the one built here ({built.name}) is for '
+                               f'this machine only; add the wheel\'s platform to PLATFORMS in {Path(__file__).name} '
+                               f'if the GPU machine accepts it, or leave the package out (NOT_CARRIED)')
         os.replace(built, dest / built.name)
 
 
 def _exclude_from_git(dest: Path) -> None:
-    """Ignore ``dest`` in this clone only, so it travels to the GPU machine only when carried."""
-    info = REPO / '.git' / 'info'
-    if not (REPO / '.git').is_dir() or not dest.resolve().is_relative_to(REPO):
+    """Ignore ``dest`` and its temporary twins in this clone only: they travel only when ``carry`` names them."""
+    if not (REPO / '.git').is_dir() or not dest.is_relative_to(REPO):
         return
-    line = f'/{dest.resolve().relative_to(REPO).as_posix()}/'
-    exclude = info / 'exclude'
-    lines = exclude.read_text().splitlines() if exclude.exists() else []
-    if line not in lines:
-        info.mkdir(exist_ok=True)
+    line = f'/{dest.relative_to(REPO).as_posix()}*'
+    exclude = REPO / '.git' / 'info' / 'exclude'
+    text = exclude.read_text() if exclude.exists() else ''
+    if line not in text.splitlines():
+        exclude.parent.mkdir(exist_ok=True)
         with open(exclude, 'a') as f:
-            f.write(('\n' if lines and not exclude.read_text().endswith('\n') else '') + line + '\n')
+            f.write(('\n' if text and not text.endswith('\n') else '') + line + '\n')
 
 
 PLACEHOLDER_SOURCE = '''"""Placeholder written by benchmarks/gpu_env.py: the real {module} was not carried to this machine."""
 
 
+class PlaceholderError(AttributeError):
+    """Raised on any use; an AttributeError, so that hasattr() and getattr(..., default) answer."""
+
+
 def __getattr__(name):
     if name.startswith('__'):
         raise AttributeError(name)
-    raise ImportError("{module}.%s: {module} is a placeholder on this machine (benchmarks/gpu_env.py install "
-                      "left the real package out: {why}); install the real {module} to read or write images" % name)
+    raise PlaceholderError("{module}.%s: {module} is a placeholder on this machine (benchmarks/gpu_env.py install "
+                           "left the real package out: {why}); install the real {module} to read or write images" % name)
 '''
 
 
@@ -248,8 +288,28 @@ def write_placeholders(site: Path) -> list[str]:
     return written
 
 
-def install(src: Path) -> None:
-    """On the GPU machine: install the wheels of ``src`` and this repository, the placeholders; check imports."""
+def image_mismatches(requirements: dict[str, list[tuple[str, str]]]) -> list[str]:
+    """Image distributions whose installed version a carried one does not accept, each with the fix."""
+    problems = []
+    for name, specs in requirements.items():
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            problems.append(f'{name} is not installed, though DEVICE_IMAGE lists it (required by '
+                            f'{", ".join(sorted({by for _, by in specs}))}): fetch again with --carry {name}')
+            continue
+        bad = [(spec, by) for spec, by in specs if spec and version not in SpecifierSet(spec, prereleases=True)]
+        if bad:
+            wants = ', '.join(f'{by} wants {name}{spec}' for spec, by in bad)
+            problems.append(f'{name} {version} here: {wants}; fetch again with --carry {name}')
+    return problems
+
+
+def install(src: Path) -> list[str]:
+    """On the GPU machine: install the wheels of ``src`` and this repository, the placeholders; check them.
+
+    Returns the warnings (image versions the carried distributions do not accept); raises
+    :class:`EnvError` for unusable input and RuntimeError when pip or the import check fails."""
     manifest_path = src / 'manifest.json'
     if not manifest_path.is_file():
         raise EnvError(f'{manifest_path} not found: run "python benchmarks/gpu_env.py fetch" where PyPI is '
@@ -259,35 +319,27 @@ def install(src: Path) -> None:
     if manifest['python'] != python:
         raise EnvError(f'the wheels in {src} are for Python {manifest["python"]}, this is Python {python}; '
                        f'fetch again with --python {python}')
+    site = Path(sysconfig.get_paths()['purelib'])
     wheels = [str(src / w['file']) for w in manifest['wheels'].values()]
     for cmd in (_pip('install', '--quiet', '--no-index', '--no-deps', '--no-compile', *wheels),
                 _pip('install', '--quiet', '--no-index', '--no-deps', '--no-build-isolation', '-e', str(REPO))):
-        if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f'failed: {" ".join(cmd)}')
+        if _run(cmd).returncode != 0:
+            raise RuntimeError(f'pip could not install into {site} ({" ".join(cmd[3:6])} ...; its message is above); '
+                               f'run this as the user who owns that Python\'s site-packages')
     importlib.invalidate_caches()  # see what the pip subprocesses installed
-    carried, image = requirement_closure(python=python)
-    missing = sorted(n for n, v in carried.items() if v is None)
-    absent = sorted(n for n in image if not _installed(n))
-    if missing or absent:
-        raise EnvError('still missing after the install: '
-                       + '; '.join([f'{", ".join(missing)} (not in {src}: fetch again from this checkout)'] * bool(missing)
-                                   + [f'{", ".join(absent)} (DEVICE_IMAGE in {Path(__file__).name} says this '
-                                      f'machine\'s image holds them: remove them there and fetch again)'] * bool(absent)))
-    site = Path(next(p for p in sys.path if p.endswith('site-packages')))
+    missing = sorted(n for n, v in requirement_closure(python=python).carried.items() if v is None)
+    if missing:
+        raise EnvError(f'{", ".join(missing)} still missing after the install: {src} was fetched for another '
+                       f'checkout or image; fetch again from this one')
+    warnings = image_mismatches(manifest.get('image_requirements', {}))
     written = write_placeholders(site)
-    check = subprocess.run([sys.executable, '-c', IMPORT_CHECK], capture_output=True, text=True)
+    check = _run([sys.executable, '-c', IMPORT_CHECK], capture_output=True, text=True)
     if check.returncode != 0:
-        raise RuntimeError(f'installed, but the import check failed:\n{check.stderr[-3000:]}')
+        raise RuntimeError('installed, but nnUNetv2_train\'s trainer lookup failed'
+                           + ''.join(f'\n  (image: {w})' for w in warnings) + f':\n{check.stderr[-3000:]}')
     print(f'installed {len(wheels)} wheels ({manifest["mib"]} MiB) and nnunetv2_ext from {REPO}'
           + (f'; placeholder module(s): {", ".join(written)}' if written else ''))
-
-
-def _installed(name: str) -> bool:
-    try:
-        metadata.distribution(name)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
+    return warnings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,22 +350,26 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument('--dest', type=Path, default=WHEELS, help='folder to publish (default: %(default)s)')
     f.add_argument('--max-mib', type=float, default=48.0,
                    help='refuse above this total (the device tool carries 64 MiB with the tree; default %(default)s)')
-    f.add_argument('--list', action='store_true', help='only print what would be downloaded')
     f.add_argument('--python', default=DEVICE_PYTHON,
                    help='CPython version of the target (default %(default)s, the GPU machine\'s)')
+    f.add_argument('--carry', nargs='+', default=[], metavar='NAME',
+                   help='image distributions to carry all the same (install names them when needed)')
+    f.add_argument('--list', action='store_true', help='only print what would be downloaded')
     i = sub.add_parser('install', help='on the GPU machine: install them and this repository, offline')
     i.add_argument('--src', type=Path, default=WHEELS, help='folder fetch published (default: %(default)s)')
     args = parser.parse_args(argv)
     try:
         if args.command == 'fetch' and args.list:
-            for name, version in requirement_closure(python=args.python)[0].items():
+            closure = requirement_closure(python=args.python, carry=frozenset(args.carry))
+            for name, version in closure.carried.items():
                 print(f'{name}=={version}')
         elif args.command == 'fetch':
-            m = fetch(args.dest, args.max_mib, args.python)
+            m = fetch(args.dest, args.max_mib, args.python, frozenset(args.carry))
             print(f'{args.dest}: {len(m["wheels"])} wheels, {m["mib"]} MiB for CPython {m["python"]}; '
                   f'not carried: {", ".join(m["not_carried"])}')
         else:
-            install(args.src)
+            for warning in install(args.src):
+                print(f'gpu_env.py install: warning: {warning}', file=sys.stderr)
     except EnvError as e:
         print(f'gpu_env.py {args.command}: {e}', file=sys.stderr)
         return 2

@@ -177,3 +177,31 @@ def test_wkv_depths_times_the_default_and_each_forced_depth(tmp_path):
     assert ("    CUDA_WKV_ROWS_AHEAD=default\n    | 256 | 8 ms |\n    CUDA_WKV_ROWS_AHEAD=1\n    | 256 | 1 ms |\n"
             "    CUDA_WKV_ROWS_AHEAD=4\n    | 256 | 4 ms |") in summary
     assert (tmp_path / "out" / "bench_wkv_depths" / "4" / "wkv_cpu.md").is_file()
+
+
+def test_bench_wkv_cuda_sweep_keeps_the_points_around_a_failed_one(tmp_path, monkeypatch):
+    """On CUDA every point runs in-process: one that raises (out of memory, say) becomes an error
+    row, the others are measured, and the tables are on disk after each point."""
+    from bench_scripts import load
+    bench = load("bench_wkv")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    seen = []
+
+    def run_point(backend, T, *args):
+        seen.append(T)
+        if T == 512:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        assert (tmp_path / "wkv_cuda.json").exists() == (T > 256)  # written after the first point
+        return {"fwd_s": 1e-3, "fwd_peak_bytes": 0}
+
+    monkeypatch.setattr(bench, "run_point", run_point)
+    monkeypatch.setattr(bench, "write_plot", lambda *a: None)
+    assert bench.main(["--device", "cuda", "--T", "256", "512", "1024", "--backends", "kernel",
+                       "--modes", "fwd", "--out-dir", str(tmp_path)]) == 0
+    assert seen == [256, 512, 1024]
+    rows = json.loads((tmp_path / "wkv_cuda.json").read_text())["results"]
+    assert [("error" in r, r["T"]) for r in rows] == [(False, 256), (True, 512), (False, 1024)]
+    assert "OutOfMemoryError: CUDA out of memory (injected)" in rows[1]["error"]
+    assert "kernel T=512: OutOfMemoryError" in (tmp_path / "wkv_cuda.md").read_text()

@@ -21,7 +21,7 @@ def test_closure_carries_nnunet_and_what_the_image_lacks_only():
     assert {'batchgenerators', 'dynamic-network-architectures', 'acvl-utils', 'blosc2'} <= set(carried)
     assert 'nnunetv2-ext' not in carried  # installed from the working tree
     assert not set(carried) & (gpu_env.DEVICE_IMAGE | set(gpu_env.NOT_CARRIED))
-    assert {'torch', 'numpy'} <= image <= gpu_env.DEVICE_IMAGE
+    assert {'torch', 'numpy'} <= set(image) <= gpu_env.DEVICE_IMAGE
     # closed: every requirement of what is carried is carried, in the image, or left out on purpose
     env = gpu_env.marker_env(gpu_env.DEVICE_PYTHON)
     for name in carried:
@@ -32,14 +32,55 @@ def test_closure_carries_nnunet_and_what_the_image_lacks_only():
                 assert dep in carried or dep in image or dep in gpu_env.NOT_CARRIED, (name, dep)
 
 
-def test_closure_evaluates_markers_for_the_target_python():
-    # nibabel needs importlib-resources below Python 3.12 only
-    nibabel = [Requirement(r) for r in metadata.distribution('nibabel').requires or []]
-    backport = [r for r in nibabel if canonicalize_name(r.name) == 'importlib-resources' and r.marker]
-    if not backport:
-        pytest.skip('this nibabel does not require importlib-resources under a marker')
-    assert 'importlib-resources' not in gpu_env.requirement_closure(python='3.12')[0]
-    assert 'importlib-resources' in gpu_env.requirement_closure(python='3.10')[0]
+class _Dist:
+    def __init__(self, version, requires):
+        self.version, self.requires = version, requires
+
+
+def test_closure_walk_markers_extras_and_the_image(monkeypatch):
+    dists = {
+        'root': _Dist('0', ['alpha', 'img[x]', 'gone']),
+        'alpha': _Dist('1.0', ['beta; python_version < "3.12"', 'img>=2', 'delta; extra == "docs"']),
+        'beta': _Dist('2.0', []),
+        'img': _Dist('3.0', ['gamma; extra == "x"', 'base-of-img']),  # the image satisfies base-of-img
+        'gamma': _Dist('4.0', ['img']),
+    }
+
+    def distribution(name):
+        if name not in dists:
+            raise metadata.PackageNotFoundError(name)
+        return dists[name]
+    monkeypatch.setattr(gpu_env.metadata, 'distribution', distribution)
+    monkeypatch.setattr(gpu_env, 'DEVICE_IMAGE', frozenset({'img'}))
+    monkeypatch.setattr(gpu_env, 'NOT_CARRIED', {'gone': 'left out'})
+    new = gpu_env.requirement_closure('root', python='3.12')
+    assert new.carried == {'alpha': '1.0', 'gamma': '4.0'}
+    assert new.image == {'img': [('', 'gamma'), ('', 'root'), ('>=2', 'alpha')]}
+    assert gpu_env.requirement_closure('root', python='3.11').carried == {'alpha': '1.0', 'beta': '2.0', 'gamma': '4.0'}
+    # an image distribution named in carry is carried, and its own requirements walked
+    assert gpu_env.requirement_closure('root', python='3.12', carry=frozenset({'img'})).carried == {
+        'alpha': '1.0', 'base-of-img': None, 'gamma': '4.0', 'img': '3.0'}
+
+
+def test_image_versions_a_carried_distribution_refuses_are_named_with_the_fix(monkeypatch):
+    versions = {'timm': '1.0.24', 'numpy': '2.5.2'}
+
+    def version(name):
+        if name not in versions:
+            raise metadata.PackageNotFoundError(name)
+        return versions[name]
+    monkeypatch.setattr(gpu_env.metadata, 'version', version)
+    problems = gpu_env.image_mismatches({'timm': [('<1.0.23', 'dynamic-network-architectures')],
+                                         'numpy': [('', 'nnunetv2'), ('>=1.26', 'blosc2')],
+                                         'yacs': [('', 'nnunetv2')]})
+    assert problems == [
+        'timm 1.0.24 here: dynamic-network-architectures wants timm<1.0.23; fetch again with --carry timm',
+        'yacs is not installed, though DEVICE_IMAGE lists it (required by nnunetv2): fetch again with --carry yacs']
+
+
+def test_fetch_refuses_to_carry_what_is_not_an_image_distribution(capsys):
+    assert gpu_env.main(['fetch', '--carry', 'nnunetv2', 'timm', '--dest', '/nonexistent/x']) == 2
+    assert '--carry nnunetv2: not in the image list' in capsys.readouterr().err
 
 
 def _fake_download(sizes):
@@ -55,8 +96,8 @@ def _fake_download(sizes):
 def repo(tmp_path, monkeypatch):
     (tmp_path / '.git' / 'info').mkdir(parents=True)
     monkeypatch.setattr(gpu_env, 'REPO', tmp_path)
-    monkeypatch.setattr(gpu_env, 'requirement_closure',
-                        lambda python='3.12': ({'alpha': '1.0', 'beta-pkg': '2.1'}, {'torch'}))
+    monkeypatch.setattr(gpu_env, 'requirement_closure', lambda **kw: gpu_env.Closure(
+        {'alpha': '1.0', 'beta-pkg': '2.1'}, {'torch': [('>=2', 'alpha')]}))
     return tmp_path
 
 
@@ -71,9 +112,14 @@ def test_fetch_publishes_a_complete_folder_with_its_manifest(repo, monkeypatch):
     assert json.loads((dest / 'manifest.json').read_text()) == manifest
     assert manifest['wheels']['beta-pkg'] == {'version': '2.1', 'file': 'beta_pkg-2.1-py3-none-any.whl'}
     assert manifest['python'] == '3.12' and 'simpleitk' in manifest['not_carried']
+    assert manifest['image_requirements'] == {'torch': [['>=2', 'alpha']]}
     assert sorted(p.name for p in repo.iterdir()) == ['.git', '.whl']  # no temporary or old folder left
+    (repo / '.whl.old').mkdir()  # as a fetch killed between its two renames leaves it
+    (repo / '.whl.old' / 'x.whl').write_bytes(b'old')
     gpu_env.fetch(dest, max_mib=1.0)
-    assert (repo / '.git' / 'info' / 'exclude').read_text().splitlines().count('/.whl/') == 1
+    assert sorted(p.name for p in repo.iterdir()) == ['.git', '.whl']
+    # the folder and its temporary twins (.whl.tmp-*, .whl.old) are ignored, by one line
+    assert (repo / '.git' / 'info' / 'exclude').read_text().splitlines().count('/.whl*') == 1
 
 
 def test_a_failed_fetch_leaves_the_previous_folder_as_it_was(repo, monkeypatch):
@@ -114,8 +160,9 @@ def test_placeholder_imports_and_fails_on_use_with_a_clear_error(tmp_path, monke
     assert gpu_env.write_placeholders(tmp_path) == ['NoSuchImageLibrary_ext']
     monkeypatch.syspath_prepend(str(tmp_path))
     import NoSuchImageLibrary_ext as sitk  # noqa: N813  (as nnU-Net imports SimpleITK)
-    with pytest.raises(ImportError, match='NoSuchImageLibrary_ext.ReadImage: .* placeholder .*gpu_env.py'):
+    with pytest.raises(AttributeError, match='NoSuchImageLibrary_ext.ReadImage: .* placeholder .*gpu_env.py'):
         sitk.ReadImage('case.nii.gz')
-    assert not hasattr(sitk, '__wrapped__')  # dunder lookups (inspect, pickle) see a plain module
+    assert not hasattr(sitk, '__wrapped__') and not hasattr(sitk, 'sitkLinear')  # probes answer, not raise
+    assert getattr(sitk, 'Version', None) is None
     monkeypatch.setattr(gpu_env, 'PLACEHOLDERS', {'simpleitk': 'json'})  # importable: left alone
     assert gpu_env.write_placeholders(tmp_path) == []
