@@ -250,11 +250,12 @@ wkv_depths() {
 }
 
 # prebuild_depths: the CUDA kernels that wkv_depths times besides the default (a build each, ~1 min of one
-# core), built beside the self-check's build and waited for before anything is timed; logs/prebuild_depths.log
+# core), built beside the self-check's build and waited for before anything is timed, each at most 240 s
+# (the self-check step's limit) so that the wait is bounded; logs/prebuild_depths.log
 prebuild_depths() {
     local depth log="$OUT/logs/prebuild_depths.log"
     for depth in 1 4; do
-        CUDA_WKV_ROWS_AHEAD=$depth "$PY" -c 'import sys, cuda_wkv.loader as l; sys.exit(l.load_extension("cuda") is None)' \
+        CUDA_WKV_ROWS_AHEAD=$depth timeout --kill-after=10 240 "$PY" -c 'import sys, cuda_wkv.loader as l; sys.exit(l.load_extension("cuda") is None)' \
             > "$log.$depth.partial" 2>&1 &
     done
     wait

@@ -50,6 +50,9 @@ from packaging.utils import canonicalize_name
 
 REPO = Path(__file__).resolve().parent.parent
 WHEELS = REPO / '.whl'
+sys.path.insert(0, str(REPO))  # this checkout's package, installed or not
+
+from nnunetv2_ext.publish import write_atomically  # noqa: E402  (standard library only)
 
 # Distributions in the GPU machine's image ('cuda'), as /work/.library/device/KINDS.md lists them
 # (read there on 2026-11-17): python3 is CPython 3.12.3 with CUDA PyTorch.
@@ -281,9 +284,7 @@ def write_placeholders(site: Path) -> list[str]:
             continue
         pkg = site / module
         pkg.mkdir(parents=True, exist_ok=True)
-        tmp = pkg / '__init__.py.partial'
-        tmp.write_text(PLACEHOLDER_SOURCE.format(module=module, why=NOT_CARRIED[dist]))
-        os.replace(tmp, pkg / '__init__.py')
+        write_atomically(str(pkg / '__init__.py'), PLACEHOLDER_SOURCE.format(module=module, why=NOT_CARRIED[dist]))
         written.append(module)
     return written
 
