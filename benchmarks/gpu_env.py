@@ -11,9 +11,10 @@ evaluated for the GPU machine's CPython 3.12 on Linux x86-64), stops at every di
 machine's image already holds (:data:`DEVICE_IMAGE`), and downloads the rest as wheels for that
 Python (pure-Python ones built here for projects published as source only), at the versions installed
 here (the versions CI tests). It publishes ``.whl/`` only when
-every wheel is there (a temporary folder renamed into place) with ``manifest.json``, refuses if the
+every wheel is there (a staging folder swapped into place, :func:`nnunetv2_ext.publish.publish_folder`) with
+``manifest.json``, refuses if the
 wheels exceed ``--max-mib`` (the device tool carries at most 64 MiB with the working tree), and puts
-``/.whl/`` into ``.git/info/exclude`` so that the folder travels only when ``carry`` names it.
+``/.whl`` and its staging twins into ``.git/info/exclude`` so that the folder travels only when ``carry`` names it.
 
 ``install`` installs those wheels without dependencies or network into the running Python, then this
 repository (``pip install -e . --no-deps``: the console script ``nnunetv2-ext`` and the startup file
@@ -36,7 +37,6 @@ import importlib.metadata as metadata
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parent.parent
 WHEELS = REPO / '.whl'
 sys.path.insert(0, str(REPO))  # this checkout's package, installed or not
 
-from nnunetv2_ext.publish import write_atomically  # noqa: E402  (standard library only)
+from nnunetv2_ext.publish import publish_folder, write_atomically  # noqa: E402  (standard library only)
 
 # Distributions in the GPU machine's image ('cuda'), as /work/.library/device/KINDS.md lists them
 # (read there on 2026-11-17): python3 is CPython 3.12.3 with CUDA PyTorch.
@@ -191,12 +191,11 @@ def fetch(dest: Path, max_mib: float, python: str = DEVICE_PYTHON, carry: frozen
     wanted = {n: str(v) for n, v in closure.carried.items()}
     dest = dest.resolve()
     _exclude_from_git(dest)  # before anything is written: neither the folder nor its temporary twins travel
-    old = dest.with_name(dest.name + '.old')
-    shutil.rmtree(old, ignore_errors=True)  # left by a fetch killed between its two renames
-    with tempfile.TemporaryDirectory(prefix=dest.name + '.tmp-', dir=dest.parent) as tmp:
+    def fill(staging: str) -> None:
+        tmp = Path(staging)
         for name, version in wanted.items():
-            _download_wheel(f'{name}=={version}', Path(tmp), python)
-        files = sorted(Path(tmp).glob('*.whl'))
+            _download_wheel(f'{name}=={version}', tmp, python)
+        files = sorted(tmp.glob('*.whl'))
         by_name = {canonicalize_name(f.name.split('-')[0]): f for f in files}
         missing = sorted(set(wanted) - set(by_name))
         if missing:
@@ -209,20 +208,10 @@ def fetch(dest: Path, max_mib: float, python: str = DEVICE_PYTHON, carry: frozen
         manifest = {'python': python, 'platforms': list(PLATFORMS), 'mib': round(mib, 2),
                     'wheels': {n: {'version': wanted[n], 'file': by_name[n].name} for n in wanted},
                     'image_requirements': closure.image, 'not_carried': NOT_CARRIED}
-        text = json.dumps(manifest, indent=1) + '\n'
-        (Path(tmp) / 'manifest.json').write_text(text)
-        os.chmod(tmp, 0o755)
-        if dest.exists():
-            os.replace(dest, old)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if old.exists():
-                os.replace(old, dest)
-            raise
-        os.makedirs(tmp)  # for TemporaryDirectory's cleanup
-    shutil.rmtree(old, ignore_errors=True)
-    return json.loads(text)  # as install reads it
+        (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=1) + '\n')
+
+    publish_folder(str(dest), fill)
+    return json.loads((dest / 'manifest.json').read_text())  # as install reads it
 
 
 def _download_wheel(spec: str, dest: Path, python: str) -> None:
@@ -249,16 +238,19 @@ def _download_wheel(spec: str, dest: Path, python: str) -> None:
 
 
 def _exclude_from_git(dest: Path) -> None:
-    """Ignore ``dest`` and its temporary twins in this clone only: they travel only when ``carry`` names them."""
+    """Ignore ``dest`` and its staging twins (``.<name>.partial-*``, ``.<name>.previous-*``) in this clone only:
+    they travel only when ``carry`` names them."""
     if not (REPO / '.git').is_dir() or not dest.is_relative_to(REPO):
         return
-    line = f'/{dest.relative_to(REPO).as_posix()}*'
+    rel = dest.relative_to(REPO)
+    lines = [f'/{rel.as_posix()}', f'/{(rel.parent / f".{rel.name}.").as_posix()}*']
     exclude = REPO / '.git' / 'info' / 'exclude'
     text = exclude.read_text() if exclude.exists() else ''
-    if line not in text.splitlines():
+    new = [line for line in lines if line not in text.splitlines()]
+    if new:
         exclude.parent.mkdir(exist_ok=True)
         with open(exclude, 'a') as f:
-            f.write(('\n' if text and not text.endswith('\n') else '') + line + '\n')
+            f.write(('\n' if text and not text.endswith('\n') else '') + '\n'.join(new) + '\n')
 
 
 PLACEHOLDER_SOURCE = '''"""Placeholder written by benchmarks/gpu_env.py: the real {module} was not carried to this machine."""

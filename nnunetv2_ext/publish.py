@@ -1,6 +1,7 @@
-"""Publishing a report set (``stem.json``, ``stem.md``, ``stem.png``) so that readers never see a mix.
+"""Publishing a report set (``stem.json``, ``stem.md``, ``stem.png``), or any folder, so that readers never
+see a mix.
 
-All files of a set are first written and fsynced into a private staging folder next to the target
+All files of a set (of a folder: :func:`publish_folder`) are first written and fsynced into a private staging folder next to the target
 (``.<folder>.partial-<pid>``), then published:
 
 * a folder that holds nothing but files of this report (``stem.*``) or does not exist yet is replaced
@@ -77,9 +78,14 @@ def write_atomically(path: str, data: bytes | str) -> None:
             os.remove(tmp)
 
 
-def publish_files(folder: str, files: dict[str, Callable[[str], None]]) -> list[str]:
-    """Writes ``files`` (file name -> ``writer(path)``) into ``folder`` as one set (see the module doc);
-    returns the published paths. The stem is the part of the first name before its first dot."""
+def publish_folder(folder: str, fill: Callable[[str], None], merge: bool = False) -> None:
+    """Publishes what ``fill(staging)`` writes into a fresh private staging folder next to ``folder`` (see the
+    module doc): every file in it is fsynced, then ``folder`` is replaced as a whole by it, or with ``merge`` the
+    staged top-level entries are moved into ``folder`` one by one and its other entries are kept.
+
+    The staging folder is removed if ``fill`` raises (``folder`` is then untouched), and leftovers of killed
+    publications into the same place are cleaned up first. ``folder``'s parent is created if missing.
+    """
     folder = os.path.abspath(folder)
     parent, base = os.path.split(folder)
     os.makedirs(parent, exist_ok=True)
@@ -88,12 +94,13 @@ def publish_files(folder: str, files: dict[str, Callable[[str], None]]) -> list[
     shutil.rmtree(staging, ignore_errors=True)
     os.mkdir(staging)
     try:
-        for name, write in files.items():
-            write(os.path.join(staging, name))
-            fsync_path(os.path.join(staging, name))
-        stem = next(iter(files)).split('.')[0]
-        if foreign_entries(folder, stem):
-            for name in files:
+        fill(staging)
+        for root, _, names in os.walk(staging):
+            for name in names:
+                fsync_path(os.path.join(root, name))
+            fsync_path(root)
+        if merge and os.path.exists(folder):
+            for name in sorted(os.listdir(staging)):
                 os.replace(os.path.join(staging, name), os.path.join(folder, name))
         elif os.path.exists(folder):
             previous = os.path.join(parent, f'.{base}.previous-{os.getpid()}')
@@ -105,4 +112,16 @@ def publish_files(folder: str, files: dict[str, Callable[[str], None]]) -> list[
         fsync_path(parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return [os.path.join(folder, name) for name in files]
+
+
+def publish_files(folder: str, files: dict[str, Callable[[str], None]]) -> list[str]:
+    """Writes ``files`` (file name -> ``writer(path)``) into ``folder`` as one set (see the module doc);
+    returns the published paths. The stem is the part of the first name before its first dot."""
+    stem = next(iter(files)).split('.')[0]
+
+    def fill(staging: str) -> None:
+        for name, write in files.items():
+            write(os.path.join(staging, name))
+
+    publish_folder(folder, fill, merge=bool(foreign_entries(folder, stem)))
+    return [os.path.join(os.path.abspath(folder), name) for name in files]

@@ -1,7 +1,10 @@
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+
+import pytest
 
 # nnU-Net reads its folders at import time; give tests private ones before anything imports nnunetv2.
 _NNUNET_TMP = tempfile.mkdtemp(prefix='nnunetv2_ext_tests_')
@@ -15,3 +18,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/plans_fa
 def pytest_sessionfinish(session, exitstatus):
     """The private nnU-Net folders go with the session: a test run leaves no nnunetv2_ext_tests_* behind."""
     shutil.rmtree(_NNUNET_TMP, ignore_errors=True)
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    """The pid of a child process that has exited and been reaped: no process of it runs any more, as after a
+    ``kill -9`` (for leftovers of killed writers: staging folders, build locks)."""
+    child = subprocess.Popen([sys.executable, '-c', 'pass'])
+    child.wait()
+    return child.pid

@@ -101,7 +101,7 @@ def repo(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_fetch_publishes_a_complete_folder_with_its_manifest(repo, monkeypatch):
+def test_fetch_publishes_a_complete_folder_with_its_manifest(repo, monkeypatch, dead_pid):
     monkeypatch.setattr(gpu_env, '_download_wheel', _fake_download({'alpha': 10, 'beta-pkg': 20}))
     dest = repo / '.whl'
     (dest).mkdir()
@@ -114,12 +114,13 @@ def test_fetch_publishes_a_complete_folder_with_its_manifest(repo, monkeypatch):
     assert manifest['python'] == '3.12' and 'simpleitk' in manifest['not_carried']
     assert manifest['image_requirements'] == {'torch': [['>=2', 'alpha']]}
     assert sorted(p.name for p in repo.iterdir()) == ['.git', '.whl']  # no temporary or old folder left
-    (repo / '.whl.old').mkdir()  # as a fetch killed between its two renames leaves it
-    (repo / '.whl.old' / 'x.whl').write_bytes(b'old')
+    (repo / f'..whl.previous-{dead_pid}').mkdir()  # as a fetch killed between its two renames leaves it
+    (repo / f'..whl.partial-{dead_pid}').mkdir()  # as a fetch killed while downloading leaves it
     gpu_env.fetch(dest, max_mib=1.0)
     assert sorted(p.name for p in repo.iterdir()) == ['.git', '.whl']
-    # the folder and its temporary twins (.whl.tmp-*, .whl.old) are ignored, by one line
-    assert (repo / '.git' / 'info' / 'exclude').read_text().splitlines().count('/.whl*') == 1
+    # the folder and its staging twins are ignored, each by one line
+    lines = (repo / '.git' / 'info' / 'exclude').read_text().splitlines()
+    assert lines.count('/.whl') == 1 and lines.count('/..whl.*') == 1
 
 
 def test_a_failed_fetch_leaves_the_previous_folder_as_it_was(repo, monkeypatch):

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from nnunetv2_ext.cli import write_report
-from nnunetv2_ext.publish import foreign_entries, publish_files
+from nnunetv2_ext.publish import foreign_entries, publish_files, publish_folder
 
 
 def _plot_text(text: str):
@@ -24,11 +24,6 @@ def _files(folder) -> dict[str, str]:
 
 def _hidden(parent) -> list[str]:
     return [n for n in os.listdir(parent) if n.startswith('.')]
-
-
-def _dead_pid() -> int:
-    proc = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'], capture_output=True, text=True)
-    return int(proc.stdout)
 
 
 def test_a_failure_between_files_keeps_the_previous_set(tmp_path):
@@ -67,12 +62,12 @@ def test_a_killed_publication_leaves_the_old_set_and_the_next_one_cleans_up(tmp_
     assert _files(out)['benchmark.md'] == 'table 3\n'
 
 
-def test_a_swap_killed_between_its_renames_is_undone(tmp_path):
+def test_a_swap_killed_between_its_renames_is_undone(tmp_path, dead_pid):
     """Killed after `folder -> .folder.previous-PID` and before `staging -> folder`: no folder, the old set aside."""
     out = tmp_path / 'report'
     write_report(str(out), 'compare', {'v': 1}, 'table 1\n', None, quiet=True)
     old = _files(out)
-    os.rename(out, tmp_path / f'.report.previous-{_dead_pid()}')
+    os.rename(out, tmp_path / f'.report.previous-{dead_pid}')
     publish_files(str(tmp_path / 'other'), {'x.md': lambda p: open(p, 'w').close()})  # an unrelated report
     assert not out.exists() and len(_hidden(tmp_path)) == 1  # leftovers of other names are not touched
     with pytest.raises(RuntimeError):
@@ -137,3 +132,30 @@ def test_sigterm_during_publication_leaves_the_old_set_and_nothing_hidden(tmp_pa
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143
     assert _files(out) == old and _hidden(tmp_path) == []
+
+
+def test_a_folder_is_replaced_as_a_whole_or_merged_and_left_alone_when_filling_fails(tmp_path):
+    out = tmp_path / 'wheels'
+    out.mkdir()
+    (out / 'stale.whl').write_text('old')
+
+    def fill(staging):
+        os.mkdir(os.path.join(staging, 'sub'))
+        for name in ('a.whl', 'sub/b.txt'):
+            with open(os.path.join(staging, name), 'w') as f:
+                f.write(name)
+
+    publish_folder(str(out), fill)
+    assert sorted(os.listdir(out)) == ['a.whl', 'sub'] and (out / 'sub' / 'b.txt').read_text() == 'sub/b.txt'
+
+    def failing(staging):
+        fill(staging)
+        raise OSError('no space left (injected)')
+
+    with pytest.raises(OSError, match='injected'):
+        publish_folder(str(out), failing)
+    assert sorted(os.listdir(out)) == ['a.whl', 'sub'] and _hidden(tmp_path) == []
+    (out / 'sub').rename(out / 'mine')
+    publish_folder(str(out), lambda staging: open(os.path.join(staging, 'a.whl'), 'w').close(), merge=True)
+    assert sorted(os.listdir(out)) == ['a.whl', 'mine'] and (out / 'a.whl').read_text() == ''
+    assert _hidden(tmp_path) == []

@@ -278,23 +278,17 @@ def test_live_lock_is_announced_then_falls_back(tmp_path, monkeypatch, good_libr
     assert lock.exists() and not folder.exists()
 
 
-def _dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
-
-
 @pytest.mark.parametrize("owner, reason", [
-    (lambda: (_dead_pid(), socket.gethostname(), 0.0), "is not running"),
-    (lambda: (4242, "node-17.cluster", 120.0), "no heartbeat for"),
-    (lambda: (os.getpid(), socket.gethostname(), 120.0), "no heartbeat for"),
+    (lambda dead: (dead, socket.gethostname(), 0.0), "is not running"),
+    (lambda dead: (4242, "node-17.cluster", 120.0), "no heartbeat for"),
+    (lambda dead: (os.getpid(), socket.gethostname(), 120.0), "no heartbeat for"),
 ], ids=["dead-pid", "other-host-old", "live-pid-old"])
-def test_abandoned_lock_is_removed(tmp_path, monkeypatch, good_library, owner, reason):
+def test_abandoned_lock_is_removed(tmp_path, monkeypatch, good_library, owner, reason, dead_pid):
     """Locks of killed builds (dead pid on this host; no heartbeat for a minute on any host,
     e.g. a reused pid or a node that died) are removed with a message, then built; the
     killed build's old private folder is deleted."""
     root, folder = _private_folder(tmp_path, monkeypatch, good_library)
-    pid, host, age = owner()
+    pid, host, age = owner(dead_pid)
     lock = _write_lock(folder, pid, host, age)
     leftover = folder.with_name(f".{folder.name}.build-killed")
     leftover.mkdir()
@@ -363,11 +357,11 @@ def test_rows_ahead_is_validated_and_gives_a_build_of_its_own(monkeypatch):
     assert not any("WKV_ROWS_AHEAD" in f for flags in loader._flags("cpu").values() for f in flags)
 
 
-def test_lock_staleness_rules():
+def test_lock_staleness_rules(dead_pid):
     host = socket.gethostname()
     assert loader._stale_reason({"pid": os.getpid(), "host": host}, 5) is None
-    assert "not running" in loader._stale_reason({"pid": _dead_pid(), "host": host}, 5)
-    assert loader._stale_reason({"pid": _dead_pid(), "host": "elsewhere"}, 5) is None
+    assert "not running" in loader._stale_reason({"pid": dead_pid, "host": host}, 5)
+    assert loader._stale_reason({"pid": dead_pid, "host": "elsewhere"}, 5) is None
     assert "heartbeat" in loader._stale_reason({"pid": os.getpid(), "host": host}, 61)
     assert loader._stale_reason({}, 5) is None  # being written
     assert "heartbeat" in loader._stale_reason({}, 61)  # unreadable and abandoned

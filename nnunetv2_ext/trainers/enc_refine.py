@@ -116,6 +116,15 @@ class EncRefineMixin:
     contrast_temperature = 0.1
     enc_refine_allow_compile = False
 
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        """The base trainer's network with the inference-time refinement of ``REFINE_ENV`` attached."""
+        network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                     num_output_channels, enable_deep_supervision)
+        refinement_from_env(network)
+        return network
+
     # ------------------------------------------------------------ hooks
     def _enc_refine_setup(self) -> None:
         net = _unwrap(self.network)
@@ -222,14 +231,6 @@ class EncRefineMixin:
 class nnUNetTrainerGLSP_EncRefine(EncRefineMixin, nnUNetTrainerGLSP):
     """RWKV-UNet with the auxiliary encoder losses; ``L_attn`` uses the decoder-response proxy (module docstring)."""
 
-    @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                     num_output_channels, enable_deep_supervision)
-        refinement_from_env(network)
-        return network
-
     def _install_attention_hook(self, net: nn.Module):
         def capture_mass(module, args, output):
             if module.training:
@@ -245,14 +246,6 @@ class nnUNetTrainerGLSP_EncRefine(EncRefineMixin, nnUNetTrainerGLSP):
 
 class nnUNetTrainerPVTGDLA_EncRefine(EncRefineMixin, nnUNetTrainerPVTGDLA):
     """PVT-GDLA with the auxiliary encoder losses; ``L_attn`` uses the deepest GDLAM's O(N) attention mass."""
-
-    @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                     num_output_channels, enable_deep_supervision)
-        refinement_from_env(network)
-        return network
 
     def _install_attention_hook(self, net: nn.Module):
         blocks = net.decoder.blocks
