@@ -140,20 +140,27 @@ def logcumsumexp_wkv(w, u, k, v):
     return torch.exp(num - den) + s
 
 
+def wkv_inputs(B: int, T: int, C: int, device: str, dtype: str):
+    """The benchmarks' inputs, seeded: ``w`` (C,) uniform in ±5/T (GLSP's decay/T scale), ``u`` (C,),
+    ``k``, ``v`` and the output gradient ``gy`` (B, T, C) standard normal."""
+    import torch
+
+    dt, dev = getattr(torch, dtype), torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    w = ((torch.rand(C, generator=g) * 2 - 1) * 5.0 / T).to(dev, dt)
+    u = (torch.randn(C, generator=g) * 0.5).to(dev, dt)
+    k, v, gy = (torch.randn(B, T, C, generator=g).to(dev, dt) for _ in range(3))
+    return w, u, k, v, gy
+
+
 # ---------------------------------------------------------------- one measured point
 def run_point(backend: str, T: int, B: int, C: int, device: str, dtype: str, repeat: int,
               max_seconds: float, modes, profile: bool = False) -> dict:
     import torch
     import cuda_wkv
 
-    dt = getattr(torch, dtype)
     dev = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-    w = ((torch.rand(C, generator=g) * 2 - 1) * 5.0 / T).to(dev, dt)
-    u = (torch.randn(C, generator=g) * 0.5).to(dev, dt)
-    k = torch.randn(B, T, C, generator=g).to(dev, dt)
-    v = torch.randn(B, T, C, generator=g).to(dev, dt)
-    gy = torch.randn(B, T, C, generator=g).to(dev, dt)
+    w, u, k, v, gy = wkv_inputs(B, T, C, device, dtype)
 
     if backend == "kernel":
         os.environ["CUDA_WKV_BACKEND"] = "auto"

@@ -11,10 +11,12 @@
 # printed at the end. A step that fails or times out is recorded and the others still run; the
 # whole run stays within --budget seconds (default 480 = 8 minutes) and each step within its own
 # limit (--step-timeout caps them all). --steps runs only some of the steps, comma-separated, in
-# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks,wkv_depths
-# (all but wkv_chunks and wkv_depths by default; networks needs plans). wkv_chunks times the kernel at
+# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks,wkv_ncu,
+# wkv_depths (all but the last three by default; networks needs plans). wkv_chunks times the kernel at
 # GLSP's largest sequence on default 3d_fullres plans (B=2, T=32768, C=128) for the automatic and
 # several forced chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes);
+# wkv_ncu profiles one forward + backward there with Nsight Compute (benchmarks/wkv_ncu.py: DRAM bytes,
+# L2 hit rate, occupancy, cycles per instruction per kernel) for the automatic chunk length and 32;
 # wkv_depths times it (T=4096 and 32768, C=128) for the default depth of its loads ahead and for
 # CUDA_WKV_ROWS_AHEAD=1 and 4 (two more builds, made beside the self-check's; about 2 minutes). On CUDA the WKV
 # benchmarks and the network benchmark also profile one call / one training step (--profile): each
@@ -35,7 +37,7 @@ set -u
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
-ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks,wkv_depths
+ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks,wkv_ncu,wkv_depths
 STEPS_WANTED=environment,wkv_selfcheck,tests,bench_wkv,plans,networks
 SMOKE=0
 BUDGET=480
@@ -234,6 +236,41 @@ wkv_chunks() {
     done
 }
 
+# wkv_ncu SHAPE_ARGS...: Nsight Compute on one forward + backward of the kernel (benchmarks/wkv_ncu.py), for the
+# automatic chunk length and CUDA_WKV_CHUNK=32 (short chunks: the rows a rescan reads twice may stay in the
+# L2), each into wkv_ncu/<length>/: report.ncu-rep, ncu's details and raw pages as details.csv and raw.csv (every
+# metric collected, stall reasons included), table.md (per kernel)
+wkv_ncu() {
+    local ncu len chunk dir opts page
+    if [ "$DEVICE" != cuda ]; then
+        echo "no GPU: the workload alone on the CPU kernel (ncu profiles CUDA kernels; this checks the script)"
+        "$PY" benchmarks/wkv_ncu.py workload --device cpu "$@"
+        return
+    fi
+    ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -n 1)
+    if [ -z "$ncu" ]; then
+        echo "ncu (Nsight Compute) not found on PATH, in /opt/nvidia/nsight-compute/*/ or /usr/local/cuda/bin"
+        return 1
+    fi
+    echo "ncu: $ncu, $("$ncu" --version | tail -n 1)"
+    mapfile -t opts < <("$PY" benchmarks/wkv_ncu.py ncu-args)
+    for len in auto 32; do
+        echo "== CUDA_WKV_CHUNK=$len"
+        dir="$OUT/wkv_ncu/$len"
+        mkdir -p "$dir"
+        if [ "$len" = auto ]; then chunk=(-u CUDA_WKV_CHUNK); else chunk=("CUDA_WKV_CHUNK=$len"); fi
+        env "${chunk[@]}" LC_ALL=C "$ncu" "${opts[@]}" -f -o "$dir/report" \
+            "$PY" benchmarks/wkv_ncu.py workload --device cuda "$@" || return 1
+        for page in details raw; do
+            LC_ALL=C "$ncu" --import "$dir/report.ncu-rep" --csv --page $page > "$dir/$page.csv.partial" &&
+                mv "$dir/$page.csv.partial" "$dir/$page.csv" || return 1
+        done
+        "$PY" benchmarks/wkv_ncu.py table "$dir/details.csv" "$@" > "$dir/table.md.partial" &&
+            mv "$dir/table.md.partial" "$dir/table.md" || return 1
+        cat "$dir/table.md"
+    done
+}
+
 # wkv_depths BENCH_WKV_ARGS...: bench_wkv.py once per depth of the CUDA kernel's loads ahead (the default,
 # 8, first: no CUDA_WKV_ROWS_AHEAD, not even the caller's; 1 = each row loaded one step ahead, the
 # nearest to the first GPU run's kernel; each other depth is a build of its own, ~1 min, made beforehand
@@ -263,7 +300,7 @@ prebuild_depths() {
 }
 
 export PY REPO OUT DEVICE SMOKE
-export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks wkv_depths
+export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks wkv_ncu wkv_depths
 TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
 echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
 run_step environment 120 environment
@@ -280,6 +317,7 @@ if [ "$DEVICE" = cuda ]; then
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
     run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
+    run_step wkv_ncu 150 wkv_ncu --B 2 --C 128 --T 32768
     run_step wkv_depths 300 wkv_depths --device cuda --B 2 --C 128 --T 4096 32768 --backends kernel --profile
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
@@ -289,6 +327,7 @@ else
     run_step networks 240 env CUDA_WKV_BACKEND=torch bash -c 'network_benchmark "$@"' _ \
         -tr "${TRAINERS[@]}" --batch-size 1 --warmup 0 --repeats 1 -o "$OUT/networks"
     run_step wkv_chunks 120 wkv_chunks --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
+    run_step wkv_ncu 120 wkv_ncu --B 1 --C 8 --T 256
     # the CPU kernel ignores the depth: this checks the step's loop and outputs only
     run_step wkv_depths 120 wkv_depths --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
 fi
@@ -318,6 +357,13 @@ fi
             sed 's/^== /    /; s/^|/    |/; s/^kernel/    kernel/'
         echo
     fi
+    for f in "$OUT"/wkv_ncu/*/table.md; do
+        [ -f "$f" ] || continue
+        echo "## ${f#"$OUT"/} (Nsight Compute, one forward + backward)"
+        echo
+        cat "$f"
+        echo
+    done
     if [ -f "$OUT/logs/wkv_depths.log" ]; then
         echo "## wkv_depths (rows loaded ahead: table rows of each depth; columns as in bench_wkv)"
         echo
