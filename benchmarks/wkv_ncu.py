@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_wkv import wkv_inputs  # noqa: E402  (sibling script; puts this checkout on sys.path)
 
 KERNEL_FILTER = 'regex:(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|carry|reduce)_kernel'
-# ncu's options for the workload: the WKV kernels only, at the clocks the benchmarks see (no locking), the
+# ncu's options for the workload: the WKV kernels only (of the workload's process or a child), at the clocks the benchmarks see (no locking), the
 # sections whose metrics the table reads, and the DRAM bytes
-NCU_ARGS = ['--clock-control', 'none', '--kernel-name', KERNEL_FILTER,
+NCU_ARGS = ['--target-processes', 'all', '--clock-control', 'none', '--kernel-name', KERNEL_FILTER,
             *[a for s in ('SpeedOfLight', 'Occupancy', 'LaunchStats', 'MemoryWorkloadAnalysis', 'WarpStateStats')
               for a in ('--section', s)],
             '--metrics', 'dram__bytes_read.sum,dram__bytes_write.sum']
@@ -64,9 +64,11 @@ COLUMNS = {
     'waves per SM': ('Waves Per SM', ''),
     'cycles per issued instruction': ('Warp Cycles Per Issued Instruction', ''),
 }
-SCALE = {  # ncu's unit -> factor to the column's base unit (bytes, seconds); ncu's prefixes are decimal
+SCALE = {  # ncu's unit (older and newer spellings) -> factor to bytes or seconds; its prefixes are decimal
     'byte': 1.0, 'kbyte': 1e3, 'mbyte': 1e6, 'gbyte': 1e9, 'tbyte': 1e12,
+    'b': 1.0, 'kb': 1e3, 'mb': 1e6, 'gb': 1e9, 'tb': 1e12,
     'nsecond': 1e-9, 'usecond': 1e-6, 'msecond': 1e-3, 'second': 1.0,
+    'ns': 1e-9, 'us': 1e-6, 'ms': 1e-3, 's': 1.0,
 }
 TO_COLUMN = {'MB': 1e-6, 'us': 1e6}
 
@@ -89,8 +91,8 @@ def read_details(path: str) -> list[dict]:
 
     Raises :class:`NcuTableError` if no header with ``ID``, ``Kernel Name``, ``Metric Name``, ``Metric Unit``
     and ``Metric Value`` is found."""
-    with open(path, newline='') as f:
-        lines = f.read().splitlines()
+    data = Path(path).read_bytes()
+    lines = data.decode('utf-16' if data[:2] in (b'\xff\xfe', b'\xfe\xff') else 'utf-8-sig').splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith('"ID"')), None)
     if start is None:
         raise NcuTableError(f'{path}: no ncu CSV header ("ID",...) found; expected the output of '

@@ -72,6 +72,16 @@ def test_table_converts_units_and_counts_passes_per_part(tmp_path):
     assert '| backward | 563 | 30 | 30.0 | 8 | 53.3 | 14.2 |' in text
 
 
+def test_newer_unit_spellings_and_a_utf16_file_read_the_same(tmp_path):
+    expected = wkv_ncu.table(str(_csv(tmp_path)), B=1, T=1000, C=250, itemsize=4)
+    newer = {'usecond': 'us', 'nsecond': 'ns', 'msecond': 'ms', 'Mbyte': 'MB', 'Kbyte': 'KB', 'byte': 'B',
+             'Gbyte': 'GB'}
+    kernels = [(name, [(m, newer.get(u, u), v) for m, u, v in metrics]) for name, metrics in KERNELS]
+    path = _csv(tmp_path, kernels)
+    path.write_bytes(path.read_text().encode('utf-16'))
+    assert wkv_ncu.table(str(path), B=1, T=1000, C=250, itemsize=4) == expected
+
+
 def test_table_marks_a_part_with_a_missing_metric_and_skips_other_kernels(tmp_path):
     kernels = list(KERNELS)
     kernels[5] = ('bwd_rescan_kernel', [m for m in KERNELS[5][1] if m[0] != 'dram__bytes_write.sum'])
