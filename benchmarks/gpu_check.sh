@@ -241,34 +241,43 @@ wkv_chunks() {
 # L2), each into wkv_ncu/<length>/: report.ncu-rep, ncu's details and raw pages as details.csv and raw.csv (every
 # metric collected, stall reasons included), table.md (per kernel)
 wkv_ncu() {
-    local ncu len chunk dir opts page
+    local ncu len chunk dir opts page rc=0
     if [ "$DEVICE" != cuda ]; then
         echo "no GPU: the workload alone on the CPU kernel (ncu profiles CUDA kernels; this checks the script)"
         "$PY" benchmarks/wkv_ncu.py workload --device cpu "$@"
         return
     fi
-    ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | tail -n 1)
+    ncu=$(command -v ncu || ls -d /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | sort -V | tail -n 1)
+    [ -z "$ncu" ] && [ -x /usr/local/cuda/bin/ncu ] && ncu=/usr/local/cuda/bin/ncu
     if [ -z "$ncu" ]; then
         echo "ncu (Nsight Compute) not found on PATH, in /opt/nvidia/nsight-compute/*/ or /usr/local/cuda/bin"
         return 1
     fi
     echo "ncu: $ncu, $("$ncu" --version | tail -n 1)"
     mapfile -t opts < <("$PY" benchmarks/wkv_ncu.py ncu-args)
-    for len in auto 32; do
-        echo "== CUDA_WKV_CHUNK=$len"
+    if [ "${#opts[@]}" = 0 ]; then echo "benchmarks/wkv_ncu.py ncu-args printed no options"; return 1; fi
+    # built outside ncu, which would follow nvcc's processes, and outside the profiles
+    "$PY" -c "$BUILD_KERNEL" || { echo "the CUDA kernel cannot be built or loaded (see above)"; return 1; }
+    for len in $NCU_CHUNKS; do  # every profile before any table: a table that fails costs no profile
+        echo "== CUDA_WKV_CHUNK=$len: profiling"
         dir="$OUT/wkv_ncu/$len"
         mkdir -p "$dir"
         if [ "$len" = auto ]; then chunk=(-u CUDA_WKV_CHUNK); else chunk=("CUDA_WKV_CHUNK=$len"); fi
         env "${chunk[@]}" LC_ALL=C "$ncu" "${opts[@]}" -f -o "$dir/report" \
-            "$PY" benchmarks/wkv_ncu.py workload --device cuda "$@" || return 1
+            "$PY" benchmarks/wkv_ncu.py workload --device cuda "$@" || { rc=1; continue; }
         for page in details raw; do
-            LC_ALL=C "$ncu" --import "$dir/report.ncu-rep" --csv --page $page > "$dir/$page.csv.partial" &&
-                mv "$dir/$page.csv.partial" "$dir/$page.csv" || return 1
+            { LC_ALL=C "$ncu" --import "$dir/report.ncu-rep" --csv --page "$page" > "$dir/$page.csv.partial" &&
+                mv "$dir/$page.csv.partial" "$dir/$page.csv"; } || rc=1
         done
-        "$PY" benchmarks/wkv_ncu.py table "$dir/details.csv" "$@" > "$dir/table.md.partial" &&
-            mv "$dir/table.md.partial" "$dir/table.md" || return 1
-        cat "$dir/table.md"
     done
+    for len in $NCU_CHUNKS; do
+        dir="$OUT/wkv_ncu/$len"
+        [ -f "$dir/details.csv" ] || continue
+        echo "== CUDA_WKV_CHUNK=$len"
+        { "$PY" benchmarks/wkv_ncu.py table "$dir/details.csv" "$@" > "$dir/table.md.partial" &&
+            mv "$dir/table.md.partial" "$dir/table.md" && cat "$dir/table.md"; } || rc=1
+    done
+    return "$rc"
 }
 
 # wkv_depths BENCH_WKV_ARGS...: bench_wkv.py once per depth of the CUDA kernel's loads ahead (the default,
@@ -292,14 +301,17 @@ wkv_depths() {
 prebuild_depths() {
     local depth log="$OUT/logs/prebuild_depths.log"
     for depth in 1 4; do
-        CUDA_WKV_ROWS_AHEAD=$depth timeout --kill-after=10 240 "$PY" -c 'import sys, cuda_wkv.loader as l; sys.exit(l.load_extension("cuda") is None)' \
+        CUDA_WKV_ROWS_AHEAD=$depth timeout --kill-after=10 240 "$PY" -c "$BUILD_KERNEL" \
             > "$log.$depth.partial" 2>&1 &
     done
     wait
     cat "$log".[0-9].partial > "$log.partial"; rm -f "$log".[0-9].partial; publish "$log"
 }
 
-export PY REPO OUT DEVICE SMOKE
+# Python that builds (or finds in the cache) and loads the CUDA kernel; exit status 1 if it is unavailable
+BUILD_KERNEL='import sys, cuda_wkv.loader as l; sys.exit(l.load_extension("cuda") is None)'
+NCU_CHUNKS="auto 32"  # the chunk lengths wkv_ncu profiles: the automatic one and short chunks
+export PY REPO OUT DEVICE SMOKE BUILD_KERNEL NCU_CHUNKS
 export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks wkv_ncu wkv_depths
 TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
 echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
@@ -317,7 +329,7 @@ if [ "$DEVICE" = cuda ]; then
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
     run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
-    run_step wkv_ncu 150 wkv_ncu --B 2 --C 128 --T 32768
+    run_step wkv_ncu 120 wkv_ncu --B 2 --C 128 --T 32768
     run_step wkv_depths 300 wkv_depths --device cuda --B 2 --C 128 --T 4096 32768 --backends kernel --profile
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
@@ -357,7 +369,8 @@ fi
             sed 's/^== /    /; s/^|/    |/; s/^kernel/    kernel/'
         echo
     fi
-    for f in "$OUT"/wkv_ncu/*/table.md; do
+    for len in $NCU_CHUNKS; do
+        f="$OUT/wkv_ncu/$len/table.md"
         [ -f "$f" ] || continue
         echo "## ${f#"$OUT"/} (Nsight Compute, one forward + backward)"
         echo

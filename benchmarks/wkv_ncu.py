@@ -49,6 +49,8 @@ NCU_ARGS = ['--target-processes', 'all', '--clock-control', 'none', '--kernel-na
             *[a for s in ('SpeedOfLight', 'Occupancy', 'LaunchStats', 'MemoryWorkloadAnalysis', 'WarpStateStats')
               for a in ('--section', s)],
             '--metrics', 'dram__bytes_read.sum,dram__bytes_write.sum']
+# one forward + backward launches these, in this order (a summary kernel only when there are several chunks)
+LAUNCHES = r'(fwd_summary )?carry fwd_rescan (bwd_summary )?carry bwd_rescan reduce'
 MINIMAL_PASSES = {'forward': 5, 'backward': 8}  # bench_wkv.min_bytes: k, v -> y, m, r; k, v, y, m, r, gy -> gk, gv
 
 # column -> (section's metric name as ncu prints it, unit of the column); absent metrics print as "—"
@@ -144,9 +146,9 @@ def table(path: str, B: int, T: int, C: int, itemsize: int) -> str:
     backward's."""
     kernels = [k for k in read_details(path) if short_name(k['kernel']) != k['kernel']]
     names = [short_name(k['kernel']) for k in kernels]
-    if 'fwd_rescan' not in names:
-        raise NcuTableError(f'{path}: no fwd_rescan kernel among {len(kernels)} WKV kernels; was the workload '
-                            f'profiled with --kernel-name {KERNEL_FILTER!r}?')
+    if not re.fullmatch(LAUNCHES, ' '.join(names)):
+        raise NcuTableError(f'{path}: the WKV kernels are {" ".join(names) or "none"}, not one forward + backward '
+                            f'({LAUNCHES}); was the workload alone profiled with --kernel-name {KERNEL_FILTER!r}?')
     split = names.index('fwd_rescan') + 1
     lines = ['| ID | kernel | pass | ' + ' | '.join(COLUMNS) + ' |',
              '|---:|---|---|' + '---:|' * len(COLUMNS)]

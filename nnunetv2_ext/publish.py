@@ -40,11 +40,13 @@ def _pid_running(pid: int) -> bool:
 
 
 def _clean_leftovers(parent: str, base: str, target: str) -> None:
-    """Removes staging folders of dead processes; puts back a previous set a killed swap left aside."""
+    """Removes staging folders of dead processes; puts back a previous set a killed swap left aside. This
+    process's own leftovers (a failed earlier publication, or a dead process whose pid it reuses) count as dead:
+    publications into one place are not concurrent within a process."""
     pattern = re.compile(rf'\.{re.escape(base)}\.(partial|previous)-(\d+)')
     for name in sorted(os.listdir(parent)):
         m = pattern.fullmatch(name)
-        if m is None or int(m.group(2)) == os.getpid() or _pid_running(int(m.group(2))):
+        if m is None or (int(m.group(2)) != os.getpid() and _pid_running(int(m.group(2)))):
             continue
         path = os.path.join(parent, name)
         if m.group(1) == 'previous' and not os.path.exists(target):
@@ -54,8 +56,8 @@ def _clean_leftovers(parent: str, base: str, target: str) -> None:
 
 
 def fsync_path(path: str) -> None:
-    """Flushes ``path`` (a file, or on POSIX a folder) to disk."""
-    fd = os.open(path, os.O_RDONLY if os.path.isdir(path) else os.O_RDWR)
+    """Flushes ``path`` (a file, or on POSIX a folder) to disk; read access is enough."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -96,20 +98,27 @@ def publish_folder(folder: str, fill: Callable[[str], None], merge: bool = False
     try:
         fill(staging)
         for root, _, names in os.walk(staging):
-            for name in names:
-                fsync_path(os.path.join(root, name))
+            for path in (os.path.join(root, name) for name in names):
+                if os.path.isfile(path) and not os.path.islink(path):
+                    fsync_path(path)
             fsync_path(root)
+        previous = None
         if merge and os.path.exists(folder):
             for name in sorted(os.listdir(staging)):
                 os.replace(os.path.join(staging, name), os.path.join(folder, name))
         elif os.path.exists(folder):
             previous = os.path.join(parent, f'.{base}.previous-{os.getpid()}')
             os.rename(folder, previous)
-            os.rename(staging, folder)
-            shutil.rmtree(previous)
+            try:
+                os.rename(staging, folder)
+            except BaseException:
+                os.rename(previous, folder)
+                raise
         else:
             os.rename(staging, folder)
         fsync_path(parent)
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)  # published already; a leftover is cleaned next time
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -159,3 +159,27 @@ def test_a_folder_is_replaced_as_a_whole_or_merged_and_left_alone_when_filling_f
     publish_folder(str(out), lambda staging: open(os.path.join(staging, 'a.whl'), 'w').close(), merge=True)
     assert sorted(os.listdir(out)) == ['a.whl', 'mine'] and (out / 'a.whl').read_text() == ''
     assert _hidden(tmp_path) == []
+
+
+def test_a_failed_swap_puts_the_old_folder_back_and_an_own_leftover_does_not_block(tmp_path, monkeypatch):
+    out = tmp_path / 'r'
+    publish_folder(str(out), lambda staging: open(os.path.join(staging, 'old.txt'), 'w').close())
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if os.path.basename(src).startswith('.r.partial-'):
+            raise OSError('rename refused (injected)')
+        rename(src, dst)
+
+    monkeypatch.setattr(os, 'rename', failing_rename)
+    with pytest.raises(OSError, match='injected'):
+        publish_folder(str(out), lambda staging: open(os.path.join(staging, 'new.txt'), 'w').close())
+    assert os.listdir(out) == ['old.txt'] and _hidden(tmp_path) == []
+    monkeypatch.setattr(os, 'rename', rename)
+    # a previous folder left under this process's pid (a reused pid, or a removal that failed) is cleaned up
+    leftover = tmp_path / f'.r.previous-{os.getpid()}'
+    leftover.mkdir()
+    (leftover / 'stale.txt').write_text('x')
+    publish_folder(str(out), lambda staging: open(os.path.join(staging, 'new.txt'), 'w').close())
+    assert os.listdir(out) == ['new.txt'] and _hidden(tmp_path) == []
+

@@ -96,7 +96,7 @@ def test_table_marks_a_part_with_a_missing_metric_and_skips_other_kernels(tmp_pa
 @pytest.mark.parametrize('content, message', [
     ('==PROF== No kernels were profiled.\n', 'no ncu CSV header'),
     ('"ID","Kernel Name","Value"\n"0","fwd_rescan_kernel","1"\n', "lacks the columns ['Metric Name'"),
-    (None, 'no fwd_rescan kernel among 1 WKV kernels'),
+    (None, 'the WKV kernels are fwd_summary, not one forward + backward'),
 ])
 def test_table_errors_name_the_problem(tmp_path, capsys, content, message):
     path = _csv(tmp_path, KERNELS[:1]) if content is None else tmp_path / 'details.csv'
@@ -106,8 +106,17 @@ def test_table_errors_name_the_problem(tmp_path, capsys, content, message):
     assert message in capsys.readouterr().err
 
 
+def test_a_kernel_sequence_other_than_one_forward_and_backward_is_refused(tmp_path):
+    extra = KERNELS + [KERNELS[6]]  # e.g. a PyTorch reduction caught by the filter
+    with pytest.raises(wkv_ncu.NcuTableError, match='are fwd_summary carry fwd_rescan bwd_summary carry bwd_rescan '
+                                                    'reduce reduce, not one forward'):
+        wkv_ncu.table(str(_csv(tmp_path, extra)), B=1, T=1000, C=250, itemsize=4)
+    single_chunk = [k for k in KERNELS if 'summary' not in k[0]]  # T within one chunk: no summary kernels
+    assert '| forward | 205 |' in wkv_ncu.table(str(_csv(tmp_path, single_chunk)), B=1, T=1000, C=250, itemsize=4)
+
+
 def test_an_unknown_unit_is_an_error_not_a_wrong_number(tmp_path):
-    kernels = [(KERNELS[0][0], _metrics('100', 'usecond', '2', 'Mibibyte', '10', 'Kbyte')), KERNELS[2]]
+    kernels = [(KERNELS[0][0], _metrics('100', 'usecond', '2', 'Mibibyte', '10', 'Kbyte'))] + KERNELS[1:]
     with pytest.raises(wkv_ncu.NcuTableError, match="dram__bytes_read.sum in unknown unit 'Mibibyte'"):
         wkv_ncu.table(str(_csv(tmp_path, kernels)), B=1, T=1000, C=250, itemsize=4)
 
@@ -117,18 +126,16 @@ def test_workload_runs_the_compiled_cpu_kernel(capsys):
     assert 'B=1 T=40 C=3 float32 on cpu' in capsys.readouterr().out
 
 
-@pytest.mark.skipif(shutil.which('bash') is None or shutil.which('timeout') is None,
-                    reason='needs bash and coreutils timeout')
-def test_the_cuda_step_profiles_each_chunk_length_and_tabulates_it(tmp_path):
-    """gpu_check.sh's CUDA branch with a stand-in Python that reports a GPU (the workload only records its
-    chunk length; ncu-args and table run for real) and a stand-in ncu on PATH (records its options, runs the
-    program, writes the report; --import prints the CSV above)."""
-    details = _csv(tmp_path)
+def _run_gpu_step(tmp_path: Path, details: Path, import_fails_for: str = '') -> subprocess.CompletedProcess:
+    """gpu_check.sh --steps wkv_ncu on its CUDA branch, with a stand-in Python that reports a GPU (the kernel
+    build and the workload only record their calls; ncu-args and table run for real) and a stand-in ncu on PATH
+    (records its options, runs the program, writes the report; --import prints ``details``, or fails for a
+    report whose path holds ``import_fails_for``). Calls go to calls.txt."""
     log = tmp_path / 'calls.txt'
     fake_python = tmp_path / 'python'
     fake_python.write_text(
         '#!/bin/bash\n'
-        '[ "$1" = -c ] && exit 0  # gpu_check asks whether CUDA is available\n'
+        f'[ "$1" = -c ] && {{ [[ "$2" == *load_extension* ]] && echo build >> "{log}"; exit 0; }}\n'
         f'if [ "$2" = workload ]; then echo "workload ${{CUDA_WKV_CHUNK:-unset}} ${{*:3}}" >> "{log}"; exit 0; fi\n'
         f'exec "{sys.executable}" "$@"\n')
     bin_dir = tmp_path / 'bin'
@@ -137,7 +144,8 @@ def test_the_cuda_step_profiles_each_chunk_length_and_tabulates_it(tmp_path):
     fake_ncu.write_text(
         '#!/bin/bash\n'
         '[ "$1" = --version ] && { echo "Version 2025.3.1.0 (stand-in)"; exit 0; }\n'
-        f'[ "$1" = --import ] && {{ cat "{details}"; exit 0; }}\n'
+        f'[ "$1" = --import ] && {{ [[ -n "{import_fails_for}" && "$2" == *"{import_fails_for}"* ]] && '
+        f'{{ echo "==ERROR== cannot read report (injected)"; exit 1; }}; cat "{details}"; exit 0; }}\n'
         f'echo "ncu LC_ALL=$LC_ALL $*" >> "{log}"\n'
         'while [ "$1" != -o ]; do shift; done\n'
         'touch "$2.ncu-rep"; shift 2\n'
@@ -146,18 +154,39 @@ def test_the_cuda_step_profiles_each_chunk_length_and_tabulates_it(tmp_path):
         fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     env = dict(os.environ, PYTHON=str(fake_python), PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}',
                CUDA_WKV_CHUNK='7')
-    res = subprocess.run(['bash', str(REPO / 'benchmarks' / 'gpu_check.sh'), '--steps', 'wkv_ncu', 'out'],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(['bash', str(REPO / 'benchmarks' / 'gpu_check.sh'), '--steps', 'wkv_ncu', 'out'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+
+needs_bash = pytest.mark.skipif(shutil.which('bash') is None or shutil.which('timeout') is None,
+                                reason='needs bash and coreutils timeout')
+
+
+@needs_bash
+def test_the_gpu_step_profiles_each_chunk_length_and_tabulates_it(tmp_path):
+    details = _csv(tmp_path)
+    res = _run_gpu_step(tmp_path, details)
     assert res.returncode == 0, res.stdout + res.stderr
-    calls = log.read_text().splitlines()
-    assert [c.split()[0] for c in calls] == ['ncu', 'workload', 'ncu', 'workload']
-    assert calls[1] == 'workload unset --device cuda --B 2 --C 128 --T 32768'  # the caller's 7 is not inherited
-    assert calls[3].startswith('workload 32 ')
-    assert ' '.join(wkv_ncu.NCU_ARGS) in calls[0] and 'LC_ALL=C' in calls[0]
+    calls = (tmp_path / 'calls.txt').read_text().splitlines()
+    assert [c.split()[0] for c in calls] == ['build', 'ncu', 'workload', 'ncu', 'workload']  # built outside ncu
+    assert calls[2] == 'workload unset --device cuda --B 2 --C 128 --T 32768'  # the caller's 7 is not inherited
+    assert calls[4].startswith('workload 32 ')
+    assert ' '.join(wkv_ncu.NCU_ARGS) in calls[1] and 'LC_ALL=C' in calls[1]
     for length in ('auto', '32'):
         folder = tmp_path / 'out' / 'wkv_ncu' / length
         assert sorted(p.name for p in folder.iterdir()) == ['details.csv', 'raw.csv', 'report.ncu-rep', 'table.md']
         assert (folder / 'table.md').read_text() == wkv_ncu.table(str(details), 2, 32768, 128, 4)
     summary = (tmp_path / 'out' / 'summary.md').read_text()
-    assert '## wkv_ncu/32/table.md (Nsight Compute, one forward + backward)' in summary
-    assert '| forward | 305 | 15 |' in summary
+    auto, short = summary.index('## wkv_ncu/auto/table.md'), summary.index('## wkv_ncu/32/table.md')
+    assert auto < short and '| forward | 305 | 15 |' in summary[short:]
+
+
+@needs_bash
+def test_a_failure_with_one_report_costs_neither_the_other_profile_nor_its_table(tmp_path):
+    res = _run_gpu_step(tmp_path, _csv(tmp_path), import_fails_for='/auto/')
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert [c.split()[0] for c in (tmp_path / 'calls.txt').read_text().splitlines()] == [
+        'build', 'ncu', 'workload', 'ncu', 'workload']
+    assert not (tmp_path / 'out' / 'wkv_ncu' / 'auto' / 'details.csv').exists()
+    assert (tmp_path / 'out' / 'wkv_ncu' / '32' / 'table.md').is_file()
+    assert (tmp_path / 'out' / 'steps.tsv').read_text().startswith('wkv_ncu\tFAILED (exit 1)')
