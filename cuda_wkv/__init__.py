@@ -14,7 +14,17 @@ from .loader import VERSION as __version__
 from .loader import WKVBuildWarning
 from .dispatch import BACKEND_ENV, backend_for, bi_wkv, kernel_backend, requested_backend
 from .reference import bi_wkv_dense, bi_wkv_scan
-from .selfcheck import SELFCHECK_ENV, WKVSelfCheckWarning
+
+
+def __getattr__(name: str):
+    """``SELFCHECK_ENV`` and ``WKVSelfCheckWarning`` from :mod:`cuda_wkv.selfcheck`, imported on first use so that
+    ``python -m cuda_wkv.selfcheck`` runs a module the package has not imported yet."""
+    if name in ("SELFCHECK_ENV", "WKVSelfCheckWarning"):
+        from . import selfcheck
+
+        return getattr(selfcheck, name)
+    raise AttributeError(f"module 'cuda_wkv' has no attribute {name!r}")
+
 
 __all__ = [
     "bi_wkv",

@@ -13,8 +13,6 @@ import torch
 
 from . import loader
 from .reference import _compute_dtype, bi_wkv_scan
-from .selfcheck import (WKVSelfCheckWarning, compare_to_reference, reproduce_command,
-                        selfcheck_enabled)
 
 __all__ = ["bi_wkv", "backend_for", "requested_backend", "kernel_backend", "kernel_bi_wkv",
            "BACKEND_ENV"]
@@ -82,6 +80,8 @@ def _kernel_passes(backend: str, device: torch.device, dtype: torch.dtype) -> bo
     check warns once and answers False from then on."""
     if backend not in _CHECKED_BACKENDS:
         return True
+    from .selfcheck import WKVSelfCheckWarning, compare_to_reference, reproduce_command
+
     key = (str(device), dtype)
     with _checks_lock:
         if key not in _checks:
@@ -100,6 +100,10 @@ def _kernel_passes(backend: str, device: torch.device, dtype: torch.dtype) -> bo
 
 
 def _select_for_call(device: str, dtype: torch.dtype) -> str:
+    # imported here, not with this module: the package must not import cuda_wkv.selfcheck before
+    # `python -m cuda_wkv.selfcheck` runs it (runpy would warn about a module imported twice)
+    from .selfcheck import selfcheck_enabled
+
     check = selfcheck_enabled()  # validates CUDA_WKV_SELFCHECK at every call
     backend = _select(torch.device(device).type, True)
     if backend != "torch" and check and not _kernel_passes(backend, torch.device(device), dtype):

@@ -6,6 +6,8 @@ stand-in whose results can be made wrong (values, gradients, or an exception).""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -176,6 +178,15 @@ def test_selfcheck_command(cpu_checked, capsys):
     cpu_checked(_StandInKernel(value_error=1e-3))
     assert selfcheck.main(["--device", "cpu"]) == 1
     assert "cpu kernel on cpu, float32: FAILED: max |error| of y is" in capsys.readouterr().out
+
+
+def test_selfcheck_command_runs_without_a_runpy_warning():
+    """The command a WKVSelfCheckWarning asks users to run and attach: its output is the check's alone (the package
+    does not import cuda_wkv.selfcheck before runpy runs it)."""
+    run = subprocess.run([sys.executable, "-m", "cuda_wkv.selfcheck", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and "usage: python -m cuda_wkv.selfcheck" in run.stdout
+    assert "RuntimeWarning" not in run.stderr, run.stderr
 
 
 def test_selfcheck_command_without_kernel(monkeypatch, capsys):
