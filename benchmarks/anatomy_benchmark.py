@@ -42,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from nnunetv2_ext.benchmark import BenchmarkError, find_trainer
 from nnunetv2_ext.demo.pipeline import (NETWORK_VARIANTS, foreground_dice, nnunet_command, nnunet_env, run_step,
                                         write_small_plans)
+from nnunetv2_ext.env_options import EnvOptionError, env_int
 from nnunetv2_ext.publish import write_atomically
 from nnunetv2_ext.trainers.base import CHECKPOINT_NAMES
 
@@ -212,6 +213,10 @@ class Benchmark:
         env['nnUNet_extTrainer'] = os.pathsep.join([shim, env['nnUNet_extTrainer']])
         env.update(ANATOMY_EPOCHS=str(args.epochs), ANATOMY_ITERS=str(args.iterations), nnUNet_compile='f')
         cores = os.cpu_count() or 1
+        try:  # read by every training (its torch threads): a bad value stops here, not in each training
+            env_int('ANATOMY_THREADS', 0, 1, 4096)
+        except EnvOptionError as e:
+            ap.error(str(e))
         self.n_proc = str(max(1, min(4, cores // args.jobs)))
         env.setdefault('nnUNet_n_proc_DA', self.n_proc)
         env.setdefault('nnUNet_def_n_proc', self.n_proc)

@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh [--cpu-smoke] [--steps LIST] [--budget SECONDS] [--step-timeout SECONDS]
 #                           [OUT_DIR]
 #
-# Run from anywhere; the repository is this script's parent folder. Every output goes under OUT_DIR
+# Run from anywhere; the repository is this script's parent folder; PYTHON names the interpreter (default python). Every output goes under OUT_DIR
 # (default ./gpu_check_<UTC date and time>; it must not exist yet): one log per step in logs/, the
 # WKV benchmark in bench_wkv/ (on CUDA also call_cost.md, the op's fixed cost per call), the network benchmark in networks/, and summary.md, which is also
 # printed at the end. A step that fails or times out is recorded and the others still run; the

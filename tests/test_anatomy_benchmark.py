@@ -472,3 +472,12 @@ def test_cohort_benchmark_end_to_end_on_two_toy_subjects(cohort_bench, tmp_path)
     assert not (work / 'nnUNet_results' / cohort_bench.DATASET).exists() and not (work / 'again_compare').exists()
     assert json.loads((work / 'again.json').read_text())['test_dice'] == result['test_dice']
     assert 'compare) not run: some folds were trained elsewhere' in (work / 'again.md').read_text()
+
+
+@pytest.mark.parametrize('value', ['two', '0', '1.5'])
+def test_a_bad_thread_count_stops_the_driver_before_any_step(bench, tmp_path, monkeypatch, capsys, value):
+    monkeypatch.setenv('ANATOMY_THREADS', value)
+    with pytest.raises(SystemExit):
+        bench.main(['--work-dir', str(tmp_path / 'w'), '-tr', 'nnUNetTrainer'])
+    assert f"ANATOMY_THREADS='{value}' is invalid: expected an integer in [1, 4096]" in capsys.readouterr().err
+    assert os.listdir(tmp_path / 'w' / 'logs') == [] and os.listdir(tmp_path / 'w' / 'nnUNet_raw') == []  # no step ran
