@@ -160,6 +160,22 @@ for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"cuda:{i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
           f"{p.multi_processor_count} SMs")
+if torch.cuda.is_available():  # the memory bandwidth a plain copy reaches: the ceiling for the WKV figures
+    src = torch.empty(2**29, dtype=torch.float32, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    moved = 2 * src.numel() * src.element_size()
+    print(f"device-to-device copy of 2 GiB: {moved / sorted(times)[len(times) // 2] / 1e9:.0f} GB/s "
+          f"(bytes read + written, median of 10 after one warm-up)")
+    del src, dst
 EOF
 }
 
