@@ -11,12 +11,12 @@
 # printed at the end. A step that fails or times out is recorded and the others still run; the
 # whole run stays within --budget seconds (default 480 = 8 minutes) and each step within its own
 # limit (--step-timeout caps them all). --steps runs only some of the steps, comma-separated, in
-# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks,wkv_ncu,
-# wkv_depths (all but the last three by default; networks needs plans). wkv_chunks times the kernel at
-# GLSP's largest sequence on default 3d_fullres plans (B=2, T=32768, C=128) for the automatic and
-# several forced chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes);
-# wkv_ncu profiles one forward + backward there with Nsight Compute (benchmarks/wkv_ncu.py: DRAM bytes,
-# L2 hit rate, occupancy, cycles per instruction per kernel) for the automatic chunk length and 32;
+# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_ncu,wkv_chunks,
+# wkv_depths (all but the last three by default; networks needs plans). wkv_ncu profiles one forward +
+# backward of the kernel at GLSP's largest sequence on default 3d_fullres plans (B=2, T=32768, C=128)
+# with Nsight Compute (benchmarks/wkv_ncu.py: DRAM bytes, L2 hit rate, occupancy, cycles per
+# instruction per kernel) for the automatic chunk length and 32; wkv_chunks times the kernel there for
+# the automatic and several forced chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes);
 # wkv_depths times it (T=4096 and 32768, C=128) for the default depth of its loads ahead and for
 # CUDA_WKV_ROWS_AHEAD=1 and 4 (two more builds, made beside the self-check's; about 2 minutes). On CUDA the WKV
 # benchmarks and the network benchmark also profile one call / one training step (--profile): each
@@ -37,7 +37,7 @@ set -u
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
-ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_chunks,wkv_ncu,wkv_depths
+ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_ncu,wkv_chunks,wkv_depths
 STEPS_WANTED=environment,wkv_selfcheck,tests,bench_wkv,plans,networks
 SMOKE=0
 BUDGET=480
@@ -344,8 +344,8 @@ if [ "$DEVICE" = cuda ]; then
     run_step bench_wkv 150 wkv_bench --device cuda --profile
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
     run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
-    run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
     run_step wkv_ncu 120 wkv_ncu --B 2 --C 128 --T 32768
+    run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
     run_step wkv_depths 300 wkv_depths --device cuda --B 2 --C 128 --T 4096 32768 --backends kernel --profile
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
@@ -354,8 +354,8 @@ else
     # the WKV op's PyTorch path: the smoke run compiles no kernel for the networks
     run_step networks 240 env CUDA_WKV_BACKEND=torch bash -c 'network_benchmark "$@"' _ \
         -tr "${TRAINERS[@]}" --batch-size 1 --warmup 0 --repeats 1 -o "$OUT/networks"
-    run_step wkv_chunks 120 wkv_chunks --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
     run_step wkv_ncu 120 wkv_ncu --B 1 --C 8 --T 256
+    run_step wkv_chunks 120 wkv_chunks --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
     # the CPU kernel ignores the depth: this checks the step's loop and outputs only
     run_step wkv_depths 120 wkv_depths --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
 fi
