@@ -214,9 +214,12 @@ class Benchmark:
         env.update(ANATOMY_EPOCHS=str(args.epochs), ANATOMY_ITERS=str(args.iterations), nnUNet_compile='f')
         cores = os.cpu_count() or 1
         try:  # read by every training (its torch threads): a bad value stops here, not in each training
-            env_int('ANATOMY_THREADS', 0, 1, 4096)
+            threads = env_int('ANATOMY_THREADS', 0, 1, 4096)
         except EnvOptionError as e:
             ap.error(str(e))
+        env.pop('ANATOMY_THREADS', None)  # the trainings get the validated value, or none (blank = unset)
+        if threads:
+            env['ANATOMY_THREADS'] = str(threads)
         self.n_proc = str(max(1, min(4, cores // args.jobs)))
         env.setdefault('nnUNet_n_proc_DA', self.n_proc)
         env.setdefault('nnUNet_def_n_proc', self.n_proc)

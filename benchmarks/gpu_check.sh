@@ -159,9 +159,11 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA (tor
 for i in range(torch.cuda.device_count()):
     p = torch.cuda.get_device_properties(i)
     print(f"cuda:{i}: {p.name}, compute capability {p.major}.{p.minor}, {p.total_memory / 2**30:.1f} GiB, "
-          f"{p.multi_processor_count} SMs")
+          f"{p.multi_processor_count} SMs, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB")
 if torch.cuda.is_available():  # the memory bandwidth a plain copy reaches: the ceiling for the WKV figures
-    src = torch.empty(2**29, dtype=torch.float32, device="cuda")  # 2 GiB
+    free = torch.cuda.mem_get_info()[0]
+    n = min(2**29, free // 16)  # two tensors of at most 2 GiB each, at most half the free memory
+    src = torch.empty(n, dtype=torch.float32, device="cuda")
     dst = torch.empty_like(src)
     dst.copy_(src)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -173,7 +175,7 @@ if torch.cuda.is_available():  # the memory bandwidth a plain copy reaches: the 
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     moved = 2 * src.numel() * src.element_size()
-    print(f"device-to-device copy of 2 GiB: {moved / sorted(times)[len(times) // 2] / 1e9:.0f} GB/s "
+    print(f"device-to-device copy of {n * 4 / 2**30:.2f} GiB: {moved / sorted(times)[len(times) // 2] / 1e9:.0f} GB/s "
           f"(bytes read + written, median of 10 after one warm-up)")
     del src, dst
 EOF

@@ -16,14 +16,22 @@ from .dispatch import BACKEND_ENV, backend_for, bi_wkv, kernel_backend, requeste
 from .reference import bi_wkv_dense, bi_wkv_scan
 
 
-def __getattr__(name: str):
-    """``SELFCHECK_ENV`` and ``WKVSelfCheckWarning`` from :mod:`cuda_wkv.selfcheck`, imported on first use so that
-    ``python -m cuda_wkv.selfcheck`` runs a module the package has not imported yet."""
-    if name in ("SELFCHECK_ENV", "WKVSelfCheckWarning"):
-        from . import selfcheck
+_LAZY = ("SELFCHECK_ENV", "WKVSelfCheckWarning")
 
-        return getattr(selfcheck, name)
+
+def __getattr__(name: str):
+    """The module :mod:`cuda_wkv.selfcheck` and its ``SELFCHECK_ENV`` and ``WKVSelfCheckWarning``, imported on first
+    use so that ``python -m cuda_wkv.selfcheck`` runs a module the package has not imported yet."""
+    if name == "selfcheck" or name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(".selfcheck", __name__)
+        return module if name == "selfcheck" else getattr(module, name)
     raise AttributeError(f"module 'cuda_wkv' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | {"selfcheck"})
 
 
 __all__ = [

@@ -74,18 +74,30 @@ def _device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+_selfcheck_module = None
+
+
+def _selfcheck():
+    """:mod:`cuda_wkv.selfcheck`, imported on the first call rather than with this module: the package must not
+    import it before ``python -m cuda_wkv.selfcheck`` runs it (runpy would warn about a module imported twice)."""
+    global _selfcheck_module
+    if _selfcheck_module is None:
+        from . import selfcheck
+        _selfcheck_module = selfcheck
+    return _selfcheck_module
+
+
 def _kernel_passes(backend: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the ``backend`` kernel may serve ``device`` / ``dtype``: checked once per
     process against the PyTorch path (for backends in ``_CHECKED_BACKENDS``); a failed
     check warns once and answers False from then on."""
     if backend not in _CHECKED_BACKENDS:
         return True
-    from .selfcheck import WKVSelfCheckWarning, compare_to_reference, reproduce_command
-
+    check = _selfcheck()
     key = (str(device), dtype)
     with _checks_lock:
         if key not in _checks:
-            problem = compare_to_reference(kernel_bi_wkv, device, dtype)
+            problem = check.compare_to_reference(kernel_bi_wkv, device, dtype)
             _checks[key] = problem
             if problem is not None:
                 dt = str(dtype).split(".")[-1]
@@ -94,17 +106,13 @@ def _kernel_passes(backend: str, device: torch.device, dtype: torch.dtype) -> bo
                     f"{device} ({_device_name(device)}) in {dt}: {problem}. bi_wkv uses the "
                     f"PyTorch path (correct, slower) on {device} in {dt} for the rest of this "
                     f"process. Please report this on the nnunetv2_ext issue tracker with the "
-                    f"output of `{reproduce_command(device, dtype)}`; "
-                    f"CUDA_WKV_SELFCHECK=0 skips the check.", WKVSelfCheckWarning, stacklevel=4)
+                    f"output of `{check.reproduce_command(device, dtype)}`; "
+                    f"CUDA_WKV_SELFCHECK=0 skips the check.", check.WKVSelfCheckWarning, stacklevel=4)
         return _checks[key] is None
 
 
 def _select_for_call(device: str, dtype: torch.dtype) -> str:
-    # imported here, not with this module: the package must not import cuda_wkv.selfcheck before
-    # `python -m cuda_wkv.selfcheck` runs it (runpy would warn about a module imported twice)
-    from .selfcheck import selfcheck_enabled
-
-    check = selfcheck_enabled()  # validates CUDA_WKV_SELFCHECK at every call
+    check = _selfcheck().selfcheck_enabled()  # validates CUDA_WKV_SELFCHECK at every call
     backend = _select(torch.device(device).type, True)
     if backend != "torch" and check and not _kernel_passes(backend, torch.device(device), dtype):
         return "torch"

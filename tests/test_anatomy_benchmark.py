@@ -481,3 +481,19 @@ def test_a_bad_thread_count_stops_the_driver_before_any_step(bench, tmp_path, mo
         bench.main(['--work-dir', str(tmp_path / 'w'), '-tr', 'nnUNetTrainer'])
     assert f"ANATOMY_THREADS='{value}' is invalid: expected an integer in [1, 4096]" in capsys.readouterr().err
     assert os.listdir(tmp_path / 'w' / 'logs') == [] and os.listdir(tmp_path / 'w' / 'nnUNet_raw') == []  # no step ran
+
+
+@pytest.mark.parametrize('value, passed', [(' ', None), (' 3 ', '3')])
+def test_the_trainings_get_the_validated_thread_count(bench, tmp_path, monkeypatch, value, passed):
+    """A blank value is unset for the driver, so it must be for the trainings too (they would fail on int(' '))."""
+    monkeypatch.setenv('ANATOMY_THREADS', value)
+    seen = {}
+
+    def first_step(self, name, cmd, pass_fds=()):
+        seen.update(self.env)
+        raise RuntimeError('stop before the dataset is built')
+
+    monkeypatch.setattr(bench.Benchmark, 'step', first_step)
+    with pytest.raises(RuntimeError, match='stop before'):
+        bench.main(['--work-dir', str(tmp_path / 'w'), '-tr', 'nnUNetTrainer'])
+    assert seen.get('ANATOMY_THREADS') == passed

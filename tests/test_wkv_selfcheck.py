@@ -187,6 +187,11 @@ def test_selfcheck_command_runs_without_a_runpy_warning():
                          timeout=120)
     assert run.returncode == 0 and "usage: python -m cuda_wkv.selfcheck" in run.stdout
     assert "RuntimeWarning" not in run.stderr, run.stderr
+    # imported on first use, the module and its names are still where they were
+    probe = ("import cuda_wkv; print(cuda_wkv.selfcheck.__name__, cuda_wkv.SELFCHECK_ENV, "
+             "{'selfcheck', 'WKVSelfCheckWarning'} <= set(dir(cuda_wkv)))")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["cuda_wkv.selfcheck", "CUDA_WKV_SELFCHECK", "True"], run.stderr
 
 
 def test_selfcheck_command_without_kernel(monkeypatch, capsys):
