@@ -175,7 +175,7 @@ if torch.cuda.is_available():  # the memory bandwidth a plain copy reaches: the 
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     moved = 2 * src.numel() * src.element_size()
-    print(f"device-to-device copy of {n * 4 / 2**30:.2f} GiB: {moved / sorted(times)[len(times) // 2] / 1e9:.0f} GB/s "
+    print(f"device-to-device copy of {moved / 2 / 2**30:.2f} GiB: {moved / sorted(times)[len(times) // 2] / 1e9:.0f} GB/s "
           f"(bytes read + written, median of 10 after one warm-up)")
     del src, dst
 EOF

@@ -40,18 +40,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_wkv import wkv_inputs  # noqa: E402  (sibling script; puts this checkout on sys.path)
+from bench_wkv import min_bytes, wkv_inputs  # noqa: E402  (sibling script; puts this checkout on sys.path)
 
-KERNEL_FILTER = 'regex:(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|carry|reduce)_kernel'
-# ncu's options for the workload: the WKV kernels only (of the workload's process or a child), at the clocks the benchmarks see (no locking), the
-# sections whose metrics the table reads, and the DRAM bytes
+# the CUDA kernels of cuda_wkv/csrc/wkv_cuda.cu, each named <short name>_kernel
+KERNEL_NAME = r'(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|carry|reduce)_kernel'
+KERNEL_FILTER = f'regex:{KERNEL_NAME}'
+# ncu's options for the workload: the WKV kernels only (of the workload's process or a child), at the clocks
+# the benchmarks see (no locking), the sections whose metrics the table reads, and the DRAM bytes
 NCU_ARGS = ['--target-processes', 'all', '--clock-control', 'none', '--kernel-name', KERNEL_FILTER,
             *[a for s in ('SpeedOfLight', 'Occupancy', 'LaunchStats', 'MemoryWorkloadAnalysis', 'WarpStateStats')
               for a in ('--section', s)],
             '--metrics', 'dram__bytes_read.sum,dram__bytes_write.sum']
 # one forward + backward launches these, in this order (a summary kernel only when there are several chunks)
 LAUNCHES = r'(fwd_summary )?carry fwd_rescan (bwd_summary )?carry bwd_rescan reduce'
-MINIMAL_PASSES = {'forward': 5, 'backward': 8}  # bench_wkv.min_bytes: k, v -> y, m, r; k, v, y, m, r, gy -> gk, gv
+# (B, T, C) tensors the op must move at least, as bench_wkv counts them for its share of the peak
+MINIMAL_PASSES = {'forward': min_bytes(1, 1, 1, 1, 'fwd'),
+                  'backward': min_bytes(1, 1, 1, 1, 'fwd_bwd') - min_bytes(1, 1, 1, 1, 'fwd')}
 
 # column -> (section's metric name as ncu prints it, unit of the column); absent metrics print as "—"
 COLUMNS = {
@@ -114,10 +118,10 @@ def read_details(path: str) -> list[dict]:
     return [kernels[i] for i in sorted(kernels)]
 
 
-def short_name(kernel: str) -> str:
-    """``void (anonymous namespace)::fwd_rescan_kernel<float>(...)`` -> ``fwd_rescan``."""
-    m = re.search(r'(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|carry|reduce)_kernel', kernel)
-    return m.group(1) if m else kernel
+def short_name(kernel: str) -> str | None:
+    """``void (anonymous namespace)::fwd_rescan_kernel<float>(...)`` -> ``fwd_rescan``; None for another kernel."""
+    m = re.search(KERNEL_NAME, kernel)
+    return m.group(1) if m else None
 
 
 def metric(kernel: dict, name: str, unit: str) -> float | None:
@@ -130,7 +134,7 @@ def metric(kernel: dict, name: str, unit: str) -> float | None:
         return value
     scale = SCALE.get(ncu_unit.strip().lower())
     if scale is None:
-        raise NcuTableError(f'{short_name(kernel["kernel"])}: {name} in unknown unit {ncu_unit!r}')
+        raise NcuTableError(f'{short_name(kernel["kernel"]) or kernel["kernel"]}: {name} in unknown unit {ncu_unit!r}')
     return value * scale * TO_COLUMN[unit]
 
 
@@ -144,8 +148,8 @@ def table(path: str, B: int, T: int, C: int, itemsize: int) -> str:
     """The Markdown table of the details CSV at ``path`` (module doc); ``B, T, C, itemsize`` size one
     (B, T, C) tensor for the passes. Kernels up to the forward's rescan are the forward's, the rest the
     backward's."""
-    kernels = [k for k in read_details(path) if short_name(k['kernel']) != k['kernel']]
-    names = [short_name(k['kernel']) for k in kernels]
+    named = [(k, short_name(k['kernel'])) for k in read_details(path)]
+    kernels, names = [k for k, n in named if n], [n for _, n in named if n]
     if not re.fullmatch(LAUNCHES, ' '.join(names)):
         raise NcuTableError(f'{path}: the WKV kernels are {" ".join(names) or "none"}, not one forward + backward '
                             f'({LAUNCHES}); was the workload alone profiled with --kernel-name {KERNEL_FILTER!r}?')
