@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from cuda_wkv import bi_wkv_dense
 from test_wkv import _chunk_env, _grad_ref, _rel_err
 from test_wkv import _inputs as wkv_inputs
 
@@ -52,6 +53,8 @@ def _build_host_kernel(folder, *defines: str):
     mod.wkv_host_resident_threads.restype = ctypes.c_int
     mod.wkv_host_state_fields.restype = ctypes.c_int64
     mod.wkv_host_state_fields.argtypes = [ctypes.c_int]
+    mod.wkv_host_checkpoints.restype = ctypes.c_int64
+    mod.wkv_host_checkpoints.argtypes = [ctypes.c_int64, ctypes.c_int]
     for name in ("forward", "backward"):
         for sfx in ("f32", "f64"):
             getattr(mod, f"wkv_host_{name}_{sfx}").restype = ctypes.c_int
@@ -96,12 +99,14 @@ def run_host(mod, w, u, k, v, gy, chunk, reversed_order=False):
     B, T, C = k.shape
     nch = -(-T // chunk)
     ff, bf = mod.wkv_host_state_fields(0), mod.wkv_host_state_fields(1)
+    nck = mod.wkv_host_checkpoints(chunk, int(dtype == np.float64))
     g = Guarded()
     wa, ua, ka, va, gya = (g(x.shape, dtype, x.numpy()) for x in (w, u, k, v, gy))
     y, m, r = (g((B, T, C), dtype) for _ in range(3))
     i64 = ctypes.c_int64
     err = getattr(mod, f"wkv_host_forward_{sfx}")(
-        *map(_ptr, (wa, ua, ka, va, y, m, r, g((B, nch, 2, ff, C), dtype), g((B, nch, 2, ff, C), dtype))),
+        *map(_ptr, (wa, ua, ka, va, y, m, r, g((B, nch, 2, ff, C), dtype), g((B, nch, 2, ff, C), dtype),
+                    g((B, nch, nck, ff, C), dtype))),
         i64(B), i64(T), i64(C), i64(chunk), ctypes.c_int(int(reversed_order)))
     assert err == 0, f"forward: CUDA error {err}"
     gk, gv = g((B, T, C), dtype), g((B, T, C), dtype)
@@ -188,6 +193,34 @@ def test_loads_ahead_do_not_change_a_bit(host_kernel, host_kernel_other_depth, c
         other = run_host(host_kernel_other_depth, *args, chunk=chunk)
         for name, a, b in zip(["y", "gw", "gu", "gk", "gv"], got, other):
             assert torch.equal(a, b), (name, dtype)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 9, 17, 40], ids=lambda c: f"chunk{c}")
+def test_zero_weight_keys_and_empty_checkpoints(host_kernel, chunk):
+    """k = -inf: a lane of them gives NaN there and nowhere else; leading ones make empty carries and
+    empty checkpoints (the forward merges the two), scattered ones are zero weights: values and
+    gradients of every other lane as the dense reference's, float64 and float32."""
+    B, T, C = 2, 40, 3
+    w, u, k, v, gy = _inputs(B, T, C, wT=3.0, seed=24)
+    k[0, :, 1] = -math.inf   # every weight of lane (0, 1) is 0
+    k[1, :19, 2] = -math.inf  # the first 19 keys of lane (1, 2): empty left sums up to 19
+    k[1, ::4, 0] = -math.inf  # every fourth key of lane (1, 0)
+    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    y_ref = bi_wkv_dense(*leaves)
+    finite = torch.ones(B, T, C, dtype=torch.bool)
+    finite[0, :, 1] = False
+    # gradients of the lanes without NaN: the dense graph's gradients of y on them only
+    g_ref = torch.autograd.grad(y_ref[finite], leaves, gy[finite])
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
+        got = run_host(host_kernel, *(x.to(dtype) for x in (w, u, k, v)), gy.masked_fill(~finite, 0).to(dtype),
+                       chunk=chunk)
+        y = got[0].double()
+        assert torch.isnan(y[0, :, 1]).all() and torch.isfinite(y[finite]).all(), dtype
+        assert _rel_err(y[finite], y_ref.detach()[finite]) <= tol, dtype
+        gk, gv = got[3].double(), got[4].double()
+        for name, x, r in (("gk", gk[1], g_ref[2][1]), ("gv", gv[1], g_ref[3][1]),
+                           ("gk", gk[0, :, [0, 2]], g_ref[2][0, :, [0, 2]])):
+            assert torch.isfinite(x).all() and _rel_err(x, r) <= 10 * tol, (name, dtype)
 
 
 @pytest.mark.parametrize("wT", [1e2, 1e3, 1e4])

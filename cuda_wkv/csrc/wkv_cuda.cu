@@ -4,7 +4,9 @@
 // Phases 1 and 3 run one thread per (batch, channel, chunk); a block is 32 consecutive
 // channels (one warp, so every load/store of the (B, T, C) channel-contiguous tensors is
 // coalesced) x kRows chunks.  Phase 2 runs one thread per (batch, channel, direction)
-// over the chunk summaries.  gw / gu are per-(batch, chunk, channel) partial sums
+// over the chunk summaries.  The forward's phase 1 also stores checkpoints of the left
+// sums every few rows, from which its phase 3 rescans each chunk in one pass (wkv_recurrence.h,
+// "Forward checkpoints").  gw / gu are per-(batch, chunk, channel) partial sums
 // (double) reduced by a last kernel in a fixed order: no atomics, bitwise reproducible
 // for a given chunk length.  Any B, T, C >= 1: no T_MAX, no block-size requirement.
 //
@@ -35,9 +37,14 @@ using wkv::kFwdFields;
 
 struct Shape {
   int64_t B, T, C, len, nch, nchb;  // nchb: blocks along the chunks, ceil(nch / kRows)
+  int64_t nck;                      // forward checkpoints per chunk (wkv::checkpoints_per_chunk)
   // offset of (b, chunk, dir, field 0, c) in a (B, nch, 2, fields, C) buffer
   __device__ int64_t state(int fields, int64_t b, int64_t ch, int dir, int64_t c) const {
     return (((b * nch + ch) * 2 + dir) * fields) * C + c;
+  }
+  // offset of (b, chunk, checkpoint 0, field 0, c) in the (B, nch, nck, kFwdFields, C) buffer
+  __device__ int64_t checkpoint(int64_t b, int64_t ch, int64_t c) const {
+    return ((b * nch + ch) * nck * kFwdFields) * C + c;
   }
 };
 
@@ -75,6 +82,7 @@ __device__ bool chunk_lane(const Shape& s, Task& tk) {
 template <typename F> struct FwdArgs {
   const F *w, *u, *k, *v;
   F *y, *m, *r;
+  F* ckpt;  // (B, nch, nck, kFwdFields, C): written by phase 1, read by phase 3
 };
 
 template <typename F> __device__ wkv::Lane<F> fwd_lane(const FwdArgs<F>& a, const Shape& s,
@@ -89,7 +97,9 @@ __global__ void WKV_CHUNK_BOUNDS fwd_summary_kernel(FwdArgs<F> a, F* __restrict_
   Task tk;
   if (!chunk_lane(s, tk)) return;
   wkv::lane_fwd_summary(fwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
-                        summ + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C);
+                        summ + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C,
+                        wkv::Checkpoints<F>{a.ckpt + s.checkpoint(tk.b, tk.ch, tk.c),
+                                            kFwdFields * s.C});
 }
 
 // Phase 2 of the forward (Fields = kFwdFields) or the backward (kBwdFields).
@@ -112,7 +122,8 @@ __global__ void WKV_CHUNK_BOUNDS fwd_rescan_kernel(FwdArgs<F> a, const F* __rest
   Task tk;
   if (!chunk_lane(s, tk)) return;
   wkv::lane_fwd_rescan(fwd_lane(a, s, tk), tk.t0, tk.t1,
-                       carry + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C);
+                       carry + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C,
+                       a.ckpt + s.checkpoint(tk.b, tk.ch, tk.c), kFwdFields * s.C);
 }
 
 // ----------------------------------------------------------------------------- backward
@@ -181,9 +192,9 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream,
 #endif
 }
 
-Shape make_shape(int64_t B, int64_t T, int64_t C, int64_t len) {
+template <typename F> Shape make_shape(int64_t B, int64_t T, int64_t C, int64_t len) {
   const int64_t nch = (T + len - 1) / len;
-  return {B, T, C, len, nch, (nch + kRows - 1) / kRows};
+  return {B, T, C, len, nch, (nch + kRows - 1) / kRows, wkv::checkpoints_per_chunk<F>(len)};
 }
 
 dim3 chunk_grid(const Shape& s) {
@@ -197,13 +208,13 @@ unsigned int lane_blocks(const Shape& s) {
 
 template <typename F>
 cudaError_t forward_impl(const F* w, const F* u, const F* k, const F* v, F* y, F* m, F* r,
-                         F* summ, F* carry, int64_t B, int64_t T, int64_t C, int64_t len,
-                         cudaStream_t stream) {
+                         F* summ, F* carry, F* ckpt, int64_t B, int64_t T, int64_t C,
+                         int64_t len, cudaStream_t stream) {
   if (B * T * C == 0) return cudaSuccess;
-  const Shape s = make_shape(B, T, C, len);
+  const Shape s = make_shape<F>(B, T, C, len);
   const dim3 block(kLanes, kRows);
-  const FwdArgs<F> a{w, u, k, v, y, m, r};
-  if (s.nch > 1) {
+  const FwdArgs<F> a{w, u, k, v, y, m, r, ckpt};
+  if (s.nch > 1 || s.nck > 0) {
     launch(fwd_summary_kernel<F>, chunk_grid(s), block, stream, a, summ, s);
   }
   launch(carry_kernel<F, kFwdFields>, dim3(lane_blocks(s)), dim3(128), stream, w,
@@ -217,7 +228,7 @@ cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, double* gw_par
                           double* gu_part, F* gw, F* gu, int64_t B, int64_t T, int64_t C,
                           int64_t len, cudaStream_t stream) {
   if (C == 0) return cudaSuccess;
-  const Shape s = make_shape(B, T, C, len);
+  const Shape s = make_shape<F>(B, T, C, len);
   if (B * T > 0) {
     const dim3 block(kLanes, kRows);
     if (s.nch > 1) launch(bwd_summary_kernel<F>, chunk_grid(s), block, stream, a, summ, s);
@@ -266,12 +277,13 @@ cudaError_t wkv_cuda_resident_threads(bool dbl, int* per_sm) {
 
 // Entry points used by wkv_cuda_binding.cpp (plain overloads, no templates across TUs).
 // summ, carry: scratch of 2 * fields * B * ceil(T / len) * C elements (fields: kFwdFields,
-// kBwdFields); gw_part, gu_part: B * ceil(T / len) * C doubles.
+// kBwdFields); ckpt: kFwdFields * B * ceil(T / len) * wkv::checkpoints_per_chunk<F>(len) * C
+// elements; gw_part, gu_part: B * ceil(T / len) * C doubles.
 #define WKV_CUDA_ENTRY_POINTS(F)                                                          \
   cudaError_t wkv_cuda_forward(const F* w, const F* u, const F* k, const F* v, F* y, F* m, \
-                               F* r, F* summ, F* carry, int64_t B, int64_t T, int64_t C,   \
-                               int64_t len, cudaStream_t stream) {                         \
-    return forward_impl<F>(w, u, k, v, y, m, r, summ, carry, B, T, C, len, stream);        \
+                               F* r, F* summ, F* carry, F* ckpt, int64_t B, int64_t T,     \
+                               int64_t C, int64_t len, cudaStream_t stream) {              \
+    return forward_impl<F>(w, u, k, v, y, m, r, summ, carry, ckpt, B, T, C, len, stream);  \
   }                                                                                        \
   cudaError_t wkv_cuda_backward(const F* w, const F* u, const F* k, const F* v,            \
                                 const F* y, const F* m, const F* r, const F* gy, F* gk,    \

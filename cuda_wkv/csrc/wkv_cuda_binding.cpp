@@ -14,8 +14,8 @@
 
 #define WKV_CUDA_DECLARE(F)                                                               \
   cudaError_t wkv_cuda_forward(const F* w, const F* u, const F* k, const F* v, F* y, F* m, \
-                               F* r, F* summ, F* carry, int64_t B, int64_t T, int64_t C,   \
-                               int64_t len, cudaStream_t stream);                          \
+                               F* r, F* summ, F* carry, F* ckpt, int64_t B, int64_t T,     \
+                               int64_t C, int64_t len, cudaStream_t stream);               \
   cudaError_t wkv_cuda_backward(const F* w, const F* u, const F* k, const F* v,            \
                                 const F* y, const F* m, const F* r, const F* gy, F* gk,    \
                                 F* gv, F* summ, F* carry, double* gw_part,                 \
@@ -71,10 +71,13 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
   cudaError_t err;
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cuda", [&] {
     using F = scalar_t;
+    // the forward checkpoints of every chunk (wkv_recurrence.h, "Forward checkpoints")
+    auto ckpt = at::empty({B, summ.size(1), wkv::checkpoints_per_chunk<F>(len), wkv::kFwdFields, C},
+                          k.options());
     err = wkv_cuda_forward(w.data_ptr<F>(), u.data_ptr<F>(), k.data_ptr<F>(),
                            v.data_ptr<F>(), y.data_ptr<F>(), m.data_ptr<F>(),
-                           r.data_ptr<F>(), summ.data_ptr<F>(), carry.data_ptr<F>(), B, T, C,
-                           len, stream);
+                           r.data_ptr<F>(), summ.data_ptr<F>(), carry.data_ptr<F>(),
+                           ckpt.data_ptr<F>(), B, T, C, len, stream);
   });
   TORCH_CHECK(err == cudaSuccess, "wkv_cuda forward launch failed: ",
               cudaGetErrorString(err));

@@ -41,6 +41,9 @@
 //   y_t,   m_t, r_t  with  lse_t = log D_t = m_t + r_t * w,  r_t an integer.
 // Either side can come first; the CPU kernel uses this when a lane is split in exactly two
 // chunks (see "Two halves" in wkv_cpu.cpp; the CUDA kernel always runs three phases).
+// The CUDA forward keeps the stored side off the output buffers: it rescans in one pass,
+// re-deriving the left sums block by block from checkpoints phase 1 stores ("Forward
+// checkpoints" below).
 // A row whose weights are all e^{-inf} = 0 gives y_t = NaN (0/0, as the definition).
 //
 // Backward (closed form).  P_tj = e^{L_tj - lse_t} (softmax weights, <= 1):
@@ -531,10 +534,6 @@ WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int64_t t) {
     row.m = load_input<F>(l.m + o);
     row.r = load_input<F>(l.r + o);
     row.gy = load_input(l.gy + o);
-  } else if (P == Pass::kFinish) {
-    row.y = l.y[o];
-    row.m = l.m[o];
-    row.r = l.r[o];
   }
   if (Bwd && P == Pass::kFinish) {
     row.gv = l.gv[o];
@@ -587,33 +586,11 @@ WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, int64_t t0, int64_t t1
   }
 }
 
-// A rescan pass of kind P (kStore or kFinish) over [t0, t1) of one lane in direction dir
-// (+1: left to right), from the carried-in sum at `from` (fields at stride fs).  The CPU
-// kernel's vectorised passes (wkv_cpu.cpp) do the same per block.
-template <typename F, Pass P>
-WKV_HD void lane_fwd_pass(const Lane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
-                          int64_t fs) {
-  F a, n, s0, mean;
-  fwd_load(a, n, s0, mean, from, fs);
-  const F fdir = static_cast<F>(dir);
-  pipelined_steps<F, P, false>(l, dir, t0, t1, [&](int64_t t, const Row<F>& cur) {
-    const int64_t o = t * l.C;
-    const F tf = static_cast<F>(t);
-    if (P == Pass::kStore) {
-      fwd_store_step(a, n, s0, mean, fdir * tf, cur.k, cur.v, l.w, l.y[o], l.m[o], l.r[o]);
-    } else {
-      F yy = cur.y, mm = cur.m, rr = cur.r;
-      fwd_finish_step(a, n, s0, mean, fdir, tf, cur.k, cur.v, l.w, l.u, yy, mm, rr);
-      l.y[o] = yy;
-      l.m[o] = mm;
-      l.r[o] = rr;
-    }
-  });
-}
-
-// A backward rescan pass of kind P over [t0, t1) of one lane, as lane_fwd_pass; kStore
-// keeps this side's q0, q1 in gv, gk, kFinish adds them to its own and writes the
-// gradients.  gw, gu: this lane's partial sums, accumulated.
+// A backward rescan pass of kind P (kStore or kFinish) over [t0, t1) of one lane in
+// direction dir (+1: left to right), from the carried-in state at `from` (fields at stride
+// fs); kStore keeps this side's q0, q1 in gv, gk, kFinish adds them to its own and writes
+// the gradients.  gw, gu: this lane's partial sums, accumulated.  The CPU kernel's
+// vectorised passes (wkv_cpu.cpp) do the same per block.
 template <typename F, Pass P>
 WKV_HD void lane_bwd_pass(const BwdLane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
                           int64_t fs, double& gw, double& gu) {
@@ -656,49 +633,134 @@ WKV_HD void state_fold(BwdState<F>& s, F dir, F t, const Row<F>& row, F w) {
   bwd_fold(s, dir, t, row.k, row.v, row.y, row.m, row.r, row.gy, w);
 }
 
-// Phase 1 of the forward (State = FwdSum, Bwd = false) or the backward (BwdState, true).
+// Forward checkpoints.  The CUDA forward rescans a chunk in one pass, right to left, in
+// blocks of kCheckpointRows positions aligned at the chunk's start; each block needs the
+// left sum at its first position, which phase 1 (folding the left sum anyway) stores as a
+// checkpoint: the chunk's own terms before the block, merged with the carried-in left sum
+// in phase 3.  The block's left sums are then re-derived in registers (store steps from
+// the checkpoint) and combined with the right sum position by position, right to left:
+// the forward reads k, v twice and writes y, m, r once, plus half a pass of checkpoints
+// each way (4 fields every 8 rows), instead of storing the left sums in y, m, r and
+// reading them back (15 passes over a (B, T, C) tensor before, 8 now; the minimal 5).
+// A fixed spacing, not the depth of the loads ahead: the results do not depend on that.
+template <typename F> constexpr int kCheckpointRows = sizeof(F) > 4 ? 4 : 8;
+
+// Checkpoints of one chunk of length len: one per block but the first (whose left sum is
+// the carry itself).
+template <typename F> WKV_HD int64_t checkpoints_per_chunk(int64_t len) {
+  return (len + kCheckpointRows<F> - 1) / kCheckpointRows<F> - 1;
+}
+
+// Where phase 1 stores one lane's checkpoints: p at the chunk's first (field 0), `stride`
+// between checkpoints, fields at fs; p == nullptr: none (the backward).
+template <typename F> struct Checkpoints {
+  F* p;
+  int64_t stride;
+};
+
+// Phase 1 of the forward (State = FwdSum, Bwd = false, with checkpoints) or the backward
+// (BwdState, true, none).
 template <typename State, bool Bwd, typename F, typename S>
 WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
-                         F* st, int64_t ds, int64_t fs) {
-  const bool left = ch + 1 < nch, right = ch > 0;
+                         F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
+  constexpr int kEvery = kCheckpointRows<F>;
+  const bool checkpoints = ck.p != nullptr && t1 - t0 > kEvery;
+  const bool left = ch + 1 < nch || checkpoints, right = ch > 0;
   State sl, sr;
   state_empty(sl);
   state_empty(sr);
+  int64_t next_ck = t0 + kEvery;
+  const auto fold_left = [&](int64_t t, const Row<F>& row) {
+    if (checkpoints && t == next_ck) {  // the chunk's terms before t
+      state_store(sl, ck.p, fs);
+      ck.p += ck.stride;
+      next_ck += kEvery;
+    }
+    state_fold(sl, F(1), static_cast<F>(t), row, l.w);
+  };
   if (left && right) {
     pipelined_steps<F, Pass::kFold, Bwd>(l, 1, t0, t1, [&](int64_t t, const Row<F>& row) {
-      state_fold(sl, F(1), static_cast<F>(t), row, l.w);
+      fold_left(t, row);
       state_fold(sr, F(-1), static_cast<F>(t), row, l.w);
     });
   } else if (left) {
-    pipelined_steps<F, Pass::kFold, Bwd>(l, 1, t0, t1, [&](int64_t t, const Row<F>& row) {
-      state_fold(sl, F(1), static_cast<F>(t), row, l.w);
-    });
+    pipelined_steps<F, Pass::kFold, Bwd>(l, 1, t0, t1, fold_left);
   } else if (right) {
     pipelined_steps<F, Pass::kFold, Bwd>(l, -1, t0, t1, [&](int64_t t, const Row<F>& row) {
       state_fold(sr, F(-1), static_cast<F>(t), row, l.w);
     });
   }
-  if (left) state_store(sl, st, fs);
+  if (ch + 1 < nch) state_store(sl, st, fs);
   if (right) state_store(sr, st + ds, fs);
 }
 
+// ck: this chunk's checkpoints (see Checkpoints), stored for the rescan.
 template <typename F>
 WKV_HD void lane_fwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
-                             F* st, int64_t ds, int64_t fs) {
-  lane_summary<FwdSum<F>, false>(l, ch, nch, t0, t1, st, ds, fs);
+                             F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
+  lane_summary<FwdSum<F>, false>(l, ch, nch, t0, t1, st, ds, fs, ck);
 }
 
+// Phase 3 of the forward, one pass right to left over [t0, t1) (see "Forward checkpoints"):
+// `carry` as in phase 1, `ck` this chunk's checkpoints (stride ck_stride, fields at fs).
+// A block's rows and the next block's checkpoint are loaded one block ahead, as in the
+// other passes.  Position t gets the left sum fwd_store_step would have stored there
+// (merge(carry, checkpoint) then folds, in registers) and the right sum of the terms
+// after t, combined by fwd_finish_step.
 template <typename F>
 WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
-                            int64_t ds, int64_t fs) {
-  lane_fwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, fs);
-  lane_fwd_pass<F, Pass::kFinish>(l, -1, t0, t1, carry + ds, fs);
+                            int64_t ds, int64_t fs, const F* ck, int64_t ck_stride) {
+  constexpr int K = kCheckpointRows<F>;
+  FwdSum<F> carried, right, ck_cur, ck_next;
+  state_load(carried, carry, fs);
+  state_load(right, carry + ds, fs);
+  state_empty(ck_next);
+  Row<F> cur[K], next[K];
+  const auto load_block = [&](int64_t bi) {  // rows of block bi, and its checkpoint
+    const int64_t tb = t0 + bi * K;
+    WKV_UNROLL for (int j = 0; j < K; ++j) {
+      if (tb + j < t1) load_row<F, Pass::kFold, false>(next[j], l, tb + j);
+    }
+    if (bi > 0) {
+      const F* p = ck + (bi - 1) * ck_stride;
+      ck_next = {load_input(p), load_input(p + fs), load_input(p + 2 * fs), load_input(p + 3 * fs)};
+    }
+  };
+  const int64_t blocks = (t1 - t0 + K - 1) / K;
+  load_block(blocks - 1);
+  for (int64_t bi = blocks - 1; bi >= 0; --bi) {
+    WKV_UNROLL for (int j = 0; j < K; ++j) cur[j] = next[j];
+    ck_cur = ck_next;
+    if (bi > 0) load_block(bi - 1);
+    const int64_t tb = t0 + bi * K;
+    const int64_t rows = t1 - tb < K ? t1 - tb : K;
+    FwdSum<F> left = carried;
+    if (bi > 0) state_merge(left, ck_cur, l.w);
+    F sy[K], sm[K], sr[K];  // the left sums at the block's positions, as stored by a store pass
+    WKV_UNROLL for (int j = 0; j < K; ++j) {
+      if (j < rows) {
+        fwd_store_step(left.a, left.n, left.s0, left.mean, static_cast<F>(tb + j), cur[j].k,
+                       cur[j].v, l.w, sy[j], sm[j], sr[j]);
+      }
+    }
+    WKV_UNROLL for (int i = 0; i < K; ++i) {
+      const int j = K - 1 - i;
+      if (j < rows) {
+        const int64_t o = (tb + j) * l.C;
+        fwd_finish_step(right.a, right.n, right.s0, right.mean, F(-1), static_cast<F>(tb + j),
+                        cur[j].k, cur[j].v, l.w, l.u, sy[j], sm[j], sr[j]);
+        l.y[o] = sy[j];
+        l.m[o] = sm[j];
+        l.r[o] = sr[j];
+      }
+    }
+  }
 }
 
 template <typename F>
 WKV_HD void lane_bwd_summary(const BwdLane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
                              F* st, int64_t ds, int64_t fs) {
-  lane_summary<BwdState<F>, true>(l, ch, nch, t0, t1, st, ds, fs);
+  lane_summary<BwdState<F>, true>(l, ch, nch, t0, t1, st, ds, fs, Checkpoints<F>{nullptr, 0});
 }
 
 // gw, gu: this task's partial sums (set, not accumulated).

@@ -87,11 +87,12 @@ extern "C" int wkv_host_resident_threads(int dbl) {
 // WKV_CUDA_ENTRY_POINTS.
 #define WKV_HOST_ENTRY_POINTS(F, SUFFIX)                                                  \
   extern "C" int wkv_host_forward_##SUFFIX(const F* w, const F* u, const F* k, const F* v,\
-                                           F* y, F* m, F* r, F* summ, F* carry, int64_t B,\
-                                           int64_t T, int64_t C, int64_t len, int reversed) {\
+                                           F* y, F* m, F* r, F* summ, F* carry, F* ckpt,   \
+                                           int64_t B, int64_t T, int64_t C, int64_t len,   \
+                                           int reversed) {                                 \
     reversed_order = reversed != 0;                                                       \
     last_error = cudaSuccess;                                                             \
-    return wkv_cuda_forward(w, u, k, v, y, m, r, summ, carry, B, T, C, len, nullptr);     \
+    return wkv_cuda_forward(w, u, k, v, y, m, r, summ, carry, ckpt, B, T, C, len, nullptr);\
   }                                                                                       \
   extern "C" int wkv_host_backward_##SUFFIX(                                              \
       const F* w, const F* u, const F* k, const F* v, const F* y, const F* m, const F* r, \
@@ -105,6 +106,11 @@ extern "C" int wkv_host_resident_threads(int dbl) {
 
 WKV_HOST_ENTRY_POINTS(float, f32)
 WKV_HOST_ENTRY_POINTS(double, f64)
+
+// Forward checkpoints per chunk of length len (float64 if dbl), for the checkpoint buffer.
+extern "C" int64_t wkv_host_checkpoints(int64_t len, int dbl) {
+  return dbl ? wkv::checkpoints_per_chunk<double>(len) : wkv::checkpoints_per_chunk<float>(len);
+}
 
 // Fields of a forward (bwd = 0) or backward state in the summary / carry buffers.
 extern "C" int64_t wkv_host_state_fields(int bwd) { return bwd ? wkv::kBwdFields : wkv::kFwdFields; }
