@@ -17,7 +17,8 @@
 # with Nsight Compute (benchmarks/wkv_ncu.py: DRAM bytes, L2 hit rate, occupancy, cycles per
 # instruction per kernel) for the automatic chunk length and 32; wkv_chunks times the kernel there for
 # the automatic and several forced chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes);
-# wkv_depths times it (T=4096 and 32768, C=128) for the default depth of its loads ahead and for
+# wkv_depths times it (T=4096 and 32768, C=128) for the default depth of its loads ahead (phases 1 and 2;
+# phase 3 loads by blocks of checkpoints, whatever the depth) and for
 # CUDA_WKV_ROWS_AHEAD=1 and 4 (two more builds, made beside the self-check's; about 2 minutes). On CUDA the WKV
 # benchmarks and the network benchmark also profile one call / one training step (--profile): each
 # kernel's device time, so the host overhead and the slowest kernels show. Exit status: 0 all

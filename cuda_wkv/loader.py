@@ -42,8 +42,8 @@ Environment variables: ``TORCH_EXTENSIONS_DIR`` (cache root), ``TORCH_CUDA_ARCH_
 root), ``CXX`` (host compiler), ``CUDA_WKV_VERBOSE=1`` (show the build log),
 ``CUDA_WKV_NATIVE=0`` (no ``-march=native`` for the CPU kernel),
 ``CUDA_WKV_LOCK_TIMEOUT`` (seconds to wait for another process's build, in [0, 86400],
-default 600), ``CUDA_WKV_ROWS_AHEAD`` (rows the CUDA kernel loads ahead, an integer in
-[1, 32], default 8; each value is a separate build).
+default 600), ``CUDA_WKV_ROWS_AHEAD`` (rows the CUDA kernel's phase 1 loads ahead, chunk summaries its
+phase 2, an integer in [1, 32], default 8; each value is a separate build).
 """
 from __future__ import annotations
 
@@ -196,8 +196,8 @@ def _cuda_arch_list() -> Optional[str]:
 
 
 def _rows_ahead() -> int:
-    """``CUDA_WKV_ROWS_AHEAD``: rows each CUDA pass loads ahead of its steps (0 = the header's
-    default, 8); a tuning knob for GPU runs, each value a build of its own.  ``EnvOptionError``
+    """``CUDA_WKV_ROWS_AHEAD``: rows the CUDA kernel's phase 1 loads ahead of its steps, chunk
+    summaries its phase 2 (0 = the header's default, 8); a tuning knob for GPU runs, each value a build of its own.  ``EnvOptionError``
     (a ValueError) naming it for anything but an integer in [1, 32]."""
     return env_int("CUDA_WKV_ROWS_AHEAD", 0, 1, 32)
 

@@ -131,7 +131,12 @@ inline int64_t state_off(const Plan& p, int fields, int64_t b, int64_t ch, int d
   return (((b * p.nch + ch) * 2 + dir) * fields) * p.C + c;
 }
 
-using wkv::Pass;
+// What a pass over one chunk does at each position.
+enum class Pass {
+  kFold,    // phase 1: fold only (the chunk's summary)
+  kStore,   // first pass of a rescan: store this side's sums, fold
+  kFinish,  // second pass: combine with the stored side, write the results, fold
+};
 
 // Position of step i of a pass over [t0, t1) in direction dir (+1: left to right).
 inline int64_t step_at(int dir, int64_t t0, int64_t t1, int64_t i) {

@@ -37,14 +37,14 @@ using wkv::kFwdFields;
 
 struct Shape {
   int64_t B, T, C, len, nch, nchb;  // nchb: blocks along the chunks, ceil(nch / kRows)
-  int64_t nck;                      // forward checkpoints per chunk (wkv::checkpoints_per_chunk)
+  int64_t nck;                      // checkpoints per chunk (wkv::checkpoints_per_chunk)
   // offset of (b, chunk, dir, field 0, c) in a (B, nch, 2, fields, C) buffer
   __device__ int64_t state(int fields, int64_t b, int64_t ch, int dir, int64_t c) const {
     return (((b * nch + ch) * 2 + dir) * fields) * C + c;
   }
-  // offset of (b, chunk, checkpoint 0, field 0, c) in the (B, nch, nck, kFwdFields, C) buffer
-  __device__ int64_t checkpoint(int64_t b, int64_t ch, int64_t c) const {
-    return ((b * nch + ch) * nck * kFwdFields) * C + c;
+  // offset of (b, chunk, checkpoint 0, field 0, c) in a (B, nch, nck, fields, C) buffer
+  __device__ int64_t checkpoint(int fields, int64_t b, int64_t ch, int64_t c) const {
+    return ((b * nch + ch) * nck * fields) * C + c;
   }
 };
 
@@ -98,7 +98,7 @@ __global__ void WKV_CHUNK_BOUNDS fwd_summary_kernel(FwdArgs<F> a, F* __restrict_
   if (!chunk_lane(s, tk)) return;
   wkv::lane_fwd_summary(fwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
                         summ + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C,
-                        wkv::Checkpoints<F>{a.ckpt + s.checkpoint(tk.b, tk.ch, tk.c),
+                        wkv::Checkpoints<F>{a.ckpt + s.checkpoint(kFwdFields, tk.b, tk.ch, tk.c),
                                             kFwdFields * s.C});
 }
 
@@ -123,13 +123,14 @@ __global__ void WKV_CHUNK_BOUNDS fwd_rescan_kernel(FwdArgs<F> a, const F* __rest
   if (!chunk_lane(s, tk)) return;
   wkv::lane_fwd_rescan(fwd_lane(a, s, tk), tk.t0, tk.t1,
                        carry + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C,
-                       a.ckpt + s.checkpoint(tk.b, tk.ch, tk.c), kFwdFields * s.C);
+                       a.ckpt + s.checkpoint(kFwdFields, tk.b, tk.ch, tk.c), kFwdFields * s.C);
 }
 
 // ----------------------------------------------------------------------------- backward
 template <typename F> struct BwdArgs {
   const F *w, *u, *k, *v, *y, *m, *r, *gy;
   F *gk, *gv;
+  F* ckpt;  // (B, nch, nck, kBwdFields, C): written by phase 1, read by phase 3
 };
 
 template <typename F> __device__ wkv::BwdLane<F> bwd_lane(const BwdArgs<F>& a, const Shape& s,
@@ -144,7 +145,9 @@ __global__ void WKV_CHUNK_BOUNDS bwd_summary_kernel(BwdArgs<F> a, F* __restrict_
   Task tk;
   if (!chunk_lane(s, tk)) return;
   wkv::lane_bwd_summary(bwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
-                        summ + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), kBwdFields * s.C, s.C);
+                        summ + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), kBwdFields * s.C, s.C,
+                        wkv::Checkpoints<F>{a.ckpt + s.checkpoint(kBwdFields, tk.b, tk.ch, tk.c),
+                                            kBwdFields * s.C});
 }
 
 template <typename F>
@@ -156,6 +159,7 @@ __global__ void WKV_CHUNK_BOUNDS bwd_rescan_kernel(BwdArgs<F> a, const F* __rest
   const int64_t p = (tk.b * s.nch + tk.ch) * s.C + tk.c;
   wkv::lane_bwd_rescan(bwd_lane(a, s, tk), tk.t0, tk.t1,
                        carry + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), kBwdFields * s.C, s.C,
+                       a.ckpt + s.checkpoint(kBwdFields, tk.b, tk.ch, tk.c), kBwdFields * s.C,
                        gw_part[p], gu_part[p]);
 }
 
@@ -192,9 +196,9 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream,
 #endif
 }
 
-template <typename F> Shape make_shape(int64_t B, int64_t T, int64_t C, int64_t len) {
+template <bool Bwd> Shape make_shape(int64_t B, int64_t T, int64_t C, int64_t len) {
   const int64_t nch = (T + len - 1) / len;
-  return {B, T, C, len, nch, (nch + kRows - 1) / kRows, wkv::checkpoints_per_chunk<F>(len)};
+  return {B, T, C, len, nch, (nch + kRows - 1) / kRows, wkv::checkpoints_per_chunk<Bwd>(len)};
 }
 
 dim3 chunk_grid(const Shape& s) {
@@ -211,7 +215,7 @@ cudaError_t forward_impl(const F* w, const F* u, const F* k, const F* v, F* y, F
                          F* summ, F* carry, F* ckpt, int64_t B, int64_t T, int64_t C,
                          int64_t len, cudaStream_t stream) {
   if (B * T * C == 0) return cudaSuccess;
-  const Shape s = make_shape<F>(B, T, C, len);
+  const Shape s = make_shape<false>(B, T, C, len);
   const dim3 block(kLanes, kRows);
   const FwdArgs<F> a{w, u, k, v, y, m, r, ckpt};
   if (s.nch > 1 || s.nck > 0) {
@@ -228,10 +232,10 @@ cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, double* gw_par
                           double* gu_part, F* gw, F* gu, int64_t B, int64_t T, int64_t C,
                           int64_t len, cudaStream_t stream) {
   if (C == 0) return cudaSuccess;
-  const Shape s = make_shape<F>(B, T, C, len);
+  const Shape s = make_shape<true>(B, T, C, len);
   if (B * T > 0) {
     const dim3 block(kLanes, kRows);
-    if (s.nch > 1) launch(bwd_summary_kernel<F>, chunk_grid(s), block, stream, a, summ, s);
+    if (s.nch > 1 || s.nck > 0) launch(bwd_summary_kernel<F>, chunk_grid(s), block, stream, a, summ, s);
     launch(carry_kernel<F, kBwdFields>, dim3(lane_blocks(s)), dim3(128), stream, a.w,
            summ, carry, s);
     launch(bwd_rescan_kernel<F>, chunk_grid(s), block, stream, a, carry,
@@ -277,7 +281,7 @@ cudaError_t wkv_cuda_resident_threads(bool dbl, int* per_sm) {
 
 // Entry points used by wkv_cuda_binding.cpp (plain overloads, no templates across TUs).
 // summ, carry: scratch of 2 * fields * B * ceil(T / len) * C elements (fields: kFwdFields,
-// kBwdFields); ckpt: kFwdFields * B * ceil(T / len) * wkv::checkpoints_per_chunk<F>(len) * C
+// kBwdFields); ckpt: fields * B * ceil(T / len) * wkv::checkpoints_per_chunk<backward>(len) * C
 // elements; gw_part, gu_part: B * ceil(T / len) * C doubles.
 #define WKV_CUDA_ENTRY_POINTS(F)                                                          \
   cudaError_t wkv_cuda_forward(const F* w, const F* u, const F* k, const F* v, F* y, F* m, \
@@ -287,10 +291,10 @@ cudaError_t wkv_cuda_resident_threads(bool dbl, int* per_sm) {
   }                                                                                        \
   cudaError_t wkv_cuda_backward(const F* w, const F* u, const F* k, const F* v,            \
                                 const F* y, const F* m, const F* r, const F* gy, F* gk,    \
-                                F* gv, F* summ, F* carry, double* gw_part,                 \
+                                F* gv, F* summ, F* carry, F* ckpt, double* gw_part,        \
                                 double* gu_part, F* gw, F* gu, int64_t B, int64_t T,       \
                                 int64_t C, int64_t len, cudaStream_t stream) {             \
-    const BwdArgs<F> a{w, u, k, v, y, m, r, gy, gk, gv};                                   \
+    const BwdArgs<F> a{w, u, k, v, y, m, r, gy, gk, gv, ckpt};                             \
     return backward_impl<F>(a, summ, carry, gw_part, gu_part, gw, gu, B, T, C, len,        \
                             stream);                                                       \
   }

@@ -18,7 +18,7 @@
                                int64_t C, int64_t len, cudaStream_t stream);               \
   cudaError_t wkv_cuda_backward(const F* w, const F* u, const F* k, const F* v,            \
                                 const F* y, const F* m, const F* r, const F* gy, F* gk,    \
-                                F* gv, F* summ, F* carry, double* gw_part,                 \
+                                F* gv, F* summ, F* carry, F* ckpt, double* gw_part,        \
                                 double* gu_part, F* gw, F* gu, int64_t B, int64_t T,       \
                                 int64_t C, int64_t len, cudaStream_t stream);
 WKV_CUDA_DECLARE(float)
@@ -57,6 +57,15 @@ at::Tensor state_buffer(const at::Tensor& k, int64_t len, int64_t fields) {
   return at::empty({k.size(0), nch, 2, fields, k.size(2)}, k.options());
 }
 
+// (B, chunks, checkpoints, fields, C) scratch for the checkpoints phase 1 stores for phase 3
+// (wkv_recurrence.h, "Checkpoints"): about fields / kCheckpointRows (B, T, C) tensors.
+template <bool Bwd>
+at::Tensor checkpoint_buffer(const at::Tensor& k, int64_t len, int64_t fields) {
+  const int64_t nch = (k.size(1) + len - 1) / len;
+  return at::empty({k.size(0), nch, wkv::checkpoints_per_chunk<Bwd>(len), fields, k.size(2)},
+                   k.options());
+}
+
 std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
                                     at::Tensor v) {
   wkv::check_inputs("wkv_cuda", c10::DeviceType::CUDA, w, u, k, v);
@@ -67,13 +76,11 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
   const int64_t len = chunk_len(k);
   auto summ = state_buffer(k, len, wkv::kFwdFields);
   auto carry = state_buffer(k, len, wkv::kFwdFields);
+  auto ckpt = checkpoint_buffer<false>(k, len, wkv::kFwdFields);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err;
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cuda", [&] {
     using F = scalar_t;
-    // the forward checkpoints of every chunk (wkv_recurrence.h, "Forward checkpoints")
-    auto ckpt = at::empty({B, summ.size(1), wkv::checkpoints_per_chunk<F>(len), wkv::kFwdFields, C},
-                          k.options());
     err = wkv_cuda_forward(w.data_ptr<F>(), u.data_ptr<F>(), k.data_ptr<F>(),
                            v.data_ptr<F>(), y.data_ptr<F>(), m.data_ptr<F>(),
                            r.data_ptr<F>(), summ.data_ptr<F>(), carry.data_ptr<F>(),
@@ -96,6 +103,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
   const int64_t len = k.numel() > 0 ? chunk_len(k) : 1;
   auto summ = state_buffer(k, len, wkv::kBwdFields);
   auto carry = state_buffer(k, len, wkv::kBwdFields);
+  auto ckpt = checkpoint_buffer<true>(k, len, wkv::kBwdFields);
   const int64_t nch = (T + len - 1) / len;
   auto gw_part = at::empty({B, nch, C}, k.options().dtype(at::kDouble));
   auto gu_part = at::empty_like(gw_part);
@@ -107,6 +115,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                             v.data_ptr<F>(), y.data_ptr<F>(), m.data_ptr<F>(),
                             r.data_ptr<F>(), gy.data_ptr<F>(), gk.data_ptr<F>(),
                             gv.data_ptr<F>(), summ.data_ptr<F>(), carry.data_ptr<F>(),
+                            ckpt.data_ptr<F>(),
                             gw_part.data_ptr<double>(), gu_part.data_ptr<double>(),
                             gw.data_ptr<F>(), gu.data_ptr<F>(), B, T, C, len, stream);
   });

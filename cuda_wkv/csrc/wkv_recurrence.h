@@ -476,13 +476,6 @@ WKV_HD void bwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int
 }
 
 // ------------------------------------------------------------------ one lane's passes
-// What a pass over one chunk does at each position (both kernels).
-enum class Pass {
-  kFold,    // phase 1: fold only (the chunk's summary)
-  kStore,   // first pass of a rescan: store this side's sums, fold
-  kFinish,  // second pass: combine with the stored side, write the results, fold
-};
-
 // One lane (batch b, channel c) in the (B, T, C) layout: pointers at (b, 0, c), stride C
 // between positions; w, u of channel c.  Backward-only members are null in the forward.
 // Saved: the type of the saved y, m, r — written by the forward (F), read by the backward
@@ -504,14 +497,14 @@ template <typename F> using BwdLane = Lane<F, const F>;
 // them (RowBlocks): the loads of the next block are in flight while the current block is
 // computed, and a step waits on the arithmetic of the previous one rather than on a
 // global-memory round trip (the first GPU run, which loaded each row in its own step,
-// took ~0.6-0.9 us per sequential step, docs/wkv.md).  A load of y, m, r or gv, gk of a
-// later position may move above this position's store: they are different elements.
-// Same operations in the same order: on the host the results do not depend on the depth
-// (tested); nvcc may contract multiply-adds differently per depth.
+// took ~0.6-0.9 us per sequential step, docs/wkv.md).  Phase 3 loads its rows the same way,
+// in blocks of kCheckpointRows (checkpointed_rescan).  Same operations in the same order: on
+// the host the results do not depend on the depth (tested); nvcc may contract multiply-adds
+// differently per depth.
 //
 // One position's inputs.
 template <typename F> struct Row {
-  F k, v, y, m, r, gy, gv, gk;
+  F k, v, y, m, r, gy;
 };
 
 // A value the kernel never writes (a call's inputs): on a GPU through the read-only data
@@ -524,7 +517,7 @@ template <typename F> WKV_HD F load_input(const F* p) {
 #endif
 }
 
-template <typename F, Pass P, bool Bwd, typename S>
+template <typename F, bool Bwd, typename S>
 WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int64_t t) {
   const int64_t o = t * l.C;
   row.k = load_input(l.k + o);
@@ -535,16 +528,12 @@ WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int64_t t) {
     row.r = load_input<F>(l.r + o);
     row.gy = load_input(l.gy + o);
   }
-  if (Bwd && P == Pass::kFinish) {
-    row.gv = l.gv[o];
-    row.gk = l.gk[o];
-  }
 }
 
 // The rows of one pass over [t0, t1) of a lane in direction dir, in blocks of kAhead:
 // advance(i) makes the block of steps i .. i + kAhead - 1 current (cur) and issues the
 // loads of the next one (next).
-template <typename F, Pass P, bool Bwd, typename S> struct RowBlocks {
+template <typename F, bool Bwd, typename S> struct RowBlocks {
   static constexpr int kAhead = kAheadOf<F, Bwd>;
   const Lane<F, S>& l;
   int64_t first, len;
@@ -558,7 +547,7 @@ template <typename F, Pass P, bool Bwd, typename S> struct RowBlocks {
   WKV_HD int64_t pos(int64_t i) const { return first + dir * i; }  // position of step i
   WKV_HD void load(int64_t i) {
     WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
-      if (i + j < len) load_row<F, P, Bwd>(next[j], l, pos(i + j));
+      if (i + j < len) load_row<F, Bwd>(next[j], l, pos(i + j));
     }
   }
   WKV_HD void advance(int64_t i) {
@@ -576,45 +565,14 @@ template <int Ahead, typename Body> WKV_HD void block_steps(int64_t i, int64_t l
 }
 
 // Calls step(t, row) for the positions of [t0, t1) in direction dir.
-template <typename F, Pass P, bool Bwd, typename S, typename Step>
+template <typename F, bool Bwd, typename S, typename Step>
 WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, int64_t t0, int64_t t1, Step&& step) {
-  RowBlocks<F, P, Bwd, S> rows(l, dir, t0, t1);
-  constexpr int kAhead = RowBlocks<F, P, Bwd, S>::kAhead;
+  RowBlocks<F, Bwd, S> rows(l, dir, t0, t1);
+  constexpr int kAhead = RowBlocks<F, Bwd, S>::kAhead;
   for (int64_t i = 0; i < rows.len; i += kAhead) {
     rows.advance(i);
     block_steps<kAhead>(i, rows.len, [&](int j) { step(rows.pos(i + j), rows.cur[j]); });
   }
-}
-
-// A backward rescan pass of kind P (kStore or kFinish) over [t0, t1) of one lane in
-// direction dir (+1: left to right), from the carried-in state at `from` (fields at stride
-// fs); kStore keeps this side's q0, q1 in gv, gk, kFinish adds them to its own and writes
-// the gradients.  gw, gu: this lane's partial sums, accumulated.  The CPU kernel's
-// vectorised passes (wkv_cpu.cpp) do the same per block.
-template <typename F, Pass P>
-WKV_HD void lane_bwd_pass(const BwdLane<F>& l, int dir, int64_t t0, int64_t t1, const F* from,
-                          int64_t fs, double& gw, double& gu) {
-  BwdState<F> st;
-  bwd_load(st, from, fs);
-  const F fdir = static_cast<F>(dir);
-  pipelined_steps<F, P, true>(l, dir, t0, t1, [&](int64_t t, const Row<F>& cur) {
-    const int64_t o = t * l.C;
-    const F tf = static_cast<F>(t);
-    if (P == Pass::kStore) {
-      F q0, q1;
-      bwd_emit(st, fdir, tf, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, l.w, gw, q0, q1);
-      l.gv[o] = q0;
-      l.gk[o] = q1;
-    } else if (P == Pass::kFinish) {
-      F q0, q1, g_v, g_k;
-      bwd_emit(st, fdir, tf, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, l.w, gw, q0, q1);
-      bwd_finish(l.u, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, cur.gv + q0, cur.gk + q1, l.w,
-                 gu, gw, g_v, g_k);
-      l.gv[o] = g_v;
-      l.gk[o] = g_k;
-    }
-    bwd_fold(st, fdir, tf, cur.k, cur.v, cur.y, cur.m, cur.r, cur.gy, l.w);
-  });
 }
 
 // One (batch, channel, chunk) task of phase 1 and of phase 3, as a CUDA thread runs it.
@@ -633,45 +591,51 @@ WKV_HD void state_fold(BwdState<F>& s, F dir, F t, const Row<F>& row, F w) {
   bwd_fold(s, dir, t, row.k, row.v, row.y, row.m, row.r, row.gy, w);
 }
 
-// Forward checkpoints.  The CUDA forward rescans a chunk in one pass, right to left, in
-// blocks of kCheckpointRows positions aligned at the chunk's start; each block needs the
-// left sum at its first position, which phase 1 (folding the left sum anyway) stores as a
-// checkpoint: the chunk's own terms before the block, merged with the carried-in left sum
-// in phase 3.  The block's left sums are then re-derived in registers (store steps from
-// the checkpoint) and combined with the right sum position by position, right to left:
-// the forward reads k, v twice and writes y, m, r once, plus half a pass of checkpoints
-// each way (4 fields every 8 rows), instead of storing the left sums in y, m, r and
-// reading them back (15 passes over a (B, T, C) tensor before, 8 now; the minimal 5).
-// A fixed spacing, not the depth of the loads ahead: the results do not depend on that.
-template <typename F> constexpr int kCheckpointRows = sizeof(F) > 4 ? 4 : 8;
+// Checkpoints.  The CUDA kernel rescans a chunk in one pass, right to left, in blocks of
+// kCheckpointRows positions aligned at the chunk's start; each block needs the left state
+// at its first position, which phase 1 (folding the left state anyway) stores as a
+// checkpoint: the chunk's own terms before the block, merged with the carried-in left
+// state in phase 3.  The block's stored side -- the left sums of the forward, the left
+// transposed sums q0, q1 of the backward -- is then re-derived in registers (store steps
+// from the checkpoint) and combined with the right state position by position, right to
+// left.  Instead of writing the stored side to the output buffers and reading it back
+// (forward: y, m, r; backward: gv, gk) and reading the inputs a third time, phase 3 reads
+// each input once, plus the checkpoints: the forward moves 8 passes over a (B, T, C)
+// tensor (15 with a store pass; the minimal 5: 4 fields every 8 rows, half a pass each
+// way), the backward 6 + 2.75 + 6 + 2.75 + 2 = 19.5 (24; the minimal 8: 11 fields every 4
+// rows).  A fixed spacing, not the depth of the loads ahead, so the results do not depend
+// on that depth; chosen so that a block's rows, the next block's and the re-derived values
+// stay in registers (docs/wkv.md, "CUDA registers").
+template <bool Bwd> constexpr int kCheckpointRows = Bwd ? 4 : 8;
 
-// Checkpoints of one chunk of length len: one per block but the first (whose left sum is
+// Checkpoints of one chunk of length len: one per block but the first (whose left state is
 // the carry itself).
-template <typename F> WKV_HD int64_t checkpoints_per_chunk(int64_t len) {
-  return (len + kCheckpointRows<F> - 1) / kCheckpointRows<F> - 1;
+template <bool Bwd> WKV_HD int64_t checkpoints_per_chunk(int64_t len) {
+  return (len + kCheckpointRows<Bwd> - 1) / kCheckpointRows<Bwd> - 1;
 }
 
-// Where phase 1 stores one lane's checkpoints: p at the chunk's first (field 0), `stride`
-// between checkpoints, fields at fs; p == nullptr: none (the backward).
+// One lane's checkpoints in the (B, chunks, checkpoints, fields, C) buffer: p at this
+// chunk's first (field 0), `stride` between checkpoints (fields * C); fields at the
+// stride of the summaries.
 template <typename F> struct Checkpoints {
   F* p;
   int64_t stride;
 };
 
-// Phase 1 of the forward (State = FwdSum, Bwd = false, with checkpoints) or the backward
-// (BwdState, true, none).
+// Phase 1 of the forward (State = FwdSum, Bwd = false) or the backward (BwdState, true):
+// the chunk's summaries and checkpoints.
 template <typename State, bool Bwd, typename F, typename S>
 WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
                          F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
-  constexpr int kEvery = kCheckpointRows<F>;
-  const bool checkpoints = ck.p != nullptr && t1 - t0 > kEvery;
+  constexpr int kEvery = kCheckpointRows<Bwd>;
+  const bool checkpoints = t1 - t0 > kEvery;
   const bool left = ch + 1 < nch || checkpoints, right = ch > 0;
   State sl, sr;
   state_empty(sl);
   state_empty(sr);
   int64_t next_ck = t0 + kEvery;
   const auto fold_left = [&](int64_t t, const Row<F>& row) {
-    if (checkpoints && t == next_ck) {  // the chunk's terms before t
+    if (t == next_ck) {  // the chunk's terms before t
       state_store(sl, ck.p, fs);
       ck.p += ck.stride;
       next_ck += kEvery;
@@ -679,19 +643,65 @@ WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t
     state_fold(sl, F(1), static_cast<F>(t), row, l.w);
   };
   if (left && right) {
-    pipelined_steps<F, Pass::kFold, Bwd>(l, 1, t0, t1, [&](int64_t t, const Row<F>& row) {
+    pipelined_steps<F, Bwd>(l, 1, t0, t1, [&](int64_t t, const Row<F>& row) {
       fold_left(t, row);
       state_fold(sr, F(-1), static_cast<F>(t), row, l.w);
     });
   } else if (left) {
-    pipelined_steps<F, Pass::kFold, Bwd>(l, 1, t0, t1, fold_left);
+    pipelined_steps<F, Bwd>(l, 1, t0, t1, fold_left);
   } else if (right) {
-    pipelined_steps<F, Pass::kFold, Bwd>(l, -1, t0, t1, [&](int64_t t, const Row<F>& row) {
+    pipelined_steps<F, Bwd>(l, -1, t0, t1, [&](int64_t t, const Row<F>& row) {
       state_fold(sr, F(-1), static_cast<F>(t), row, l.w);
     });
   }
   if (ch + 1 < nch) state_store(sl, st, fs);
   if (right) state_store(sr, st + ds, fs);
+}
+
+// Phase 3 over [t0, t1) (see "Checkpoints"), in blocks of K positions from the right: a
+// block's rows and its checkpoint are loaded a block ahead, as in the other passes.  For each
+// block, `left` = the carried-in left state (at `carry`) merged with the block's checkpoint;
+// store(left, t, row, side) at each position t, left to right, keeps that position's stored
+// side in registers and folds t into `left`; finish(right, t, row, side) at each position,
+// right to left, combines it with the right state (from `carry + ds`), writes the outputs and
+// folds t into `right`.  The carried-in left state is read again for each block (a cache
+// hit) and the next block's loads are issued after the block's first finish step, when
+// `left` and that row are done with: held through the whole block, the backward's rows,
+// states and stored side would not fit in its registers (spills).
+template <typename State, typename Side, bool Bwd, typename F, typename S, typename Store,
+          typename Finish>
+WKV_HD void checkpointed_rescan(const Lane<F, S>& l, int64_t t0, int64_t t1, const F* carry,
+                                int64_t ds, int64_t fs, const F* checkpoints, int64_t ck_stride,
+                                Store&& store, Finish&& finish) {
+  constexpr int K = kCheckpointRows<Bwd>;
+  State right, left, ck;  // ck: the checkpoint of the next block, loaded with its rows
+  state_load(right, carry + ds, fs);
+  state_empty(ck);
+  Row<F> cur[K], next[K];
+  const auto load_block = [&](int64_t bi) {
+    const int64_t tb = t0 + bi * K;
+    WKV_UNROLL for (int j = 0; j < K; ++j) {
+      if (tb + j < t1) load_row<F, Bwd>(next[j], l, tb + j);
+    }
+    if (bi > 0) state_load(ck, checkpoints + (bi - 1) * ck_stride, fs);
+  };
+  const int64_t blocks = (t1 - t0 + K - 1) / K;
+  load_block(blocks - 1);
+  for (int64_t bi = blocks - 1; bi >= 0; --bi) {
+    WKV_UNROLL for (int j = 0; j < K; ++j) cur[j] = next[j];
+    state_load(left, carry, fs);
+    if (bi > 0) state_merge(left, ck, l.w);
+    const int64_t tb = t0 + bi * K;
+    Side side[K];
+    WKV_UNROLL for (int j = 0; j < K; ++j) {
+      if (tb + j < t1) store(left, static_cast<F>(tb + j), cur[j], side[j]);
+    }
+    WKV_UNROLL for (int i = 0; i < K; ++i) {
+      const int j = K - 1 - i;
+      if (tb + j < t1) finish(right, tb + j, cur[j], side[j]);
+      if (i == 0 && bi > 0) load_block(bi - 1);
+    }
+  }
 }
 
 // ck: this chunk's checkpoints (see Checkpoints), stored for the rescan.
@@ -701,75 +711,69 @@ WKV_HD void lane_fwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t 
   lane_summary<FwdSum<F>, false>(l, ch, nch, t0, t1, st, ds, fs, ck);
 }
 
-// Phase 3 of the forward, one pass right to left over [t0, t1) (see "Forward checkpoints"):
-// `carry` as in phase 1, `ck` this chunk's checkpoints (stride ck_stride, fields at fs).
-// A block's rows and the next block's checkpoint are loaded one block ahead, as in the
-// other passes.  Position t gets the left sum fwd_store_step would have stored there
-// (merge(carry, checkpoint) then folds, in registers) and the right sum of the terms
-// after t, combined by fwd_finish_step.
+// The forward's stored side at a position: its left sum as fwd_store_step stores it.
+template <typename F> struct FwdSide {
+  F y, m, r;
+};
+
+// Phase 3 of the forward over [t0, t1): `carry` as in phase 1, `ck` this chunk's first
+// checkpoint (checkpoints at ck_stride).
 template <typename F>
 WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
                             int64_t ds, int64_t fs, const F* ck, int64_t ck_stride) {
-  constexpr int K = kCheckpointRows<F>;
-  FwdSum<F> carried, right, ck_cur, ck_next;
-  state_load(carried, carry, fs);
-  state_load(right, carry + ds, fs);
-  state_empty(ck_next);
-  Row<F> cur[K], next[K];
-  const auto load_block = [&](int64_t bi) {  // rows of block bi, and its checkpoint
-    const int64_t tb = t0 + bi * K;
-    WKV_UNROLL for (int j = 0; j < K; ++j) {
-      if (tb + j < t1) load_row<F, Pass::kFold, false>(next[j], l, tb + j);
-    }
-    if (bi > 0) {
-      const F* p = ck + (bi - 1) * ck_stride;
-      ck_next = {load_input(p), load_input(p + fs), load_input(p + 2 * fs), load_input(p + 3 * fs)};
-    }
-  };
-  const int64_t blocks = (t1 - t0 + K - 1) / K;
-  load_block(blocks - 1);
-  for (int64_t bi = blocks - 1; bi >= 0; --bi) {
-    WKV_UNROLL for (int j = 0; j < K; ++j) cur[j] = next[j];
-    ck_cur = ck_next;
-    if (bi > 0) load_block(bi - 1);
-    const int64_t tb = t0 + bi * K;
-    const int64_t rows = t1 - tb < K ? t1 - tb : K;
-    FwdSum<F> left = carried;
-    if (bi > 0) state_merge(left, ck_cur, l.w);
-    F sy[K], sm[K], sr[K];  // the left sums at the block's positions, as stored by a store pass
-    WKV_UNROLL for (int j = 0; j < K; ++j) {
-      if (j < rows) {
-        fwd_store_step(left.a, left.n, left.s0, left.mean, static_cast<F>(tb + j), cur[j].k,
-                       cur[j].v, l.w, sy[j], sm[j], sr[j]);
-      }
-    }
-    WKV_UNROLL for (int i = 0; i < K; ++i) {
-      const int j = K - 1 - i;
-      if (j < rows) {
-        const int64_t o = (tb + j) * l.C;
-        fwd_finish_step(right.a, right.n, right.s0, right.mean, F(-1), static_cast<F>(tb + j),
-                        cur[j].k, cur[j].v, l.w, l.u, sy[j], sm[j], sr[j]);
-        l.y[o] = sy[j];
-        l.m[o] = sm[j];
-        l.r[o] = sr[j];
-      }
-    }
-  }
+  checkpointed_rescan<FwdSum<F>, FwdSide<F>, false>(
+      l, t0, t1, carry, ds, fs, ck, ck_stride,
+      [&](FwdSum<F>& left, F t, const Row<F>& row, FwdSide<F>& side) {
+        fwd_store_step(left.a, left.n, left.s0, left.mean, t, row.k, row.v, l.w, side.y, side.m,
+                       side.r);
+      },
+      [&](FwdSum<F>& right, int64_t t, const Row<F>& row, FwdSide<F>& side) {
+        const int64_t o = t * l.C;
+        fwd_finish_step(right.a, right.n, right.s0, right.mean, F(-1), static_cast<F>(t), row.k,
+                        row.v, l.w, l.u, side.y, side.m, side.r);
+        l.y[o] = side.y;
+        l.m[o] = side.m;
+        l.r[o] = side.r;
+      });
 }
 
 template <typename F>
 WKV_HD void lane_bwd_summary(const BwdLane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
-                             F* st, int64_t ds, int64_t fs) {
-  lane_summary<BwdState<F>, true>(l, ch, nch, t0, t1, st, ds, fs, Checkpoints<F>{nullptr, 0});
+                             F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
+  lane_summary<BwdState<F>, true>(l, ch, nch, t0, t1, st, ds, fs, ck);
 }
 
-// gw, gu: this task's partial sums (set, not accumulated).
+// The backward's stored side at a position: the left transposed sums q0, q1 (bwd_emit).
+template <typename F> struct BwdSide {
+  F q0, q1;
+};
+
+// Phase 3 of the backward, as lane_fwd_rescan; the left state's part of gw is summed in the
+// store steps.  gw, gu: this task's partial sums (set, not accumulated).
 template <typename F>
 WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, int64_t t0, int64_t t1, const F* carry,
-                            int64_t ds, int64_t fs, double& gw, double& gu) {
-  gw = gu = 0.0;
-  lane_bwd_pass<F, Pass::kStore>(l, 1, t0, t1, carry, fs, gw, gu);
-  lane_bwd_pass<F, Pass::kFinish>(l, -1, t0, t1, carry + ds, fs, gw, gu);
+                            int64_t ds, int64_t fs, const F* ck, int64_t ck_stride, double& gw,
+                            double& gu) {
+  double sw = 0.0, su = 0.0;
+  checkpointed_rescan<BwdState<F>, BwdSide<F>, true>(
+      l, t0, t1, carry, ds, fs, ck, ck_stride,
+      [&](BwdState<F>& left, F t, const Row<F>& c, BwdSide<F>& side) {
+        bwd_emit(left, F(1), t, c.k, c.v, c.y, c.m, c.r, c.gy, l.w, sw, side.q0, side.q1);
+        bwd_fold(left, F(1), t, c.k, c.v, c.y, c.m, c.r, c.gy, l.w);
+      },
+      [&](BwdState<F>& right, int64_t t, const Row<F>& c, BwdSide<F>& side) {
+        const int64_t o = t * l.C;
+        const F tf = static_cast<F>(t);
+        F p0, p1, g_v, g_k;
+        bwd_emit(right, F(-1), tf, c.k, c.v, c.y, c.m, c.r, c.gy, l.w, sw, p0, p1);
+        bwd_finish(l.u, c.k, c.v, c.y, c.m, c.r, c.gy, side.q0 + p0, side.q1 + p1, l.w, su, sw,
+                   g_v, g_k);
+        l.gv[o] = g_v;
+        l.gk[o] = g_k;
+        bwd_fold(right, F(-1), tf, c.k, c.v, c.y, c.m, c.r, c.gy, l.w);
+      });
+  gw = sw;
+  gu = su;
 }
 
 // ------------------------------------------------------------------------ chunk length

@@ -96,20 +96,21 @@ extern "C" int wkv_host_resident_threads(int dbl) {
   }                                                                                       \
   extern "C" int wkv_host_backward_##SUFFIX(                                              \
       const F* w, const F* u, const F* k, const F* v, const F* y, const F* m, const F* r, \
-      const F* gy, F* gk, F* gv, F* summ, F* carry, double* gw_part, double* gu_part,     \
-      F* gw, F* gu, int64_t B, int64_t T, int64_t C, int64_t len, int reversed) {         \
+      const F* gy, F* gk, F* gv, F* summ, F* carry, F* ckpt, double* gw_part,             \
+      double* gu_part, F* gw, F* gu, int64_t B, int64_t T, int64_t C, int64_t len,        \
+      int reversed) {                                                                     \
     reversed_order = reversed != 0;                                                       \
     last_error = cudaSuccess;                                                             \
-    return wkv_cuda_backward(w, u, k, v, y, m, r, gy, gk, gv, summ, carry, gw_part,       \
+    return wkv_cuda_backward(w, u, k, v, y, m, r, gy, gk, gv, summ, carry, ckpt, gw_part, \
                              gu_part, gw, gu, B, T, C, len, nullptr);                     \
   }
 
 WKV_HOST_ENTRY_POINTS(float, f32)
 WKV_HOST_ENTRY_POINTS(double, f64)
 
-// Forward checkpoints per chunk of length len (float64 if dbl), for the checkpoint buffer.
-extern "C" int64_t wkv_host_checkpoints(int64_t len, int dbl) {
-  return dbl ? wkv::checkpoints_per_chunk<double>(len) : wkv::checkpoints_per_chunk<float>(len);
+// Checkpoints per chunk of length len (of the backward if bwd), for the checkpoint buffers.
+extern "C" int64_t wkv_host_checkpoints(int64_t len, int bwd) {
+  return bwd ? wkv::checkpoints_per_chunk<true>(len) : wkv::checkpoints_per_chunk<false>(len);
 }
 
 // Fields of a forward (bwd = 0) or backward state in the summary / carry buffers.
