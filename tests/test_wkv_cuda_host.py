@@ -218,10 +218,35 @@ def test_zero_weight_keys_and_empty_checkpoints(host_kernel, chunk):
         y = got[0].double()
         assert torch.isnan(y[0, :, 1]).all() and torch.isfinite(y[finite]).all(), dtype
         assert _rel_err(y[finite], y_ref.detach()[finite]) <= tol, dtype
-        gk, gv = got[3].double(), got[4].double()
+        gw, gu, gk, gv = (x.double() for x in got[1:])
+        other = [0, 2]  # the channels without a NaN lane
         for name, x, r in (("gk", gk[1], g_ref[2][1]), ("gv", gv[1], g_ref[3][1]),
-                           ("gk", gk[0, :, [0, 2]], g_ref[2][0, :, [0, 2]])):
+                           ("gk", gk[0, :, other], g_ref[2][0, :, other]),
+                           ("gv", gv[0, :, other], g_ref[3][0, :, other]),
+                           ("gw", gw[other], g_ref[0][other]), ("gu", gu[other], g_ref[1][other])):
             assert torch.isfinite(x).all() and _rel_err(x, r) <= 10 * tol, (name, dtype)
+
+
+@pytest.fixture(scope="module", params=[1, 3, 5], ids=lambda d: f"every{d}")
+def host_kernel_other_spacing(request, tmp_path_factory):
+    """The harness with checkpoints every 1, 3 or 5 positions (both directions; by default 8 forward,
+    4 backward): phase 3's blocks, and so its block boundaries and partial last blocks, move."""
+    folder = tmp_path_factory.mktemp(f"wkv_cuda_host_every{request.param}")
+    return _build_host_kernel(folder, f"WKV_CHECKPOINT_ROWS={request.param}")
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 7, 9, 17, 64, "auto"], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("shape", [(2, 33, 3), (1, 40, 32), (1, 1000, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_other_checkpoint_spacings_vs_dense(host_kernel_other_spacing, shape, chunk):
+    """Values and gradients with other checkpoint spacings against the dense reference: the
+    rescan's result does not hinge on the default block sizes."""
+    B, T, C = shape
+    length = _length(host_kernel_other_spacing, chunk, B, T, C)
+    args, gy, y_ref, g_ref = _grad_ref(shape, seed=sum(shape), wT=4.0)
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
+        got = run_host(host_kernel_other_spacing, *(x.to(dtype) for x in (*args, gy)), chunk=length)
+        for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, [y_ref, *g_ref]):
+            assert _rel_err(x, r) <= tol * (1 if name == "y" else 10), (name, dtype, _rel_err(x, r))
 
 
 @pytest.mark.parametrize("wT", [1e2, 1e3, 1e4])

@@ -4,9 +4,9 @@
 // Phases 1 and 3 run one thread per (batch, channel, chunk); a block is 32 consecutive
 // channels (one warp, so every load/store of the (B, T, C) channel-contiguous tensors is
 // coalesced) x kRows chunks.  Phase 2 runs one thread per (batch, channel, direction)
-// over the chunk summaries.  The forward's phase 1 also stores checkpoints of the left
-// sums every few rows, from which its phase 3 rescans each chunk in one pass (wkv_recurrence.h,
-// "Forward checkpoints").  gw / gu are per-(batch, chunk, channel) partial sums
+// over the chunk summaries.  Phase 1 also stores checkpoints of the left state every few
+// rows, from which phase 3 rescans each chunk in one pass (wkv_recurrence.h,
+// "Checkpoints").  gw / gu are per-(batch, chunk, channel) partial sums
 // (double) reduced by a last kernel in a fixed order: no atomics, bitwise reproducible
 // for a given chunk length.  Any B, T, C >= 1: no T_MAX, no block-size requirement.
 //

@@ -41,9 +41,9 @@
 //   y_t,   m_t, r_t  with  lse_t = log D_t = m_t + r_t * w,  r_t an integer.
 // Either side can come first; the CPU kernel uses this when a lane is split in exactly two
 // chunks (see "Two halves" in wkv_cpu.cpp; the CUDA kernel always runs three phases).
-// The CUDA forward keeps the stored side off the output buffers: it rescans in one pass,
-// re-deriving the left sums block by block from checkpoints phase 1 stores ("Forward
-// checkpoints" below).
+// The CUDA kernel keeps the stored side off the output buffers: it rescans in one pass,
+// re-deriving the stored side block by block from checkpoints phase 1 stores
+// ("Checkpoints" below).
 // A row whose weights are all e^{-inf} = 0 gives y_t = NaN (0/0, as the definition).
 //
 // Backward (closed form).  P_tj = e^{L_tj - lse_t} (softmax weights, <= 1):
@@ -578,7 +578,8 @@ WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, int64_t t0, int64_t t1
 // One (batch, channel, chunk) task of phase 1 and of phase 3, as a CUDA thread runs it.
 // `st` points at this task's (direction 0, field 0) entry of the (B, chunks, 2, fields, C)
 // summary or carry buffer; ds: the stride to direction 1 (fields * C), fs: between fields
-// (C).  Phase 1 skips the sums nobody uses: the last chunk's left sum, the first's right.
+// (C).  Phase 1 skips the sums nobody uses: the first chunk's right sum, and the last
+// chunk's left sum unless the chunk is long enough for checkpoints.
 // A chunk that needs both folds them in one pass, left to right: each row is read once and
 // the two chains of folds are independent, so each hides the other's latency (a sum does not
 // depend on the order its terms are folded in, up to rounding).
@@ -600,13 +601,20 @@ WKV_HD void state_fold(BwdState<F>& s, F dir, F t, const Row<F>& row, F w) {
 // from the checkpoint) and combined with the right state position by position, right to
 // left.  Instead of writing the stored side to the output buffers and reading it back
 // (forward: y, m, r; backward: gv, gk) and reading the inputs a third time, phase 3 reads
-// each input once, plus the checkpoints: the forward moves 8 passes over a (B, T, C)
-// tensor (15 with a store pass; the minimal 5: 4 fields every 8 rows, half a pass each
-// way), the backward 6 + 2.75 + 6 + 2.75 + 2 = 19.5 (24; the minimal 8: 11 fields every 4
-// rows).  A fixed spacing, not the depth of the loads ahead, so the results do not depend
+// each input once, plus the checkpoints.  Passes over a (B, T, C) tensor: the forward
+// reads k, v twice, writes y, m, r once and moves its checkpoints (4 fields every 8 rows)
+// once each way: 2 + 3 + 2 + 2 * 0.5 = 8 (15 with a store pass; the minimal 5); the
+// backward 2 * 6 + 2 + 2 * 11 / 4 = 19.5 (24; the minimal 8).  The sequential steps per
+// chunk stay about 3 L: phase 3's store and finish steps are two dependent chains per
+// block; what the checkpoints save is memory traffic.  A fixed spacing, not the depth of the loads ahead, so the results do not depend
 // on that depth; chosen so that a block's rows, the next block's and the re-derived values
-// stay in registers (docs/wkv.md, "CUDA registers").
+// stay in registers (docs/wkv.md, "CUDA registers").  WKV_CHECKPOINT_ROWS overrides it for
+// both directions: the tests move the block boundaries with it.
+#ifdef WKV_CHECKPOINT_ROWS
+template <bool Bwd> constexpr int kCheckpointRows = WKV_CHECKPOINT_ROWS;
+#else
 template <bool Bwd> constexpr int kCheckpointRows = Bwd ? 4 : 8;
+#endif
 
 // Checkpoints of one chunk of length len: one per block but the first (whose left state is
 // the carry itself).
@@ -665,7 +673,8 @@ WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t
 // side in registers and folds t into `left`; finish(right, t, row, side) at each position,
 // right to left, combines it with the right state (from `carry + ds`), writes the outputs and
 // folds t into `right`.  The carried-in left state is read again for each block (a cache
-// hit) and the next block's loads are issued after the block's first finish step, when
+// hit; nvcc could hoist that read out of the loop, and tests/test_wkv_build.py would then
+// see the spills it avoids) and the next block's loads are issued after the block's first finish step, when
 // `left` and that row are done with: held through the whole block, the backward's rows,
 // states and stored side would not fit in its registers (spills).
 template <typename State, typename Side, bool Bwd, typename F, typename S, typename Store,
