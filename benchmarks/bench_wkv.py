@@ -579,18 +579,24 @@ def run_work_items(args) -> None:
     print(f"GLSP on default 3d_fullres plans (128^3 patch, batch {B}); CUDA: {args.sms} SMs x "
           f"{per_sm} resident threads ({source}) = {slots} slots; CPU: {threads} threads, "
           f"16-channel blocks.")
-    print("| stage | grid | T | C | CUDA chunk | chunks | threads phases 1+3 | "
-          "threads phase 2 | % of slots | CPU chunk | CPU tasks |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| stage | grid | T | C | CUDA chunk | chunks | threads phases 1+3 | % of slots | "
+          "phase 2 groups | threads phase 2 | phase 2 merges in a row | CPU chunk | CPU tasks |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s, (side, C) in enumerate(GLSP_STAGES):
         T = side ** 3
         L = ext.chunk_length("cuda", B, T, C, slots)
         nch = -(-T // L)
         th = B * -(-C // 32) * 32 * nch
+        groups = ext.carry_groups(nch)
+        # merges one phase-2 thread does one after another: the sequential scan, or a group's
+        # summary, the scan over the groups and a group's carries
+        G = -(-nch // groups)
+        chain = nch - 1 if groups == 1 else G + (groups - 1) + G
         Lc = ext.chunk_length("cpu", B, T, C, threads)
         tasks = B * -(-C // 16) * -(-T // Lc)
-        print(f"| {s} | {side}^3 | {T} | {C} | {L} | {nch} | {th} | {2 * B * C} | "
-              f"{100 * min(th, slots) / slots:.0f} % | {Lc} | {tasks} |")
+        print(f"| {s} | {side}^3 | {T} | {C} | {L} | {nch} | {th} | "
+              f"{100 * min(th, slots) / slots:.0f} % | {groups} | {2 * B * C * groups} | {chain} | "
+              f"{Lc} | {tasks} |")
 
 
 def main(argv=None) -> int:

@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_wkv import min_bytes, wkv_inputs  # noqa: E402  (sibling script; puts this checkout on sys.path)
 
-# the CUDA kernels of cuda_wkv/csrc/wkv_cuda.cu, each named <short name>_kernel
-KERNEL_NAME = r'(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|carry|reduce)_kernel'
+# the CUDA kernels of cuda_wkv/csrc/wkv_cuda.cu, each named <short name>_kernel (group_carry before carry:
+# the first alternative that matches at a position names the kernel)
+KERNEL_NAME = r'(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|group_summary|group_carry|carry|reduce)_kernel'
 KERNEL_FILTER = f'regex:{KERNEL_NAME}'
 # ncu's options for the workload: the WKV kernels only (of the workload's process or a child), at the clocks
 # the benchmarks see (no locking), the sections whose metrics the table reads, and the DRAM bytes
@@ -52,8 +53,10 @@ NCU_ARGS = ['--target-processes', 'all', '--clock-control', 'none', '--kernel-na
             *[a for s in ('SpeedOfLight', 'Occupancy', 'LaunchStats', 'MemoryWorkloadAnalysis', 'WarpStateStats')
               for a in ('--section', s)],
             '--metrics', 'dram__bytes_read.sum,dram__bytes_write.sum']
-# one forward + backward launches these, in this order (a summary kernel only when there are several chunks)
-LAUNCHES = r'(fwd_summary )?carry fwd_rescan (bwd_summary )?carry bwd_rescan reduce'
+# one forward + backward launches these, in this order (a summary kernel unless the sequence is a single
+# block; phase 2 one carry kernel, or three for many chunks: the grouped carries)
+CARRIES = r'(carry|group_summary carry group_carry)'
+LAUNCHES = rf'(fwd_summary )?{CARRIES} fwd_rescan (bwd_summary )?{CARRIES} bwd_rescan reduce'
 # (B, T, C) tensors the op must move at least, as bench_wkv counts them for its share of the peak
 MINIMAL_PASSES = {'forward': min_bytes(1, 1, 1, 1, 'fwd'),
                   'backward': min_bytes(1, 1, 1, 1, 'fwd_bwd') - min_bytes(1, 1, 1, 1, 'fwd')}

@@ -53,6 +53,8 @@ def _build_host_kernel(folder, *defines: str):
     mod.wkv_host_resident_threads.restype = ctypes.c_int
     mod.wkv_host_state_fields.restype = ctypes.c_int64
     mod.wkv_host_state_fields.argtypes = [ctypes.c_int]
+    mod.wkv_host_carry_groups.restype = ctypes.c_int64
+    mod.wkv_host_carry_groups.argtypes = [ctypes.c_int64]
     mod.wkv_host_checkpoints.restype = ctypes.c_int64
     mod.wkv_host_checkpoints.argtypes = [ctypes.c_int64, ctypes.c_int]
     for name in ("forward", "backward"):
@@ -100,20 +102,22 @@ def run_host(mod, w, u, k, v, gy, chunk, reversed_order=False):
     nch = -(-T // chunk)
     ff, bf = mod.wkv_host_state_fields(0), mod.wkv_host_state_fields(1)
     fck, bck = (mod.wkv_host_checkpoints(chunk, bwd) for bwd in (0, 1))
+    groups = mod.wkv_host_carry_groups(nch)
+    ng = groups if groups > 1 else 0  # phase 2's group buffers (none for one group)
     g = Guarded()
     wa, ua, ka, va, gya = (g(x.shape, dtype, x.numpy()) for x in (w, u, k, v, gy))
     y, m, r = (g((B, T, C), dtype) for _ in range(3))
     i64 = ctypes.c_int64
     err = getattr(mod, f"wkv_host_forward_{sfx}")(
         *map(_ptr, (wa, ua, ka, va, y, m, r, g((B, nch, 2, ff, C), dtype), g((B, nch, 2, ff, C), dtype),
-                    g((B, nch, fck, ff, C), dtype))),
+                    g((B, nch, fck, ff, C), dtype), g((2, B, ng, 2, ff, C), dtype))),
         i64(B), i64(T), i64(C), i64(chunk), ctypes.c_int(int(reversed_order)))
     assert err == 0, f"forward: CUDA error {err}"
     gk, gv = g((B, T, C), dtype), g((B, T, C), dtype)
     gw, gu = g((C,), dtype), g((C,), dtype)
     err = getattr(mod, f"wkv_host_backward_{sfx}")(
         *map(_ptr, (wa, ua, ka, va, y, m, r, gya, gk, gv, g((B, nch, 2, bf, C), dtype),
-                    g((B, nch, 2, bf, C), dtype), g((B, nch, bck, bf, C), dtype),
+                    g((B, nch, 2, bf, C), dtype), g((B, nch, bck, bf, C), dtype), g((2, B, ng, 2, bf, C), dtype),
                     g((B, nch, C), np.float64), g((B, nch, C), np.float64),
                     gw, gu)),
         i64(B), i64(T), i64(C), i64(chunk), ctypes.c_int(int(reversed_order)))
@@ -172,6 +176,15 @@ def test_resident_threads_are_the_occupancy_of_the_chunk_kernels(host_kernel):
     blocks, here the harness's 4 blocks), not the SM's thread limit."""
     assert host_kernel.wkv_host_resident_threads(0) == 512
     assert host_kernel.wkv_host_resident_threads(1) == 512
+
+
+def test_phase_two_groups_many_chunks(host_kernel):
+    """Phase 2 scans up to 95 chunks in one sequential scan, more in about sqrt(n) groups of about
+    sqrt(n) chunks (GLSP's T = 32768 on an H200: 263 chunks, 16 groups of 17); the host tests with
+    100-1000 chunks (chunk lengths 1-9 at T = 1000, 1 at T = 130 and 203) run the grouped path."""
+    groups = host_kernel.wkv_host_carry_groups
+    assert [groups(n) for n in (1, 2, 95)] == [1, 1, 1]
+    assert [groups(n) for n in (96, 100, 263, 1000, 1024)] == [10, 10, 16, 32, 32]
 
 
 @pytest.fixture(scope="module", params=[1, 5], ids=lambda d: f"ahead{d}")

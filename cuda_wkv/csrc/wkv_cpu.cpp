@@ -466,6 +466,14 @@ int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
                          : wkv::cuda_auto_chunk(B, T, C, parallel);
 }
 
+// Groups of the CUDA kernel's phase 2 for nch chunks (1: one sequential scan; see "Grouped
+// carries" in wkv_recurrence.h), for the benchmarks' work-items table.
+int64_t carry_groups(int64_t nch) {
+  TORCH_CHECK(nch >= 1, "carry_groups: nch must be >= 1, got ", nch);
+  const int64_t g = wkv::carry_group(nch);
+  return (nch + g - 1) / g;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -476,4 +484,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("chunk_length", &chunk_length,
           "chunk_length(device, B, T, C, parallel) -> chunk length of the three-phase scan "
           "(parallel: CPU threads or CUDA resident threads)");
+  mod.def("carry_groups", &carry_groups,
+          "carry_groups(nch) -> groups of the CUDA kernel's phase 2 for nch chunks");
 }

@@ -38,6 +38,7 @@ using wkv::kFwdFields;
 struct Shape {
   int64_t B, T, C, len, nch, nchb;  // nchb: blocks along the chunks, ceil(nch / kRows)
   int64_t nck;                      // checkpoints per chunk (wkv::checkpoints_per_chunk)
+  int64_t group, ngroups;           // phase 2's groups of chunks (wkv::carry_group)
   // offset of (b, chunk, dir, field 0, c) in a (B, nch, 2, fields, C) buffer
   __device__ int64_t state(int fields, int64_t b, int64_t ch, int dir, int64_t c) const {
     return (((b * nch + ch) * 2 + dir) * fields) * C + c;
@@ -63,6 +64,18 @@ __device__ bool lane_task(const Shape& s, int64_t& b, int64_t& c, int& dir) {
   c = i % s.C;
   dir = static_cast<int>((i / s.C) % 2);
   b = i / (2 * s.C);
+  return true;
+}
+
+// This thread's (batch, group, direction, channel) in phase 2's grouped kernels; channels
+// vary fastest, so a warp's loads and stores are coalesced.
+__device__ bool group_task(const Shape& s, int64_t& b, int64_t& g, int& dir, int64_t& c) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= s.B * s.ngroups * 2 * s.C) return false;
+  c = i % s.C;
+  dir = static_cast<int>((i / s.C) % 2);
+  g = (i / (2 * s.C)) % s.ngroups;
+  b = i / (2 * s.C * s.ngroups);
   return true;
 }
 
@@ -102,7 +115,9 @@ __global__ void WKV_CHUNK_BOUNDS fwd_summary_kernel(FwdArgs<F> a, F* __restrict_
                                             kFwdFields * s.C});
 }
 
-// Phase 2 of the forward (Fields = kFwdFields) or the backward (kBwdFields).
+// Phase 2 of the forward (Fields = kFwdFields) or the backward (kBwdFields): one sequential
+// scan per lane and direction over s.nch summaries -- the chunks', or (b) of the grouped
+// carries over the group summaries (s.nch = the groups, see launch_carries).
 template <typename F, int Fields>
 __global__ void carry_kernel(const F* __restrict__ w, const F* __restrict__ summ,
                              F* __restrict__ carry, Shape s) {
@@ -110,11 +125,34 @@ __global__ void carry_kernel(const F* __restrict__ w, const F* __restrict__ summ
   int dir;
   if (!lane_task(s, b, c, dir)) return;
   const int64_t o = s.state(Fields, b, 0, dir, c);
-  if (Fields == kFwdFields) {
-    wkv::fwd_carry_lane(summ + o, carry + o, s.nch, 2 * Fields * s.C, s.C, dir, w[c]);
-  } else {
-    wkv::bwd_carry_lane(summ + o, carry + o, s.nch, 2 * Fields * s.C, s.C, dir, w[c]);
-  }
+  wkv::carry_lane<F, Fields == kBwdFields>(summ + o, carry + o, s.nch, 2 * Fields * s.C, s.C, dir,
+                                           w[c]);
+}
+
+// Grouped carries (wkv_recurrence.h), (a): group summaries into gsum, (B, groups, 2, Fields, C).
+template <typename F, int Fields>
+__global__ void group_summary_kernel(const F* __restrict__ w, const F* __restrict__ summ,
+                                     F* __restrict__ gsum, Shape s) {
+  int64_t b, g, c;
+  int dir;
+  if (!group_task(s, b, g, dir, c)) return;
+  const int64_t o = s.state(Fields, b, 0, dir, c);
+  const int64_t go = (((b * s.ngroups + wkv::chunk_at(g, s.ngroups, dir)) * 2 + dir) * Fields) * s.C + c;
+  wkv::group_summary<F, Fields == kBwdFields>(summ + o, g, s.group, s.nch, 2 * Fields * s.C, s.C, dir,
+                                               w[c], gsum + go);
+}
+
+// (c): each group's chunk carries from its group carry in gcarry (laid out as gsum).
+template <typename F, int Fields>
+__global__ void group_carry_kernel(const F* __restrict__ w, const F* __restrict__ summ,
+                                   const F* __restrict__ gcarry, F* __restrict__ carry, Shape s) {
+  int64_t b, g, c;
+  int dir;
+  if (!group_task(s, b, g, dir, c)) return;
+  const int64_t o = s.state(Fields, b, 0, dir, c);
+  const int64_t go = (((b * s.ngroups + wkv::chunk_at(g, s.ngroups, dir)) * 2 + dir) * Fields) * s.C + c;
+  wkv::group_carries<F, Fields == kBwdFields>(summ + o, carry + o, gcarry + go, g, s.group, s.nch,
+                                               2 * Fields * s.C, s.C, dir, w[c]);
 }
 
 template <typename F>
@@ -197,8 +235,9 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream,
 }
 
 template <bool Bwd> Shape make_shape(int64_t B, int64_t T, int64_t C, int64_t len) {
-  const int64_t nch = (T + len - 1) / len;
-  return {B, T, C, len, nch, (nch + kRows - 1) / kRows, wkv::checkpoints_per_chunk<Bwd>(len)};
+  const int64_t nch = (T + len - 1) / len, group = wkv::carry_group(nch);
+  return {B,     T, C, len, nch, (nch + kRows - 1) / kRows, wkv::checkpoints_per_chunk<Bwd>(len),
+          group, (nch + group - 1) / group};
 }
 
 dim3 chunk_grid(const Shape& s) {
@@ -210,10 +249,31 @@ unsigned int lane_blocks(const Shape& s) {
   return static_cast<unsigned int>((s.B * s.C * 2 + 127) / 128);
 }
 
+// Phase 2: the carries of every chunk from the summaries, in one sequential scan per lane and
+// direction, or grouped (wkv_recurrence.h, "Grouped carries") with `groups` as scratch: two
+// (B, groups, 2, Fields, C) buffers, the group summaries and then the group carries.
+template <typename F, int Fields>
+void launch_carries(const F* w, const F* summ, F* carry, F* groups, const Shape& s,
+                    cudaStream_t stream) {
+  if (s.ngroups == 1) {
+    launch(carry_kernel<F, Fields>, dim3(lane_blocks(s)), dim3(128), stream, w, summ, carry, s);
+    return;
+  }
+  F* gsum = groups;
+  F* gcarry = groups + s.B * s.ngroups * 2 * Fields * s.C;
+  Shape over_groups = s;  // (b) scans the group summaries as carry_kernel scans chunk summaries
+  over_groups.nch = s.ngroups;
+  const dim3 grid(static_cast<unsigned int>((s.B * s.ngroups * 2 * s.C + 127) / 128));
+  launch(group_summary_kernel<F, Fields>, grid, dim3(128), stream, w, summ, gsum, s);
+  launch(carry_kernel<F, Fields>, dim3(lane_blocks(s)), dim3(128), stream, w, gsum, gcarry,
+         over_groups);
+  launch(group_carry_kernel<F, Fields>, grid, dim3(128), stream, w, summ, gcarry, carry, s);
+}
+
 template <typename F>
 cudaError_t forward_impl(const F* w, const F* u, const F* k, const F* v, F* y, F* m, F* r,
-                         F* summ, F* carry, F* ckpt, int64_t B, int64_t T, int64_t C,
-                         int64_t len, cudaStream_t stream) {
+                         F* summ, F* carry, F* ckpt, F* groups, int64_t B, int64_t T,
+                         int64_t C, int64_t len, cudaStream_t stream) {
   if (B * T * C == 0) return cudaSuccess;
   const Shape s = make_shape<false>(B, T, C, len);
   const dim3 block(kLanes, kRows);
@@ -221,14 +281,13 @@ cudaError_t forward_impl(const F* w, const F* u, const F* k, const F* v, F* y, F
   if (s.nch > 1 || s.nck > 0) {
     launch(fwd_summary_kernel<F>, chunk_grid(s), block, stream, a, summ, s);
   }
-  launch(carry_kernel<F, kFwdFields>, dim3(lane_blocks(s)), dim3(128), stream, w,
-         summ, carry, s);
+  launch_carries<F, kFwdFields>(w, summ, carry, groups, s, stream);
   launch(fwd_rescan_kernel<F>, chunk_grid(s), block, stream, a, carry, s);
   return cudaGetLastError();
 }
 
 template <typename F>
-cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, double* gw_part,
+cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, F* groups, double* gw_part,
                           double* gu_part, F* gw, F* gu, int64_t B, int64_t T, int64_t C,
                           int64_t len, cudaStream_t stream) {
   if (C == 0) return cudaSuccess;
@@ -236,8 +295,7 @@ cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, double* gw_par
   if (B * T > 0) {
     const dim3 block(kLanes, kRows);
     if (s.nch > 1 || s.nck > 0) launch(bwd_summary_kernel<F>, chunk_grid(s), block, stream, a, summ, s);
-    launch(carry_kernel<F, kBwdFields>, dim3(lane_blocks(s)), dim3(128), stream, a.w,
-           summ, carry, s);
+    launch_carries<F, kBwdFields>(a.w, summ, carry, groups, s, stream);
     launch(bwd_rescan_kernel<F>, chunk_grid(s), block, stream, a, carry,
            gw_part, gu_part, s);
     const cudaError_t err = cudaGetLastError();
@@ -282,20 +340,22 @@ cudaError_t wkv_cuda_resident_threads(bool dbl, int* per_sm) {
 // Entry points used by wkv_cuda_binding.cpp (plain overloads, no templates across TUs).
 // summ, carry: scratch of 2 * fields * B * ceil(T / len) * C elements (fields: kFwdFields,
 // kBwdFields); ckpt: fields * B * ceil(T / len) * wkv::checkpoints_per_chunk<backward>(len) * C
-// elements; gw_part, gu_part: B * ceil(T / len) * C doubles.
+// elements; groups: 2 * 2 * fields * B * ceil(ceil(T / len) / G) * C elements with
+// G = wkv::carry_group(ceil(T / len)); gw_part, gu_part: B * ceil(T / len) * C doubles.
 #define WKV_CUDA_ENTRY_POINTS(F)                                                          \
   cudaError_t wkv_cuda_forward(const F* w, const F* u, const F* k, const F* v, F* y, F* m, \
-                               F* r, F* summ, F* carry, F* ckpt, int64_t B, int64_t T,     \
-                               int64_t C, int64_t len, cudaStream_t stream) {              \
-    return forward_impl<F>(w, u, k, v, y, m, r, summ, carry, ckpt, B, T, C, len, stream);  \
+                               F* r, F* summ, F* carry, F* ckpt, F* groups, int64_t B,     \
+                               int64_t T, int64_t C, int64_t len, cudaStream_t stream) {   \
+    return forward_impl<F>(w, u, k, v, y, m, r, summ, carry, ckpt, groups, B, T, C, len,   \
+                           stream);                                                        \
   }                                                                                        \
   cudaError_t wkv_cuda_backward(const F* w, const F* u, const F* k, const F* v,            \
                                 const F* y, const F* m, const F* r, const F* gy, F* gk,    \
-                                F* gv, F* summ, F* carry, F* ckpt, double* gw_part,        \
-                                double* gu_part, F* gw, F* gu, int64_t B, int64_t T,       \
-                                int64_t C, int64_t len, cudaStream_t stream) {             \
+                                F* gv, F* summ, F* carry, F* ckpt, F* groups,              \
+                                double* gw_part, double* gu_part, F* gw, F* gu, int64_t B, \
+                                int64_t T, int64_t C, int64_t len, cudaStream_t stream) {  \
     const BwdArgs<F> a{w, u, k, v, y, m, r, gy, gk, gv, ckpt};                             \
-    return backward_impl<F>(a, summ, carry, gw_part, gu_part, gw, gu, B, T, C, len,        \
+    return backward_impl<F>(a, summ, carry, groups, gw_part, gu_part, gw, gu, B, T, C, len,\
                             stream);                                                       \
   }
 

@@ -14,13 +14,13 @@
 
 #define WKV_CUDA_DECLARE(F)                                                               \
   cudaError_t wkv_cuda_forward(const F* w, const F* u, const F* k, const F* v, F* y, F* m, \
-                               F* r, F* summ, F* carry, F* ckpt, int64_t B, int64_t T,     \
-                               int64_t C, int64_t len, cudaStream_t stream);               \
+                               F* r, F* summ, F* carry, F* ckpt, F* groups, int64_t B,     \
+                               int64_t T, int64_t C, int64_t len, cudaStream_t stream);    \
   cudaError_t wkv_cuda_backward(const F* w, const F* u, const F* k, const F* v,            \
                                 const F* y, const F* m, const F* r, const F* gy, F* gk,    \
-                                F* gv, F* summ, F* carry, F* ckpt, double* gw_part,        \
-                                double* gu_part, F* gw, F* gu, int64_t B, int64_t T,       \
-                                int64_t C, int64_t len, cudaStream_t stream);
+                                F* gv, F* summ, F* carry, F* ckpt, F* groups,              \
+                                double* gw_part, double* gu_part, F* gw, F* gu, int64_t B, \
+                                int64_t T, int64_t C, int64_t len, cudaStream_t stream);
 WKV_CUDA_DECLARE(float)
 WKV_CUDA_DECLARE(double)
 cudaError_t wkv_cuda_resident_threads(bool dbl, int* per_sm);
@@ -66,6 +66,14 @@ at::Tensor checkpoint_buffer(const at::Tensor& k, int64_t len, int64_t fields) {
                    k.options());
 }
 
+// Scratch of phase 2's grouped carries (wkv_recurrence.h): the group summaries and the group
+// carries, two (B, groups, 2, fields, C) buffers (groups = 1: unused).
+at::Tensor group_buffer(const at::Tensor& k, int64_t len, int64_t fields) {
+  const int64_t nch = (k.size(1) + len - 1) / len, group = wkv::carry_group(nch);
+  const int64_t groups = (nch + group - 1) / group;
+  return at::empty({2, k.size(0), groups > 1 ? groups : 0, 2, fields, k.size(2)}, k.options());
+}
+
 std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
                                     at::Tensor v) {
   wkv::check_inputs("wkv_cuda", c10::DeviceType::CUDA, w, u, k, v);
@@ -77,6 +85,7 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
   auto summ = state_buffer(k, len, wkv::kFwdFields);
   auto carry = state_buffer(k, len, wkv::kFwdFields);
   auto ckpt = checkpoint_buffer<false>(k, len, wkv::kFwdFields);
+  auto groups = group_buffer(k, len, wkv::kFwdFields);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err;
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cuda", [&] {
@@ -84,7 +93,7 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,
     err = wkv_cuda_forward(w.data_ptr<F>(), u.data_ptr<F>(), k.data_ptr<F>(),
                            v.data_ptr<F>(), y.data_ptr<F>(), m.data_ptr<F>(),
                            r.data_ptr<F>(), summ.data_ptr<F>(), carry.data_ptr<F>(),
-                           ckpt.data_ptr<F>(), B, T, C, len, stream);
+                           ckpt.data_ptr<F>(), groups.data_ptr<F>(), B, T, C, len, stream);
   });
   TORCH_CHECK(err == cudaSuccess, "wkv_cuda forward launch failed: ",
               cudaGetErrorString(err));
@@ -104,6 +113,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
   auto summ = state_buffer(k, len, wkv::kBwdFields);
   auto carry = state_buffer(k, len, wkv::kBwdFields);
   auto ckpt = checkpoint_buffer<true>(k, len, wkv::kBwdFields);
+  auto groups = group_buffer(k, len, wkv::kBwdFields);
   const int64_t nch = (T + len - 1) / len;
   auto gw_part = at::empty({B, nch, C}, k.options().dtype(at::kDouble));
   auto gu_part = at::empty_like(gw_part);
@@ -115,7 +125,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                             v.data_ptr<F>(), y.data_ptr<F>(), m.data_ptr<F>(),
                             r.data_ptr<F>(), gy.data_ptr<F>(), gk.data_ptr<F>(),
                             gv.data_ptr<F>(), summ.data_ptr<F>(), carry.data_ptr<F>(),
-                            ckpt.data_ptr<F>(),
+                            ckpt.data_ptr<F>(), groups.data_ptr<F>(),
                             gw_part.data_ptr<double>(), gu_part.data_ptr<double>(),
                             gw.data_ptr<F>(), gu.data_ptr<F>(), B, T, C, len, stream);
   });

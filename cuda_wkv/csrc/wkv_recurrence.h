@@ -60,6 +60,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define WKV_HD __host__ __device__ __forceinline__
@@ -438,41 +439,99 @@ template <typename F> WKV_HD void state_merge(BwdState<F>& s, const BwdState<F>&
 // Ahead, one block ahead of the merges that use them (see "Loads ahead" below): on a GPU
 // their global-memory latency overlaps a block of merges instead of adding to every step
 // of this sequential loop.
+//
+// Chunks are visited in scan order i = 0 .. nch - 1 (chunk_at(i): left to right for dir 0,
+// right to left for dir 1).  scan_carries covers the scan indices [i0, i1) from the state s
+// (the merge of the summaries before i0): it stores s as each chunk's carry (unless `carry`
+// is null) and then merges the chunk's summary, except the last chunk's in scan order,
+// which nobody needs (phase 1 does not write it).  s ends as the merge up to i1.
 WKV_HD int64_t chunk_at(int64_t i, int64_t nch, int dir) { return dir == 0 ? i : nch - 1 - i; }
 
 template <int Ahead, typename F, typename State>
-WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs, int dir,
-                       F w) {
-  const int64_t merges = nch - 1;  // summary i is merged after carry i is stored, i < nch - 1
-  State s, cur[Ahead], next[Ahead];
-  state_empty(s);
+WKV_HD void scan_carries(const F* summ, F* carry, int64_t i0, int64_t i1, int64_t nch, int64_t cs,
+                         int64_t fs, int dir, F w, State& s) {
+  const int64_t merges = i1 < nch - 1 ? i1 : nch - 1;
+  State cur[Ahead], next[Ahead];
   WKV_UNROLL for (int j = 0; j < Ahead; ++j) state_empty(next[j]);
   const auto load_block = [&](int64_t i) {
     WKV_UNROLL for (int j = 0; j < Ahead; ++j) {
       if (i + j < merges) state_load(next[j], summ + chunk_at(i + j, nch, dir) * cs, fs);
     }
   };
-  load_block(0);
-  for (int64_t i = 0; i < nch; i += Ahead) {
+  load_block(i0);
+  for (int64_t i = i0; i < i1; i += Ahead) {
     WKV_UNROLL for (int j = 0; j < Ahead; ++j) cur[j] = next[j];
     load_block(i + Ahead);
     WKV_UNROLL for (int j = 0; j < Ahead; ++j) {
-      if (i + j < nch) state_store(s, carry + chunk_at(i + j, nch, dir) * cs, fs);
+      if (carry != nullptr && i + j < i1) state_store(s, carry + chunk_at(i + j, nch, dir) * cs, fs);
       if (i + j < merges) state_merge(s, cur[j], w);
     }
   }
 }
 
+template <typename F, bool Bwd> using StateOf = typename std::conditional<Bwd, BwdState<F>, FwdSum<F>>::type;
+
+// Every carry of one lane and direction, in one sequential scan (the CPU kernel; the CUDA
+// kernel when there are few chunks).
+template <typename F, bool Bwd>
+WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs, int dir, F w) {
+  StateOf<F, Bwd> s;
+  state_empty(s);
+  scan_carries<kAheadOf<F, Bwd>>(summ, carry, 0, nch, nch, cs, fs, dir, w, s);
+}
+
 template <typename F>
 WKV_HD void fwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
                            int dir, F w) {
-  carry_lane<kAheadOf<F, false>, F, FwdSum<F>>(summ, carry, nch, cs, fs, dir, w);
+  carry_lane<F, false>(summ, carry, nch, cs, fs, dir, w);
 }
 
 template <typename F>
 WKV_HD void bwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
                            int dir, F w) {
-  carry_lane<kAheadOf<F, true>, F, BwdState<F>>(summ, carry, nch, cs, fs, dir, w);
+  carry_lane<F, true>(summ, carry, nch, cs, fs, dir, w);
+}
+
+// Grouped carries (CUDA).  One sequential scan over n chunks is n dependent merges, run by
+// one thread per (batch, channel, direction) -- at GLSP's T = 32768 about 260 merges on a
+// few SMs, while the rest of the device waits.  With many chunks the CUDA kernel scans in
+// groups of G = ceil(sqrt(n)) consecutive scan indices instead: (a) each group's summaries
+// merged into a group summary, all groups in parallel; (b) one sequential scan over the
+// group summaries (carry_lane: the group carries); (c) each group's chunk carries from its
+// group carry, all groups in parallel: about 3 sqrt(n) dependent merges instead of n, for
+// two more launches.  Exact, in a fixed order (another order of the same merges than the
+// sequential scan: equal up to rounding).  Group g's summary and carry sit at index
+// chunk_at(g, groups, dir) of (B, groups, 2, fields, C) buffers, so that (b) is carry_lane.
+constexpr int64_t kGroupCarriesFrom = 96;  // chunks; below, two launches cost more than they save
+
+// Group length for nch chunks: nch itself (one group: the sequential scan) below
+// kGroupCarriesFrom.
+inline int64_t carry_group(int64_t nch) {
+  if (nch < kGroupCarriesFrom) return nch > 0 ? nch : 1;
+  int64_t g = static_cast<int64_t>(std::sqrt(static_cast<double>(nch)));
+  while (g * g < nch) ++g;
+  return g;
+}
+
+// (a): the merge of the summaries of group g (scan indices [g G, (g + 1) G)) into `out`.
+template <typename F, bool Bwd>
+WKV_HD void group_summary(const F* summ, int64_t g, int64_t G, int64_t nch, int64_t cs, int64_t fs,
+                          int dir, F w, F* out) {
+  StateOf<F, Bwd> s;
+  state_empty(s);
+  const int64_t i1 = (g + 1) * G < nch ? (g + 1) * G : nch;
+  scan_carries<kAheadOf<F, Bwd>>(summ, static_cast<F*>(nullptr), g * G, i1, nch, cs, fs, dir, w, s);
+  state_store(s, out, fs);
+}
+
+// (c): the carries of group g's chunks, from its group carry at `from`.
+template <typename F, bool Bwd>
+WKV_HD void group_carries(const F* summ, F* carry, const F* from, int64_t g, int64_t G, int64_t nch,
+                          int64_t cs, int64_t fs, int dir, F w) {
+  StateOf<F, Bwd> s;
+  state_load(s, from, fs);
+  const int64_t i1 = (g + 1) * G < nch ? (g + 1) * G : nch;
+  scan_carries<kAheadOf<F, Bwd>>(summ, carry, g * G, i1, nch, cs, fs, dir, w, s);
 }
 
 // ------------------------------------------------------------------ one lane's passes

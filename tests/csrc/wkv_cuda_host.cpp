@@ -88,21 +88,22 @@ extern "C" int wkv_host_resident_threads(int dbl) {
 #define WKV_HOST_ENTRY_POINTS(F, SUFFIX)                                                  \
   extern "C" int wkv_host_forward_##SUFFIX(const F* w, const F* u, const F* k, const F* v,\
                                            F* y, F* m, F* r, F* summ, F* carry, F* ckpt,   \
-                                           int64_t B, int64_t T, int64_t C, int64_t len,   \
-                                           int reversed) {                                 \
+                                           F* groups, int64_t B, int64_t T, int64_t C,     \
+                                           int64_t len, int reversed) {                    \
     reversed_order = reversed != 0;                                                       \
     last_error = cudaSuccess;                                                             \
-    return wkv_cuda_forward(w, u, k, v, y, m, r, summ, carry, ckpt, B, T, C, len, nullptr);\
+    return wkv_cuda_forward(w, u, k, v, y, m, r, summ, carry, ckpt, groups, B, T, C, len,  \
+                            nullptr);                                                     \
   }                                                                                       \
   extern "C" int wkv_host_backward_##SUFFIX(                                              \
       const F* w, const F* u, const F* k, const F* v, const F* y, const F* m, const F* r, \
-      const F* gy, F* gk, F* gv, F* summ, F* carry, F* ckpt, double* gw_part,             \
+      const F* gy, F* gk, F* gv, F* summ, F* carry, F* ckpt, F* groups, double* gw_part,  \
       double* gu_part, F* gw, F* gu, int64_t B, int64_t T, int64_t C, int64_t len,        \
       int reversed) {                                                                     \
     reversed_order = reversed != 0;                                                       \
     last_error = cudaSuccess;                                                             \
-    return wkv_cuda_backward(w, u, k, v, y, m, r, gy, gk, gv, summ, carry, ckpt, gw_part, \
-                             gu_part, gw, gu, B, T, C, len, nullptr);                     \
+    return wkv_cuda_backward(w, u, k, v, y, m, r, gy, gk, gv, summ, carry, ckpt, groups,  \
+                             gw_part, gu_part, gw, gu, B, T, C, len, nullptr);            \
   }
 
 WKV_HOST_ENTRY_POINTS(float, f32)
@@ -111,6 +112,12 @@ WKV_HOST_ENTRY_POINTS(double, f64)
 // Checkpoints per chunk of length len (of the backward if bwd), for the checkpoint buffers.
 extern "C" int64_t wkv_host_checkpoints(int64_t len, int bwd) {
   return bwd ? wkv::checkpoints_per_chunk<true>(len) : wkv::checkpoints_per_chunk<false>(len);
+}
+
+// Phase 2's groups for nch chunks (1: one sequential scan, no group buffers).
+extern "C" int64_t wkv_host_carry_groups(int64_t nch) {
+  const int64_t g = wkv::carry_group(nch);
+  return (nch + g - 1) / g;
 }
 
 // Fields of a forward (bwd = 0) or backward state in the summary / carry buffers.
