@@ -591,7 +591,7 @@ def run_work_items(args) -> None:
         # merges one phase-2 thread does one after another: the sequential scan, or a group's
         # summary, the scan over the groups and a group's carries
         G = -(-nch // groups)
-        chain = nch - 1 if groups == 1 else G + (groups - 1) + G
+        chain = nch - 1 if groups == 1 else G + (groups - 1) + (G - 1)
         Lc = ext.chunk_length("cpu", B, T, C, threads)
         tasks = B * -(-C // 16) * -(-T // Lc)
         print(f"| {s} | {side}^3 | {T} | {C} | {L} | {nch} | {th} | "

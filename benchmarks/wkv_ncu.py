@@ -43,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_wkv import min_bytes, wkv_inputs  # noqa: E402  (sibling script; puts this checkout on sys.path)
 
-# the CUDA kernels of cuda_wkv/csrc/wkv_cuda.cu, each named <short name>_kernel (group_carry before carry:
-# the first alternative that matches at a position names the kernel)
+# the CUDA kernels of cuda_wkv/csrc/wkv_cuda.cu, each named <short name>_kernel (the leftmost match names
+# the kernel: group_carry_kernel is group_carry, not carry)
 KERNEL_NAME = r'(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|group_summary|group_carry|carry|reduce)_kernel'
 KERNEL_FILTER = f'regex:{KERNEL_NAME}'
 # ncu's options for the workload: the WKV kernels only (of the workload's process or a child), at the clocks

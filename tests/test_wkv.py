@@ -254,6 +254,10 @@ def test_chunk_length_rules(cpu_kernel, monkeypatch):
     L = cl("cuda", 2, 32768, 128, 132 * 2048)
     assert 32 <= L < 32768 and (32768 + L - 1) // L <= int(math.sqrt(3 * 32768)) + 1
     assert cl("cuda", 128, 100, 4096, 132 * 2048) == 100  # lanes fill the device: no split
+    # the CUDA kernel's phase 2: one scan below 96 chunks, then about sqrt(n) groups (work-items table)
+    assert [cpu_kernel.carry_groups(n) for n in (1, 95, 96, 263)] == [1, 1, 10, 16]
+    with pytest.raises(RuntimeError, match="carry_groups: nch must be >= 1, got 0"):
+        cpu_kernel.carry_groups(0)
     monkeypatch.setenv("CUDA_WKV_CHUNK", "7")
     assert cl("cpu", 2, 100, 3, 2) == 7 and cl("cuda", 2, 5, 3, 10) == 5
 

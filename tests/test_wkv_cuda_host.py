@@ -178,6 +178,18 @@ def test_resident_threads_are_the_occupancy_of_the_chunk_kernels(host_kernel):
     assert host_kernel.wkv_host_resident_threads(1) == 512
 
 
+@pytest.mark.parametrize("T", [95, 96, 111], ids=lambda t: f"T{t}")
+def test_grouped_carries_at_the_threshold_vs_dense(host_kernel, T):
+    """Chunk length 1 at T = 95 (one sequential scan), 96 (the first grouped: 10 groups of 10, the
+    last of 6) and 111 (11 groups of 11, the last of one chunk): values and gradients as the dense
+    reference's."""
+    args, gy, y_ref, g_ref = _grad_ref((2, T, 3), seed=T, wT=4.0)
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
+        got = run_host(host_kernel, *(x.to(dtype) for x in (*args, gy)), chunk=1)
+        for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, [y_ref, *g_ref]):
+            assert _rel_err(x, r) <= tol * (1 if name == "y" else 10), (name, dtype, _rel_err(x, r))
+
+
 def test_phase_two_groups_many_chunks(host_kernel):
     """Phase 2 scans up to 95 chunks in one sequential scan, more in about sqrt(n) groups of about
     sqrt(n) chunks (GLSP's T = 32768 on an H200: 263 chunks, 16 groups of 17); the host tests with

@@ -444,13 +444,15 @@ template <typename F> WKV_HD void state_merge(BwdState<F>& s, const BwdState<F>&
 // right to left for dir 1).  scan_carries covers the scan indices [i0, i1) from the state s
 // (the merge of the summaries before i0): it stores s as each chunk's carry (unless `carry`
 // is null) and then merges the chunk's summary, except the last chunk's in scan order,
-// which nobody needs (phase 1 does not write it).  s ends as the merge up to i1.
+// which nobody needs (phase 1 does not write it).  s ends as the merge up to i1 -- up to
+// i1 - 1 when it stores carries, since the merge after the last store would serve nobody.
 WKV_HD int64_t chunk_at(int64_t i, int64_t nch, int dir) { return dir == 0 ? i : nch - 1 - i; }
 
 template <int Ahead, typename F, typename State>
 WKV_HD void scan_carries(const F* summ, F* carry, int64_t i0, int64_t i1, int64_t nch, int64_t cs,
                          int64_t fs, int dir, F w, State& s) {
-  const int64_t merges = i1 < nch - 1 ? i1 : nch - 1;
+  const int64_t end = carry != nullptr ? i1 - 1 : i1;
+  const int64_t merges = end < nch - 1 ? end : nch - 1;
   State cur[Ahead], next[Ahead];
   WKV_UNROLL for (int j = 0; j < Ahead; ++j) state_empty(next[j]);
   const auto load_block = [&](int64_t i) {
