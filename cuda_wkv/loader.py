@@ -43,7 +43,8 @@ root), ``CXX`` (host compiler), ``CUDA_WKV_VERBOSE=1`` (show the build log),
 ``CUDA_WKV_NATIVE=0`` (no ``-march=native`` for the CPU kernel),
 ``CUDA_WKV_LOCK_TIMEOUT`` (seconds to wait for another process's build, in [0, 86400],
 default 600), ``CUDA_WKV_ROWS_AHEAD`` (rows the CUDA kernel's phase 1 loads ahead, chunk summaries its
-phase 2, an integer in [1, 32], default 8; each value is a separate build).
+phase 2 and partial sums its final reduction, an integer in [1, 32], default 8; each value is
+a separate build).
 """
 from __future__ import annotations
 

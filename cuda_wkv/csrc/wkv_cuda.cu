@@ -201,17 +201,40 @@ __global__ void WKV_CHUNK_BOUNDS bwd_rescan_kernel(BwdArgs<F> a, const F* __rest
                        gw_part[p], gu_part[p]);
 }
 
-// Fixed-order sum over (batch, chunk): one thread per channel.
+// Fixed-order sum over (batch, chunk): one thread per channel, B * chunks additions in a row
+// (526 at GLSP's T = 32768).  The parts are loaded in blocks of WKV_ROWS_AHEAD, one block
+// ahead of the additions (as the scans' rows, "Loads ahead" in wkv_recurrence.h): each
+// addition then waits on the previous one, not on a memory round trip.  Same additions in
+// the same order at any depth.
 template <typename F>
 __global__ void reduce_kernel(const double* __restrict__ gw_part,
                               const double* __restrict__ gu_part, F* __restrict__ gw,
                               F* __restrict__ gu, int64_t parts, int64_t C) {
+  constexpr int kAhead = WKV_ROWS_AHEAD;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  double sw = 0.0, su = 0.0;
-  for (int64_t i = 0; i < parts; ++i) {
-    sw += gw_part[i * C + c];
-    su += gu_part[i * C + c];
+  double sw = 0.0, su = 0.0, cw[kAhead], cu[kAhead], nw[kAhead] = {}, nu[kAhead] = {};
+  const auto load_block = [&](int64_t i) {
+    WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
+      if (i + j < parts) {
+        nw[j] = gw_part[(i + j) * C + c];
+        nu[j] = gu_part[(i + j) * C + c];
+      }
+    }
+  };
+  load_block(0);
+  for (int64_t i = 0; i < parts; i += kAhead) {
+    WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
+      cw[j] = nw[j];
+      cu[j] = nu[j];
+    }
+    load_block(i + kAhead);
+    WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
+      if (i + j < parts) {
+        sw += cw[j];
+        su += cu[j];
+      }
+    }
   }
   gw[c] = static_cast<F>(sw);
   gu[c] = static_cast<F>(su);
