@@ -850,8 +850,10 @@ WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, int64_t t0, int64_t t1, const F
 // Automatic chunk length.  CPU: split the sequence only when the (batch, channel block)
 // tasks cannot occupy every thread.  CUDA: enough (batch, channel, chunk) threads to
 // fill the device (`slots` resident threads), but no more than ~sqrt(3T) chunks, which
-// balances the sequential phase 2 (one step per chunk) against phases 1 and 3 (three
-// steps per element of a chunk).
+// balances a sequential phase 2 (one step per chunk) against phases 1 and 3 (three
+// steps per element of a chunk).  With the grouped carries (from kGroupCarriesFrom chunks
+// on) phase 2 takes ~3 sqrt(n) steps, so where the cap binds (few lanes) more chunks may
+// pay; not changed before a GPU measures it.
 inline int64_t cpu_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t block,
                               int64_t threads) {
   const int64_t tasks = B * ((C + block - 1) / block);
