@@ -470,8 +470,7 @@ int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
 // carries" in wkv_recurrence.h), for the benchmarks' work-items table.
 int64_t carry_groups(int64_t nch) {
   TORCH_CHECK(nch >= 1, "carry_groups: nch must be >= 1, got ", nch);
-  const int64_t g = wkv::carry_group(nch);
-  return (nch + g - 1) / g;
+  return wkv::carry_groups(nch);
 }
 
 }  // namespace

@@ -43,6 +43,11 @@ struct Shape {
   __device__ int64_t state(int fields, int64_t b, int64_t ch, int dir, int64_t c) const {
     return (((b * nch + ch) * 2 + dir) * fields) * C + c;
   }
+  // offset of group g's (field 0, c) in direction dir of a (B, ngroups, 2, fields, C) buffer:
+  // at index chunk_at(g), as the carries of chunk summaries (wkv_recurrence.h)
+  __device__ int64_t group_state(int fields, int64_t b, int64_t g, int dir, int64_t c) const {
+    return (((b * ngroups + wkv::chunk_at(g, ngroups, dir)) * 2 + dir) * fields) * C + c;
+  }
   // offset of (b, chunk, checkpoint 0, field 0, c) in a (B, nch, nck, fields, C) buffer
   __device__ int64_t checkpoint(int fields, int64_t b, int64_t ch, int64_t c) const {
     return ((b * nch + ch) * nck * fields) * C + c;
@@ -137,9 +142,8 @@ __global__ void group_summary_kernel(const F* __restrict__ w, const F* __restric
   int dir;
   if (!group_task(s, b, g, dir, c)) return;
   const int64_t o = s.state(Fields, b, 0, dir, c);
-  const int64_t go = (((b * s.ngroups + wkv::chunk_at(g, s.ngroups, dir)) * 2 + dir) * Fields) * s.C + c;
   wkv::group_summary<F, Fields == kBwdFields>(summ + o, g, s.group, s.nch, 2 * Fields * s.C, s.C, dir,
-                                               w[c], gsum + go);
+                                               w[c], gsum + s.group_state(Fields, b, g, dir, c));
 }
 
 // (c): each group's chunk carries from its group carry in gcarry (laid out as gsum).
@@ -150,9 +154,9 @@ __global__ void group_carry_kernel(const F* __restrict__ w, const F* __restrict_
   int dir;
   if (!group_task(s, b, g, dir, c)) return;
   const int64_t o = s.state(Fields, b, 0, dir, c);
-  const int64_t go = (((b * s.ngroups + wkv::chunk_at(g, s.ngroups, dir)) * 2 + dir) * Fields) * s.C + c;
-  wkv::group_carries<F, Fields == kBwdFields>(summ + o, carry + o, gcarry + go, g, s.group, s.nch,
-                                               2 * Fields * s.C, s.C, dir, w[c]);
+  wkv::group_carries<F, Fields == kBwdFields>(summ + o, carry + o,
+                                               gcarry + s.group_state(Fields, b, g, dir, c), g,
+                                               s.group, s.nch, 2 * Fields * s.C, s.C, dir, w[c]);
 }
 
 template <typename F>
@@ -258,9 +262,9 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t stream,
 }
 
 template <bool Bwd> Shape make_shape(int64_t B, int64_t T, int64_t C, int64_t len) {
-  const int64_t nch = (T + len - 1) / len, group = wkv::carry_group(nch);
-  return {B,     T, C, len, nch, (nch + kRows - 1) / kRows, wkv::checkpoints_per_chunk<Bwd>(len),
-          group, (nch + group - 1) / group};
+  const int64_t nch = (T + len - 1) / len;
+  return {B, T, C, len, nch, (nch + kRows - 1) / kRows, wkv::checkpoints_per_chunk<Bwd>(len),
+          wkv::carry_group(nch), wkv::carry_groups(nch)};
 }
 
 dim3 chunk_grid(const Shape& s) {

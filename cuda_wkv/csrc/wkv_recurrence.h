@@ -515,6 +515,12 @@ inline int64_t carry_group(int64_t nch) {
   return g;
 }
 
+// Number of groups for nch >= 1 chunks (1: the sequential scan).
+inline int64_t carry_groups(int64_t nch) {
+  const int64_t g = carry_group(nch);
+  return (nch + g - 1) / g;
+}
+
 // (a): the merge of the summaries of group g (scan indices [g G, (g + 1) G)) into `out`.
 template <typename F, bool Bwd>
 WKV_HD void group_summary(const F* summ, int64_t g, int64_t G, int64_t nch, int64_t cs, int64_t fs,
@@ -667,9 +673,9 @@ WKV_HD void state_fold(BwdState<F>& s, F dir, F t, const Row<F>& row, F w) {
 // once each way: 2 + 3 + 2 + 2 * 0.5 = 8 (15 with a store pass; the minimal 5); the
 // backward 2 * 6 + 2 + 2 * 11 / 4 = 19.5 (24; the minimal 8).  The sequential steps per
 // chunk stay about 3 L: phase 3's store and finish steps are two dependent chains per
-// block; what the checkpoints save is memory traffic.  A fixed spacing, not the depth of the loads ahead, so the results do not depend
-// on that depth; chosen so that a block's rows, the next block's and the re-derived values
-// stay in registers (docs/wkv.md, "CUDA registers").  WKV_CHECKPOINT_ROWS overrides it for
+// block; what the checkpoints save is memory traffic.  A fixed spacing, not the depth of
+// the loads ahead, so the results do not depend on that depth; chosen so that a block's
+// rows, the next block's and the re-derived values stay in registers (docs/wkv.md, "CUDA registers").  WKV_CHECKPOINT_ROWS overrides it for
 // both directions: the tests move the block boundaries with it.
 #ifdef WKV_CHECKPOINT_ROWS
 template <bool Bwd> constexpr int kCheckpointRows = WKV_CHECKPOINT_ROWS;
@@ -691,11 +697,12 @@ template <typename F> struct Checkpoints {
   int64_t stride;
 };
 
-// Phase 1 of the forward (State = FwdSum, Bwd = false) or the backward (BwdState, true):
+// Phase 1 of the forward (Bwd = false: FwdSum states) or the backward (true: BwdState):
 // the chunk's summaries and checkpoints.
-template <typename State, bool Bwd, typename F, typename S>
+template <bool Bwd, typename F, typename S>
 WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
                          F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
+  using State = StateOf<F, Bwd>;
   constexpr int kEvery = kCheckpointRows<Bwd>;
   const bool checkpoints = t1 - t0 > kEvery;
   const bool left = ch + 1 < nch || checkpoints, right = ch > 0;
@@ -735,14 +742,14 @@ WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t
 // right to left, combines it with the right state (from `carry + ds`), writes the outputs and
 // folds t into `right`.  The carried-in left state is read again for each block (a cache
 // hit; nvcc could hoist that read out of the loop, and tests/test_wkv_build.py would then
-// see the spills it avoids) and the next block's loads are issued after the block's first finish step, when
-// `left` and that row are done with: held through the whole block, the backward's rows,
+// see the spills it avoids) and the next block's loads are issued after the block's first
+// finish step, when `left` and that row are done with: held through the whole block, the backward's rows,
 // states and stored side would not fit in its registers (spills).
-template <typename State, typename Side, bool Bwd, typename F, typename S, typename Store,
-          typename Finish>
+template <typename Side, bool Bwd, typename F, typename S, typename Store, typename Finish>
 WKV_HD void checkpointed_rescan(const Lane<F, S>& l, int64_t t0, int64_t t1, const F* carry,
                                 int64_t ds, int64_t fs, const F* checkpoints, int64_t ck_stride,
                                 Store&& store, Finish&& finish) {
+  using State = StateOf<F, Bwd>;
   constexpr int K = kCheckpointRows<Bwd>;
   State right, left, ck;  // ck: the checkpoint of the next block, loaded with its rows
   state_load(right, carry + ds, fs);
@@ -778,7 +785,7 @@ WKV_HD void checkpointed_rescan(const Lane<F, S>& l, int64_t t0, int64_t t1, con
 template <typename F>
 WKV_HD void lane_fwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
                              F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
-  lane_summary<FwdSum<F>, false>(l, ch, nch, t0, t1, st, ds, fs, ck);
+  lane_summary<false>(l, ch, nch, t0, t1, st, ds, fs, ck);
 }
 
 // The forward's stored side at a position: its left sum as fwd_store_step stores it.
@@ -791,7 +798,7 @@ template <typename F> struct FwdSide {
 template <typename F>
 WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
                             int64_t ds, int64_t fs, const F* ck, int64_t ck_stride) {
-  checkpointed_rescan<FwdSum<F>, FwdSide<F>, false>(
+  checkpointed_rescan<FwdSide<F>, false>(
       l, t0, t1, carry, ds, fs, ck, ck_stride,
       [&](FwdSum<F>& left, F t, const Row<F>& row, FwdSide<F>& side) {
         fwd_store_step(left.a, left.n, left.s0, left.mean, t, row.k, row.v, l.w, side.y, side.m,
@@ -810,7 +817,7 @@ WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* c
 template <typename F>
 WKV_HD void lane_bwd_summary(const BwdLane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
                              F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
-  lane_summary<BwdState<F>, true>(l, ch, nch, t0, t1, st, ds, fs, ck);
+  lane_summary<true>(l, ch, nch, t0, t1, st, ds, fs, ck);
 }
 
 // The backward's stored side at a position: the left transposed sums q0, q1 (bwd_emit).
@@ -825,7 +832,7 @@ WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, int64_t t0, int64_t t1, const F
                             int64_t ds, int64_t fs, const F* ck, int64_t ck_stride, double& gw,
                             double& gu) {
   double sw = 0.0, su = 0.0;
-  checkpointed_rescan<BwdState<F>, BwdSide<F>, true>(
+  checkpointed_rescan<BwdSide<F>, true>(
       l, t0, t1, carry, ds, fs, ck, ck_stride,
       [&](BwdState<F>& left, F t, const Row<F>& c, BwdSide<F>& side) {
         bwd_emit(left, F(1), t, c.k, c.v, c.y, c.m, c.r, c.gy, l.w, sw, side.q0, side.q1);

@@ -115,10 +115,7 @@ extern "C" int64_t wkv_host_checkpoints(int64_t len, int bwd) {
 }
 
 // Phase 2's groups for nch chunks (1: one sequential scan, no group buffers).
-extern "C" int64_t wkv_host_carry_groups(int64_t nch) {
-  const int64_t g = wkv::carry_group(nch);
-  return (nch + g - 1) / g;
-}
+extern "C" int64_t wkv_host_carry_groups(int64_t nch) { return wkv::carry_groups(nch); }
 
 // Fields of a forward (bwd = 0) or backward state in the summary / carry buffers.
 extern "C" int64_t wkv_host_state_fields(int bwd) { return bwd ? wkv::kBwdFields : wkv::kFwdFields; }
