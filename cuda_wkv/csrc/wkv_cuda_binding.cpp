@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include <array>
+#include <atomic>
 #include <vector>
 
 #include "wkv_checks.h"
@@ -29,13 +31,24 @@ namespace {
 
 // Threads the current device keeps resident for the chunk kernels of k's dtype (SMs x
 // resident threads per SM): the automatic chunk length aims to give each a (batch, channel,
-// chunk) task, in one wave.
+// chunk) task, in one wave.  Queried once per (device, dtype) and process -- five driver
+// queries that cannot change their answer, otherwise paid on the host by every call.
 cudaError_t thread_slots(const at::Tensor& k, int64_t* slots) {
-  int dev = 0, sms = 0, per_sm = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = wkv_cuda_resident_threads(k.scalar_type() == at::kDouble, &per_sm);
+  constexpr int kCachedDevices = 64;
+  static std::array<std::array<std::atomic<int64_t>, 2>, kCachedDevices> cache{};
+  const int dtype = k.scalar_type() == at::kDouble ? 1 : 0;
+  const int dev = k.get_device();  // current: the callers hold a CUDAGuard for it
+  if (dev >= 0 && dev < kCachedDevices) {
+    *slots = cache[dev][dtype].load(std::memory_order_relaxed);
+    if (*slots > 0) return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess) err = wkv_cuda_resident_threads(dtype == 1, &per_sm);
   *slots = static_cast<int64_t>(sms) * per_sm;
+  if (err == cudaSuccess && *slots > 0 && dev >= 0 && dev < kCachedDevices) {
+    cache[dev][dtype].store(*slots, std::memory_order_relaxed);
+  }
   return err;
 }
 
