@@ -286,3 +286,34 @@ def test_float32_accuracy_at_large_w_times_t(host_kernel, wT):
     assert _rel_err(got[0], ref[0]) <= 1e-5
     for x, r in zip(got[1:], ref[1:]):
         assert _rel_err(x, r) <= 1e-4
+
+
+def test_device_division_is_ieee_division_in_the_kernels_range(host_kernel):
+    """The CUDA kernel divides by totals of weights y in [1, T + 2] with 0 <= x <= y, from the
+    hardware's approximate reciprocal (within 1 ulp) instead of CUDA's range-checked division:
+    from every reciprocal within 1 ulp of 1 / y the result must be IEEE's x / y, bit for bit,
+    wherever x >= 2^-100 (a weight above e^-69 of the total), and within an ulp of it below
+    (where the FMA's residual itself underflows: normal quotients near the float minimum, and
+    subnormal ones)."""
+    rng = np.random.default_rng(5)
+    n = 200_000
+    y = np.exp2(rng.uniform(0.0, 25.0, n)).astype(np.float32)
+    y[:4] = [1.0, 2.0, 3.0, np.float32(2.0**25 - 3)]
+    frac = np.concatenate([rng.uniform(0.0, 1.0, n // 2),             # a share of the total
+                           np.exp(-rng.uniform(0.0, 110.0, n - n // 2))])  # weights e^{-d}, some subnormal
+    x = (frac * y).astype(np.float32)
+    x[:8] = [0.0, 1.0, 1.0, 1.0, 0.0, 1e-45, np.float32(1.2e-38), 1.0]
+    x = np.minimum(x, y)
+    exact = x / y
+    assert (exact < np.finfo(np.float32).tiny).any()  # the subnormal quotients are covered
+    rcp = (np.float32(1.0) / y).astype(np.float32)
+    for r0 in (rcp, np.nextafter(rcp, np.float32(np.inf)), np.nextafter(rcp, np.float32(0.0))):
+        q = np.empty_like(x)
+        ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+        host_kernel.wkv_host_div_from_rcp(ptr(x), ptr(y), ptr(r0.astype(np.float32)), ptr(q),
+                                          ctypes.c_int64(n))
+        big = x >= np.float32(2.0**-100)
+        bad = np.flatnonzero(big & (q.view(np.uint32) != exact.view(np.uint32)))
+        assert bad.size == 0, [(float(x[i]), float(y[i]), float(q[i]), float(exact[i])) for i in bad[:5]]
+        ulp = np.maximum(np.spacing(exact[~big]), np.float32(2.0**-149)).astype(np.float64)
+        assert (np.abs(q[~big].astype(np.float64) - exact[~big]) <= ulp).all()

@@ -203,7 +203,7 @@ void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r
                             y[o + j], m[o + j], r[o + j]);
       } else {
         wkv::fwd_finish_step(s.a[j], s.n[j], s.s0[j], s.mean[j], fdir, tf, k[o + j],
-                             v[o + j], w[j], u[j], y[o + j], m[o + j], r[o + j]);
+                             v[o + j], w[j], u[j], F(1), y[o + j], m[o + j], r[o + j]);
       }
     }
   }

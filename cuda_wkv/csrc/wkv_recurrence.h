@@ -173,6 +173,34 @@ WKV_HD double wkv_log(double x) {
 #endif
 }
 
+// x / y from r0, an approximation of 1 / y within 1 ulp: one Newton step makes r the
+// reciprocal, q = x r is then within an ulp of x / y, and the residual x - y q (exact in
+// an FMA) corrects it (Markstein's theorem) -- IEEE's correctly rounded x / y wherever no
+// intermediate leaves the normal range.  The kernels divide only by totals of weights in
+// [1, T + 2] with 0 <= x <= y, well inside it.  CUDA's own division is this sequence plus
+// a range check (FCHK) that branches to an out-of-line slow path: about ten instructions a
+// division, and the call's register shuffles, in the forward's innermost loops.
+WKV_HD float div_from_rcp(float x, float y, float r0) {
+  const float r = fmaf(fmaf(-y, r0, 1.0f), r0, r0);
+  const float q = x * r;
+  return fmaf(fmaf(-y, q, x), r, q);
+}
+
+// x / y for the kernels' divisions (a total of weights y in [1, T + 2], 0 <= x <= y; see
+// div_from_rcp).  On a GPU from the hardware reciprocal (rcp.approx, within 1 ulp); on the
+// host the compiler's division, which vectorises.
+WKV_HD float wkv_div(float x, float y) {
+#if defined(__CUDA_ARCH__)
+  float r0;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(y));
+  return div_from_rcp(x, y, r0);
+#else
+  return x / y;
+#endif
+}
+
+WKV_HD double wkv_div(double x, double y) { return x / y; }
+
 // (a1 + n1 w) - (a2 + n2 w).  Equal a (also two equal infinities, e.g. two empty sums)
 // contribute 0, so the difference of two weightless terms is finite, not NaN.
 template <typename F> WKV_HD F rel(F a1, F n1, F a2, F n2, F w) {
@@ -212,7 +240,7 @@ WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w
   const F x1 = s0 * so, x2 = s2 * sn;
   const F tot = x1 + x2;
   const bool first = x1 >= x2;
-  const F f = tot > F(0) ? (first ? x2 : x1) / tot : F(0);
+  const F f = tot > F(0) ? wkv_div(first ? x2 : x1, tot) : F(0);
   mean = first ? mean * (F(1) - f) + mean2 * f : mean2 * (F(1) - f) + mean * f;
   s0 = tot;
   a = up ? a2 : a;
@@ -242,11 +270,13 @@ WKV_HD void fwd_store_step(F& a, F& n, F& s0, F& mean, F nt, F k, F v, F w, F& o
 
 // Second pass, at position t in direction dir (the opposite of the first pass): (a, n,
 // s0, mean) is this side's sum; io_* hold the other side's stored sum on entry and
-// (y_t, m_t, r_t) on exit.  The three parts seen from t -- stored sum (m, r) with weight 1
-// (its s0 is inside m), this side's sum with weight s0, diagonal (u + k_t, 0) -- are
-// scaled to the largest.
+// (y_t, m_t, r_t) on exit.  The stored sum is (mean, a, n) = (io_y, io_m, io_r) with weight
+// s0_s: the CPU's store pass folds its s0 into io_m (a + log s0) and passes s0_s = 1, the
+// CUDA rescan keeps the sum whole in registers (no log).  The three parts seen from t --
+// stored sum, this side's sum with weight s0, diagonal (u + k_t, 0) -- are scaled to the
+// one with the largest maximum.
 template <typename F>
-WKV_HD void fwd_finish_step(F& a, F& n, F& s0, F& mean, F dir, F t, F k, F v, F w, F u,
+WKV_HD void fwd_finish_step(F& a, F& n, F& s0, F& mean, F dir, F t, F k, F v, F w, F u, F s0_s,
                             F& io_y, F& io_m, F& io_r) {
   const F ad = u + k, ns = io_r + seen_from(-dir, t), nc = n + seen_from(dir, t);
   const F xs = rel(io_m, ns, ad, F(0), w);   // stored - diagonal
@@ -256,11 +286,11 @@ WKV_HD void fwd_finish_step(F& a, F& n, F& s0, F& mean, F dir, F t, F k, F v, F 
   const bool ref_c = !ref_s && xc > F(0);
   const F e1 = wkv_exp(ref_s ? -xs : (ref_c ? -xc : xs));    // diagonal, or stored if ref d
   const F e2 = wkv_exp(ref_s ? -xsc : (ref_c ? xsc : xc));   // this side, or stored if ref c
-  const F ws = ref_s ? F(1) : (ref_c ? e2 : e1);
+  const F ws = (ref_s ? F(1) : (ref_c ? e2 : e1)) * s0_s;
   const F wd = ref_s || ref_c ? e1 : F(1);
   const F wc = (ref_c ? F(1) : e2) * s0;
   const F tot = ws + wc + wd;
-  const F inv = F(1) / tot;
+  const F inv = wkv_div(F(1), tot);
   const F aref = ref_s ? io_m : (ref_c ? a : ad);
   const bool none = aref == neg_inf<F>() || !(tot > F(0));  // every weight is 0: 0/0
   io_y = none ? quiet_nan<F>() : (ws * inv) * io_y + (wc * inv) * mean + (wd * inv) * v;
@@ -788,29 +818,25 @@ WKV_HD void lane_fwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t 
   lane_summary<false>(l, ch, nch, t0, t1, st, ds, fs, ck);
 }
 
-// The forward's stored side at a position: its left sum as fwd_store_step stores it.
-template <typename F> struct FwdSide {
-  F y, m, r;
-};
-
 // Phase 3 of the forward over [t0, t1): `carry` as in phase 1, `ck` this chunk's first
-// checkpoint (checkpoints at ck_stride).
+// checkpoint (checkpoints at ck_stride).  A position's stored side is its left sum, whole.
 template <typename F>
 WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
                             int64_t ds, int64_t fs, const F* ck, int64_t ck_stride) {
-  checkpointed_rescan<FwdSide<F>, false>(
+  checkpointed_rescan<FwdSum<F>, false>(
       l, t0, t1, carry, ds, fs, ck, ck_stride,
-      [&](FwdSum<F>& left, F t, const Row<F>& row, FwdSide<F>& side) {
-        fwd_store_step(left.a, left.n, left.s0, left.mean, t, row.k, row.v, l.w, side.y, side.m,
-                       side.r);
+      [&](FwdSum<F>& left, F t, const Row<F>& row, FwdSum<F>& side) {
+        side = left;
+        fwd_fold(left.a, left.n, left.s0, left.mean, t, row.k, row.v, l.w);
       },
-      [&](FwdSum<F>& right, int64_t t, const Row<F>& row, FwdSide<F>& side) {
+      [&](FwdSum<F>& right, int64_t t, const Row<F>& row, FwdSum<F>& side) {
         const int64_t o = t * l.C;
+        F y = side.mean, m = side.a, r = side.n;
         fwd_finish_step(right.a, right.n, right.s0, right.mean, F(-1), static_cast<F>(t), row.k,
-                        row.v, l.w, l.u, side.y, side.m, side.r);
-        l.y[o] = side.y;
-        l.m[o] = side.m;
-        l.r[o] = side.r;
+                        row.v, l.w, l.u, side.s0, y, m, r);
+        l.y[o] = y;
+        l.m[o] = m;
+        l.r[o] = r;
       });
 }
 

@@ -109,6 +109,12 @@ extern "C" int wkv_host_resident_threads(int dbl) {
 WKV_HOST_ENTRY_POINTS(float, f32)
 WKV_HOST_ENTRY_POINTS(double, f64)
 
+// The device's division (wkv::div_from_rcp) from the given approximate reciprocals r0 of y.
+extern "C" void wkv_host_div_from_rcp(const float* x, const float* y, const float* r0, float* q,
+                                      int64_t n) {
+  for (int64_t i = 0; i < n; ++i) q[i] = wkv::div_from_rcp(x[i], y[i], r0[i]);
+}
+
 // Checkpoints per chunk of length len (of the backward if bwd), for the checkpoint buffers.
 extern "C" int64_t wkv_host_checkpoints(int64_t len, int bwd) {
   return bwd ? wkv::checkpoints_per_chunk<true>(len) : wkv::checkpoints_per_chunk<false>(len);
