@@ -317,3 +317,19 @@ def test_device_division_is_ieee_division_in_the_kernels_range(host_kernel):
         assert bad.size == 0, [(float(x[i]), float(y[i]), float(q[i]), float(exact[i])) for i in bad[:5]]
         ulp = np.maximum(np.spacing(exact[~big]), np.float32(2.0**-149)).astype(np.float64)
         assert (np.abs(q[~big].astype(np.float64) - exact[~big]) <= ulp).all()
+
+
+def test_chunks_stay_within_32_bit_row_offsets(host_kernel):
+    """The kernels address a chunk's rows by 32-bit offsets (index x C): the automatic chunk length
+    never exceeds (2^31 - 1) / C, and a launch with a longer chunk is refused before it touches
+    memory (cudaErrorInvalidValue), not run with wrapped offsets."""
+    limit = lambda C: max(1, (2**31 - 1) // C)  # noqa: E731
+    for B, T, C in [(1, 2**31, 1), (1, 2**31, 3000), (1, 2**24, 2**20), (2, 2**33, 2**31)]:
+        length = host_kernel.wkv_host_auto_chunk(B, T, C, 1)  # one thread slot: one chunk wanted
+        assert 1 <= length <= limit(C), (B, T, C, length)
+    assert host_kernel.wkv_host_auto_chunk(2, 32768, 128, H200_SLOTS) < limit(128)  # GLSP: unchanged
+    i64, null = ctypes.c_int64, ctypes.c_void_p(0)
+    B, T, C = 1, 2**22, 2**10  # nothing is allocated: the check comes first
+    for name, nptr in (("forward_f32", 11), ("backward_f32", 18)):
+        fn = getattr(host_kernel, f"wkv_host_{name}")
+        assert fn(*[null] * nptr, i64(B), i64(T), i64(C), i64(limit(C) + 1), ctypes.c_int(0)) == 1

@@ -105,16 +105,16 @@ template <typename F> struct FwdArgs {
 
 template <typename F> __device__ wkv::Lane<F> fwd_lane(const FwdArgs<F>& a, const Shape& s,
                                                       const Task& tk) {
-  const int64_t base = tk.b * s.T * s.C + tk.c;
-  return {a.k + base, a.v + base, a.y + base, a.m + base, a.r + base,
-          nullptr,    nullptr,    nullptr,    s.C,        a.w[tk.c], a.u[tk.c]};
+  const int64_t base = (tk.b * s.T + tk.t0) * s.C + tk.c;
+  return {a.k + base, a.v + base, a.y + base, a.m + base, a.r + base, nullptr, nullptr, nullptr,
+          tk.t0, static_cast<int>(tk.t1 - tk.t0), static_cast<int>(s.C), a.w[tk.c], a.u[tk.c]};
 }
 
 template <typename F>
 __global__ void WKV_CHUNK_BOUNDS fwd_summary_kernel(FwdArgs<F> a, F* __restrict__ summ, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
-  wkv::lane_fwd_summary(fwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
+  wkv::lane_fwd_summary(fwd_lane(a, s, tk), tk.ch, s.nch,
                         summ + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C,
                         wkv::Checkpoints<F>{a.ckpt + s.checkpoint(kFwdFields, tk.b, tk.ch, tk.c),
                                             kFwdFields * s.C});
@@ -163,7 +163,7 @@ template <typename F>
 __global__ void WKV_CHUNK_BOUNDS fwd_rescan_kernel(FwdArgs<F> a, const F* __restrict__ carry, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
-  wkv::lane_fwd_rescan(fwd_lane(a, s, tk), tk.t0, tk.t1,
+  wkv::lane_fwd_rescan(fwd_lane(a, s, tk),
                        carry + s.state(kFwdFields, tk.b, tk.ch, 0, tk.c), kFwdFields * s.C, s.C,
                        a.ckpt + s.checkpoint(kFwdFields, tk.b, tk.ch, tk.c), kFwdFields * s.C);
 }
@@ -177,16 +177,17 @@ template <typename F> struct BwdArgs {
 
 template <typename F> __device__ wkv::BwdLane<F> bwd_lane(const BwdArgs<F>& a, const Shape& s,
                                                          const Task& tk) {
-  const int64_t base = tk.b * s.T * s.C + tk.c;
+  const int64_t base = (tk.b * s.T + tk.t0) * s.C + tk.c;
   return {a.k + base,  a.v + base,  a.y + base, a.m + base, a.r + base, a.gy + base,
-          a.gk + base, a.gv + base, s.C,        a.w[tk.c],  a.u[tk.c]};
+          a.gk + base, a.gv + base, tk.t0,      static_cast<int>(tk.t1 - tk.t0),
+          static_cast<int>(s.C), a.w[tk.c], a.u[tk.c]};
 }
 
 template <typename F>
 __global__ void WKV_CHUNK_BOUNDS bwd_summary_kernel(BwdArgs<F> a, F* __restrict__ summ, Shape s) {
   Task tk;
   if (!chunk_lane(s, tk)) return;
-  wkv::lane_bwd_summary(bwd_lane(a, s, tk), tk.ch, s.nch, tk.t0, tk.t1,
+  wkv::lane_bwd_summary(bwd_lane(a, s, tk), tk.ch, s.nch,
                         summ + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), kBwdFields * s.C, s.C,
                         wkv::Checkpoints<F>{a.ckpt + s.checkpoint(kBwdFields, tk.b, tk.ch, tk.c),
                                             kBwdFields * s.C});
@@ -199,7 +200,7 @@ __global__ void WKV_CHUNK_BOUNDS bwd_rescan_kernel(BwdArgs<F> a, const F* __rest
   Task tk;
   if (!chunk_lane(s, tk)) return;
   const int64_t p = (tk.b * s.nch + tk.ch) * s.C + tk.c;
-  wkv::lane_bwd_rescan(bwd_lane(a, s, tk), tk.t0, tk.t1,
+  wkv::lane_bwd_rescan(bwd_lane(a, s, tk),
                        carry + s.state(kBwdFields, tk.b, tk.ch, 0, tk.c), kBwdFields * s.C, s.C,
                        a.ckpt + s.checkpoint(kBwdFields, tk.b, tk.ch, tk.c), kBwdFields * s.C,
                        gw_part[p], gu_part[p]);
@@ -302,6 +303,7 @@ cudaError_t forward_impl(const F* w, const F* u, const F* k, const F* v, F* y, F
                          F* summ, F* carry, F* ckpt, F* groups, int64_t B, int64_t T,
                          int64_t C, int64_t len, cudaStream_t stream) {
   if (B * T * C == 0) return cudaSuccess;
+  if (len < 1 || len > wkv::cuda_chunk_limit(C)) return cudaErrorInvalidValue;  // 32-bit offsets
   const Shape s = make_shape<false>(B, T, C, len);
   const dim3 block(kLanes, kRows);
   const FwdArgs<F> a{w, u, k, v, y, m, r, ckpt};
@@ -318,6 +320,7 @@ cudaError_t backward_impl(const BwdArgs<F>& a, F* summ, F* carry, F* groups, dou
                           double* gu_part, F* gw, F* gu, int64_t B, int64_t T, int64_t C,
                           int64_t len, cudaStream_t stream) {
   if (C == 0) return cudaSuccess;
+  if (len < 1 || len > wkv::cuda_chunk_limit(C)) return cudaErrorInvalidValue;  // 32-bit offsets
   const Shape s = make_shape<true>(B, T, C, len);
   if (B * T > 0) {
     const dim3 block(kLanes, kRows);

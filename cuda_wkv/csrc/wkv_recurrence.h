@@ -573,17 +573,22 @@ WKV_HD void group_carries(const F* summ, F* carry, const F* from, int64_t g, int
 }
 
 // ------------------------------------------------------------------ one lane's passes
-// One lane (batch b, channel c) in the (B, T, C) layout: pointers at (b, 0, c), stride C
-// between positions; w, u of channel c.  Backward-only members are null in the forward.
-// Saved: the type of the saved y, m, r — written by the forward (F), read by the backward
-// (const F: BwdLane).
+// One lane (batch b, channel c) of one chunk [t0, t0 + len) in the (B, T, C) layout:
+// pointers at (b, t0, c), the chunk's positions addressed by their index i in it (32-bit:
+// offset i * C, kept below 2^31 by the chunk length, cuda_chunk_limit); w, u of channel c.
+// Backward-only members are null in the forward.  Saved: the type of the saved y, m, r --
+// written by the forward (F), read by the backward (const F: BwdLane).
 template <typename F, typename Saved = F> struct Lane {
   const F *k, *v;
   Saved *y, *m, *r;
   const F* gy;
   F *gk, *gv;
-  int64_t C;
+  int64_t t0;  // the chunk's first position
+  int len;     // its positions
+  int C;       // elements between positions
   F w, u;
+  WKV_HD int offset(int i) const { return i * C; }
+  WKV_HD F position(int i) const { return static_cast<F>(t0 + i); }  // t of index i, as F
 };
 template <typename F> using BwdLane = Lane<F, const F>;
 
@@ -615,8 +620,8 @@ template <typename F> WKV_HD F load_input(const F* p) {
 }
 
 template <typename F, bool Bwd, typename S>
-WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int64_t t) {
-  const int64_t o = t * l.C;
+WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int i) {
+  const int o = l.offset(i);
   row.k = load_input(l.k + o);
   row.v = load_input(l.v + o);
   if (Bwd) {
@@ -627,27 +632,27 @@ WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int64_t t) {
   }
 }
 
-// The rows of one pass over [t0, t1) of a lane in direction dir, in blocks of kAhead:
+// The rows of one pass over a lane's chunk in direction dir, in blocks of kAhead:
 // advance(i) makes the block of steps i .. i + kAhead - 1 current (cur) and issues the
 // loads of the next one (next).
 template <typename F, bool Bwd, typename S> struct RowBlocks {
   static constexpr int kAhead = kAheadOf<F, Bwd>;
   const Lane<F, S>& l;
-  int64_t first, len;
+  int first, len;
   int dir;
   Row<F> cur[kAhead], next[kAhead];
 
-  WKV_HD RowBlocks(const Lane<F, S>& lane, int d, int64_t t0, int64_t t1)
-      : l(lane), first(d > 0 ? t0 : t1 - 1), len(t1 - t0), dir(d), cur{}, next{} {
+  WKV_HD RowBlocks(const Lane<F, S>& lane, int d)
+      : l(lane), first(d > 0 ? 0 : lane.len - 1), len(lane.len), dir(d), cur{}, next{} {
     load(0);
   }
-  WKV_HD int64_t pos(int64_t i) const { return first + dir * i; }  // position of step i
-  WKV_HD void load(int64_t i) {
+  WKV_HD int pos(int i) const { return first + dir * i; }  // index in the chunk of step i
+  WKV_HD void load(int i) {
     WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
       if (i + j < len) load_row<F, Bwd>(next[j], l, pos(i + j));
     }
   }
-  WKV_HD void advance(int64_t i) {
+  WKV_HD void advance(int i) {
     WKV_UNROLL for (int j = 0; j < kAhead; ++j) cur[j] = next[j];
     load(i + kAhead);
   }
@@ -655,20 +660,21 @@ template <typename F, bool Bwd, typename S> struct RowBlocks {
 
 // body(j) for the steps i + j < len of the block at i (one unrolled copy: the guard is uniform
 // across a warp, whose threads share a chunk, and the steps form one dependent chain anyway).
-template <int Ahead, typename Body> WKV_HD void block_steps(int64_t i, int64_t len, Body&& body) {
+template <int Ahead, typename Body> WKV_HD void block_steps(int i, int len, Body&& body) {
   WKV_UNROLL for (int j = 0; j < Ahead; ++j) {
     if (i + j < len) body(j);
   }
 }
 
-// Calls step(t, row) for the positions of [t0, t1) in direction dir.
+// Calls step(i, j, row) for the positions of a lane's chunk in direction dir: i the index in
+// the chunk, j the step's place in its block of kAheadOf<F, Bwd> (a constant once unrolled).
 template <typename F, bool Bwd, typename S, typename Step>
-WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, int64_t t0, int64_t t1, Step&& step) {
-  RowBlocks<F, Bwd, S> rows(l, dir, t0, t1);
+WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, Step&& step) {
+  RowBlocks<F, Bwd, S> rows(l, dir);
   constexpr int kAhead = RowBlocks<F, Bwd, S>::kAhead;
-  for (int64_t i = 0; i < rows.len; i += kAhead) {
+  for (int i = 0; i < rows.len; i += kAhead) {
     rows.advance(i);
-    block_steps<kAhead>(i, rows.len, [&](int j) { step(rows.pos(i + j), rows.cur[j]); });
+    block_steps<kAhead>(i, rows.len, [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
   }
 }
 
@@ -727,37 +733,45 @@ template <typename F> struct Checkpoints {
   int64_t stride;
 };
 
+// Whether step i of a left-to-right pass, the j-th of its block of Ahead steps, starts a
+// checkpoint block (every Every positions from the chunk's start, the first excepted).
+// Where one block size divides the other (the defaults: equal), j alone decides for most
+// steps -- a constant once unrolled -- and the other steps carry no store at all.
+template <int Ahead, int Every> WKV_HD bool checkpoint_at(int i, int j) {
+  if (Ahead % Every == 0) return i > 0 && j % Every == 0;
+  if (Every % Ahead == 0 && j != 0) return false;
+  return i > 0 && i % Every == 0;
+}
+
 // Phase 1 of the forward (Bwd = false: FwdSum states) or the backward (true: BwdState):
 // the chunk's summaries and checkpoints.
 template <bool Bwd, typename F, typename S>
-WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
-                         F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
+WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, F* st, int64_t ds,
+                         int64_t fs, Checkpoints<F> ck) {
   using State = StateOf<F, Bwd>;
   constexpr int kEvery = kCheckpointRows<Bwd>;
-  const bool checkpoints = t1 - t0 > kEvery;
+  const bool checkpoints = l.len > kEvery;
   const bool left = ch + 1 < nch || checkpoints, right = ch > 0;
   State sl, sr;
   state_empty(sl);
   state_empty(sr);
-  int64_t next_ck = t0 + kEvery;
-  const auto fold_left = [&](int64_t t, const Row<F>& row) {
-    if (t == next_ck) {  // the chunk's terms before t
+  const auto fold_left = [&](int i, int j, const Row<F>& row) {
+    if (checkpoint_at<kAheadOf<F, Bwd>, kEvery>(i, j)) {  // the chunk's terms before i
       state_store(sl, ck.p, fs);
       ck.p += ck.stride;
-      next_ck += kEvery;
     }
-    state_fold(sl, F(1), static_cast<F>(t), row, l.w);
+    state_fold(sl, F(1), l.position(i), row, l.w);
   };
   if (left && right) {
-    pipelined_steps<F, Bwd>(l, 1, t0, t1, [&](int64_t t, const Row<F>& row) {
-      fold_left(t, row);
-      state_fold(sr, F(-1), static_cast<F>(t), row, l.w);
+    pipelined_steps<F, Bwd>(l, 1, [&](int i, int j, const Row<F>& row) {
+      fold_left(i, j, row);
+      state_fold(sr, F(-1), l.position(i), row, l.w);
     });
   } else if (left) {
-    pipelined_steps<F, Bwd>(l, 1, t0, t1, fold_left);
+    pipelined_steps<F, Bwd>(l, 1, fold_left);
   } else if (right) {
-    pipelined_steps<F, Bwd>(l, -1, t0, t1, [&](int64_t t, const Row<F>& row) {
-      state_fold(sr, F(-1), static_cast<F>(t), row, l.w);
+    pipelined_steps<F, Bwd>(l, -1, [&](int i, int, const Row<F>& row) {
+      state_fold(sr, F(-1), l.position(i), row, l.w);
     });
   }
   if (ch + 1 < nch) state_store(sl, st, fs);
@@ -776,36 +790,36 @@ WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, int64_t t
 // finish step, when `left` and that row are done with: held through the whole block, the backward's rows,
 // states and stored side would not fit in its registers (spills).
 template <typename Side, bool Bwd, typename F, typename S, typename Store, typename Finish>
-WKV_HD void checkpointed_rescan(const Lane<F, S>& l, int64_t t0, int64_t t1, const F* carry,
-                                int64_t ds, int64_t fs, const F* checkpoints, int64_t ck_stride,
-                                Store&& store, Finish&& finish) {
+WKV_HD void checkpointed_rescan(const Lane<F, S>& l, const F* carry, int64_t ds, int64_t fs,
+                                const F* checkpoints, int64_t ck_stride, Store&& store,
+                                Finish&& finish) {
   using State = StateOf<F, Bwd>;
   constexpr int K = kCheckpointRows<Bwd>;
   State right, left, ck;  // ck: the checkpoint of the next block, loaded with its rows
   state_load(right, carry + ds, fs);
   state_empty(ck);
   Row<F> cur[K], next[K];
-  const auto load_block = [&](int64_t bi) {
-    const int64_t tb = t0 + bi * K;
+  const auto load_block = [&](int bi) {
+    const int ib = bi * K;
     WKV_UNROLL for (int j = 0; j < K; ++j) {
-      if (tb + j < t1) load_row<F, Bwd>(next[j], l, tb + j);
+      if (ib + j < l.len) load_row<F, Bwd>(next[j], l, ib + j);
     }
     if (bi > 0) state_load(ck, checkpoints + (bi - 1) * ck_stride, fs);
   };
-  const int64_t blocks = (t1 - t0 + K - 1) / K;
+  const int blocks = (l.len + K - 1) / K;
   load_block(blocks - 1);
-  for (int64_t bi = blocks - 1; bi >= 0; --bi) {
+  for (int bi = blocks - 1; bi >= 0; --bi) {
     WKV_UNROLL for (int j = 0; j < K; ++j) cur[j] = next[j];
     state_load(left, carry, fs);
     if (bi > 0) state_merge(left, ck, l.w);
-    const int64_t tb = t0 + bi * K;
+    const int ib = bi * K;
     Side side[K];
     WKV_UNROLL for (int j = 0; j < K; ++j) {
-      if (tb + j < t1) store(left, static_cast<F>(tb + j), cur[j], side[j]);
+      if (ib + j < l.len) store(left, l.position(ib + j), cur[j], side[j]);
     }
     WKV_UNROLL for (int i = 0; i < K; ++i) {
       const int j = K - 1 - i;
-      if (tb + j < t1) finish(right, tb + j, cur[j], side[j]);
+      if (ib + j < l.len) finish(right, ib + j, cur[j], side[j]);
       if (i == 0 && bi > 0) load_block(bi - 1);
     }
   }
@@ -813,26 +827,26 @@ WKV_HD void checkpointed_rescan(const Lane<F, S>& l, int64_t t0, int64_t t1, con
 
 // ck: this chunk's checkpoints (see Checkpoints), stored for the rescan.
 template <typename F>
-WKV_HD void lane_fwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
-                             F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
-  lane_summary<false>(l, ch, nch, t0, t1, st, ds, fs, ck);
+WKV_HD void lane_fwd_summary(const Lane<F>& l, int64_t ch, int64_t nch, F* st, int64_t ds,
+                             int64_t fs, Checkpoints<F> ck) {
+  lane_summary<false>(l, ch, nch, st, ds, fs, ck);
 }
 
-// Phase 3 of the forward over [t0, t1): `carry` as in phase 1, `ck` this chunk's first
-// checkpoint (checkpoints at ck_stride).  A position's stored side is its left sum, whole.
+// Phase 3 of the forward over the lane's chunk: `carry` as in phase 1, `ck` this chunk's
+// first checkpoint (checkpoints at ck_stride).  A position's stored side is its left sum, whole.
 template <typename F>
-WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* carry,
-                            int64_t ds, int64_t fs, const F* ck, int64_t ck_stride) {
+WKV_HD void lane_fwd_rescan(const Lane<F>& l, const F* carry, int64_t ds, int64_t fs, const F* ck,
+                            int64_t ck_stride) {
   checkpointed_rescan<FwdSum<F>, false>(
-      l, t0, t1, carry, ds, fs, ck, ck_stride,
+      l, carry, ds, fs, ck, ck_stride,
       [&](FwdSum<F>& left, F t, const Row<F>& row, FwdSum<F>& side) {
         side = left;
         fwd_fold(left.a, left.n, left.s0, left.mean, t, row.k, row.v, l.w);
       },
-      [&](FwdSum<F>& right, int64_t t, const Row<F>& row, FwdSum<F>& side) {
-        const int64_t o = t * l.C;
+      [&](FwdSum<F>& right, int i, const Row<F>& row, FwdSum<F>& side) {
+        const int o = l.offset(i);
         F y = side.mean, m = side.a, r = side.n;
-        fwd_finish_step(right.a, right.n, right.s0, right.mean, F(-1), static_cast<F>(t), row.k,
+        fwd_finish_step(right.a, right.n, right.s0, right.mean, F(-1), l.position(i), row.k,
                         row.v, l.w, l.u, side.s0, y, m, r);
         l.y[o] = y;
         l.m[o] = m;
@@ -841,9 +855,9 @@ WKV_HD void lane_fwd_rescan(const Lane<F>& l, int64_t t0, int64_t t1, const F* c
 }
 
 template <typename F>
-WKV_HD void lane_bwd_summary(const BwdLane<F>& l, int64_t ch, int64_t nch, int64_t t0, int64_t t1,
-                             F* st, int64_t ds, int64_t fs, Checkpoints<F> ck) {
-  lane_summary<true>(l, ch, nch, t0, t1, st, ds, fs, ck);
+WKV_HD void lane_bwd_summary(const BwdLane<F>& l, int64_t ch, int64_t nch, F* st, int64_t ds,
+                             int64_t fs, Checkpoints<F> ck) {
+  lane_summary<true>(l, ch, nch, st, ds, fs, ck);
 }
 
 // The backward's stored side at a position: the left transposed sums q0, q1 (bwd_emit).
@@ -854,19 +868,18 @@ template <typename F> struct BwdSide {
 // Phase 3 of the backward, as lane_fwd_rescan; the left state's part of gw is summed in the
 // store steps.  gw, gu: this task's partial sums (set, not accumulated).
 template <typename F>
-WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, int64_t t0, int64_t t1, const F* carry,
-                            int64_t ds, int64_t fs, const F* ck, int64_t ck_stride, double& gw,
-                            double& gu) {
+WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, const F* carry, int64_t ds, int64_t fs,
+                            const F* ck, int64_t ck_stride, double& gw, double& gu) {
   double sw = 0.0, su = 0.0;
   checkpointed_rescan<BwdSide<F>, true>(
-      l, t0, t1, carry, ds, fs, ck, ck_stride,
+      l, carry, ds, fs, ck, ck_stride,
       [&](BwdState<F>& left, F t, const Row<F>& c, BwdSide<F>& side) {
         bwd_emit(left, F(1), t, c.k, c.v, c.y, c.m, c.r, c.gy, l.w, sw, side.q0, side.q1);
         bwd_fold(left, F(1), t, c.k, c.v, c.y, c.m, c.r, c.gy, l.w);
       },
-      [&](BwdState<F>& right, int64_t t, const Row<F>& c, BwdSide<F>& side) {
-        const int64_t o = t * l.C;
-        const F tf = static_cast<F>(t);
+      [&](BwdState<F>& right, int i, const Row<F>& c, BwdSide<F>& side) {
+        const int o = l.offset(i);
+        const F tf = l.position(i);
         F p0, p1, g_v, g_k;
         bwd_emit(right, F(-1), tf, c.k, c.v, c.y, c.m, c.r, c.gy, l.w, sw, p0, p1);
         bwd_finish(l.u, c.k, c.v, c.y, c.m, c.r, c.gy, side.q0 + p0, side.q1 + p1, l.w, su, sw,
@@ -895,6 +908,14 @@ inline int64_t cpu_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t block,
   return (T + nch - 1) / nch;
 }
 
+// The longest CUDA chunk for C channels: a chunk's rows are addressed by 32-bit offsets
+// (Lane), so len * C stays below 2^31 (a chunk of over 2^31 elements per lane slab: longer
+// chunks, automatic or forced, are shortened to this).
+inline int64_t cuda_chunk_limit(int64_t C) {
+  const int64_t limit = INT32_MAX / (C > 0 ? C : 1);
+  return limit > 0 ? limit : 1;
+}
+
 inline int64_t cuda_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t slots) {
   const int64_t lanes = B * ((C + 31) / 32) * 32;
   int64_t nch = (slots + lanes - 1) / lanes;
@@ -902,7 +923,8 @@ inline int64_t cuda_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t slots) {
   nch = nch < cap ? nch : cap;
   nch = nch < 1 ? 1 : nch;
   const int64_t len = (T + nch - 1) / nch;
-  return len < 32 ? (T < 32 ? (T > 0 ? T : 1) : 32) : len;
+  const int64_t chosen = len < 32 ? (T < 32 ? (T > 0 ? T : 1) : 32) : len;
+  return chosen < cuda_chunk_limit(C) ? chosen : cuda_chunk_limit(C);
 }
 
 // CUDA_WKV_CHUNK: a positive integer forces the chunk length.  Returns 0 when unset;
