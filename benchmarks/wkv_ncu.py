@@ -50,7 +50,8 @@ KERNEL_FILTER = f'regex:{KERNEL_NAME}'
 # ncu's options for the workload: the WKV kernels only (of the workload's process or a child), at the clocks
 # the benchmarks see (no locking), the sections whose metrics the table reads, and the DRAM bytes
 NCU_ARGS = ['--target-processes', 'all', '--clock-control', 'none', '--kernel-name', KERNEL_FILTER,
-            *[a for s in ('SpeedOfLight', 'Occupancy', 'LaunchStats', 'MemoryWorkloadAnalysis', 'WarpStateStats')
+            *[a for s in ('SpeedOfLight', 'Occupancy', 'LaunchStats', 'MemoryWorkloadAnalysis', 'WarpStateStats',
+                          'ComputeWorkloadAnalysis')
               for a in ('--section', s)],
             '--metrics', 'dram__bytes_read.sum,dram__bytes_write.sum']
 # one forward + backward launches these, in this order (a summary kernel unless the sequence is a single
@@ -73,6 +74,8 @@ COLUMNS = {
     'registers': ('Registers Per Thread', ''),
     'waves per SM': ('Waves Per SM', ''),
     'cycles per issued instruction': ('Warp Cycles Per Issued Instruction', ''),
+    # issue-bound or not (docs/wkv.md, "Instructions per position"): the share of cycles the schedulers issue
+    'issue slots busy %': ('Issue Slots Busy', '%'),
 }
 SCALE = {  # ncu's unit (older and newer spellings) -> factor to bytes or seconds; its prefixes are decimal
     'byte': 1.0, 'kbyte': 1e3, 'mbyte': 1e6, 'gbyte': 1e9, 'tbyte': 1e12,

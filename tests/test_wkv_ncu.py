@@ -32,7 +32,8 @@ def _metrics(us: str, us_unit: str, read: str, read_unit: str, write: str, write
             ('dram__bytes_write.sum', write_unit, write), ('DRAM Throughput', '%', '41.5'),
             ('L2 Hit Rate', '%', '12.25'), ('Achieved Occupancy', '%', '23.4'),
             ('Theoretical Occupancy', '%', '25'), ('Registers Per Thread', 'register/thread', '114'),
-            ('Waves Per SM', '', '1.00'), ('Warp Cycles Per Issued Instruction', 'cycle', '1,234.5')]
+            ('Waves Per SM', '', '1.00'), ('Warp Cycles Per Issued Instruction', 'cycle', '1,234.5'),
+            ('Issue Slots Busy', '%', '61.75')]
 
 
 # one (B, T, C) = (1, 1000, 250) float32 tensor is 1 MB: forward 15.03 MB, backward 30 MB
@@ -66,7 +67,7 @@ def test_table_converts_units_and_counts_passes_per_part(tmp_path):
     # µs, DRAM read MB, DRAM write MB of the first three kernels: usecond / nsecond / msecond; M/K/byte
     assert [r[3:6] for r in rows[:3]] == [['100', '2', '0.01'], ['5', '0.01', '0.01'], ['200', '7', '6']]
     assert rows[5][3:6] == ['400', '20', '4']  # Gbyte
-    assert rows[0][6:] == ['41.5', '12.2', '23.4', '25', '114', '1', '1234 |']
+    assert rows[0][6:] == ['41.5', '12.2', '23.4', '25', '114', '1', '1234', '61.8 |']
     assert 'One (B, T, C) = (1, 1000, 250) tensor: 1.0 MB.' in text
     assert '| forward | 305 | 15 | 15.0 | 5 | 49.3 | 16.4 |' in text  # GB/s: 15.03 MB and 5 MB in 305 µs
     assert '| backward | 563 | 30 | 30.0 | 8 | 53.3 | 14.2 |' in text
