@@ -260,6 +260,12 @@ def test_chunk_length_rules(cpu_kernel, monkeypatch):
         cpu_kernel.carry_groups(0)
     monkeypatch.setenv("CUDA_WKV_CHUNK", "7")
     assert cl("cpu", 2, 100, 3, 2) == 7 and cl("cuda", 2, 5, 3, 10) == 5
+    # the CUDA kernel addresses a chunk's rows by 32-bit offsets: longer chunks are shortened
+    limit = (2**31 - 1 - 64) // 1024
+    monkeypatch.setenv("CUDA_WKV_CHUNK", "4000000000")
+    assert cl("cuda", 1, 2**33, 1024, 10) == limit and cl("cpu", 1, 2**33, 1024, 2) == 4000000000
+    monkeypatch.delenv("CUDA_WKV_CHUNK")
+    assert cl("cuda", 1, 2**33, 1024, 1) == limit
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "abc", "12x", "1.5"])
@@ -358,6 +364,25 @@ def test_determinism_across_threads_and_chunks(cpu_kernel, monkeypatch):
 
 
 # ------------------------------------------------------------------- extreme inputs
+@pytest.mark.parametrize("backend", ["auto", "torch"], indirect=True)
+@pytest.mark.parametrize("chunk", ["1", "3", "7", "", "half"])
+def test_a_nan_key_makes_its_lane_nan_like_the_definition(backend, monkeypatch, chunk):
+    """A NaN key enters every output of its lane (each is a softmax over all positions, as the dense
+    reference): no sum holding it may pass for an empty one; the other lanes are untouched."""
+    monkeypatch.setenv("CUDA_WKV_CHUNK", _chunk_env(chunk, 40))
+    w, u, k, v = _inputs(2, 40, 3, wT=3.0, kscale=2.0, seed=22)
+    k[0, 10, 0] = k[1, 39, 2] = math.nan
+    ref = bi_wkv_dense(w, u, k, v)
+    lanes = torch.zeros_like(ref, dtype=torch.bool)
+    lanes[0, :, 0] = lanes[1, :, 2] = True
+    assert torch.isnan(ref[lanes]).all() and torch.isfinite(ref[~lanes]).all()
+    for dtype in (torch.float64, torch.float32):
+        y = bi_wkv(*(x.to(dtype) for x in (w, u, k, v))).double()
+        assert torch.isnan(y[lanes]).all(), (dtype, int(torch.isnan(y[lanes]).sum()))
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert (y[~lanes] - ref[~lanes]).abs().max().item() <= tol * 3
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"], indirect=True)
 @pytest.mark.parametrize("chunk", ["3", "", "half"])
 def test_zero_weight_lane_is_nan_like_the_definition(backend, monkeypatch, chunk):

@@ -68,6 +68,15 @@ def host_kernel(tmp_path_factory):
     return _build_host_kernel(tmp_path_factory.mktemp("wkv_cuda_host"))
 
 
+@pytest.fixture(scope="module")
+def host_kernel_device_math(tmp_path_factory):
+    """The harness with the GPU's float math instead of the CPU kernel's (WKV_DEVICE_MATH_ON_HOST):
+    an accurate exp that keeps subnormal results (CUDA's expf), the library log, and divisions from a
+    reciprocal that flushes subnormal divisors to 0 (rcp.approx.ftz) -- the corner cases of the
+    device's arithmetic, which the host's own math does not have."""
+    return _build_host_kernel(tmp_path_factory.mktemp("wkv_cuda_host_devmath"), "WKV_DEVICE_MATH_ON_HOST")
+
+
 class Guarded:
     """Buffers handed to the kernel by address, each between two guards of its own length, all
     filled with MARK's NaN; ``check()`` fails if any guard bit changed."""
@@ -221,8 +230,14 @@ def test_loads_ahead_do_not_change_a_bit(host_kernel, host_kernel_other_depth, c
             assert torch.equal(a, b), (name, dtype)
 
 
+@pytest.fixture(params=["host_math", "device_math"])
+def either_math(request, host_kernel, host_kernel_device_math):
+    """The harness with the CPU kernel's float math, then with the GPU's."""
+    return host_kernel if request.param == "host_math" else host_kernel_device_math
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 9, 17, 40], ids=lambda c: f"chunk{c}")
-def test_zero_weight_keys_and_empty_checkpoints(host_kernel, chunk):
+def test_zero_weight_keys_and_empty_checkpoints(either_math, chunk):
     """k = -inf: a lane of them gives NaN there and nowhere else; leading ones make empty carries and
     empty checkpoints (the forward merges the two), scattered ones are zero weights: values and
     gradients of every other lane as the dense reference's, float64 and float32."""
@@ -238,7 +253,7 @@ def test_zero_weight_keys_and_empty_checkpoints(host_kernel, chunk):
     # gradients of the lanes without NaN: the dense graph's gradients of y on them only
     g_ref = torch.autograd.grad(y_ref[finite], leaves, gy[finite])
     for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
-        got = run_host(host_kernel, *(x.to(dtype) for x in (w, u, k, v)), gy.masked_fill(~finite, 0).to(dtype),
+        got = run_host(either_math, *(x.to(dtype) for x in (w, u, k, v)), gy.masked_fill(~finite, 0).to(dtype),
                        chunk=chunk)
         y = got[0].double()
         assert torch.isnan(y[0, :, 1]).all() and torch.isfinite(y[finite]).all(), dtype
@@ -294,11 +309,13 @@ def test_device_division_is_ieee_division_in_the_kernels_range(host_kernel):
     from every reciprocal within 1 ulp of 1 / y the result must be IEEE's x / y, bit for bit,
     wherever x >= 2^-100 (a weight above e^-69 of the total), and within an ulp of it below
     (where the FMA's residual itself underflows: normal quotients near the float minimum, and
-    subnormal ones)."""
+    subnormal ones) and where y's significand is all ones and the reciprocal 1 ulp low
+    (Markstein's exception: y = 2 - 2^-23 with 1 / y taken as 0.5 gives 0.5, not 0.50000006)."""
     rng = np.random.default_rng(5)
     n = 200_000
     y = np.exp2(rng.uniform(0.0, 25.0, n)).astype(np.float32)
     y[:4] = [1.0, 2.0, 3.0, np.float32(2.0**25 - 3)]
+    y[4:12] = np.float32(2.0 - 2.0**-23) * np.exp2(np.arange(8)).astype(np.float32)  # all-ones significands
     frac = np.concatenate([rng.uniform(0.0, 1.0, n // 2),             # a share of the total
                            np.exp(-rng.uniform(0.0, 110.0, n - n // 2))])  # weights e^{-d}, some subnormal
     x = (frac * y).astype(np.float32)
@@ -312,7 +329,8 @@ def test_device_division_is_ieee_division_in_the_kernels_range(host_kernel):
         ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
         host_kernel.wkv_host_div_from_rcp(ptr(x), ptr(y), ptr(r0.astype(np.float32)), ptr(q),
                                           ctypes.c_int64(n))
-        big = x >= np.float32(2.0**-100)
+        all_ones = (y.view(np.uint32) & 0x7FFFFF) == 0x7FFFFF
+        big = (x >= np.float32(2.0**-100)) & ~all_ones
         bad = np.flatnonzero(big & (q.view(np.uint32) != exact.view(np.uint32)))
         assert bad.size == 0, [(float(x[i]), float(y[i]), float(q[i]), float(exact[i])) for i in bad[:5]]
         ulp = np.maximum(np.spacing(exact[~big]), np.float32(2.0**-149)).astype(np.float64)
@@ -321,9 +339,9 @@ def test_device_division_is_ieee_division_in_the_kernels_range(host_kernel):
 
 def test_chunks_stay_within_32_bit_row_offsets(host_kernel):
     """The kernels address a chunk's rows by 32-bit offsets (index x C): the automatic chunk length
-    never exceeds (2^31 - 1) / C, and a launch with a longer chunk is refused before it touches
+    never exceeds (2^31 - 1 - 64) / C (64: the block loops run up to two blocks past the end), and a launch with a longer chunk is refused before it touches
     memory (cudaErrorInvalidValue), not run with wrapped offsets."""
-    limit = lambda C: max(1, (2**31 - 1) // C)  # noqa: E731
+    limit = lambda C: max(1, (2**31 - 1 - 64) // C)  # noqa: E731  (64: the block loops' overrun)
     for B, T, C in [(1, 2**31, 1), (1, 2**31, 3000), (1, 2**24, 2**20), (2, 2**33, 2**31)]:
         length = host_kernel.wkv_host_auto_chunk(B, T, C, 1)  # one thread slot: one chunk wanted
         assert 1 <= length <= limit(C), (B, T, C, length)
@@ -333,3 +351,49 @@ def test_chunks_stay_within_32_bit_row_offsets(host_kernel):
     for name, nptr in (("forward_f32", 11), ("backward_f32", 18)):
         fn = getattr(host_kernel, f"wkv_host_{name}")
         assert fn(*[null] * nptr, i64(B), i64(T), i64(C), i64(limit(C) + 1), ctypes.c_int(0)) == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 9, 64, 200], ids=lambda c: f"chunk{c}")
+def test_zero_weight_keys_far_from_the_start_vs_dense(either_math, chunk):
+    """A key of -inf folded into an empty sum at |w| t in (87, 103): the total of the two weightless
+    terms is e^{-|w| t}, subnormal in float32 on a GPU (CUDA's expf keeps it), which its reciprocal
+    flushes to 0 -- divided, it made the running mean NaN and every output left of it. Values and
+    gradients against the dense reference; every output finite."""
+    B, T, C = 1, 200, 3
+    w, u, k, v, gy = _inputs(B, T, C, wT=1.0, seed=8)
+    w[:] = torch.tensor([0.5, 0.5, -0.5], dtype=torch.float64)
+    k[0, 199, 0] = k[0, 180, 1] = k[0, 0, 2] = k[0, 15, 2] = -math.inf
+    leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
+    y_ref = bi_wkv_dense(*leaves)
+    g_ref = torch.autograd.grad(y_ref, leaves, gy)
+    for dtype, tol in ((torch.float64, 1e-11), (torch.float32, 3e-5)):
+        got = run_host(either_math, *(x.to(dtype) for x in (w, u, k, v, gy)), chunk=chunk)
+        for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, [y_ref.detach(), *g_ref]):
+            assert torch.isfinite(x).all(), (name, dtype, int((~torch.isfinite(x)).sum()))
+            assert _rel_err(x.double(), r) <= tol * (1 if name == "y" else 10), (name, dtype)
+
+
+@pytest.mark.parametrize("chunk", [3, 17, "auto"], ids=lambda c: f"chunk{c}")
+@pytest.mark.parametrize("shape", [(2, 33, 3), (1, 1000, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_device_math_vs_dense(host_kernel_device_math, shape, chunk):
+    """With the GPU's float math the kernel stays within the same tolerances of the dense reference."""
+    B, T, C = shape
+    length = _length(host_kernel_device_math, chunk, B, T, C)
+    args, gy, y_ref, g_ref = _grad_ref(shape, seed=sum(shape), wT=4.0)
+    got = run_host(host_kernel_device_math, *(x.float() for x in (*args, gy)), chunk=length)
+    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, [y_ref, *g_ref]):
+        assert _rel_err(x, r) <= 3e-5 * (1 if name == "y" else 10), (name, _rel_err(x, r))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 9, 17, 40], ids=lambda c: f"chunk{c}")
+def test_a_nan_key_makes_its_lane_nan(either_math, chunk):
+    """A NaN key enters every output of its lane, as in the dense reference; other lanes untouched."""
+    w, u, k, v, gy = _inputs(2, 40, 3, wT=3.0, seed=22)
+    k[0, 10, 0] = k[1, 39, 2] = math.nan
+    ref = bi_wkv_dense(w, u, k, v)
+    lanes = torch.zeros_like(ref, dtype=torch.bool)
+    lanes[0, :, 0] = lanes[1, :, 2] = True
+    for dtype in (torch.float64, torch.float32):
+        y = run_host(either_math, *(x.to(dtype) for x in (w, u, k, v, gy)), chunk=chunk)[0].double()
+        assert torch.isnan(y[lanes]).all(), (dtype, int(torch.isnan(y[lanes]).sum()))
+        assert _rel_err(y[~lanes], ref[~lanes]) <= (1e-11 if dtype == torch.float64 else 3e-5)

@@ -459,9 +459,12 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
 int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
                      int64_t parallel) {
   const int64_t forced = wkv::forced_chunk("chunk_length");
-  if (forced > 0) return std::min(forced, std::max<int64_t>(T, 1));
   TORCH_CHECK(device == "cpu" || device == "cuda", "chunk_length: device must be 'cpu' or "
               "'cuda', got '", device, "'");
+  if (forced > 0) {
+    return device == "cpu" ? std::min(forced, std::max<int64_t>(T, 1))
+                           : wkv::cuda_forced_chunk(T, C, forced);
+  }
   return device == "cpu" ? wkv::cpu_auto_chunk(B, T, C, kBlock, parallel)
                          : wkv::cuda_auto_chunk(B, T, C, parallel);
 }

@@ -8,7 +8,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 #include <vector>
@@ -57,7 +56,7 @@ cudaError_t thread_slots(const at::Tensor& k, int64_t* slots) {
 int64_t chunk_len(const at::Tensor& k) {
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   const int64_t forced = wkv::forced_chunk("wkv_cuda");
-  if (forced > 0) return std::min({forced, std::max<int64_t>(T, 1), wkv::cuda_chunk_limit(C)});
+  if (forced > 0) return wkv::cuda_forced_chunk(T, C, forced);
   int64_t slots = 0;
   const cudaError_t err = thread_slots(k, &slots);
   TORCH_CHECK(err == cudaSuccess, "wkv_cuda: cannot query the device: ",

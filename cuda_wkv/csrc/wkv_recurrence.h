@@ -56,6 +56,7 @@
 // two extra channels d, distances measured from each sum's largest term.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -104,6 +105,8 @@ template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
 WKV_HD float wkv_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
+#elif defined(WKV_DEVICE_MATH_ON_HOST)
+  return std::exp(x);  // the tests' stand-in for CUDA's expf: accurate, keeps subnormal results
 #else
   const bool under = x < -87.3f;
   x = x < -87.0f ? -87.0f : x;
@@ -140,6 +143,8 @@ WKV_HD double wkv_exp(double x) {
 WKV_HD float wkv_log(float x) {
 #if defined(__CUDA_ARCH__)
   return logf(x);
+#elif defined(WKV_DEVICE_MATH_ON_HOST)
+  return std::log(x);
 #else
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(float));
@@ -173,13 +178,15 @@ WKV_HD double wkv_log(double x) {
 #endif
 }
 
-// x / y from r0, an approximation of 1 / y within 1 ulp: one Newton step makes r the
-// reciprocal, q = x r is then within an ulp of x / y, and the residual x - y q (exact in
-// an FMA) corrects it (Markstein's theorem) -- IEEE's correctly rounded x / y wherever no
-// intermediate leaves the normal range.  The kernels divide only by totals of weights in
-// [1, T + 2] with 0 <= x <= y, well inside it.  CUDA's own division is this sequence plus
-// a range check (FCHK) that branches to an out-of-line slow path: about ten instructions a
-// division, and the call's register shuffles, in the forward's innermost loops.
+// x / y from r0, an approximation of 1 / y within 1 ulp: one Newton step refines r, q = x r
+// is then within an ulp of x / y, and the residual x - y q (exact in an FMA) corrects it
+// (Markstein) -- IEEE's correctly rounded x / y wherever x >= 2^-100 and no intermediate
+// leaves the normal range, except where y's significand is all ones and r0 is 1 ulp low
+// (Markstein's exception: then within 1 ulp).  The kernels divide 0 <= x <= y by totals of
+// weights y in [1, T + 2] (fwd_merge skips totals below the normal range, which only
+// weightless terms make).  CUDA's own division is this sequence plus a range check (FCHK)
+// that branches to an out-of-line slow path: about ten instructions a division, and the
+// call's register shuffles, in the forward's innermost loops.
 WKV_HD float div_from_rcp(float x, float y, float r0) {
   const float r = fmaf(fmaf(-y, r0, 1.0f), r0, r0);
   const float q = x * r;
@@ -194,12 +201,18 @@ WKV_HD float wkv_div(float x, float y) {
   float r0;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(y));
   return div_from_rcp(x, y, r0);
+#elif defined(WKV_DEVICE_MATH_ON_HOST)  // rcp.approx.ftz: a subnormal y is flushed to 0
+  const bool flushed = y != 0.0f && std::fabs(y) < FLT_MIN;
+  return div_from_rcp(x, y, flushed ? std::copysign(INFINITY, y) : 1.0f / y);
 #else
   return x / y;
 #endif
 }
 
 WKV_HD double wkv_div(double x, double y) { return x / y; }
+
+// The smallest normal number of F.
+template <typename F> WKV_HD F min_normal() { return sizeof(F) > 4 ? static_cast<F>(DBL_MIN) : static_cast<F>(FLT_MIN); }
 
 // (a1 + n1 w) - (a2 + n2 w).  Equal a (also two equal infinities, e.g. two empty sums)
 // contribute 0, so the difference of two weightless terms is finite, not NaN.
@@ -240,7 +253,9 @@ WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w
   const F x1 = s0 * so, x2 = s2 * sn;
   const F tot = x1 + x2;
   const bool first = x1 >= x2;
-  const F f = tot > F(0) ? wkv_div(first ? x2 : x1, tot) : F(0);
+  // a total below the normal range sums weightless terms only (e^{-d} of empty sums): no
+  // fraction to take, and the device's reciprocal would flush it to 0
+  const F f = tot >= min_normal<F>() ? wkv_div(first ? x2 : x1, tot) : F(0);
   mean = first ? mean * (F(1) - f) + mean2 * f : mean2 * (F(1) - f) + mean * f;
   s0 = tot;
   a = up ? a2 : a;
@@ -263,7 +278,7 @@ template <typename F>
 WKV_HD void fwd_store_step(F& a, F& n, F& s0, F& mean, F nt, F k, F v, F w, F& out_y,
                            F& out_m, F& out_r) {
   out_y = mean;
-  out_m = s0 > F(0) ? a + wkv_log(s0) : neg_inf<F>();
+  out_m = s0 > F(0) ? a + wkv_log(s0) : (s0 == F(0) ? neg_inf<F>() : s0);  // NaN stays NaN
   out_r = n;
   fwd_fold(a, n, s0, mean, nt, k, v, w);
 }
@@ -778,13 +793,13 @@ WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, F* st, in
   if (right) state_store(sr, st + ds, fs);
 }
 
-// Phase 3 over [t0, t1) (see "Checkpoints"), in blocks of K positions from the right: a
+// Phase 3 over the lane's chunk (see "Checkpoints"), in blocks of K positions from the right: a
 // block's rows and its checkpoint are loaded a block ahead, as in the other passes.  For each
 // block, `left` = the carried-in left state (at `carry`) merged with the block's checkpoint;
-// store(left, t, row, side) at each position t, left to right, keeps that position's stored
-// side in registers and folds t into `left`; finish(right, t, row, side) at each position,
-// right to left, combines it with the right state (from `carry + ds`), writes the outputs and
-// folds t into `right`.  The carried-in left state is read again for each block (a cache
+// store(left, t, row, side) at each position (t: its position as F), left to right, keeps
+// that position's stored side in registers and folds it into `left`; finish(right, i, row,
+// side) at each position (i: its index in the chunk), right to left, combines it with the
+// right state (from `carry + ds`), writes the outputs and folds it into `right`.  The carried-in left state is read again for each block (a cache
 // hit; nvcc could hoist that read out of the loop, and tests/test_wkv_build.py would then
 // see the spills it avoids) and the next block's loads are issued after the block's first
 // finish step, when `left` and that row are done with: held through the whole block, the backward's rows,
@@ -909,11 +924,21 @@ inline int64_t cpu_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t block,
 }
 
 // The longest CUDA chunk for C channels: a chunk's rows are addressed by 32-bit offsets
-// (Lane), so len * C stays below 2^31 (a chunk of over 2^31 elements per lane slab: longer
-// chunks, automatic or forced, are shortened to this).
+// (Lane), so len * C stays below 2^31, less a margin for the block loops, whose indices run
+// up to two blocks (of at most 32 rows) past the chunk's end (a chunk of over 2^31 elements
+// per lane slab: longer chunks, automatic or forced, are shortened to this).
+constexpr int64_t kIndexMargin = 64;
+static_assert(kCheckpointRows<false> <= 32 && kCheckpointRows<true> <= 32 && WKV_ROWS_AHEAD <= 32,
+              "block loops may run kIndexMargin / 2 rows past a chunk's end");
 inline int64_t cuda_chunk_limit(int64_t C) {
-  const int64_t limit = INT32_MAX / (C > 0 ? C : 1);
+  const int64_t limit = (INT32_MAX - kIndexMargin) / (C > 0 ? C : 1);
   return limit > 0 ? limit : 1;
+}
+
+// CUDA_WKV_CHUNK's length (forced > 0) as the CUDA kernel takes it: at most T and the limit.
+inline int64_t cuda_forced_chunk(int64_t T, int64_t C, int64_t forced) {
+  const int64_t len = forced < (T > 1 ? T : 1) ? forced : (T > 1 ? T : 1);
+  return len < cuda_chunk_limit(C) ? len : cuda_chunk_limit(C);
 }
 
 inline int64_t cuda_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t slots) {
