@@ -212,7 +212,9 @@ WKV_HD float wkv_div(float x, float y) {
 WKV_HD double wkv_div(double x, double y) { return x / y; }
 
 // The smallest normal number of F.
-template <typename F> WKV_HD F min_normal() { return sizeof(F) > 4 ? static_cast<F>(DBL_MIN) : static_cast<F>(FLT_MIN); }
+template <typename F> WKV_HD F min_normal() {
+  return sizeof(F) > 4 ? static_cast<F>(DBL_MIN) : static_cast<F>(FLT_MIN);
+}
 
 // (a1 + n1 w) - (a2 + n2 w).  Equal a (also two equal infinities, e.g. two empty sums)
 // contribute 0, so the difference of two weightless terms is finite, not NaN.
