@@ -2,6 +2,7 @@
 from cuobjdump's SASS (the parser on a made-up listing; the whole script where nvcc and cuobjdump exist)."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -105,9 +106,7 @@ def test_counts_the_real_kernels(tmp_path, capsys):
     except wkv_sass.ToolError:
         pytest.skip("no cuobjdump")
     assert wkv_sass.main(["--out-dir", str(tmp_path)]) == 0
-    counts = (tmp_path / "wkv_sass_sm_90.json").read_text()
-    import json
-    data = json.loads(counts)
+    data = json.loads((tmp_path / "wkv_sass_sm_90.json").read_text())
     per = {k["kernel"]: k for k in data["kernels"]}
     assert set(per) == set(wkv_sass.KERNELS)
     assert per["fwd_summary"]["positions"] == 8 and per["bwd_rescan"]["positions"] == 4
