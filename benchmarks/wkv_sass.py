@@ -75,21 +75,28 @@ class LoopCount:
         return self.loop_instructions / self.positions
 
 
-def find_cuobjdump() -> str:
-    """cuobjdump on PATH, in the CUDA toolkit, or from the pip package nvidia-cuda-cuobjdump."""
-    found = shutil.which("cuobjdump")
+def find_tool(name: str) -> Optional[str]:
+    """``name`` (cuobjdump, nvdisasm) on PATH, in the CUDA toolkit, or from its pip package (nvidia-cuda-NAME)."""
+    found = shutil.which(name)
     if found:
         return found
     from cuda_wkv.loader import resolve_cuda_home
     home = resolve_cuda_home()
-    if home and os.path.isfile(os.path.join(home, "bin", "cuobjdump")):
-        return os.path.join(home, "bin", "cuobjdump")
+    if home and os.path.isfile(os.path.join(home, "bin", name)):
+        return os.path.join(home, "bin", name)
     spec = importlib.util.find_spec("nvidia")
     for root in (spec.submodule_search_locations or []) if spec else []:
-        for path in sorted(Path(root).glob("*/bin/cuobjdump")):
+        for path in sorted(Path(root).glob(f"*/bin/{name}")):
             return str(path)
-    raise ToolError("cuobjdump not found: install the CUDA toolkit's, or "
-                    "`pip install nvidia-cuda-cuobjdump`")
+    return None
+
+
+def find_cuobjdump() -> str:
+    found = find_tool("cuobjdump")
+    if found is None:
+        raise ToolError("cuobjdump not found: install the CUDA toolkit's, or "
+                        "`pip install nvidia-cuda-cuobjdump`")
+    return found
 
 
 def _nvcc() -> str:
@@ -249,8 +256,10 @@ def report(counts: List[LoopCount], est: Dict[str, dict], args: argparse.Namespa
 
 
 def disassemble(cuobjdump: str, cubin: Path, what: str) -> str:
-    """cuobjdump's text (``what``: -sass or -res-usage); the nvdisasm it runs is looked for beside it too."""
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(cuobjdump).parent), os.environ.get("PATH", "")]))
+    """cuobjdump's text (``what``: -sass or -res-usage); the nvdisasm it runs goes on its PATH."""
+    nvdisasm = find_tool("nvdisasm")
+    extra = [str(Path(p).parent) for p in (nvdisasm, cuobjdump) if p]
+    env = dict(os.environ, PATH=os.pathsep.join([*extra, os.environ.get("PATH", "")]))
     r = subprocess.run([cuobjdump, what, str(cubin)], capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise ToolError(f"cuobjdump {what} failed: {r.stderr.strip()[-2000:]} (nvdisasm missing? "
