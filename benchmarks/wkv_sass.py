@@ -7,11 +7,15 @@ instructions its threads issue (each SM issues at most one warp instruction per 
 compiles ``cuda_wkv/csrc/wkv_cuda.cu`` with nvcc for one architecture (``-cubin``, the flags the
 extension is built with), disassembles it with ``cuobjdump -sass`` and, for each phase-1 and phase-3
 kernel in float32 (``fwd_summary``, ``fwd_rescan``, ``bwd_summary``, ``bwd_rescan``), finds its
-main loop (the longest backward branch), counts the instructions in it and divides by the
-positions one iteration handles: the header's block of rows (``kAheadOf`` in phase 1,
-``kCheckpointRows`` in phase 3, read by compiling a few lines against ``wkv_recurrence.h`` with the
-same defines) times the blocks the loop holds (its read-only-cache loads over a block's: 2 per
-position forward, 6 backward).  Phase 2 and the final reduction are left out (per chunk, not per
+main loop, counts the instructions in it and divides by the positions one iteration handles.
+A position costs each kernel a known number of exps (EXPS_PER_POSITION: the summary folds both sums,
+the rescan runs its store and finish steps), each one ``MUFU.EX2``; a loop's positions are its
+``MUFU.EX2`` over that number, and the main loop is the one whose positions are whole blocks of the
+header's rows (``kAheadOf`` in phase 1, ``kCheckpointRows`` in phase 3, read by compiling a few lines
+against ``wkv_recurrence.h`` with the same defines) and which reads each position's inputs (2 forward,
+6 backward, through the read-only cache) -- preferring a loop that reads exactly those (phase 1 also
+has loops for the first and last chunks, which fold one side only and which nvcc may unroll further),
+then the most positions, then the longest.  Phase 2 and the final reduction are left out (per chunk, not per
 position), and so is float64 (the tests' dtype).
 
 Then, for a (B, T, C) call on a device (``--sms``, ``--clock-ghz``, ``--bandwidth-gbps``), two lower
@@ -34,6 +38,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import math
 import os
 import re
 import shlex
@@ -44,12 +49,17 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's cuda_wkv (its toolkit lookup), installed or not
 SOURCE = REPO / "cuda_wkv" / "csrc" / "wkv_cuda.cu"
 KERNELS = ("fwd_summary", "fwd_rescan", "bwd_summary", "bwd_rescan")
 INPUTS_PER_POSITION = {"fwd": 2, "bwd": 6}  # k, v / k, v, y, m, r, gy: the loads through __ldg
+# exps per position in each kernel's main loop (docs/wkv.md, "Three phases" and "Backward"): phase 1
+# folds the left and the right sum (forward: one exp a fold; backward: two, its forward and transposed
+# sums), phase 3 a store step and a finish step (forward 1 + 3, backward 4 + 5)
+EXPS_PER_POSITION = {"fwd_summary": 2, "fwd_rescan": 4, "bwd_summary": 4, "bwd_rescan": 9}
 PASSES = {"fwd": 8.0, "bwd": 19.5}  # (B, T, C) tensors moved by design (docs/wkv.md)
 MINIMAL_PASSES = {"fwd": 5, "bwd": 8}  # every input read once, every output written once
 SCHEDULERS_PER_SM = 4
@@ -69,10 +79,20 @@ class LoopCount:
     positions: int  # per loop iteration
     mufu: int  # special-function instructions (exp2, rcp, ...) in the loop
     branches: int  # BRA in the loop (divergence and out-of-line paths show here)
+    calls: int  # CALL in the loop: out-of-line paths (e.g. a division's slow path)
 
     @property
     def per_position(self) -> float:
         return self.loop_instructions / self.positions
+
+
+def _cuda_home() -> Optional[str]:
+    """The CUDA toolkit root as cuda_wkv resolves it (this checkout's cuda_wkv; None without torch)."""
+    try:
+        from cuda_wkv.loader import resolve_cuda_home
+    except ImportError:
+        return None
+    return resolve_cuda_home()
 
 
 def find_tool(name: str) -> Optional[str]:
@@ -80,8 +100,7 @@ def find_tool(name: str) -> Optional[str]:
     found = shutil.which(name)
     if found:
         return found
-    from cuda_wkv.loader import resolve_cuda_home
-    home = resolve_cuda_home()
+    home = _cuda_home()
     if home and os.path.isfile(os.path.join(home, "bin", name)):
         return os.path.join(home, "bin", name)
     spec = importlib.util.find_spec("nvidia")
@@ -102,8 +121,7 @@ def find_cuobjdump() -> str:
 def _nvcc() -> str:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        from cuda_wkv.loader import resolve_cuda_home
-        home = resolve_cuda_home()
+        home = _cuda_home()
         nvcc = os.path.join(home, "bin", "nvcc") if home else None
     if nvcc is None:
         raise ToolError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
@@ -153,19 +171,38 @@ def _opcode(text: str) -> str:
     return re.sub(r"^@!?U?P[T\d]+\s+", "", text).split()[0]
 
 
-def main_loop(instructions: List[tuple]) -> List[str]:
-    """The instructions of the longest loop: from a backward branch's target to the branch."""
+def loops(instructions: List[tuple]) -> List[List[str]]:
+    """The instructions of every loop: from a backward branch's target to the branch."""
     index = {addr: i for i, (addr, _) in enumerate(instructions)}
-    best: Optional[tuple] = None
+    out = []
     for i, (addr, text) in enumerate(instructions):
         if _opcode(text) != "BRA":
             continue
         target = re.search(r"0x([0-9a-f]+)", text.split("BRA", 1)[1])
         if target and int(target.group(1), 16) <= addr and int(target.group(1), 16) in index:
-            j = index[int(target.group(1), 16)]
-            if best is None or i - j > best[1] - best[0]:
-                best = (j, i)
-    return [] if best is None else [t for _, t in instructions[best[0]:best[1] + 1]]
+            out.append([t for _, t in instructions[index[int(target.group(1), 16)]:i + 1]])
+    return out
+
+
+def main_loop(instructions: List[tuple], kernel: str, rows: int) -> Tuple[List[str], int]:
+    """A kernel's main loop and the positions one iteration handles (see the module's docstring)."""
+    best: Optional[tuple] = None
+    inputs = INPUTS_PER_POSITION[kernel[:3]]
+    for body in loops(instructions):
+        ops = Counter(_opcode(t) for t in body)
+        exps = ops["MUFU.EX2"]
+        loads = sum(n for op, n in ops.items() if op.startswith("LDG") and ".CONSTANT" in op)
+        positions = exps // EXPS_PER_POSITION[kernel]
+        if exps == 0 or exps % EXPS_PER_POSITION[kernel] or positions % rows or loads < positions * inputs:
+            continue
+        key = (loads == positions * inputs, positions, len(body))
+        if best is None or key > best[0]:
+            best = (key, body, positions)
+    if best is None:
+        raise ToolError(f"{kernel}: no loop of whole blocks of {rows} positions, each with "
+                        f"{EXPS_PER_POSITION[kernel]} exps and {inputs} read-only loads -- has the kernel's "
+                        "structure changed? (EXPS_PER_POSITION)")
+    return best[1], best[2]
 
 
 def parse_sass(sass: str) -> Dict[tuple, List[tuple]]:
@@ -194,16 +231,11 @@ def count_loops(sass: str, res_usage: str, rows: Dict[str, int]) -> List[LoopCou
     registers = parse_registers(res_usage)
     counts = []
     for (kernel, dtype), instructions in sorted(parse_sass(sass).items()):
-        body = main_loop(instructions)
+        body, positions = main_loop(instructions, kernel, rows[kernel])
         ops = Counter(_opcode(t) for t in body)
-        inputs = sum(n for op, n in ops.items() if op.startswith("LDG") and ".CONSTANT" in op)
-        block = rows[kernel] * INPUTS_PER_POSITION[kernel[:3]]  # read-only loads of one block
-        if inputs < block:
-            raise ToolError(f"{kernel} ({dtype}): the longest loop has {inputs} read-only loads, fewer than "
-                            f"one block's {block} -- has the kernel's structure changed?")
-        counts.append(LoopCount(kernel, dtype, registers.get((kernel, dtype), 0), len(body),
-                                rows[kernel] * (inputs // block), sum(n for op, n in ops.items() if op.startswith("MUFU")),
-                                ops["BRA"]))
+        counts.append(LoopCount(kernel, dtype, registers.get((kernel, dtype), 0), len(body), positions,
+                                sum(n for op, n in ops.items() if op.startswith("MUFU")), ops["BRA"],
+                                sum(n for op, n in ops.items() if op.startswith("CALL"))))
     missing = {(k, "float32") for k in KERNELS} - {(c.kernel, c.dtype) for c in counts}
     if missing:
         raise ToolError(f"kernels not found in the SASS: {sorted(missing)}")
@@ -235,14 +267,15 @@ def report(counts: List[LoopCount], est: Dict[str, dict], args: argparse.Namespa
              f"Generated by `python benchmarks/wkv_sass.py {' '.join(args.argv)}`".rstrip() + " on "
              f"{args.date} with {args.nvcc_version}; source `{args.source_label}`.  Static counts of the "
              "compiled code: no GPU involved, independent of the machine's load.", "",
-             "Main loop of each phase-1/3 kernel (the longest backward branch of its SASS): instructions, "
-             "positions per iteration (the header's block of rows times the blocks its loads cover), special-function "
-             "instructions (MUFU) and branches in it.", "",
-             "| kernel | dtype | registers | loop instructions | positions | per position | MUFU per position | branches |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "Main loop of each phase-1/3 kernel (see the script's docstring): instructions, positions per "
+             "iteration (its exps over the exps a position costs), special-function instructions (MUFU), branches "
+             "and out-of-line calls in it.", "",
+             "| kernel | dtype | registers | loop instructions | positions | per position | MUFU per position | "
+             "branches | calls |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in counts:
         lines.append(f"| {c.kernel} | {c.dtype} | {c.registers} | {c.loop_instructions} | {c.positions} | "
-                     f"{c.per_position:.1f} | {c.mufu / c.positions:.1f} | {c.branches} |")
+                     f"{c.per_position:.1f} | {c.mufu / c.positions:.1f} | {c.branches} | {c.calls} |")
     lines += ["", f"Lower bounds at B={args.B}, T={args.T}, C={args.C}, float32, on {args.sms} SMs at "
               f"{args.clock_ghz} GHz and {args.bandwidth_gbps:.0f} GB/s: issue (one instruction per scheduler "
               "and cycle) and traffic (the design's 8 / 19.5 passes); the best share of the peak the larger "
@@ -312,8 +345,11 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.source.is_file():
         p.error(f"--source {args.source}: no such file")
-    if min(args.B, args.T, args.C, args.sms) < 1 or args.clock_ghz <= 0 or args.bandwidth_gbps <= 0:
-        p.error("--B, --T, --C, --sms, --clock-ghz and --bandwidth-gbps must be positive")
+    if min(args.B, args.T, args.C, args.sms) < 1 or not (0 < args.clock_ghz < math.inf) \
+            or not (0 < args.bandwidth_gbps < math.inf):
+        p.error("--B, --T, --C, --sms, --clock-ghz and --bandwidth-gbps must be positive and finite")
+    if args.out_dir is not None and args.out_dir.exists() and not args.out_dir.is_dir():
+        p.error(f"--out-dir {args.out_dir}: exists and is not a folder")
     args.argv = argv
     src = args.source.resolve()
     args.source_label = str(src.relative_to(REPO)) if REPO in src.parents else str(args.source)

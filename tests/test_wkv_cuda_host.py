@@ -357,12 +357,14 @@ def test_chunks_stay_within_32_bit_row_offsets(host_kernel):
 def test_zero_weight_keys_far_from_the_start_vs_dense(either_math, chunk):
     """A key of -inf folded into an empty sum at |w| t in (87, 103): the total of the two weightless
     terms is e^{-|w| t}, subnormal in float32 on a GPU (CUDA's expf keeps it), which its reciprocal
-    flushes to 0 -- divided, it made the running mean NaN and every output left of it. Values and
-    gradients against the dense reference; every output finite."""
-    B, T, C = 1, 200, 3
+    flushes to 0 -- divided, it made the running mean NaN and every output left of it (below e^-88.7
+    even IEEE's reciprocal overflows). Values and gradients against the dense reference; every output
+    finite."""
+    B, T, C = 1, 200, 4
     w, u, k, v, gy = _inputs(B, T, C, wT=1.0, seed=8)
-    w[:] = torch.tensor([0.5, 0.5, -0.5], dtype=torch.float64)
+    w[:] = torch.tensor([0.5, 0.5, -0.5, 0.5], dtype=torch.float64)
     k[0, 199, 0] = k[0, 180, 1] = k[0, 0, 2] = k[0, 15, 2] = -math.inf
+    k[0, 176, 3] = -math.inf  # |w| t = 88: a normal 1 / total in IEEE, infinite from the flushing reciprocal
     leaves = [x.clone().requires_grad_() for x in (w, u, k, v)]
     y_ref = bi_wkv_dense(*leaves)
     g_ref = torch.autograd.grad(y_ref, leaves, gy)
