@@ -69,7 +69,7 @@ Plan make_plan(const at::Tensor& k) {
   p.C = k.size(2);
   p.nblk = (p.C + kBlock - 1) / kBlock;
   const int64_t forced = wkv::forced_chunk("wkv_cpu");
-  p.len = forced > 0 ? std::min(forced, std::max<int64_t>(p.T, 1))
+  p.len = forced > 0 ? wkv::forced_chunk_len(p.T, forced)
                      : wkv::cpu_auto_chunk(p.B, p.T, p.C, kBlock, at::get_num_threads());
   p.nch = (p.T + p.len - 1) / p.len;
   return p;
@@ -218,9 +218,9 @@ void carries(const Plan& p, int fields, int64_t b, const F* summ, F* carry, cons
     for (int dir = 0; dir < 2; ++dir) {
       const int64_t o = state_off(p, fields, b, 0, dir, c);
       if (fields == kFwdFields) {
-        wkv::fwd_carry_lane(summ + o, carry + o, p.nch, cs, p.C, dir, wp[c]);
+        wkv::carry_lane<F, false>(summ + o, carry + o, p.nch, cs, p.C, dir, wp[c]);
       } else {
-        wkv::bwd_carry_lane(summ + o, carry + o, p.nch, cs, p.C, dir, wp[c]);
+        wkv::carry_lane<F, true>(summ + o, carry + o, p.nch, cs, p.C, dir, wp[c]);
       }
     }
   }
@@ -462,8 +462,7 @@ int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
   TORCH_CHECK(device == "cpu" || device == "cuda", "chunk_length: device must be 'cpu' or "
               "'cuda', got '", device, "'");
   if (forced > 0) {
-    return device == "cpu" ? std::min(forced, std::max<int64_t>(T, 1))
-                           : wkv::cuda_forced_chunk(T, C, forced);
+    return device == "cpu" ? wkv::forced_chunk_len(T, forced) : wkv::cuda_forced_chunk(T, C, forced);
   }
   return device == "cpu" ? wkv::cpu_auto_chunk(B, T, C, kBlock, parallel)
                          : wkv::cuda_auto_chunk(B, T, C, parallel);

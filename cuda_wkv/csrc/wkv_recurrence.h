@@ -529,18 +529,6 @@ WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t
   scan_carries<kAheadOf<F, Bwd>>(summ, carry, 0, nch, nch, cs, fs, dir, w, s);
 }
 
-template <typename F>
-WKV_HD void fwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
-                           int dir, F w) {
-  carry_lane<F, false>(summ, carry, nch, cs, fs, dir, w);
-}
-
-template <typename F>
-WKV_HD void bwd_carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs,
-                           int dir, F w) {
-  carry_lane<F, true>(summ, carry, nch, cs, fs, dir, w);
-}
-
 // Grouped carries (CUDA).  One sequential scan over n chunks is n dependent merges, run by
 // one thread per (batch, channel, direction) -- at GLSP's T = 32768 about 260 merges on a
 // few SMs, while the rest of the device waits.  With many chunks the CUDA kernel scans in
@@ -655,18 +643,17 @@ WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int i) {
 template <typename F, bool Bwd, typename S> struct RowBlocks {
   static constexpr int kAhead = kAheadOf<F, Bwd>;
   const Lane<F, S>& l;
-  int first, len;
-  int dir;
+  int first, dir;
   Row<F> cur[kAhead], next[kAhead];
 
   WKV_HD RowBlocks(const Lane<F, S>& lane, int d)
-      : l(lane), first(d > 0 ? 0 : lane.len - 1), len(lane.len), dir(d), cur{}, next{} {
+      : l(lane), first(d > 0 ? 0 : lane.len - 1), dir(d), cur{}, next{} {
     load(0);
   }
   WKV_HD int pos(int i) const { return first + dir * i; }  // index in the chunk of step i
   WKV_HD void load(int i) {
     WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
-      if (i + j < len) load_row<F, Bwd>(next[j], l, pos(i + j));
+      if (i + j < l.len) load_row<F, Bwd>(next[j], l, pos(i + j));
     }
   }
   WKV_HD void advance(int i) {
@@ -689,9 +676,9 @@ template <typename F, bool Bwd, typename S, typename Step>
 WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, Step&& step) {
   RowBlocks<F, Bwd, S> rows(l, dir);
   constexpr int kAhead = RowBlocks<F, Bwd, S>::kAhead;
-  for (int i = 0; i < rows.len; i += kAhead) {
+  for (int i = 0; i < l.len; i += kAhead) {
     rows.advance(i);
-    block_steps<kAhead>(i, rows.len, [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
+    block_steps<kAhead>(i, l.len, [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
   }
 }
 
@@ -937,9 +924,14 @@ inline int64_t cuda_chunk_limit(int64_t C) {
   return limit > 0 ? limit : 1;
 }
 
-// CUDA_WKV_CHUNK's length (forced > 0) as the CUDA kernel takes it: at most T and the limit.
+// CUDA_WKV_CHUNK's length (forced > 0) for T positions: at most T (one chunk).
+inline int64_t forced_chunk_len(int64_t T, int64_t forced) {
+  return forced < (T > 1 ? T : 1) ? forced : (T > 1 ? T : 1);
+}
+
+// CUDA_WKV_CHUNK's length as the CUDA kernel takes it: also at most its 32-bit row offsets' limit.
 inline int64_t cuda_forced_chunk(int64_t T, int64_t C, int64_t forced) {
-  const int64_t len = forced < (T > 1 ? T : 1) ? forced : (T > 1 ? T : 1);
+  const int64_t len = forced_chunk_len(T, forced);
   return len < cuda_chunk_limit(C) ? len : cuda_chunk_limit(C);
 }
 
