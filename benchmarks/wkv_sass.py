@@ -96,7 +96,8 @@ def _cuda_home() -> Optional[str]:
 
 
 def find_tool(name: str) -> Optional[str]:
-    """``name`` (cuobjdump, nvdisasm) on PATH, in the CUDA toolkit, or from its pip package (nvidia-cuda-NAME)."""
+    """``name`` (nvcc, cuobjdump, nvdisasm) on PATH, in the CUDA toolkit, or from its pip package
+    (nvidia-cuda-NAME)."""
     found = shutil.which(name)
     if found:
         return found
@@ -119,10 +120,7 @@ def find_cuobjdump() -> str:
 
 
 def _nvcc() -> str:
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        home = _cuda_home()
-        nvcc = os.path.join(home, "bin", "nvcc") if home else None
+    nvcc = find_tool("nvcc")
     if nvcc is None:
         raise ToolError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
     return nvcc
@@ -184,8 +182,9 @@ def loops(instructions: List[tuple]) -> List[List[str]]:
     return out
 
 
-def main_loop(instructions: List[tuple], kernel: str, rows: int) -> Tuple[List[str], int]:
-    """A kernel's main loop and the positions one iteration handles (see the module's docstring)."""
+def main_loop(instructions: List[tuple], kernel: str, rows: int) -> Tuple[Counter, int, int]:
+    """A kernel's main loop -- its opcodes counted, its length -- and the positions one iteration
+    handles (see the module's docstring)."""
     best: Optional[tuple] = None
     inputs = INPUTS_PER_POSITION[kernel[:3]]
     for body in loops(instructions):
@@ -197,12 +196,12 @@ def main_loop(instructions: List[tuple], kernel: str, rows: int) -> Tuple[List[s
             continue
         key = (loads == positions * inputs, positions, len(body))
         if best is None or key > best[0]:
-            best = (key, body, positions)
+            best = (key, ops, len(body), positions)
     if best is None:
         raise ToolError(f"{kernel}: no loop of whole blocks of {rows} positions, each with "
                         f"{EXPS_PER_POSITION[kernel]} exps and {inputs} read-only loads -- has the kernel's "
                         "structure changed? (EXPS_PER_POSITION)")
-    return best[1], best[2]
+    return best[1], best[2], best[3]
 
 
 def parse_sass(sass: str) -> Dict[tuple, List[tuple]]:
@@ -231,9 +230,8 @@ def count_loops(sass: str, res_usage: str, rows: Dict[str, int]) -> List[LoopCou
     registers = parse_registers(res_usage)
     counts = []
     for (kernel, dtype), instructions in sorted(parse_sass(sass).items()):
-        body, positions = main_loop(instructions, kernel, rows[kernel])
-        ops = Counter(_opcode(t) for t in body)
-        counts.append(LoopCount(kernel, dtype, registers.get((kernel, dtype), 0), len(body), positions,
+        ops, length, positions = main_loop(instructions, kernel, rows[kernel])
+        counts.append(LoopCount(kernel, dtype, registers.get((kernel, dtype), 0), length, positions,
                                 sum(n for op, n in ops.items() if op.startswith("MUFU")), ops["BRA"],
                                 sum(n for op, n in ops.items() if op.startswith("CALL"))))
     missing = {(k, "float32") for k in KERNELS} - {(c.kernel, c.dtype) for c in counts}
