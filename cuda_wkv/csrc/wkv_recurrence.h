@@ -788,11 +788,12 @@ WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, F* st, in
 // store(left, t, row, side) at each position (t: its position as F), left to right, keeps
 // that position's stored side in registers and folds it into `left`; finish(right, i, row,
 // side) at each position (i: its index in the chunk), right to left, combines it with the
-// right state (from `carry + ds`), writes the outputs and folds it into `right`.  The carried-in left state is read again for each block (a cache
-// hit; nvcc could hoist that read out of the loop, and tests/test_wkv_build.py would then
-// see the spills it avoids) and the next block's loads are issued after the block's first
-// finish step, when `left` and that row are done with: held through the whole block, the backward's rows,
-// states and stored side would not fit in its registers (spills).
+// right state (from `carry + ds`), writes the outputs and folds it into `right`.  The
+// source reads the carried-in left state again for each block (nvcc 13 for sm_90 keeps it in
+// registers instead, without spilling: tests/test_wkv_build.py fails on any spill) and
+// issues the next block's loads after the block's first finish step, when `left` and that
+// row are done with: held through the whole block, the backward's rows, states and stored
+// side would not fit in its registers (spills).
 template <typename Side, bool Bwd, typename F, typename S, typename Store, typename Finish>
 WKV_HD void checkpointed_rescan(const Lane<F, S>& l, const F* carry, int64_t ds, int64_t fs,
                                 const F* checkpoints, int64_t ck_stride, Store&& store,
