@@ -71,9 +71,10 @@ def host_kernel(tmp_path_factory):
 @pytest.fixture(scope="module")
 def host_kernel_device_math(tmp_path_factory):
     """The harness with the GPU's float math instead of the CPU kernel's (WKV_DEVICE_MATH_ON_HOST):
-    an accurate exp that keeps subnormal results (CUDA's expf), the library log, and divisions from a
-    reciprocal that flushes subnormal divisors to 0 (rcp.approx.ftz) -- the corner cases of the
-    device's arithmetic, which the host's own math does not have."""
+    models of the hardware's exp and log as the kernel calls them (ex2.approx.ftz of x log2 e rounded
+    to float, results below 2^-126 flushed; lg2.approx.ftz times ln 2) and divisions from a reciprocal
+    that flushes subnormal divisors to 0 (rcp.approx.ftz) -- the device's arithmetic and its corner
+    cases, which the host's own math does not have."""
     return _build_host_kernel(tmp_path_factory.mktemp("wkv_cuda_host_devmath"), "WKV_DEVICE_MATH_ON_HOST")
 
 
@@ -303,6 +304,57 @@ def test_float32_accuracy_at_large_w_times_t(host_kernel, wT):
         assert _rel_err(x, r) <= 1e-4
 
 
+@pytest.fixture(scope="module", params=[-1, 1], ids=lambda b: f"mufu{b:+d}")
+def host_kernel_mufu_at_bound(request, tmp_path_factory):
+    """The harness with the GPU's float math and every hardware exp and log at the error bound CUDA
+    documents for them, all in one direction (WKV_DEVICE_MUFU_BIAS): exps 2 ulp high or low, logs
+    2 ulp (2^-22 absolute in [0.5, 2]) -- worse than any real input-dependent error pattern."""
+    folder = tmp_path_factory.mktemp(f"wkv_cuda_host_mufu{request.param:+d}")
+    return _build_host_kernel(folder, "WKV_DEVICE_MATH_ON_HOST", f"WKV_DEVICE_MUFU_BIAS={request.param}")
+
+
+@pytest.mark.parametrize("T, C, wT, kscale, tol", [(4099, 3, 1e2, 2.0, 1e-5), (4099, 3, 1e4, 2.0, 1e-5),
+                                                   (4099, 3, 1e4, 10.0, 1e-5), (4099, 3, -1e2, 10.0, 1e-5),
+                                                   (32768, 4, 10.0, 2.0, 2e-5)],
+                         ids=["T4099-wT1e2", "T4099-wT1e4", "T4099-wT1e4-k10", "T4099-wT-1e2-k10",
+                              "T32768-wT10"])
+def test_float32_accuracy_with_the_hardware_exp_and_log_at_their_bounds(host_kernel, host_kernel_mufu_at_bound,
+                                                                         T, C, wT, kscale, tol):
+    """The CUDA kernel takes its exps and logs from the hardware's approximations (ex2.approx,
+    lg2.approx: 2 instructions each instead of 8 and ~26).  With every one of them at its documented
+    error bound in the same direction, values and all four gradients stay within 1e-5 of the float64
+    kernel on the same rounded inputs -- the accuracy target -- at large |w| T, |k| up to ~30 and both
+    signs of w.  At GLSP's longest sequence (T = 32768, its |w| T) a bias that never cancels adds up
+    over the rescalings a term sees while it matters (~50 x 2 ulp in gv here; an accurate exp at the
+    same bound, as CUDA's expf documents, does the same): 2e-5 there, and 1e-5 without the bias
+    (test_float32_accuracy_with_the_hardware_exp_and_log)."""
+    got, ref = _device_math_vs_float64(host_kernel, host_kernel_mufu_at_bound, T, C, wT, kscale)
+    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, ref):
+        assert _rel_err(x, r) <= tol, (name, _rel_err(x, r))
+
+
+@pytest.mark.parametrize("T, C, wT", [(4099, 3, 1e4), (32768, 4, 10.0)], ids=["T4099-wT1e4", "T32768-wT10"])
+def test_float32_accuracy_with_the_hardware_exp_and_log(host_kernel, host_kernel_device_math, T, C, wT):
+    """As above with the approximations' own rounding (correctly rounded 2^y and log2 x after y = x
+    log2 e is rounded to float, as the kernel does): within 1e-5 of the float64 kernel, GLSP's longest
+    sequence included."""
+    got, ref = _device_math_vs_float64(host_kernel, host_kernel_device_math, T, C, wT, 2.0)
+    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, ref):
+        assert _rel_err(x, r) <= 1e-5, (name, _rel_err(x, r))
+
+
+def _device_math_vs_float64(host_kernel, device_kernel, T, C, wT, kscale):
+    """float32 results of ``device_kernel`` and the float64 host kernel's on the same rounded inputs
+    (B = 1, the automatic chunk length of an H200; w of the sign of wT)."""
+    g = torch.Generator().manual_seed(11)
+    w, u, k, v = wkv_inputs(1, T, C, wT=abs(wT), kscale=kscale, seed=11, w_sign=1 if wT > 0 else -1)
+    gy = torch.randn(1, T, C, dtype=torch.float64, generator=g)
+    args32 = [x.float() for x in (w, u, k, v, gy)]
+    length = host_kernel.wkv_host_auto_chunk(1, T, C, H200_SLOTS)
+    ref = run_host(host_kernel, *(x.double() for x in args32), chunk=length)
+    return run_host(device_kernel, *args32, chunk=length), ref
+
+
 def test_device_division_is_ieee_division_in_the_kernels_range(host_kernel):
     """The CUDA kernel divides by totals of weights y in [1, T + 2] with 0 <= x <= y, from the
     hardware's approximate reciprocal (within 1 ulp) instead of CUDA's range-checked division:
@@ -356,10 +408,11 @@ def test_chunks_stay_within_32_bit_row_offsets(host_kernel):
 @pytest.mark.parametrize("chunk", [1, 9, 64, 200], ids=lambda c: f"chunk{c}")
 def test_zero_weight_keys_far_from_the_start_vs_dense(either_math, chunk):
     """A key of -inf folded into an empty sum at |w| t in (87, 103): the total of the two weightless
-    terms is e^{-|w| t}, subnormal in float32 on a GPU (CUDA's expf keeps it), which its reciprocal
-    flushes to 0 -- divided, it made the running mean NaN and every output left of it (below e^-88.7
-    even IEEE's reciprocal overflows). Values and gradients against the dense reference; every output
-    finite."""
+    terms is e^{-|w| t}, subnormal in float32 wherever the exp keeps subnormal results (CUDA's expf,
+    which the kernel used until 2026-12-03), and the device's reciprocal flushes it to 0 -- divided,
+    it made the running mean NaN and every output left of it (below e^-88.7 even IEEE's reciprocal
+    overflows); the hardware exp now flushes the total to 0 itself. Values and gradients against the
+    dense reference; every output finite."""
     B, T, C = 1, 200, 4
     w, u, k, v, gy = _inputs(B, T, C, wT=1.0, seed=8)
     w[:] = torch.tensor([0.5, 0.5, -0.5, 0.5], dtype=torch.float64)

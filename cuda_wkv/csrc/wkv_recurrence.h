@@ -99,14 +99,38 @@ constexpr int kAheadOf = WKV_ROWS_AHEAD / ((Bwd ? 2 : 1) * (sizeof(F) > 4 ? 2 : 
 template <typename F> WKV_HD F neg_inf() { return static_cast<F>(-INFINITY); }
 template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
 
-// exp() for the scans.  On the host, float uses a branch-free polynomial that gcc/clang
-// vectorise (Cody-Waite range reduction + degree-6 minimax polynomial, ~1-2 ulp) and
-// returns 0 below the normal range (so e^{-inf} = 0); double uses the library exp.
+// e^x for the scans.  Every exp the kernels take is a weight relative to a maximum, x <= 0
+// (up to rounding), and is summed with that maximum's weight 1.
+// * CUDA: 2^(x log2 e) from the hardware's ex2.approx.ftz (MUFU.EX2, within 2 ulp of 2^y; y
+//   rounded to float first): two instructions instead of expf's eight (9 exps a position in
+//   the backward's rescan).  Rounding y costs a relative error up to |x| 2^-24 on top of the
+//   2 ulp, so up to ~1.2 |x| ulp (CUDA's __expf bound); the absolute error that adds to a
+//   weight e^x, |x| e^x 2^-24 <= 2^-24 / e, is below half an ulp of the maximum's weight 1.
+//   Where the weight scales a sum of n terms, the sum's share loses at most ~1.2 ln(n) ulp
+//   (x ~ -ln n for a sum that matters), ~12 ulp at n = 32768.  Results below 2^-126 are
+//   flushed to 0, as the host's polynomial does (the kernels' totals are then exactly 0).
+// * Host, float: a branch-free polynomial that gcc/clang vectorise (Cody-Waite range
+//   reduction + degree-6 minimax polynomial, ~1-2 ulp), 0 below the normal range (e^{-inf} =
+//   0); double: the library exp.
+// * WKV_DEVICE_MATH_ON_HOST (the tests' stand-in for the GPU): the same rounded y, 2^y
+//   correctly rounded, then moved 2 ulps in the direction WKV_DEVICE_MUFU_BIAS (-1, 0 = none,
+//   +1; the tests bias every result to the hardware's bound), flushed below 2^-126.
+constexpr float kLog2e = 1.44269504088896341f;
+#ifndef WKV_DEVICE_MUFU_BIAS
+#define WKV_DEVICE_MUFU_BIAS 0
+#endif
 WKV_HD float wkv_exp(float x) {
 #if defined(__CUDA_ARCH__)
-  return expf(x);
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * kLog2e));
+  return e;
 #elif defined(WKV_DEVICE_MATH_ON_HOST)
-  return std::exp(x);  // the tests' stand-in for CUDA's expf: accurate, keeps subnormal results
+  const float y = x * kLog2e;
+  if (!(y >= -126.0f)) return y != y ? y : 0.0f;  // NaN stays NaN; 2^y < 2^-126 is flushed
+  float e = static_cast<float>(std::exp2(static_cast<double>(y)));
+  for (int i = 0; i < 2 && WKV_DEVICE_MUFU_BIAS != 0; ++i)
+    e = std::nextafter(e, WKV_DEVICE_MUFU_BIAS > 0 ? INFINITY : 0.0f);
+  return e < FLT_MIN ? 0.0f : e;
 #else
   const bool under = x < -87.3f;
   x = x < -87.0f ? -87.0f : x;
@@ -137,14 +161,32 @@ WKV_HD double wkv_exp(double x) {
 #endif
 }
 
-// log() of a positive normal number.  Host float: exponent from the bits, mantissa m in
-// [sqrt(1/2), sqrt(2)), log m = x - x^2/2 + x^3 P(x) with x = m - 1 and a degree-8
-// minimax polynomial P (the Cephes logf coefficients, < 1 ulp); no division, vectorisable.
+// log x of a positive normal number (the kernels take it of totals of weights, x >= 1).
+// * CUDA: log2 x from the hardware's lg2.approx.ftz (MUFU.LG2), times ln 2 (rounded): two
+//   instructions instead of logf's ~26 (one a position in the forward's rescan).  CUDA
+//   documents __log2f, this instruction, as within 2^-22 absolute for x in [0.5, 2] and 2 ulp
+//   elsewhere: with the product's rounding up to ~2.5 ulp of log x (logf: 1 ulp), an error
+//   of e^{2.5 ulp} in every weight of the backward's row whose normaliser it is (~1.3e-6 at
+//   x = 32768, independent of |w| T).
+// * Host, float: exponent from the bits, mantissa m in [sqrt(1/2), sqrt(2)), log m = x - x^2/2
+//   + x^3 P(x) with x = m - 1 and a degree-8 minimax polynomial P (the Cephes logf
+//   coefficients, < 1 ulp); no division, vectorisable.
+// * WKV_DEVICE_MATH_ON_HOST: log2 x correctly rounded, moved to the bound above in the
+//   direction WKV_DEVICE_MUFU_BIAS, times ln 2 rounded to float.
 WKV_HD float wkv_log(float x) {
 #if defined(__CUDA_ARCH__)
-  return logf(x);
+  float l2;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l2) : "f"(x));
+  return l2 * 0.693147180559945309f;
 #elif defined(WKV_DEVICE_MATH_ON_HOST)
-  return std::log(x);
+  float l2 = static_cast<float>(std::log2(static_cast<double>(x)));
+  if (x >= 0.5f && x <= 2.0f) {
+    l2 = static_cast<float>(l2 + WKV_DEVICE_MUFU_BIAS * 0x1p-22);
+  } else if (std::isfinite(l2)) {
+    for (int i = 0; i < 2 && WKV_DEVICE_MUFU_BIAS != 0; ++i)
+      l2 = std::nextafter(l2, WKV_DEVICE_MUFU_BIAS > 0 ? INFINITY : -INFINITY);
+  }
+  return l2 * 0.693147180559945309f;
 #else
   int32_t bits;
   std::memcpy(&bits, &x, sizeof(float));
@@ -255,8 +297,9 @@ WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w
   const F x1 = s0 * so, x2 = s2 * sn;
   const F tot = x1 + x2;
   const bool first = x1 >= x2;
-  // a total below the normal range sums weightless terms only (e^{-d} of empty sums): no
-  // fraction to take, and the device's reciprocal would flush it to 0
+  // a total below the normal range sums weightless terms only (e^{-d} of empty sums; 0 where
+  // the exp flushes, as both kernels' float exps do, subnormal with a float64 or an exp that
+  // keeps them): no fraction to take, and the device's reciprocal would flush it to 0
   const F f = tot >= min_normal<F>() ? wkv_div(first ? x2 : x1, tot) : F(0);
   mean = first ? mean * (F(1) - f) + mean2 * f : mean2 * (F(1) - f) + mean * f;
   s0 = tot;
