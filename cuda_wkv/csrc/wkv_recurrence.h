@@ -266,10 +266,11 @@ template <typename F> WKV_HD F rel(F a1, F n1, F a2, F n2, F w) {
 }
 
 // Scales of an old sum (s_old) and a new one (s_new) whose maxima differ by d = new - old:
-// the larger maximum becomes the reference.  up: the new maximum is the larger one.
+// the larger maximum becomes the reference.  up: the new maximum is the larger one.  e^{-|d|}
+// (NaN for a NaN d): the sign is an operand modifier on a GPU, not a select.
 template <typename F> WKV_HD void merge_scales(F d, F& s_old, F& s_new, bool& up) {
   up = d > F(0);
-  const F e = wkv_exp(up ? -d : d);
+  const F e = wkv_exp(-std::fabs(d));
   s_old = up ? e : F(1);
   s_new = up ? F(1) : e;
 }
