@@ -338,6 +338,30 @@ def test_float32_accuracy_long_sequence(cpu_kernel, monkeypatch, wT):
         assert _rel_err(g, r) <= 1e-5, (name, _rel_err(g, r))
 
 
+@pytest.mark.parametrize("wT", [0.1, 1.0, 10.0])
+def test_float32_accuracy_one_long_chunk(cpu_kernel, monkeypatch, wT):
+    """T = 32768 at GLSP's |w| T (w = decay / T), the automatic chunk length (one chunk of 32768
+    with 64 channels): float32 values and all four gradients within 1e-5 of the float64 kernel on
+    the same rounded inputs.  Over one long scan the transposed sums' reference moved at almost
+    every step, rescaling the sum by the same rounded factor each time: gk and gv were 5e-5 to
+    1.3e-4 off before the lazy rescaling (wkv_recurrence.h, merge_scales)."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
+    T, C = 32768, 64
+    if torch.get_num_threads() <= 4:  # 4 channel blocks occupy the threads: one chunk
+        assert cpu_kernel.chunk_length("cpu", 1, T, C, torch.get_num_threads()) == T
+    w, u, k, v = _inputs(1, T, C, wT=wT, kscale=2.0, seed=5, w_sign=1)
+    gy = torch.randn(1, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    rounded = [x.float() for x in (w, u, k, v, gy)]
+    outs = {}
+    for dtype in (torch.float32, torch.float64):
+        leaves = [x.to(dtype).clone().requires_grad_() for x in rounded[:4]]
+        y = bi_wkv(*leaves)
+        outs[dtype] = [y.detach(), *torch.autograd.grad(y, leaves, rounded[4].to(dtype))]
+    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], outs[torch.float32], outs[torch.float64]):
+        assert _rel_err(x, r) <= 1e-5, (name, _rel_err(x, r))
+
+
 def test_determinism_across_threads_and_chunks(cpu_kernel, monkeypatch):
     """Bitwise equal for a fixed chunk length whatever the thread count; equal up to
     rounding across chunk lengths."""
@@ -649,6 +673,28 @@ def test_cuda_values_vs_dense(shape, wT, monkeypatch):
         assert y.device.type == "cuda" and y.dtype == dtype
         err = (y.double().cpu() - ref).abs().max().item()
         assert err <= _tol(dtype, v), (dtype, err)
+
+
+@needs_gpu
+@pytest.mark.parametrize("T, C, wT, kscale", [(4099, 3, 1e2, 2.0), (4099, 3, 1e4, 2.0), (4099, 3, 1e4, 10.0),
+                                              (4099, 3, -1e2, 10.0), (32768, 4, 10.0, 2.0)],
+                         ids=["T4099-wT1e2", "T4099-wT1e4", "T4099-wT1e4-k10", "T4099-wT-1e2-k10",
+                              "T32768-wT10"])
+def test_cuda_float32_accuracy_vs_float64(T, C, wT, kscale, monkeypatch):
+    """The accuracy target on the hardware: float32 values and all four gradients within 1e-5 of the
+    float64 kernel on the same rounded inputs (the kernel's exps and logs come from the GPU's
+    approximations, ex2.approx / lg2.approx; test_wkv_cuda_host.py checks models of them on the CPU)."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    w, u, k, v = _inputs(1, T, C, wT=abs(wT), kscale=kscale, seed=11, w_sign=1 if wT > 0 else -1)
+    gy = torch.randn(1, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    rounded = [x.float().to("cuda") for x in (w, u, k, v, gy)]
+    outs = {}
+    for dtype in (torch.float32, torch.float64):
+        leaves = [x.to(dtype).requires_grad_() for x in rounded[:4]]
+        y = bi_wkv(*leaves)
+        outs[dtype] = [y.detach(), *torch.autograd.grad(y, leaves, rounded[4].to(dtype))]
+    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], outs[torch.float32], outs[torch.float64]):
+        assert _rel_err(x.double().cpu(), r.cpu()) <= 1e-5, (name, _rel_err(x.double().cpu(), r.cpu()))
 
 
 @needs_gpu

@@ -19,9 +19,11 @@
 // a weight e^{-|rel|} is inaccurate only in proportion to |rel|, never to |w| * T.
 // (Anchoring exponents at t = 0, as in  k_i + i*w, costs eps * |w| * T instead.)
 //
-// A *sum* is a set of terms stored relative to its largest term (a, n):
-// s0 = sum_i e^{rel_i} >= 1, plus value channels.  Sums merge exactly -- the
-// log-sum-exp merge -- with one exp: the smaller maximum is scaled by e^{-|rel|}.
+// A *sum* is a set of terms stored relative to one of them, its reference (a, n): its
+// largest term, or for the backward's transposed sums one within a factor e of the largest
+// (merge_scales): s0 = sum_i e^{rel_i} >= 1, plus value channels.  Sums merge exactly --
+// the log-sum-exp merge -- with one exp: one sum is scaled by e^{rel} to the other's
+// reference.
 // Because a sum does not depend on the position it is seen from (only its distances
 // do), a chunk of the sequence can be summarised once and merged into any later state:
 // that is the chunked three-phase scan the kernels run (the CPU kernel runs "two halves"
@@ -53,7 +55,7 @@
 //   gw   = -sum_t gy_t sum_{i!=t} P_ti (|t-i|-1) (v_i - y_t)
 // The sums over t for a fixed j are "transposed" sums whose terms t have a = -m_t and
 // an integer n built from t and r_t; the distance-weighted sums for gw are carried by
-// two extra channels d, distances measured from each sum's largest term.
+// two extra channels d, distances measured from each sum's reference term.
 #pragma once
 
 #include <cfloat>
@@ -99,13 +101,14 @@ constexpr int kAheadOf = WKV_ROWS_AHEAD / ((Bwd ? 2 : 1) * (sizeof(F) > 4 ? 2 : 
 template <typename F> WKV_HD F neg_inf() { return static_cast<F>(-INFINITY); }
 template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
 
-// e^x for the scans.  Every exp the kernels take is a weight relative to a maximum, x <= 0
-// (up to rounding), and is summed with that maximum's weight 1.
+// e^x for the scans.  Every exp the kernels take is a weight relative to a reference term
+// of weight 1, the largest or within a factor e of it (merge_scales): x <= 1 (up to
+// rounding).
 // * CUDA: 2^(x log2 e) from the hardware's ex2.approx.ftz (MUFU.EX2, within 2 ulp of 2^y; y
-//   rounded to float first): two instructions instead of expf's eight (9 exps a position in
-//   the backward's rescan).  Rounding y costs a relative error up to |x| 2^-24 on top of the
+//   rounded to float first): two instructions where expf takes eight (9 exps a position in
+//   the backward's rescan; the instructions, as wkv_sass.py counts them).  Rounding y costs a relative error up to |x| 2^-24 on top of the
 //   2 ulp, so up to ~1.2 |x| ulp (CUDA's __expf bound); the absolute error that adds to a
-//   weight e^x, |x| e^x 2^-24 <= 2^-24 / e, is below half an ulp of the maximum's weight 1.
+//   weight e^x, |x| e^x 2^-24 <= e 2^-24 (x <= 1), is below an ulp of the reference's weight 1.
 //   Where the weight scales a sum of n terms, the sum's share loses at most ~1.2 ln(n) ulp
 //   (x ~ -ln n for a sum that matters), ~12 ulp at n = 32768.  Results below 2^-126 are
 //   flushed to 0, as the host's polynomial does (the kernels' totals are then exactly 0).
@@ -114,7 +117,9 @@ template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
 //   0); double: the library exp.
 // * WKV_DEVICE_MATH_ON_HOST (the tests' stand-in for the GPU): the same rounded y, 2^y
 //   correctly rounded, then moved 2 ulps in the direction WKV_DEVICE_MUFU_BIAS (-1, 0 = none,
-//   +1; the tests bias every result to the hardware's bound), flushed below 2^-126.
+//   +1; the tests bias every result to the hardware's bound), flushed below 2^-126; with
+//   WKV_DEVICE_EXP_KEEPS_SUBNORMALS as well, the library's accurate exp, which keeps
+//   subnormal results as CUDA's expf does (the tests of the totals such results make).
 constexpr float kLog2e = 1.44269504088896341f;
 #ifndef WKV_DEVICE_MUFU_BIAS
 #define WKV_DEVICE_MUFU_BIAS 0
@@ -124,6 +129,8 @@ WKV_HD float wkv_exp(float x) {
   float e;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(x * kLog2e));
   return e;
+#elif defined(WKV_DEVICE_MATH_ON_HOST) && defined(WKV_DEVICE_EXP_KEEPS_SUBNORMALS)
+  return std::exp(x);  // an accurate exp that keeps subnormal results (CUDA's expf): tests
 #elif defined(WKV_DEVICE_MATH_ON_HOST)
   const float y = x * kLog2e;
   if (!(y >= -126.0f)) return y != y ? y : 0.0f;  // NaN stays NaN; 2^y < 2^-126 is flushed
@@ -162,12 +169,13 @@ WKV_HD double wkv_exp(double x) {
 }
 
 // log x of a positive normal number (the kernels take it of totals of weights, x >= 1).
-// * CUDA: log2 x from the hardware's lg2.approx.ftz (MUFU.LG2), times ln 2 (rounded): two
-//   instructions instead of logf's ~26 (one a position in the forward's rescan).  CUDA
-//   documents __log2f, this instruction, as within 2^-22 absolute for x in [0.5, 2] and 2 ulp
-//   elsewhere: with the product's rounding up to ~2.5 ulp of log x (logf: 1 ulp), an error
-//   of e^{2.5 ulp} in every weight of the backward's row whose normaliser it is (~1.3e-6 at
-//   x = 32768, independent of |w| T).
+// * CUDA: log2 x from the hardware's lg2.approx.ftz (MUFU.LG2), times ln 2: two instructions
+//   where logf's polynomial takes about 26 (one log a position in the forward's rescan; the
+//   caller's addition may fuse with the product).  CUDA documents __log2f, this instruction,
+//   as within 2^-22 absolute for x in [0.5, 2] and 2 ulp elsewhere: with the product's
+//   rounding up to ~3 ulp of log x (logf: 1 ulp), a relative error of that size in every
+//   weight of the backward's row whose normaliser it is (~1.3e-6 at x = 32768, independent
+//   of |w| T).
 // * Host, float: exponent from the bits, mantissa m in [sqrt(1/2), sqrt(2)), log m = x - x^2/2
 //   + x^3 P(x) with x = m - 1 and a degree-8 minimax polynomial P (the Cephes logf
 //   coefficients, < 1 ulp); no division, vectorisable.
@@ -265,18 +273,27 @@ template <typename F> WKV_HD F rel(F a1, F n1, F a2, F n2, F w) {
   return da + (n1 - n2) * w;
 }
 
-// Scales of an old sum (s_old) and a new one (s_new) whose maxima differ by d = new - old:
-// the larger maximum becomes the reference.  up: the new maximum is the larger one.  e^{-|d|}
-// (NaN for a NaN d): the sign is an operand modifier on a GPU, not a select.
-template <typename F> WKV_HD void merge_scales(F d, F& s_old, F& s_new, bool& up) {
-  up = d > F(0);
-  const F e = wkv_exp(-std::fabs(d));
+// Scales of an old sum (s_old) and a new one (s_new) whose references differ by d = new - old
+// (log-weights).  The new reference replaces the old one (up) where it is larger by more
+// than `margin`, else the new sum is scaled to the old reference, by e^d <= e^margin.
+// margin = 0: the reference is the sum's largest term.  The transposed sums of the backward
+// use kRescaleMargin (lazy rescaling): there the terms' log-weights drift upwards by a
+// nearly constant step wherever one token dominates many rows (-m_t' varies slowly, the
+// position part by w), so with margin 0 the reference moved at almost every step and the
+// whole sum was rescaled by the same rounded factor each time -- 24 549 rescalings in 26 759
+// steps of one float32 scan at T = 32768, whose rounding added up to ~1e-4 of gv (docs/wkv.md,
+// "Accuracy").  With the margin a reference moves once per factor e of growth.  The reference
+// is always one of the sum's terms, so s0 >= 1 and its softmax weight stays <= 1.
+constexpr float kRescaleMargin = 1.0f;
+template <typename F> WKV_HD void merge_scales(F d, F margin, F& s_old, F& s_new, bool& up) {
+  up = d > margin;
+  const F e = wkv_exp(up ? -d : d);
   s_old = up ? e : F(1);
   s_new = up ? F(1) : e;
 }
 
 // ------------------------------------------------------------------------------ forward
-// Forward sum: maximum (a, n), s0 = sum of relative weights, mean = weighted mean of v.
+// Forward sum: reference (a, n), s0 = sum of relative weights, mean = weighted mean of v.
 // An empty sum is (-inf, 0, 0, 0).
 template <typename F> WKV_HD void fwd_empty(F& a, F& n, F& s0, F& mean) {
   a = neg_inf<F>();
@@ -287,22 +304,25 @@ template <typename F> WKV_HD void fwd_empty(F& a, F& n, F& s0, F& mean) {
 
 // Merge the sum (a2, n2, s2, mean2) into (a, n, s0, mean): exact log-sum-exp merge; the
 // mean is a convex combination, so it cannot overflow.  It is written as
-// major * (1 - f) + minor * f with the minor part's fraction f <= 1/2: a negligible term
+// (major - major * f) + minor * f with the minor part's fraction f <= 1/2: a negligible term
 // leaves the mean bitwise unchanged (x1 / (x1 + x2) in rounded arithmetic would not, and
-// would drift over thousands of folds).
+// would drift over thousands of folds), and no factor 1 - f is rounded: over a long scan f
+// changes slowly, 1 - f rounds the same way fold after fold, and that rounding added up
+// (2e-5 of y after 32768 folds at |w| T = 1, 6e-6 without it; docs/wkv.md, "Accuracy").
 template <typename F>
 WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w) {
   F so, sn;
   bool up;
-  merge_scales(rel(a2, n2, a, n, w), so, sn, up);
+  merge_scales(rel(a2, n2, a, n, w), F(0), so, sn, up);
   const F x1 = s0 * so, x2 = s2 * sn;
   const F tot = x1 + x2;
   const bool first = x1 >= x2;
-  // a total below the normal range sums weightless terms only (e^{-d} of empty sums; 0 where
-  // the exp flushes, as both kernels' float exps do, subnormal with a float64 or an exp that
-  // keeps them): no fraction to take, and the device's reciprocal would flush it to 0
+  // a total below the normal range sums weightless terms only (e^{-d} of empty sums: 0 where
+  // the exp flushes, as both kernels' float exps do, subnormal from an exp that keeps such
+  // results): no fraction to take, and the device's reciprocal would flush it to 0
   const F f = tot >= min_normal<F>() ? wkv_div(first ? x2 : x1, tot) : F(0);
-  mean = first ? mean * (F(1) - f) + mean2 * f : mean2 * (F(1) - f) + mean * f;
+  const F major = first ? mean : mean2, minor = first ? mean2 : mean;
+  mean = (major - major * f) + minor * f;
   s0 = tot;
   a = up ? a2 : a;
   n = up ? n2 : n;
@@ -362,10 +382,10 @@ WKV_HD void fwd_finish_step(F& a, F& n, F& s0, F& mean, F dir, F t, F k, F v, F 
 
 // ----------------------------------------------------------------------------- backward
 // Backward state of one direction: the forward sum of this side (a, n; s0 = sum e,
-// s1 = sum e v) with distance channels relative to its maximum term (d0 = sum (n - n_i) e,
+// s1 = sum e v) with distance channels relative to its reference term (d0 = sum (n - n_i) e,
 // d1 = sum (n - n_i) e v: position independent, and small where the weights are not), and
 // the transposed sum (ta, tn; g0 = sum gy e, g1 = sum gy e (y - ty)) whose y-channel is
-// relative to ty, the y of its largest term: gk_j sums gy P (y_t - v_j), which cancels
+// relative to ty, the y of its reference term: gk_j sums gy P (y_t - v_j), which cancels
 // where one token dominates many rows (y_t ~ v_j); relative to ty the channel stays
 // small exactly there.  Numerators are plain sums here (see docs/wkv.md for the range
 // this implies).
@@ -385,8 +405,8 @@ template <typename F> WKV_HD void bwd_empty(BwdState<F>& s) {
 template <typename F> WKV_HD void bwd_merge(BwdState<F>& s, const BwdState<F>& o, F w) {
   F so, sn;
   bool up;
-  merge_scales(rel(o.a, o.n, s.a, s.n, w), so, sn, up);
-  const F nm = up ? o.n : s.n;  // the merged maximum; distances move to it
+  merge_scales(rel(o.a, o.n, s.a, s.n, w), F(0), so, sn, up);
+  const F nm = up ? o.n : s.n;  // the merged reference; distances move to it
   const F ds = nm - s.n, dn = nm - o.n;
   s.d0 = (s.d0 + ds * s.s0) * so + (o.d0 + dn * o.s0) * sn;
   s.d1 = (s.d1 + ds * s.s1) * so + (o.d1 + dn * o.s1) * sn;
@@ -394,8 +414,8 @@ template <typename F> WKV_HD void bwd_merge(BwdState<F>& s, const BwdState<F>& o
   s.s1 = s.s1 * so + o.s1 * sn;
   s.a = up ? o.a : s.a;
   s.n = nm;
-  merge_scales(rel(o.ta, o.tn, s.ta, s.tn, w), so, sn, up);
-  const F ty = up ? o.ty : s.ty;  // the y-channel moves to the merged maximum's y
+  merge_scales(rel(o.ta, o.tn, s.ta, s.tn, w), F(kRescaleMargin), so, sn, up);
+  const F ty = up ? o.ty : s.ty;  // the y-channel moves to the merged reference's y
   s.g1 = (s.g1 + (s.ty - ty) * s.g0) * so + (o.g1 + (o.ty - ty) * o.g0) * sn;
   s.g0 = s.g0 * so + o.g0 * sn;
   s.ty = ty;
@@ -425,14 +445,14 @@ WKV_HD void bwd_fold(BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, 
 // This side's contributions at position j = t (before folding t): its part of gw (summed
 // into gw_acc) and the transposed sums q0 = sum_t' gy P_t'j, q1 = sum_t' gy P_t'j (y_t' - v_j).
 // gw uses sum_i P_ti (v_i - y_t) = 0 over the whole row: the distances c_ti = |t-i| - 1
-// are replaced by c_ti + r_t (r_t = minus the distance of the row's largest term), which
+// are replaced by c_ti + r_t (r_t = minus the distance of the row's reference term), which
 // keeps the float sums free of cancellation between large distances.
 template <typename F, typename A>
 WKV_HD void bwd_emit(const BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, F w,
                      A& gw_acc, F& q0, F& q1) {
   const F pos = seen_from(dir, t);
-  const F ef = wkv_exp(rel(s.a, s.n + pos, m, r, w));  // e^{max L_ti - lse_t} <= 1
-  const F shift = r - (s.n + pos);  // distance of this side's maximum + r_t
+  const F ef = wkv_exp(rel(s.a, s.n + pos, m, r, w));  // e^{L_t,ref - lse_t} <= 1
+  const F shift = r - (s.n + pos);  // distance of this side's reference + r_t
   gw_acc -= static_cast<A>(gy * ef * (shift * (s.s1 - y * s.s0) + (s.d1 - y * s.d0)));
   const F et = wkv_exp((k + s.ta) + (s.tn + pos) * w);  // <= 1: a softmax weight
   q0 = et * s.g0;
