@@ -784,3 +784,25 @@ def test_bench_wkv_profile_names_the_kernel_calls(cpu_kernel, tmp_path):
     assert "cuda_wkv::forward_kernel" in fwd_names and "cuda_wkv::backward_kernel" not in fwd_names
     assert {"cuda_wkv::forward_kernel", "cuda_wkv::backward_kernel"} <= {o["name"] for o in row["fwd_bwd_ops"]}
     assert "kernel fwd+bwd, T=512: wall" in (tmp_path / "wkv_cpu.md").read_text()
+
+
+def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch):
+    """``bench_wkv.py --accuracy`` (here on one small case of each kind): the dense-reference table
+    and the long-sequence table (float32 vs float64 of each backend), every error a small number."""
+    import json
+
+    from bench_scripts import load
+
+    bench = load("bench_wkv")
+    monkeypatch.setattr(bench, "ACC_CASES", [(1, 50, 3, 10.0, 3.0)])
+    monkeypatch.setattr(bench, "LONG_ACC_CASES", [(1, 300, 5, 1.0)])
+    bench.run_accuracy("cpu", tmp_path)
+    data = json.loads((tmp_path / "wkv_accuracy_cpu.json").read_text())
+    assert [(r["backend"], r["dtype"]) for r in data["dense"]] == [
+        ("kernel", "float32"), ("kernel", "float64"), ("scan", "float32"), ("scan", "float64")]
+    assert [(r["backend"], r["impl"]) for r in data["long"]] == [("kernel", "cpu"), ("scan", "torch")]
+    for r in data["dense"] + data["long"]:
+        tol = 1e-9 if r.get("dtype") == "float64" else 1e-4
+        assert all(0 <= r[c] <= tol for c in ("y", "gw", "gu", "gk", "gv")), r
+    md = (tmp_path / "wkv_accuracy_cpu.md").read_text()
+    assert "## T = 300 vs the float64 kernel" in md and "| 1×300×5 | 1 | kernel (cpu) |" in md
