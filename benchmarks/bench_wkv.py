@@ -465,8 +465,10 @@ def run_accuracy(device: str, out: Path) -> None:
     lines += ["", f"## T = {lengths} vs the float64 kernel", "",
               "GLSP's longest sequence on default 3d_fullres plans, too long for the dense reference: "
               "each backend in float32 against the same backend in float64 on the same rounded "
-              "inputs, with the automatic chunk length (CPU, 2 threads: one chunk of 32768 with "
-              "64 channels, two halves with 4).  w = U(0, 1) * wT / T > 0 (GLSP's w = decay / T), "
+              "inputs, with the automatic chunk length ("
+              + (f"CPU, {torch.get_num_threads()} threads; with 2: one chunk of 32768 with 64 channels, "
+                 "two halves with 4" if device == "cpu" else "CUDA: chunks of ~100") + ").  "
+              "w = U(0, 1) * wT / T > 0 (GLSP's w = decay / T), "
               "k ~ N(0, 2^2); columns as above, every one relative to the largest reference entry.",
               "", "| B×T×C | w·T | backend | y | gw | gu | gk | gv |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in long_rows:

@@ -340,16 +340,14 @@ def test_float32_accuracy_long_sequence(cpu_kernel, monkeypatch, wT):
 
 @pytest.mark.parametrize("wT", [0.1, 1.0, 10.0])
 def test_float32_accuracy_one_long_chunk(cpu_kernel, monkeypatch, wT):
-    """T = 32768 at GLSP's |w| T (w = decay / T), the automatic chunk length (one chunk of 32768
-    with 64 channels): float32 values and all four gradients within 1e-5 of the float64 kernel on
+    """T = 32768 at GLSP's |w| T (w = decay / T), one chunk of 32768 (the automatic length with 64
+    channels on up to 4 threads): float32 values and all four gradients within 1e-5 of the float64 kernel on
     the same rounded inputs.  Over one long scan the transposed sums' reference moved at almost
     every step, rescaling the sum by the same rounded factor each time: gk and gv were 5e-5 to
     1.3e-4 off before the lazy rescaling (wkv_recurrence.h, merge_scales)."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
-    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
     T, C = 32768, 64
-    if torch.get_num_threads() <= 4:  # 4 channel blocks occupy the threads: one chunk
-        assert cpu_kernel.chunk_length("cpu", 1, T, C, torch.get_num_threads()) == T
+    monkeypatch.setenv("CUDA_WKV_CHUNK", str(T))  # what the automatic length gives on up to 4 threads
     w, u, k, v = _inputs(1, T, C, wT=wT, kscale=2.0, seed=5, w_sign=1)
     gy = torch.randn(1, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     rounded = [x.float() for x in (w, u, k, v, gy)]
@@ -457,6 +455,25 @@ def test_huge_values_do_not_overflow(cpu_kernel, monkeypatch, chunk):
     y = bi_wkv(*(x.float() for x in (w, u, k, v)))
     assert torch.isfinite(y).all()
     assert (y.double() - ref).abs().max().item() <= 1e-5 * 3e38
+
+
+@pytest.mark.parametrize("chunk", ["3", "", "half"])
+def test_an_infinite_value_gives_infinite_outputs_not_nan(cpu_kernel, monkeypatch, chunk):
+    """One v = +inf in a lane: every output of that lane is +inf, as the dense reference gives
+    (every weight is positive), in float32 and float64 -- the mean's update keeps an infinite
+    major part infinite (inf - inf * f would be NaN)."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", _chunk_env(chunk, 200))
+    w, u, k, v = _inputs(1, 200, 4, wT=2.0, kscale=1.0, seed=31)
+    v[0, 77, 1] = math.inf
+    ref = bi_wkv_dense(w, u, k, v)
+    assert torch.isposinf(ref[0, :, 1]).all()
+    for dtype in (torch.float32, torch.float64):
+        y = bi_wkv(*(x.to(dtype) for x in (w, u, k, v)))
+        assert torch.isposinf(y[0, :, 1]).all(), (dtype, int(torch.isnan(y).sum()))
+        others = [0, 2, 3]
+        assert torch.isfinite(y[:, :, others]).all()
+        assert _rel_err(y[:, :, others].double(), ref[:, :, others]) <= (1e-5 if dtype == torch.float32 else 1e-11)
 
 
 # ------------------------------------------------------------ dispatch / validation

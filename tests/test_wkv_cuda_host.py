@@ -351,6 +351,20 @@ def test_float32_accuracy_with_the_hardware_exp_and_log(host_kernel, host_kernel
         assert _rel_err(x, r) <= 1e-5, (name, _rel_err(x, r))
 
 
+@pytest.mark.parametrize("wT", [0.1, 1.0])
+def test_float32_values_over_one_long_chunk(host_kernel, wT):
+    """One chunk of 32768 positions at GLSP's |w| T: y within 1e-5 of the float64 kernel.  The mean's
+    update major * (1 - f) + minor * f rounded 1 - f the same way fold after fold (f changes
+    slowly): 2-3e-5 here; (major - major * f) + minor * f does not."""
+    T, C = 32768, 4
+    w, u, k, v = wkv_inputs(1, T, C, wT=wT, kscale=2.0, seed=5, w_sign=1)
+    gy = torch.randn(1, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    args32 = [x.float() for x in (w, u, k, v, gy)]
+    ref = run_host(host_kernel, *(x.double() for x in args32), chunk=T)
+    got = run_host(host_kernel, *args32, chunk=T)
+    assert _rel_err(got[0], ref[0]) <= 1e-5, _rel_err(got[0], ref[0])
+
+
 def _device_math_vs_float64(host_kernel, device_kernel, T, C, wT, kscale):
     """float32 results of ``device_kernel`` and the float64 host kernel's on the same rounded inputs
     (B = 1, the automatic chunk length of an H200; w of the sign of wT)."""

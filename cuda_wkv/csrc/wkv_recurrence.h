@@ -20,10 +20,11 @@
 // (Anchoring exponents at t = 0, as in  k_i + i*w, costs eps * |w| * T instead.)
 //
 // A *sum* is a set of terms stored relative to one of them, its reference (a, n): its
-// largest term, or for the backward's transposed sums one within a factor e of the largest
-// (merge_scales): s0 = sum_i e^{rel_i} >= 1, plus value channels.  Sums merge exactly --
-// the log-sum-exp merge -- with one exp: one sum is scaled by e^{rel} to the other's
-// reference.
+// largest term, or for the backward's transposed sums a term that may be smaller (lazy
+// rescaling, merge_scales: by up to a factor e after folds of single terms, e^2 to e^3 after
+// merges of partial sums): s0 = sum_i e^{rel_i} >= 1, plus value channels.  Sums merge
+// exactly -- the log-sum-exp merge -- with one exp: one sum is scaled by e^{rel} to the
+// other's reference.
 // Because a sum does not depend on the position it is seen from (only its distances
 // do), a chunk of the sequence can be summarised once and merged into any later state:
 // that is the chunked three-phase scan the kernels run (the CPU kernel runs "two halves"
@@ -35,7 +36,7 @@
 // length, and equal up to rounding across chunk lengths.
 //
 // Forward.  The forward sums carry the numerator as a weighted *mean* of v (a convex
-// combination), so v up to the float maximum never overflows.  A rescan is two passes:
+// combination), so v up to ~3e38 does not overflow.  A rescan is two passes:
 // the first (usually left to right) stores each position's sum of one side
 // (mean, a + log s0, n) in the output buffers (y, m, r); the second, in the opposite
 // direction, merges the other side's sum, the stored one and the diagonal u + k_t, and
@@ -280,10 +281,11 @@ template <typename F> WKV_HD F rel(F a1, F n1, F a2, F n2, F w) {
 // use kRescaleMargin (lazy rescaling): there the terms' log-weights drift upwards by a
 // nearly constant step wherever one token dominates many rows (-m_t' varies slowly, the
 // position part by w), so with margin 0 the reference moved at almost every step and the
-// whole sum was rescaled by the same rounded factor each time -- 24 549 rescalings in 26 759
-// steps of one float32 scan at T = 32768, whose rounding added up to ~1e-4 of gv (docs/wkv.md,
-// "Accuracy").  With the margin a reference moves once per factor e of growth.  The reference
-// is always one of the sum's terms, so s0 >= 1 and its softmax weight stays <= 1.
+// whole sum was rescaled by the same rounded factor each time; over one float32 scan of
+// T = 32768 that rounding added up to ~1e-4 of gv (docs/wkv.md, "Accuracy").  With the margin a reference moves once per factor e of growth.  The reference
+// stays one of the sum's terms, so the softmax weight emitted for it (bwd_emit's et) stays
+// <= 1; the other terms weigh up to e relative to it after folds of single terms, up to e^2
+// to e^3 after merges of partial sums (carries, grouped carries).
 constexpr float kRescaleMargin = 1.0f;
 template <typename F> WKV_HD void merge_scales(F d, F margin, F& s_old, F& s_new, bool& up) {
   up = d > margin;
@@ -308,7 +310,8 @@ template <typename F> WKV_HD void fwd_empty(F& a, F& n, F& s0, F& mean) {
 // leaves the mean bitwise unchanged (x1 / (x1 + x2) in rounded arithmetic would not, and
 // would drift over thousands of folds), and no factor 1 - f is rounded: over a long scan f
 // changes slowly, 1 - f rounds the same way fold after fold, and that rounding added up
-// (2e-5 of y after 32768 folds at |w| T = 1, 6e-6 without it; docs/wkv.md, "Accuracy").
+// (2e-5 of y after 32768 folds at |w| T = 1, 6e-6 without it; docs/wkv.md, "Accuracy").  An
+// infinite major mean stays infinite, as with the factor.
 template <typename F>
 WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w) {
   F so, sn;
@@ -322,7 +325,8 @@ WKV_HD void fwd_merge(F& a, F& n, F& s0, F& mean, F a2, F n2, F s2, F mean2, F w
   // results): no fraction to take, and the device's reciprocal would flush it to 0
   const F f = tot >= min_normal<F>() ? wkv_div(first ? x2 : x1, tot) : F(0);
   const F major = first ? mean : mean2, minor = first ? mean2 : mean;
-  mean = (major - major * f) + minor * f;
+  const F keep = major - major * f;  // NaN only from an infinite major (inf - inf, inf * 0)
+  mean = (keep == keep ? keep : major) + minor * f;
   s0 = tot;
   a = up ? a2 : a;
   n = up ? n2 : n;
