@@ -342,7 +342,7 @@ fi
 run_step wkv_selfcheck 240 wkv_selfcheck
 if [ "$DEVICE" = cuda ]; then
     # the nvcc compile test runs without a GPU too (and the self-check step has built the kernel)
-    run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider -k "cuda and not compiles and not cuda_host" tests
+    run_step tests 180 "$PY" -m pytest -q -rsP -p no:cacheprovider -k "cuda and not compiles and not cuda_host" tests
     [ -n "$PREBUILD" ] && wait "$PREBUILD"  # no build beside the timed steps
     run_step bench_wkv 150 wkv_bench --device cuda --profile
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320

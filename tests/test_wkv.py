@@ -710,8 +710,10 @@ def test_cuda_float32_accuracy_vs_float64(T, C, wT, kscale, monkeypatch):
         leaves = [x.to(dtype).requires_grad_() for x in rounded[:4]]
         y = bi_wkv(*leaves)
         outs[dtype] = [y.detach(), *torch.autograd.grad(y, leaves, rounded[4].to(dtype))]
-    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], outs[torch.float32], outs[torch.float64]):
-        assert _rel_err(x.double().cpu(), r.cpu()) <= 1e-5, (name, _rel_err(x.double().cpu(), r.cpu()))
+    errors = {name: _rel_err(x.double().cpu(), r.cpu())
+              for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], outs[torch.float32], outs[torch.float64])}
+    print(f"float32 vs float64 on {torch.cuda.get_device_name()}: " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
+    assert all(e <= 1e-5 for e in errors.values()), errors  # every column, for the run's record
 
 
 @needs_gpu
