@@ -351,12 +351,9 @@ def test_float32_accuracy_one_long_chunk(cpu_kernel, monkeypatch, wT):
     w, u, k, v = _inputs(1, T, C, wT=wT, kscale=2.0, seed=5, w_sign=1)
     gy = torch.randn(1, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     rounded = [x.float() for x in (w, u, k, v, gy)]
-    outs = {}
-    for dtype in (torch.float32, torch.float64):
-        leaves = [x.to(dtype).clone().requires_grad_() for x in rounded[:4]]
-        y = bi_wkv(*leaves)
-        outs[dtype] = [y.detach(), *torch.autograd.grad(y, leaves, rounded[4].to(dtype))]
-    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], outs[torch.float32], outs[torch.float64]):
+    got = _kernel_grads(rounded[:4], rounded[4])
+    ref = _kernel_grads([x.double() for x in rounded[:4]], rounded[4].double())
+    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, ref):
         assert _rel_err(x, r) <= 1e-5, (name, _rel_err(x, r))
 
 
@@ -705,13 +702,9 @@ def test_cuda_float32_accuracy_vs_float64(T, C, wT, kscale, monkeypatch):
     w, u, k, v = _inputs(1, T, C, wT=abs(wT), kscale=kscale, seed=11, w_sign=1 if wT > 0 else -1)
     gy = torch.randn(1, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
     rounded = [x.float().to("cuda") for x in (w, u, k, v, gy)]
-    outs = {}
-    for dtype in (torch.float32, torch.float64):
-        leaves = [x.to(dtype).requires_grad_() for x in rounded[:4]]
-        y = bi_wkv(*leaves)
-        outs[dtype] = [y.detach(), *torch.autograd.grad(y, leaves, rounded[4].to(dtype))]
-    errors = {name: _rel_err(x.double().cpu(), r.cpu())
-              for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], outs[torch.float32], outs[torch.float64])}
+    got = _kernel_grads(rounded[:4], rounded[4])
+    ref = _kernel_grads([x.double() for x in rounded[:4]], rounded[4].double())
+    errors = {name: _rel_err(x.double().cpu(), r.cpu()) for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, ref)}
     print(f"float32 vs float64 on {torch.cuda.get_device_name()}: " + ", ".join(f"{n} {e:.1e}" for n, e in errors.items()))
     assert all(e <= 1e-5 for e in errors.values()), errors  # every column, for the run's record
 

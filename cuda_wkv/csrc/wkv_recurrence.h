@@ -125,6 +125,14 @@ constexpr float kLog2e = 1.44269504088896341f;
 #ifndef WKV_DEVICE_MUFU_BIAS
 #define WKV_DEVICE_MUFU_BIAS 0
 #endif
+#if defined(WKV_DEVICE_MATH_ON_HOST)
+// v moved 2 ulps in the direction WKV_DEVICE_MUFU_BIAS (the host models' documented bounds).
+inline float mufu_bias_ulps(float v) {
+  for (int i = 0; i < 2 && WKV_DEVICE_MUFU_BIAS != 0; ++i)
+    v = std::nextafter(v, WKV_DEVICE_MUFU_BIAS > 0 ? INFINITY : -INFINITY);
+  return v;
+}
+#endif
 WKV_HD float wkv_exp(float x) {
 #if defined(__CUDA_ARCH__)
   float e;
@@ -135,9 +143,7 @@ WKV_HD float wkv_exp(float x) {
 #elif defined(WKV_DEVICE_MATH_ON_HOST)
   const float y = x * kLog2e;
   if (!(y >= -126.0f)) return y != y ? y : 0.0f;  // NaN stays NaN; 2^y < 2^-126 is flushed
-  float e = static_cast<float>(std::exp2(static_cast<double>(y)));
-  for (int i = 0; i < 2 && WKV_DEVICE_MUFU_BIAS != 0; ++i)
-    e = std::nextafter(e, WKV_DEVICE_MUFU_BIAS > 0 ? INFINITY : 0.0f);
+  const float e = mufu_bias_ulps(static_cast<float>(std::exp2(static_cast<double>(y))));
   return e < FLT_MIN ? 0.0f : e;
 #else
   const bool under = x < -87.3f;
@@ -192,8 +198,7 @@ WKV_HD float wkv_log(float x) {
   if (x >= 0.5f && x <= 2.0f) {
     l2 = static_cast<float>(l2 + WKV_DEVICE_MUFU_BIAS * 0x1p-22);
   } else if (std::isfinite(l2)) {
-    for (int i = 0; i < 2 && WKV_DEVICE_MUFU_BIAS != 0; ++i)
-      l2 = std::nextafter(l2, WKV_DEVICE_MUFU_BIAS > 0 ? INFINITY : -INFINITY);
+    l2 = mufu_bias_ulps(l2);
   }
   return l2 * 0.693147180559945309f;
 #else
@@ -282,10 +287,11 @@ template <typename F> WKV_HD F rel(F a1, F n1, F a2, F n2, F w) {
 // nearly constant step wherever one token dominates many rows (-m_t' varies slowly, the
 // position part by w), so with margin 0 the reference moved at almost every step and the
 // whole sum was rescaled by the same rounded factor each time; over one float32 scan of
-// T = 32768 that rounding added up to ~1e-4 of gv (docs/wkv.md, "Accuracy").  With the margin a reference moves once per factor e of growth.  The reference
-// stays one of the sum's terms, so the softmax weight emitted for it (bwd_emit's et) stays
-// <= 1; the other terms weigh up to e relative to it after folds of single terms, up to e^2
-// to e^3 after merges of partial sums (carries, grouped carries).
+// T = 32768 that rounding added up to ~1e-4 of gv (docs/wkv.md, "Accuracy").  With the
+// margin a reference moves once per factor e of growth.  The reference stays one of the
+// sum's terms, so the softmax weight emitted for it (bwd_emit's et) stays <= 1; the other
+// terms weigh up to e relative to it after folds of single terms, up to e^2 to e^3 after
+// merges of partial sums (carries, grouped carries).
 constexpr float kRescaleMargin = 1.0f;
 template <typename F> WKV_HD void merge_scales(F d, F margin, F& s_old, F& s_new, bool& up) {
   up = d > margin;
