@@ -407,6 +407,22 @@ ACC_CASES = [  # (B, T, C, |w|*T signed, |k| max)
 ] + [(1, 4099, 4, sign * wT, 30.0) for wT in (1e2, 1e3, 1e4, 1e5) for sign in (1.0, -1.0)]
 
 
+def _backends():
+    """(name, CUDA_WKV_BACKEND value, function) of the backends the accuracy tables compare."""
+    import cuda_wkv
+
+    return (("kernel", "auto", cuda_wkv.bi_wkv), ("scan", "torch", cuda_wkv.bi_wkv_scan))
+
+
+def _run(fn, args, gy, device: str, dtype):
+    """fn's leaves (args on device in dtype) and [y, *gradients] for the incoming gradient gy."""
+    import torch
+
+    leaves = [x.to(device, dtype).requires_grad_() for x in args]
+    y = fn(*leaves)
+    return leaves, [y.detach(), *torch.autograd.grad(y, leaves, gy.to(device, dtype))]
+
+
 def run_accuracy(device: str, out: Path) -> None:
     """Max errors of every backend vs the float64 dense reference (values and grads)."""
     import torch
@@ -424,13 +440,10 @@ def run_accuracy(device: str, out: Path) -> None:
         ref_y = cuda_wkv.bi_wkv_dense(*leaves)
         ref_g = torch.autograd.grad(ref_y, leaves, gy)
         ref_y = ref_y.detach()
-        for name, env, fn in (("kernel", "auto", cuda_wkv.bi_wkv),
-                              ("scan", "torch", cuda_wkv.bi_wkv_scan)):
+        for name, env, fn in _backends():
             os.environ["CUDA_WKV_BACKEND"] = env
             for dt in (torch.float32, torch.float64):
-                leaves = [x.to(device, dt).requires_grad_() for x in (w, u, k, v)]
-                y = fn(*leaves)
-                grads = torch.autograd.grad(y, leaves, gy.to(device, dt))
+                leaves, (y, *grads) = _run(fn, (w, u, k, v), gy, device, dt)
                 rec = {"B": B, "T": T, "C": C, "wT": wT, "kmax": kmax, "backend": name,
                        "impl": cuda_wkv.backend_for(leaves[2]) if name == "kernel" else "torch",
                        "dtype": str(dt).replace("torch.", ""),
@@ -496,16 +509,13 @@ def run_long_accuracy(device: str) -> list:
         v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
         gy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
         rounded = [x.float() for x in (w, u, k, v, gy)]
-        for name, env, fn in (("kernel", "auto", cuda_wkv.bi_wkv), ("scan", "torch", cuda_wkv.bi_wkv_scan)):
+        for name, env, fn in _backends():
             os.environ["CUDA_WKV_BACKEND"] = env
-            outs = {}
-            for dt in (torch.float32, torch.float64):
-                leaves = [x.to(device, dt).requires_grad_() for x in rounded[:4]]
-                y = fn(*leaves)
-                outs[dt] = [y.detach(), *torch.autograd.grad(y, leaves, rounded[4].to(device, dt))]
+            outs = {dt: _run(fn, rounded[:4], rounded[4], device, dt) for dt in (torch.float32, torch.float64)}
+            leaves = outs[torch.float64][0]
             rec = {"B": B, "T": T, "C": C, "wT": wT, "backend": name,
                    "impl": cuda_wkv.backend_for(leaves[2]) if name == "kernel" else "torch"}
-            for col, a, b in zip(("y", "gw", "gu", "gk", "gv"), outs[torch.float32], outs[torch.float64]):
+            for col, a, b in zip(("y", "gw", "gu", "gk", "gv"), outs[torch.float32][1], outs[torch.float64][1]):
                 b = b.double().cpu()
                 rec[col] = ((a.double().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-3)).item()
             rows.append(rec)
