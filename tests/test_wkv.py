@@ -248,24 +248,34 @@ def test_chunked_scan_vs_dense(cpu_kernel, monkeypatch, chunk, shape):
 def test_chunk_length_rules(cpu_kernel, monkeypatch):
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
     cl = cpu_kernel.chunk_length
-    assert cl("cpu", 2, 32768, 64, 2) == 32768  # 8 channel blocks >= 2 threads: one chunk
-    assert cl("cpu", 1, 262144, 8, 2) == 131072  # one block, two threads: two chunks
-    assert cl("cpu", 1, 1000, 8, 2) == 1000  # short sequences are not split
-    L = cl("cuda", 2, 32768, 128, 132 * 2048)
+    # float64 (itemsize 8): chunks only for the threads' sake
+    assert cl("cpu", 2, 32768, 64, 2, 8) == 32768  # 8 channel blocks >= 2 threads: one chunk
+    assert cl("cpu", 1, 262144, 8, 2, 8) == 131072  # one block, two threads: two chunks
+    assert cl("cpu", 1, 1000, 8, 2, 8) == 1000  # short sequences are not split
+    # float32: at most 1024 positions a chunk, for accuracy (wkv_recurrence.h, "chunk length")
+    assert cl("cpu", 2, 32768, 64, 2, 4) == 1024 and cl("cpu", 1, 262144, 8, 2, 4) == 1024
+    assert cl("cpu", 1, 1000, 8, 2, 4) == 1000 and cl("cpu", 1, 1500, 8, 1, 4) == 1024
+    L = cl("cuda", 2, 32768, 128, 132 * 2048, 4)
     assert 32 <= L < 32768 and (32768 + L - 1) // L <= int(math.sqrt(3 * 32768)) + 1
-    assert cl("cuda", 128, 100, 4096, 132 * 2048) == 100  # lanes fill the device: no split
+    assert cl("cuda", 128, 100, 4096, 132 * 2048, 4) == 100  # lanes fill the device: no split
+    assert cl("cuda", 128, 32768, 4096, 132 * 2048, 8) == 32768  # ... in float64
+    assert cl("cuda", 128, 32768, 4096, 132 * 2048, 4) == 1024  # float32: the accuracy cap
+    with pytest.raises(RuntimeError, match="chunk_length: itemsize must be 4 .float32. or 8 .float64., got 2"):
+        cl("cpu", 1, 100, 8, 2, 2)
     # the CUDA kernel's phase 2: one scan below 96 chunks, then about sqrt(n) groups (work-items table)
     assert [cpu_kernel.carry_groups(n) for n in (1, 95, 96, 263)] == [1, 1, 10, 16]
     with pytest.raises(RuntimeError, match="carry_groups: nch must be >= 1, got 0"):
         cpu_kernel.carry_groups(0)
     monkeypatch.setenv("CUDA_WKV_CHUNK", "7")
-    assert cl("cpu", 2, 100, 3, 2) == 7 and cl("cuda", 2, 5, 3, 10) == 5
+    assert cl("cpu", 2, 100, 3, 2, 4) == 7 and cl("cuda", 2, 5, 3, 10, 4) == 5
+    monkeypatch.setenv("CUDA_WKV_CHUNK", "32768")  # a forced length is not capped
+    assert cl("cpu", 2, 32768, 64, 2, 4) == 32768
     # the CUDA kernel addresses a chunk's rows by 32-bit offsets: longer chunks are shortened
     limit = (2**31 - 1 - 64) // 1024
     monkeypatch.setenv("CUDA_WKV_CHUNK", "4000000000")
-    assert cl("cuda", 1, 2**33, 1024, 10) == limit and cl("cpu", 1, 2**33, 1024, 2) == 4000000000
+    assert cl("cuda", 1, 2**33, 1024, 10, 4) == limit and cl("cpu", 1, 2**33, 1024, 2, 4) == 4000000000
     monkeypatch.delenv("CUDA_WKV_CHUNK")
-    assert cl("cuda", 1, 2**33, 1024, 1) == limit
+    assert cl("cuda", 1, 2**33, 1024, 1, 8) == limit
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "abc", "12x", "1.5"])
@@ -340,17 +350,36 @@ def test_float32_accuracy_long_sequence(cpu_kernel, monkeypatch, wT):
 
 @pytest.mark.parametrize("wT", [0.1, 1.0, 10.0])
 def test_float32_accuracy_one_long_chunk(cpu_kernel, monkeypatch, wT):
-    """T = 32768 at GLSP's |w| T (w = decay / T), one chunk of 32768 (the automatic length with 64
-    channels on up to 4 threads): float32 values and all four gradients within 1e-5 of the float64 kernel on
+    """T = 32768 at GLSP's |w| T (w = decay / T), one chunk of 32768 (forced: the automatic float32
+    length is 1024): float32 values and all four gradients within 1e-5 of the float64 kernel on
     the same rounded inputs.  Over one long scan the transposed sums' reference moved at almost
     every step, rescaling the sum by the same rounded factor each time: gk and gv were 5e-5 to
     1.3e-4 off before the lazy rescaling (wkv_recurrence.h, merge_scales)."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
     T, C = 32768, 64
-    monkeypatch.setenv("CUDA_WKV_CHUNK", str(T))  # what the automatic length gives on up to 4 threads
+    monkeypatch.setenv("CUDA_WKV_CHUNK", str(T))
     w, u, k, v = _inputs(1, T, C, wT=wT, kscale=2.0, seed=5, w_sign=1)
     gy = torch.randn(1, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
     rounded = [x.float() for x in (w, u, k, v, gy)]
+    got = _kernel_grads(rounded[:4], rounded[4])
+    ref = _kernel_grads([x.double() for x in rounded[:4]], rounded[4].double())
+    for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, ref):
+        assert _rel_err(x, r) <= 1e-5, (name, _rel_err(x, r))
+
+
+@pytest.mark.parametrize("wT", [0.0, 1.0])
+def test_float32_accuracy_does_not_grow_with_t(cpu_kernel, monkeypatch, wT):
+    """T = 262144 (the few-lanes shape: B = 1, C = 8) with the automatic chunk length: float32
+    values and all four gradients within 1e-5 of the float64 kernel on the same rounded inputs.
+    Before the float32 chunk cap the two halves of 131072 summed each lane in one running sum:
+    log D_t was 1.1e-4 off, y 1.1e-4 and gw 3e-4 (wkv_recurrence.h, "chunk length")."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
+    T, C = 262144, 8
+    w, u, k, v = _inputs(1, T, C, wT=wT, kscale=2.0, seed=5, w_sign=1)
+    gy = torch.randn(1, T, C, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    rounded = [x.float() for x in (w, u, k, v, gy)]
+    assert cpu_kernel.chunk_length("cpu", 1, T, C, torch.get_num_threads(), 4) == 1024
     got = _kernel_grads(rounded[:4], rounded[4])
     ref = _kernel_grads([x.double() for x in rounded[:4]], rounded[4].double())
     for name, x, r in zip(["y", "gw", "gu", "gk", "gv"], got, ref):
@@ -807,14 +836,15 @@ def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch
 
     bench = load("bench_wkv")
     monkeypatch.setattr(bench, "ACC_CASES", [(1, 50, 3, 10.0, 3.0)])
-    monkeypatch.setattr(bench, "LONG_ACC_CASES", [(1, 300, 5, 1.0)])
+    monkeypatch.setattr(bench, "LONG_ACC_CASES", [(1, 1100, 5, 1.0)])
     bench.run_accuracy("cpu", tmp_path)
     data = json.loads((tmp_path / "wkv_accuracy_cpu.json").read_text())
     assert [(r["backend"], r["dtype"]) for r in data["dense"]] == [
         ("kernel", "float32"), ("kernel", "float64"), ("scan", "float32"), ("scan", "float64")]
     assert [(r["backend"], r["impl"]) for r in data["long"]] == [("kernel", "cpu"), ("scan", "torch")]
+    assert data["long"][0]["chunks"] == [1024, 1100]  # float32's chunks are capped, float64's not
     for r in data["dense"] + data["long"]:
         tol = 1e-9 if r.get("dtype") == "float64" else 1e-4
         assert all(0 <= r[c] <= tol for c in ("y", "gw", "gu", "gk", "gv")), r
     md = (tmp_path / "wkv_accuracy_cpu.md").read_text()
-    assert "## T = 300 vs the float64 kernel" in md and "| 1×300×5 | 1 | kernel (cpu) |" in md
+    assert "## T = 1100 vs the float64 kernel" in md and "| 1×1100×5 | 1 | kernel (cpu) | 1024 / 1100 |" in md

@@ -49,7 +49,7 @@ def _build_host_kernel(folder, *defines: str):
     assert r.returncode == 0, r.stderr[-3000:]
     mod = ctypes.CDLL(str(lib))
     mod.wkv_host_auto_chunk.restype = ctypes.c_int64
-    mod.wkv_host_auto_chunk.argtypes = [ctypes.c_int64] * 4
+    mod.wkv_host_auto_chunk.argtypes = [ctypes.c_int64] * 5
     mod.wkv_host_resident_threads.restype = ctypes.c_int
     mod.wkv_host_state_fields.restype = ctypes.c_int64
     mod.wkv_host_state_fields.argtypes = [ctypes.c_int]
@@ -149,10 +149,10 @@ SHAPES = [(1, 1, 1), (2, 2, 3), (1, 40, 32), (1, 31, 33), (2, 33, 3), (2, 130, 4
 
 
 def _length(mod, chunk, B, T, C):
-    """A test's chunk spec: "half" = two chunks, "auto" = the automatic length on an H200."""
+    """A test's chunk spec: "half" = two chunks, "auto" = the automatic float32 length on an H200."""
     if chunk == "half":
         return int(_chunk_env(chunk, T))
-    return mod.wkv_host_auto_chunk(B, T, C, H200_SLOTS) if chunk == "auto" else min(chunk, T)
+    return mod.wkv_host_auto_chunk(B, T, C, H200_SLOTS, 4) if chunk == "auto" else min(chunk, T)
 
 
 # 9 and 17: one and two blocks of loads ahead (8 positions, float forward) plus one
@@ -306,7 +306,7 @@ def test_float32_accuracy_at_large_w_times_t(host_kernel, wT):
     |w| T is large (exponents relative to the current maximum, not anchored at t = 0)."""
     B, T, C = 1, 4099, 3
     args32 = [x.float() for x in _inputs(B, T, C, wT=wT, seed=11)]
-    length = host_kernel.wkv_host_auto_chunk(B, T, C, H200_SLOTS)
+    length = host_kernel.wkv_host_auto_chunk(B, T, C, H200_SLOTS, 4)
     got = run_host(host_kernel, *args32, chunk=length)
     ref = run_host(host_kernel, *(x.double() for x in args32), chunk=length)
     assert _rel_err(got[0], ref[0]) <= 1e-5
@@ -372,7 +372,7 @@ def _device_math_vs_float64(host_kernel, device_kernel, T, C, wT, kscale):
     w, u, k, v = wkv_inputs(1, T, C, wT=abs(wT), kscale=kscale, seed=11, w_sign=1 if wT > 0 else -1)
     gy = torch.randn(1, T, C, dtype=torch.float64, generator=g)
     args32 = [x.float() for x in (w, u, k, v, gy)]
-    length = host_kernel.wkv_host_auto_chunk(1, T, C, H200_SLOTS)
+    length = host_kernel.wkv_host_auto_chunk(1, T, C, H200_SLOTS, 4)
     ref = run_host(host_kernel, *(x.double() for x in args32), chunk=length)
     return run_host(device_kernel, *args32, chunk=length), ref
 
@@ -417,9 +417,9 @@ def test_chunks_stay_within_32_bit_row_offsets(host_kernel):
     memory (cudaErrorInvalidValue), not run with wrapped offsets."""
     limit = lambda C: max(1, (2**31 - 1 - 64) // C)  # noqa: E731  (64: the block loops' overrun)
     for B, T, C in [(1, 2**31, 1), (1, 2**31, 3000), (1, 2**24, 2**20), (2, 2**33, 2**31)]:
-        length = host_kernel.wkv_host_auto_chunk(B, T, C, 1)  # one thread slot: one chunk wanted
+        length = host_kernel.wkv_host_auto_chunk(B, T, C, 1, 8)  # one slot, float64: one chunk wanted
         assert 1 <= length <= limit(C), (B, T, C, length)
-    assert host_kernel.wkv_host_auto_chunk(2, 32768, 128, H200_SLOTS) < limit(128)  # GLSP: unchanged
+    assert host_kernel.wkv_host_auto_chunk(2, 32768, 128, H200_SLOTS, 4) < limit(128)  # GLSP: unchanged
     i64, null = ctypes.c_int64, ctypes.c_void_p(0)
     B, T, C = 1, 2**22, 2**10  # nothing is allocated: the check comes first
     for name, nptr in (("forward_f32", 11), ("backward_f32", 18)):

@@ -70,7 +70,8 @@ Plan make_plan(const at::Tensor& k) {
   p.nblk = (p.C + kBlock - 1) / kBlock;
   const int64_t forced = wkv::forced_chunk("wkv_cpu");
   p.len = forced > 0 ? wkv::forced_chunk_len(p.T, forced)
-                     : wkv::cpu_auto_chunk(p.B, p.T, p.C, kBlock, at::get_num_threads());
+                     : wkv::cpu_auto_chunk(p.B, p.T, p.C, kBlock, at::get_num_threads(),
+                                             k.element_size());
   p.nch = (p.T + p.len - 1) / p.len;
   return p;
 }
@@ -133,7 +134,8 @@ inline int64_t state_off(const Plan& p, int fields, int64_t b, int64_t ch, int d
 
 // What a pass over one chunk does at each position.
 enum class Pass {
-  kFold,    // phase 1: fold only (the chunk's summary)
+  kFold,      // phase 1: fold only (the chunk's summary of one direction)
+  kFoldBoth,  // phase 1: both directions' summaries in one pass, left to right (see block_phases)
   kStore,   // first pass of a rescan: store this side's sums, fold
   kFinish,  // second pass: combine with the stored side, write the results, fold
 };
@@ -155,6 +157,7 @@ void start_lanes(Lanes& s, const F* from, int64_t stride, int n) {
 
 // Tags selecting a pass kind in the drivers' generic lambdas.
 constexpr std::integral_constant<Pass, Pass::kFold> kFold{};
+constexpr std::integral_constant<Pass, Pass::kFoldBoth> kFoldBoth{};
 constexpr std::integral_constant<Pass, Pass::kStore> kStore{};
 constexpr std::integral_constant<Pass, Pass::kFinish> kFinish{};
 
@@ -168,7 +171,8 @@ inline int half_dir(int64_t ch) { return ch == 0 ? 1 : -1; }
 
 // One forward pass over [t0, t1) of a block in direction dir, starting from the sums at
 // `from` (nullptr: empty); the final sums go to `to` unless it is nullptr.  States are
-// laid out field by field at `stride` (the (.., fields, C) buffers).
+// laid out field by field at `stride` (the (.., fields, C) buffers).  kFoldBoth (dir = 1,
+// from = nullptr) also folds the right sum and stores it at direction 1 of `to`.
 template <typename F, int NB, Pass P>
 void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r, int dir,
               int64_t t0, int64_t t1, int64_t C, int n_rt, const F* from, F* to,
@@ -179,14 +183,15 @@ void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r
     w[j] = wp[j];
     u[j] = P == Pass::kFinish ? up[j] : F(0);
   }
-  FwdLanes<F> s;
+  FwdLanes<F> s, right;  // right: kFoldBoth's right sums
   start_lanes(s, from, stride, n);
+  if (P == Pass::kFoldBoth) right.empty(n);
   const F fdir = static_cast<F>(dir);
   for (int64_t i = 0; i < t1 - t0; ++i) {
     const int64_t t = step_at(dir, t0, t1, i);
     if (i + kAhead < t1 - t0) {
       const int64_t ahead = (t + dir * kAhead) * C;
-      if (P == Pass::kFold) {
+      if (P == Pass::kFold || P == Pass::kFoldBoth) {
         prefetch_rows(ahead, k, v);
       } else {
         prefetch_rows<F>(ahead, k, v, y, m, r);
@@ -198,6 +203,10 @@ void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r
     for (int j = 0; j < n; ++j) {
       if constexpr (P == Pass::kFold) {
         wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], nt, k[o + j], v[o + j], w[j]);
+      } else if constexpr (P == Pass::kFoldBoth) {
+        wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, k[o + j], v[o + j], w[j]);
+        wkv::fwd_fold(right.a[j], right.n[j], right.s0[j], right.mean[j], -tf, k[o + j], v[o + j],
+                      w[j]);
       } else if constexpr (P == Pass::kStore) {
         wkv::fwd_store_step(s.a[j], s.n[j], s.s0[j], s.mean[j], nt, k[o + j], v[o + j], w[j],
                             y[o + j], m[o + j], r[o + j]);
@@ -208,6 +217,7 @@ void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r
     }
   }
   if (to != nullptr) s.store(to, stride, n);
+  if (P == Pass::kFoldBoth) right.store(to + kFwdFields * stride, stride, n);
 }
 
 // Phase 2 for one batch: every (channel, direction) lane in turn.
@@ -244,10 +254,16 @@ void block_phases(const Plan& p, int fields, const F* wp, F* sp, F* cp, PassFn&&
     });
     return;
   }
-  if (p.nch > 1) {
+  if (p.nch > 1) {  // phase 1: an inner chunk folds both directions' sums in one pass (each row
+                    // read once, two independent chains of folds); the outer ones need only one
     for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
-      if (ch + 1 < p.nch) pass(kFold, b, c0, n, ch, 1, nullptr, state(sp, b, ch, 0, c0));
-      if (ch > 0) pass(kFold, b, c0, n, ch, -1, nullptr, state(sp, b, ch, 1, c0));
+      if (ch > 0 && ch + 1 < p.nch) {
+        pass(kFoldBoth, b, c0, n, ch, 1, nullptr, state(sp, b, ch, 0, c0));
+      } else if (ch == 0) {
+        pass(kFold, b, c0, n, ch, 1, nullptr, state(sp, b, ch, 0, c0));
+      } else {
+        pass(kFold, b, c0, n, ch, -1, nullptr, state(sp, b, ch, 1, c0));
+      }
     });
   }
   at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
@@ -337,8 +353,9 @@ template <typename F> struct BwdIO {
 };
 
 // One backward pass over [t0, t1) of a block in direction dir, from the states at `from`
-// (nullptr: empty) to `to` (nullptr: not needed).  kStore keeps this side's transposed
-// sums q0, q1 in gv, gk; kFinish adds them to its own and writes the gradients.
+// (nullptr: empty) to `to` (nullptr: not needed; kFoldBoth as in fwd_pass).  kStore keeps
+// this side's transposed sums q0, q1 in gv, gk; kFinish adds them to its own and writes
+// the gradients.
 // gw_io / gu_io: the task's partial sums of gw and gu, accumulated in place.
 template <typename F, int NB, Pass P>
 void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, const F* from,
@@ -346,17 +363,18 @@ void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, con
   const int n = NB > 0 ? NB : n_rt;
   double gw[kBlock], gu[kBlock];
   for (int j = 0; j < n; ++j) {
-    gw[j] = P == Pass::kFold ? 0.0 : gw_io[j];
-    gu[j] = P == Pass::kFold ? 0.0 : gu_io[j];
+    gw[j] = P == Pass::kStore || P == Pass::kFinish ? gw_io[j] : 0.0;
+    gu[j] = P == Pass::kStore || P == Pass::kFinish ? gu_io[j] : 0.0;
   }
-  BwdLanes<F> s;
+  BwdLanes<F> s, right;  // right: kFoldBoth's right states
   start_lanes(s, from, stride, n);
+  if (P == Pass::kFoldBoth) right.empty(n);
   const F fdir = static_cast<F>(dir);
   for (int64_t i = 0; i < t1 - t0; ++i) {
     const int64_t t = step_at(dir, t0, t1, i);
     if (i + kAhead < t1 - t0) {
       const int64_t ahead = (t + dir * kAhead) * io.C;
-      if (P == Pass::kFold) {
+      if (P == Pass::kFold || P == Pass::kFoldBoth) {
         prefetch_rows(ahead, io.k, io.v, io.y, io.m, io.r, io.gy);
       } else {
         prefetch_rows(ahead, io.k, io.v, io.y, io.m, io.r, io.gy, io.gv, io.gk);
@@ -381,10 +399,16 @@ void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, con
       }
       wkv::bwd_fold(st, fdir, tf, kk, vv, yy, mm, rr, gg, io.w[j]);
       s.put(j, st);
+      if constexpr (P == Pass::kFoldBoth) {
+        wkv::BwdState<F> sr = right.get(j);
+        wkv::bwd_fold(sr, F(-1), tf, kk, vv, yy, mm, rr, gg, io.w[j]);
+        right.put(j, sr);
+      }
     }
   }
   if (to != nullptr) s.store(to, stride, n);
-  if (P != Pass::kFold) {
+  if (P == Pass::kFoldBoth) right.store(to + kBwdFields * stride, stride, n);
+  if (P == Pass::kStore || P == Pass::kFinish) {
     for (int j = 0; j < n; ++j) {
       gw_io[j] = gw[j];
       gu_io[j] = gu[j];
@@ -454,18 +478,20 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
   return {g[0], g[1], gk, gv};
 }
 
-// The chunk length the kernels would use for a (B, T, C) problem: CPU with `threads`
-// threads, CUDA with `slots` resident threads (honours CUDA_WKV_CHUNK).
+// The chunk length the kernels would use for a (B, T, C) problem of `itemsize`-byte elements:
+// CPU with `threads` threads, CUDA with `slots` resident threads (honours CUDA_WKV_CHUNK).
 int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
-                     int64_t parallel) {
+                     int64_t parallel, int64_t itemsize) {
   const int64_t forced = wkv::forced_chunk("chunk_length");
   TORCH_CHECK(device == "cpu" || device == "cuda", "chunk_length: device must be 'cpu' or "
               "'cuda', got '", device, "'");
+  TORCH_CHECK(itemsize == 4 || itemsize == 8, "chunk_length: itemsize must be 4 (float32) or 8 "
+              "(float64), got ", itemsize);
   if (forced > 0) {
     return device == "cpu" ? wkv::forced_chunk_len(T, forced) : wkv::cuda_forced_chunk(T, C, forced);
   }
-  return device == "cpu" ? wkv::cpu_auto_chunk(B, T, C, kBlock, parallel)
-                         : wkv::cuda_auto_chunk(B, T, C, parallel);
+  return device == "cpu" ? wkv::cpu_auto_chunk(B, T, C, kBlock, parallel, itemsize)
+                         : wkv::cuda_auto_chunk(B, T, C, parallel, itemsize);
 }
 
 // Groups of the CUDA kernel's phase 2 for nch chunks (1: one sequential scan; see "Grouped
@@ -483,8 +509,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("backward", &wkv_backward,
           "backward(w, u, k, v, y, m, r, gy) -> [gw, gu, gk, gv]");
   mod.def("chunk_length", &chunk_length,
-          "chunk_length(device, B, T, C, parallel) -> chunk length of the three-phase scan "
-          "(parallel: CPU threads or CUDA resident threads)");
+          "chunk_length(device, B, T, C, parallel, itemsize) -> chunk length of the three-phase "
+          "scan (parallel: CPU threads or CUDA resident threads; itemsize: 4 for float32, 8 for "
+          "float64)");
   mod.def("carry_groups", &carry_groups,
           "carry_groups(nch) -> groups of the CUDA kernel's phase 2 for nch chunks");
 }

@@ -61,7 +61,7 @@ int64_t chunk_len(const at::Tensor& k) {
   const cudaError_t err = thread_slots(k, &slots);
   TORCH_CHECK(err == cudaSuccess, "wkv_cuda: cannot query the device: ",
               cudaGetErrorString(err));
-  return wkv::cuda_auto_chunk(B, T, C, slots);
+  return wkv::cuda_auto_chunk(B, T, C, slots, k.element_size());
 }
 
 // (B, chunks, 2, fields, C) scratch for the chunk summaries or carries.

@@ -127,7 +127,8 @@ extern "C" int64_t wkv_host_carry_groups(int64_t nch) { return wkv::carry_groups
 extern "C" int64_t wkv_host_state_fields(int bwd) { return bwd ? wkv::kBwdFields : wkv::kFwdFields; }
 
 // The automatic chunk length the CUDA binding would pick on a device with `slots`
-// resident threads.
-extern "C" int64_t wkv_host_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t slots) {
-  return wkv::cuda_auto_chunk(B, T, C, slots);
+// resident threads, for elements of `itemsize` bytes.
+extern "C" int64_t wkv_host_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t slots,
+                                       int64_t itemsize) {
+  return wkv::cuda_auto_chunk(B, T, C, slots, itemsize);
 }
