@@ -254,7 +254,8 @@ def test_chunk_length_rules(cpu_kernel, monkeypatch):
     assert cl("cpu", 1, 1000, 8, 2, 8) == 1000  # short sequences are not split
     # float32: at most 1024 positions a chunk, for accuracy (wkv_recurrence.h, "chunk length")
     assert cl("cpu", 2, 32768, 64, 2, 4) == 1024 and cl("cpu", 1, 262144, 8, 2, 4) == 1024
-    assert cl("cpu", 1, 1000, 8, 2, 4) == 1000 and cl("cpu", 1, 1500, 8, 1, 4) == 1024
+    assert cl("cpu", 1, 1000, 8, 2, 4) == 1000 and cl("cpu", 1, 1500, 8, 1, 4) == 750  # even chunks
+    assert cl("cpu", 1, 2049, 8, 1, 4) == 683 and cl("cuda", 1, 2049, 8, 1, 4) == 683
     L = cl("cuda", 2, 32768, 128, 132 * 2048, 4)
     assert 32 <= L < 32768 and (32768 + L - 1) // L <= int(math.sqrt(3 * 32768)) + 1
     assert cl("cuda", 128, 100, 4096, 132 * 2048, 4) == 100  # lanes fill the device: no split
@@ -317,14 +318,15 @@ def _wide_inputs(B, T, C, wT, kmax, seed, signs="alternating"):
 @pytest.mark.parametrize("wT", [1e2, 1e3, 1e4])
 def test_float32_accuracy_vs_dense(cpu_kernel, monkeypatch, wT, signs):
     """float32 error does not grow with |w| T (the exponents use exact integer distances)
-    nor with the number of terms folded into a running mean."""
+    nor with the number of terms folded into a running mean (automatic chunks, chunks of 100,
+    and one forced chunk of 4099)."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
     args, gy = _wide_inputs(1, 4099, 4, wT, 30.0, seed=int(wT), signs=signs)
     leaves = [x.clone().requires_grad_() for x in args]
     y_ref = bi_wkv_dense(*leaves)
     g_ref = torch.autograd.grad(y_ref, leaves, gy)
-    for chunk in ("", "100"):
+    for chunk in ("", "100", "4099"):
         monkeypatch.setenv("CUDA_WKV_CHUNK", chunk)
         got = _kernel_grads([x.float() for x in args], gy.float())
         assert (got[0].double() - y_ref).abs().max().item() <= 1e-5 * args[3].abs().max().item()
@@ -372,7 +374,7 @@ def test_float32_accuracy_does_not_grow_with_t(cpu_kernel, monkeypatch, wT):
     """T = 262144 (the few-lanes shape: B = 1, C = 8) with the automatic chunk length: float32
     values and all four gradients within 1e-5 of the float64 kernel on the same rounded inputs.
     Before the float32 chunk cap the two halves of 131072 summed each lane in one running sum:
-    log D_t was 1.1e-4 off, y 1.1e-4 and gw 3e-4 (wkv_recurrence.h, "chunk length")."""
+    y was 1.1e-4 off here, gw 1.7e-4, gu, gk, gv 3-4e-5 (wkv_recurrence.h, "chunk length")."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
     T, C = 262144, 8
@@ -835,6 +837,7 @@ def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch
     from bench_scripts import load
 
     bench = load("bench_wkv")
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
     monkeypatch.setattr(bench, "ACC_CASES", [(1, 50, 3, 10.0, 3.0)])
     monkeypatch.setattr(bench, "LONG_ACC_CASES", [(1, 1100, 5, 1.0)])
     bench.run_accuracy("cpu", tmp_path)
@@ -842,9 +845,9 @@ def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch
     assert [(r["backend"], r["dtype"]) for r in data["dense"]] == [
         ("kernel", "float32"), ("kernel", "float64"), ("scan", "float32"), ("scan", "float64")]
     assert [(r["backend"], r["impl"]) for r in data["long"]] == [("kernel", "cpu"), ("scan", "torch")]
-    assert data["long"][0]["chunks"] == [1024, 1100]  # float32's chunks are capped, float64's not
+    assert data["long"][0]["chunks"] == [550, 1100]  # float32's chunks are capped (two of 550), float64's not
     for r in data["dense"] + data["long"]:
         tol = 1e-9 if r.get("dtype") == "float64" else 1e-4
         assert all(0 <= r[c] <= tol for c in ("y", "gw", "gu", "gk", "gv")), r
     md = (tmp_path / "wkv_accuracy_cpu.md").read_text()
-    assert "## T = 1100 vs the float64 kernel" in md and "| 1×1100×5 | 1 | kernel (cpu) | 1024 / 1100 |" in md
+    assert "## T = 1100 vs the float64 kernel" in md and "| 1×1100×5 | 1 | kernel (cpu) | 550 / 1100 |" in md

@@ -8,8 +8,9 @@
 // two chunks the halves need no phase 1 or 2 (see "Two halves" below).  The partition
 // depends only on the shape and the chunk length, and every lane sums in a fixed order:
 // for a given chunk length the results are bitwise independent of the thread count.
-// The automatic chunk length splits the sequence only when there are fewer (batch,
-// channel block) tasks than threads; CUDA_WKV_CHUNK forces it.
+// The automatic chunk length is at most 1024 in float32 (for accuracy, wkv_recurrence.h) and
+// splits the sequence further only when there are fewer (batch, channel block) tasks than
+// threads; CUDA_WKV_CHUNK forces it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -136,8 +137,8 @@ inline int64_t state_off(const Plan& p, int fields, int64_t b, int64_t ch, int d
 enum class Pass {
   kFold,      // phase 1: fold only (the chunk's summary of one direction)
   kFoldBoth,  // phase 1: both directions' summaries in one pass, left to right (see block_phases)
-  kStore,   // first pass of a rescan: store this side's sums, fold
-  kFinish,  // second pass: combine with the stored side, write the results, fold
+  kStore,     // first pass of a rescan: store this side's sums, fold
+  kFinish,    // second pass: combine with the stored side, write the results, fold
 };
 
 // Position of step i of a pass over [t0, t1) in direction dir (+1: left to right).
@@ -161,9 +162,9 @@ constexpr std::integral_constant<Pass, Pass::kFoldBoth> kFoldBoth{};
 constexpr std::integral_constant<Pass, Pass::kStore> kStore{};
 constexpr std::integral_constant<Pass, Pass::kFinish> kFinish{};
 
-// Two halves.  With exactly two chunks (one lane split once: few lanes, more threads
-// than (batch, channel block) tasks) phase 1 would add a fold pass over the whole
-// sequence.  Instead the first pass of each half runs from the outer end inwards --
+// Two halves.  With exactly two chunks (one lane split once: few lanes and more threads
+// than (batch, channel block) tasks, or a float32 sequence of 1025 to 2048 positions) phase 1
+// would add a fold pass over the whole sequence.  Instead the first pass of each half runs from the outer end inwards --
 // chunk 0 left to right, chunk 1 right to left -- and ends with exactly the sum the other
 // half needs as its carry; then each half finishes in the opposite direction.  Two
 // passes per element as with one chunk, each thread doing half of each: no extra work.
@@ -204,7 +205,7 @@ void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r
       if constexpr (P == Pass::kFold) {
         wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], nt, k[o + j], v[o + j], w[j]);
       } else if constexpr (P == Pass::kFoldBoth) {
-        wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], tf, k[o + j], v[o + j], w[j]);
+        wkv::fwd_fold(s.a[j], s.n[j], s.s0[j], s.mean[j], nt, k[o + j], v[o + j], w[j]);
         wkv::fwd_fold(right.a[j], right.n[j], right.s0[j], right.mean[j], -tf, k[o + j], v[o + j],
                       w[j]);
       } else if constexpr (P == Pass::kStore) {
@@ -217,7 +218,7 @@ void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r
     }
   }
   if (to != nullptr) s.store(to, stride, n);
-  if (P == Pass::kFoldBoth) right.store(to + kFwdFields * stride, stride, n);
+  if constexpr (P == Pass::kFoldBoth) right.store(to + kFwdFields * stride, stride, n);
 }
 
 // Phase 2 for one batch: every (channel, direction) lane in turn.
@@ -407,7 +408,7 @@ void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, con
     }
   }
   if (to != nullptr) s.store(to, stride, n);
-  if (P == Pass::kFoldBoth) right.store(to + kBwdFields * stride, stride, n);
+  if constexpr (P == Pass::kFoldBoth) right.store(to + kBwdFields * stride, stride, n);
   if (P == Pass::kStore || P == Pass::kFinish) {
     for (int j = 0; j < n; ++j) {
       gw_io[j] = gw[j];
