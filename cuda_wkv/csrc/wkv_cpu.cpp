@@ -186,7 +186,7 @@ void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r
   }
   FwdLanes<F> s, right;  // right: kFoldBoth's right sums
   start_lanes(s, from, stride, n);
-  if (P == Pass::kFoldBoth) right.empty(n);
+  if constexpr (P == Pass::kFoldBoth) right.empty(n);
   const F fdir = static_cast<F>(dir);
   for (int64_t i = 0; i < t1 - t0; ++i) {
     const int64_t t = step_at(dir, t0, t1, i);
@@ -362,14 +362,15 @@ template <typename F, int NB, Pass P>
 void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, const F* from,
               F* to, int64_t stride, double* gw_io, double* gu_io) {
   const int n = NB > 0 ? NB : n_rt;
+  constexpr bool kRescan = P == Pass::kStore || P == Pass::kFinish;  // sums gw, gu
   double gw[kBlock], gu[kBlock];
   for (int j = 0; j < n; ++j) {
-    gw[j] = P == Pass::kStore || P == Pass::kFinish ? gw_io[j] : 0.0;
-    gu[j] = P == Pass::kStore || P == Pass::kFinish ? gu_io[j] : 0.0;
+    gw[j] = kRescan ? gw_io[j] : 0.0;
+    gu[j] = kRescan ? gu_io[j] : 0.0;
   }
   BwdLanes<F> s, right;  // right: kFoldBoth's right states
   start_lanes(s, from, stride, n);
-  if (P == Pass::kFoldBoth) right.empty(n);
+  if constexpr (P == Pass::kFoldBoth) right.empty(n);
   const F fdir = static_cast<F>(dir);
   for (int64_t i = 0; i < t1 - t0; ++i) {
     const int64_t t = step_at(dir, t0, t1, i);
@@ -409,7 +410,7 @@ void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, con
   }
   if (to != nullptr) s.store(to, stride, n);
   if constexpr (P == Pass::kFoldBoth) right.store(to + kBwdFields * stride, stride, n);
-  if (P == Pass::kStore || P == Pass::kFinish) {
+  if constexpr (kRescan) {
     for (int j = 0; j < n; ++j) {
       gw_io[j] = gw[j];
       gu_io[j] = gu[j];

@@ -980,11 +980,11 @@ WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, const F* carry, int64_t ds, int
 // on) phase 2 takes ~3 sqrt(n) steps, so where the cap binds (few lanes) more chunks may
 // pay; not changed before a GPU measures it.
 //
-// Both choices are then capped at auto_chunk_max(itemsize) for accuracy (capped_chunk: as few
-// chunks as the cap allows, of even length).  A rescan folds its
-// chunk's terms one by one into one running sum, whose rounding adds up over the chunk: terms
-// below half an ulp of the total are lost whole (with k ~ N(0, 2^2) most terms weigh e^-8 of the
-// largest or less), and the forward's running mean drifts by about an ulp a step.  One float32
+// Both choices are then capped for accuracy at kFloatChunkMax in float32 (capped_chunk: as few
+// chunks as the cap allows, of even length).  A rescan folds its chunk's terms one by one into
+// one running sum, whose rounding adds up over the chunk: terms below half an ulp of the total
+// are lost whole (with k ~ N(0, 2^2) most terms weigh e^-8 of the largest or less), and the
+// forward's running mean drifts by about an ulp a step.  One float32
 // chunk of 131072 (two halves of T = 262144, B = 1, C = 8) put y off by 1.1e-4 of its largest
 // value and gw by 3e-4 (bench_wkv.py --accuracy's long table; the target is 1e-5).  Chunks summed
 // on their own and merged (a two-level sum) bound the error by the chunk length rather than T:
@@ -993,12 +993,11 @@ WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, const F* carry, int64_t ds, int
 // the CPU is phase 1, a fold pass the one chunk or the two halves did not run (docs/wkv.md,
 // "Benchmark (CPU)").  CUDA_WKV_CHUNK overrides the cap too (the tests force one long chunk).
 constexpr int64_t kFloatChunkMax = 1024;
-inline int64_t auto_chunk_max(int64_t itemsize) { return itemsize > 4 ? INT64_MAX : kFloatChunkMax; }
 
-// len, or where it exceeds the cap the even length of ceil(T / cap) chunks (T = 1025: two of 513,
-// not 1024 + 1).
+// len for elements of `itemsize` bytes, or where it exceeds the float32 cap the even length of
+// ceil(T / cap) chunks (T = 1025: two of 513, not 1024 + 1).
 inline int64_t capped_chunk(int64_t T, int64_t len, int64_t itemsize) {
-  const int64_t cap = auto_chunk_max(itemsize);
+  const int64_t cap = itemsize > 4 ? INT64_MAX : kFloatChunkMax;
   if (len <= cap) return len;
   const int64_t nch = (T + cap - 1) / cap;
   return (T + nch - 1) / nch;
@@ -1045,8 +1044,7 @@ inline int64_t cuda_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t slots, i
   nch = nch < cap ? nch : cap;
   nch = nch < 1 ? 1 : nch;
   const int64_t len = (T + nch - 1) / nch;
-  int64_t chosen = len < 32 ? (T < 32 ? (T > 0 ? T : 1) : 32) : len;
-  chosen = capped_chunk(T, chosen, itemsize);
+  const int64_t chosen = capped_chunk(T, len < 32 ? (T < 32 ? (T > 0 ? T : 1) : 32) : len, itemsize);
   return chosen < cuda_chunk_limit(C) ? chosen : cuda_chunk_limit(C);
 }
 
