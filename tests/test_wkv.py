@@ -827,6 +827,40 @@ def test_bench_wkv_profile_names_the_kernel_calls(cpu_kernel, tmp_path):
     assert "kernel fwd+bwd, T=512: wall" in (tmp_path / "wkv_cpu.md").read_text()
 
 
+def test_bench_wkv_targets_report_medians_fastest_runs_and_both_ratios(monkeypatch, capsys):
+    """``bench_wkv.py --targets`` (its measured points replaced by fixed (median, fastest) times):
+    each time with its fastest run, the ratios by the medians (the targets) and by the fastest
+    runs; a point that fails stops the run with its error."""
+    import argparse
+
+    from bench_scripts import load
+
+    bench = load("bench_wkv")
+    times = {("kernel", 2, 2): (0.030, 0.025), ("lcse", 2, 2): (1.2, 0.9),
+             ("kernel", 1, 1): (0.048, 0.046), ("kernel", 1, 2): (0.032, 0.023)}
+    calls = []
+
+    def fake_spawn(args, backend, T, modes, rss_allocator=True):
+        calls.append((backend, args.B, T, args.C, args.threads, modes, rss_allocator))
+        med, fastest = times[(backend, args.B, args.threads)]
+        return {"fwd_bwd_s": med, "fwd_bwd_min_s": fastest}
+
+    monkeypatch.setattr(bench, "_spawn", fake_spawn)
+    bench.run_targets(argparse.Namespace(threads=2, repeat=5))
+    out = capsys.readouterr().out
+    assert calls == [("kernel", 2, 32768, 64, 2, ["fwd_bwd"], False), ("lcse", 2, 32768, 64, 2, ["fwd_bwd"], False),
+                     ("kernel", 1, 262144, 8, 1, ["fwd_bwd"], False), ("kernel", 1, 262144, 8, 2, ["fwd_bwd"], False)]
+    assert "median of 5 runs" in out
+    assert ("kernel 30.0 ms (fastest 25.0 ms), plain logcumsumexp 1200.0 ms (fastest 900.0 ms): 40.0x (target >= 30x; "
+            "by the fastest runs 36.0x)") in out
+    assert ("1 thread 48.0 ms (fastest 46.0 ms), 2 threads 32.0 ms (fastest 23.0 ms): 1.50x (target >= 1.6x; "
+            "by the fastest runs 2.00x)") in out
+
+    monkeypatch.setattr(bench, "_spawn", lambda *a, **k: {"error": "kernel unavailable: fell back to torch"})
+    with pytest.raises(SystemExit, match="kernel T=32768 failed: kernel unavailable"):
+        bench.run_targets(argparse.Namespace(threads=2, repeat=5))
+
+
 def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch):
     """``bench_wkv.py --accuracy`` (here on one small case of each kind): the dense-reference table
     and the long-sequence table (float32 vs float64 of each backend), every error a small number."""
