@@ -257,10 +257,14 @@ def _target(kind: str) -> _Target:
 def _unsafe(path: Path, must_own: bool) -> Optional[str]:
     """Why someone other than the current user could change ``path``, or None.
 
-    ``must_own``: the cache's own folders and files must belong to the current user and
-    not be writable by group/others; a folder above the cache root may belong to anyone
-    but must not be writable by group/others unless it is sticky (like ``/tmp``)."""
-    st = os.stat(path)
+    ``must_own``: the cache's own folders and files must belong to the current user, not
+    be writable by group/others and not be symbolic links (whose target's folders nobody
+    checks); a folder above the cache root may belong to anyone but must not be writable by
+    group/others unless it is sticky (like ``/tmp``)."""
+    st = os.lstat(path) if must_own else os.stat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return (f"{path} is a symbolic link; the cache's own folders and files must be "
+                "real (fix: delete it)")
     if must_own and st.st_uid != os.geteuid():
         return (f"{path} belongs to uid {st.st_uid}, not to the current user "
                 f"(uid {os.geteuid()})")
@@ -293,6 +297,8 @@ def _private_root(root: Path, origin: str) -> Path:
         raise _Fallback(f"refusing the kernel cache {root} ({origin}): {problem}. A "
                         "library planted there would run in this process; set "
                         "TORCH_EXTENSIONS_DIR to a folder only you can write")
+    if not real.is_dir():
+        raise NotADirectoryError(f"kernel cache {root} ({origin}) is not a folder")
     if not os.access(real, os.W_OK | os.X_OK):
         raise PermissionError(f"kernel cache {root} ({origin}) is not writable")
     return real
@@ -361,6 +367,8 @@ def _verified_library(folder: Path) -> Tuple[str, Path]:
         info = json.loads(record.read_text())
         module, fname = str(info["module"]), str(info["file"])
         size, digest = int(info["size"]), str(info["sha256"])
+        if module != folder.name:
+            raise _Incomplete(f"the record names the module {module!r}, not {folder.name!r}")
     except FileNotFoundError:
         raise _Incomplete(f"no completion record {_RECORD}") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -436,7 +444,9 @@ def _publish(mod: ModuleType, build_dir: Path, folder: Path) -> None:
     _flush(so)
     record = {"module": mod.__name__, "file": so.name, "size": so.stat().st_size,
               "sha256": _sha256(so), "host": socket.gethostname(), "time": time.time()}
-    with open(build_dir / _RECORD, "w") as fh:
+    # 0600 whatever the umask (with 002 a plain open gives 0664, which the next load refuses)
+    fd = os.open(build_dir / _RECORD, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
         json.dump(record, fh)
         fh.flush()
         os.fsync(fh.fileno())
@@ -479,27 +489,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_lock(path: Path) -> Tuple[dict, Optional[float]]:
-    """(owner record or {}, seconds since the last heartbeat; None if there is no lock)."""
+def _read_lock(path: Path) -> Tuple[dict, Optional[float], bool]:
+    """(owner record or {}, seconds since the last heartbeat, whether the lock is a regular
+    file); age None if there is no lock.  A symbolic link is not followed."""
     try:
-        age = time.time() - path.stat().st_mtime
+        st = os.lstat(path)
     except FileNotFoundError:
-        return {}, None
+        return {}, None, True
+    age = time.time() - st.st_mtime
+    if not stat.S_ISREG(st.st_mode):
+        return {}, age, False
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         info = None
-    return (info if isinstance(info, dict) else {}), age
+    return (info if isinstance(info, dict) else {}), age, True
 
 
-def _stale_reason(info: dict, age: float) -> Optional[str]:
-    """Why a lock with owner ``info`` and heartbeat age ``age`` is abandoned, or None."""
+def _stale_reason(info: dict, age: float, regular: bool = True) -> Optional[str]:
+    """Why a lock with owner ``info`` and heartbeat age ``age`` (negative: in the future) is
+    abandoned, or None.  ``regular``: whether the lock is a regular file, as every builder
+    writes it."""
+    if not regular:
+        return "it is not a regular file (a symbolic link or a folder), which no build writes"
     pid = info.get("pid")
     if info.get("host") == socket.gethostname() and isinstance(pid, int) \
             and not _pid_alive(pid):
         return f"its owner pid {pid} on this host is not running"
     if age > _LOCK_STALE_S:
         return f"no heartbeat for {age:.0f}s (> {_LOCK_STALE_S:.0f}s)"
+    if age < -_LOCK_STALE_S:
+        return (f"its last heartbeat is {-age:.0f}s in the future (a clock set back, or "
+                "hosts whose clocks differ)")
     return None
 
 
@@ -522,6 +543,10 @@ def _acquire_lock(path: Path, token: str, timeout: float,
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
             pass
+        except OSError as exc:
+            raise _Fallback(f"cannot create the build lock {path} ({exc}); make the cache "
+                            "folder writable, or set TORCH_EXTENSIONS_DIR to a folder only "
+                            "you can write") from None
         else:
             with os.fdopen(fd, "w") as fh:
                 json.dump({"pid": os.getpid(), "host": socket.gethostname(),
@@ -529,14 +554,22 @@ def _acquire_lock(path: Path, token: str, timeout: float,
             return True
         if ready():
             return False
-        info, age = _read_lock(path)
+        info, age, regular = _read_lock(path)
         if age is None:
             continue
-        reason = _stale_reason(info, age)
+        reason = _stale_reason(info, age, regular)
         if reason:
             log.warning("cuda_wkv: removing stale build lock %s (%s)", path, reason)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            try:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _Fallback(f"cannot remove the stale build lock {path} ({reason}): "
+                                f"{exc}; delete it") from None
             continue
         waited = time.monotonic() - start
         if waited >= timeout:
@@ -611,7 +644,7 @@ def _summarise(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     head = lines[0].split(": [", 1)[0][:200] if lines else ""
-    errs = [ln for ln in lines[1:] if re.search(r"(error|Error|ERROR)\b", ln)
+    errs = [ln for ln in lines[1:] if re.search(r"(error|Error|ERROR)\b|No space left", ln)
             and not ln.startswith("ninja:")]
     parts = [f"{type(exc).__name__}: {head}"] + [ln[:300] for ln in errs[:3]]
     return " | ".join(parts)
@@ -668,6 +701,7 @@ def _load_or_build(kind: str, timeout: float) -> ModuleType:
     while True:
         mod = _load_complete(folder, warned)
         if mod is not None:
+            _remove_leftovers(base)
             return mod
         if _acquire_lock(lock, token, timeout, ready):
             break

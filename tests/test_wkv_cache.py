@@ -187,11 +187,36 @@ def test_published_build_is_complete_and_private(good_library):
 
 
 def test_complete_build_is_loaded_without_compiling(tmp_path, monkeypatch, good_library):
+    """... and the private folder a killed build left (an hour old) goes, a recent one stays."""
     root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     _install(folder, good_library)
+    old, recent = (folder.with_name(f".{folder.name}.build-{n}") for n in ("killed", "running"))
+    old.mkdir()
+    recent.mkdir()
+    os.utime(old, (0, 0))
     result, err = _run_bi_wkv(good_library, TORCH_EXTENSIONS_DIR=str(root))
     assert result["backend"] == "cpu" and result["compiled"] == 0, (result, err)
     assert "not loading" not in err
+    assert not old.exists() and recent.exists()
+
+
+def test_record_is_private_whatever_the_umask(tmp_path, good_library):
+    """Published under umask 002 (a common default), the build is loadable by the next process:
+    its record is not group-writable (it was 0664, refused, and rebuilt on every start)."""
+    import types
+
+    module, so = good_library
+    build_dir, folder = tmp_path / ".staging", tmp_path / module
+    build_dir.mkdir(mode=0o700)
+    built = Path(shutil.copyfile(so, build_dir / so.name))
+    old = os.umask(0o002)
+    try:
+        loader._publish(types.SimpleNamespace(__name__=module, __file__=str(built)), build_dir, folder)
+    finally:
+        os.umask(old)
+    assert loader._verified_library(folder) == (module, folder / so.name)
+    for p in (folder / loader._RECORD, folder / so.name):
+        assert p.stat().st_mode & 0o022 == 0, (p, oct(p.stat().st_mode))
 
 
 def _truncate(so: Path) -> None:
@@ -204,6 +229,24 @@ def _flip_byte(so: Path) -> None:
     so.write_bytes(bytes(data))
 
 
+def _record_naming(module: str):
+    def damage(so: Path) -> None:
+        record = so.parent / loader._RECORD
+        record.write_text(json.dumps({**json.loads(record.read_text()), "module": module}))
+    return damage
+
+
+def _moved_out_and_linked(which: str):
+    """The build folder (or its library) moved out of the cache and a symbolic link left in
+    its place: whoever can write where the link points could swap the library."""
+    def damage(so: Path) -> None:
+        entry = so.parent if which == "folder" else so
+        outside = so.parents[3] / f"outside-{which}"  # next to the cache root
+        os.rename(entry, outside)
+        entry.symlink_to(outside)
+    return damage
+
+
 @pytest.mark.parametrize("damage, message", [
     (_truncate, "the record says"),
     (_flip_byte, "SHA-256"),
@@ -213,8 +256,11 @@ def _flip_byte(so: Path) -> None:
     (lambda so: so.unlink(), "is missing"),
     (lambda so: so.chmod(0o775), "writable by group/others"),
     (lambda so: (shutil.rmtree(so.parent), so.parent.write_text("")), "Not a directory"),
+    (_record_naming("json"), "the record names the module 'json'"),
+    (_moved_out_and_linked("folder"), "is a symbolic link"),
+    (_moved_out_and_linked("library"), "is a symbolic link"),
 ], ids=["truncated", "corrupt", "no-record", "torn-record", "no-library", "group-writable",
-        "file-not-folder"])
+        "file-not-folder", "other-module", "linked-folder", "linked-library"])
 def test_damaged_build_is_rebuilt_not_loaded(tmp_path, monkeypatch, good_library, damage,
                                              message):
     """A torn copy, a full disk, a missing record or a library others could change is never
@@ -365,6 +411,33 @@ def test_lock_staleness_rules(dead_pid):
     assert "heartbeat" in loader._stale_reason({"pid": os.getpid(), "host": host}, 61)
     assert loader._stale_reason({}, 5) is None  # being written
     assert "heartbeat" in loader._stale_reason({}, 61)  # unreadable and abandoned
+    # a heartbeat an hour in the future (a clock set back): no live builder keeps it there;
+    # a few seconds ahead is another host's clock and stays valid
+    assert "in the future" in loader._stale_reason({"pid": 4242, "host": "elsewhere"}, -3600)
+    assert loader._stale_reason({"pid": 4242, "host": "elsewhere"}, -5) is None
+    assert "not a regular file" in loader._stale_reason({}, 5, regular=False)
+
+
+@pytest.mark.parametrize("kind", ["dangling-link", "folder"])
+def test_lock_that_is_not_a_file_is_removed(tmp_path, monkeypatch, good_library, kind):
+    """A lock no builder wrote (a dangling symbolic link: the loader spun at 100 % CPU, ignoring
+    the lock timeout; a folder) is removed with a message, then the kernel is built."""
+    root, folder = _private_folder(tmp_path, monkeypatch, good_library)
+    lock = folder.parent / f"{folder.name}.lock"
+    if kind == "folder":
+        lock.mkdir()
+    else:
+        lock.symlink_to(tmp_path / "nowhere")
+    result, err = _run_bi_wkv(good_library, timeout=60, TORCH_EXTENSIONS_DIR=str(root),
+                              CUDA_WKV_LOCK_TIMEOUT="5")
+    assert result["backend"] == "cpu" and result["compiled"] == 1, (result, err)
+    assert f"removing stale build lock {lock}" in err and "not a regular file" in err, err
+    assert not os.path.lexists(lock) and not (tmp_path / "nowhere").exists()
+
+
+def test_lock_that_cannot_be_created_names_the_fix(tmp_path):
+    with pytest.raises(loader._Fallback, match="cannot create the build lock .*TORCH_EXTENSIONS_DIR"):
+        loader._acquire_lock(tmp_path / "gone" / "x.lock", "token", 5.0, lambda: False)
 
 
 # -------------------------------------------------------------- private cache folders
@@ -374,6 +447,22 @@ def test_cache_folders_are_created_private(tmp_path, monkeypatch):
     base = loader.extension_dir("cpu").parent
     for p in (tmp_path / "new", root, base):
         assert p.stat().st_mode & 0o777 == 0o700, (p, oct(p.stat().st_mode))
+
+
+def test_cache_path_that_is_a_file_is_named(tmp_path, monkeypatch):
+    not_a_folder = tmp_path / "ext"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(not_a_folder))
+    with pytest.raises(NotADirectoryError, match=f"kernel cache {not_a_folder} .* is not a folder"):
+        loader.extension_dir("cpu")
+
+
+def test_build_failure_summary_keeps_a_full_disk():
+    exc = RuntimeError("Error building extension 'cuda_wkv_cpu_x': [1/2] c++ -c wkv_cpu.cpp\n"
+                       "/usr/bin/ld: final link failed: No space left on device\n"
+                       "collect2: error: ld returned 1 exit status")
+    summary = loader._summarise(exc)
+    assert "No space left on device" in summary and "collect2: error" in summary, summary
 
 
 def _assert_refused(good_library, folder: Path, **env):
