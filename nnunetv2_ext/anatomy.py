@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnunetv2_ext.publish import write_atomically
+from nnunetv2_ext.publish import publish_folder, write_atomically
 
 LABELS = {'background': 0, 'other_brain': 1, 'grey_matter': 2}
 MRICRON = '/usr/share/mricron/templates'
@@ -169,29 +169,34 @@ def write_json(path: str, content) -> None:
 def write_dataset(raw_dir: str, train: dict[str, Subject], test: dict[str, Subject], cases_per_subject: int = 12,
                   dataset_id: int = 990, name: str = 'BrainTemplates', spacing: float = 3.0, seed: int = 0) -> str:
     """Writes ``Dataset{id}_{name}``: ``cases_per_subject`` random variants of each training subject in
-    imagesTr/labelsTr, each test subject unaltered in imagesTs/labelsTs. Returns the dataset folder."""
+    imagesTr/labelsTr, each test subject unaltered in imagesTs/labelsTs. Returns the dataset folder, which is
+    published as a whole (a kill leaves the previous complete dataset or the new one; no stale case stays)."""
     if len(train) * cases_per_subject < 5:
         raise ValueError("nnU-Net's 5-fold split needs at least 5 training cases")
     if set(train) & set(test):
         raise ValueError(f'train and test subjects overlap: {sorted(set(train) & set(test))}')
     root = os.path.join(raw_dir, f'Dataset{dataset_id:03d}_{name}')
-    for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
     affine, _ = grid_affine(spacing)
     rng = np.random.default_rng(seed)
 
-    def save(subject: Subject, case: str, split: str) -> None:
-        save_nifti(subject.image, affine, os.path.join(root, f'images{split}', f'{case}_0000.nii.gz'))
-        save_nifti(subject.label, affine, os.path.join(root, f'labels{split}', f'{case}.nii.gz'))
+    def fill(staging: str) -> None:
+        for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
+            os.makedirs(os.path.join(staging, sub))
 
-    for subject_name, subject in sorted(train.items()):
-        for i in range(cases_per_subject):
-            save(random_variant(rng, subject), f'{subject_name}_{i:03d}', 'Tr')
-    for subject_name, subject in sorted(test.items()):
-        save(subject, subject_name, 'Ts')
-    write_json(os.path.join(root, 'dataset.json'),
-               {'channel_names': {'0': 'T1'}, 'labels': LABELS, 'numTraining': len(train) * cases_per_subject,
-                'file_ending': '.nii.gz', 'name': name,
-                'description': f'train: variants of {sorted(train)}; test: {sorted(test)} (unaltered); '
-                               f'{spacing} mm; see nnunetv2_ext/anatomy.py'})
+        def save(subject: Subject, case: str, split: str) -> None:
+            save_nifti(subject.image, affine, os.path.join(staging, f'images{split}', f'{case}_0000.nii.gz'))
+            save_nifti(subject.label, affine, os.path.join(staging, f'labels{split}', f'{case}.nii.gz'))
+
+        for subject_name, subject in sorted(train.items()):
+            for i in range(cases_per_subject):
+                save(random_variant(rng, subject), f'{subject_name}_{i:03d}', 'Tr')
+        for subject_name, subject in sorted(test.items()):
+            save(subject, subject_name, 'Ts')
+        write_json(os.path.join(staging, 'dataset.json'),
+                   {'channel_names': {'0': 'T1'}, 'labels': LABELS, 'numTraining': len(train) * cases_per_subject,
+                    'file_ending': '.nii.gz', 'name': name,
+                    'description': f'train: variants of {sorted(train)}; test: {sorted(test)} (unaltered); '
+                                   f'{spacing} mm; see nnunetv2_ext/anatomy.py'})
+
+    publish_folder(root, fill)
     return root

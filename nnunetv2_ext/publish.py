@@ -86,9 +86,14 @@ def publish_folder(folder: str, fill: Callable[[str], None], merge: bool = False
     staged top-level entries are moved into ``folder`` one by one and its other entries are kept.
 
     The staging folder is removed if ``fill`` raises (``folder`` is then untouched), and leftovers of killed
-    publications into the same place are cleaned up first. ``folder``'s parent is created if missing.
+    publications into the same place are cleaned up first. ``folder``'s parent is created if missing; a symbolic
+    link is followed (its target is replaced, the link stays). Raises NotADirectoryError, before writing anything,
+    if ``folder`` exists and is not a folder.
     """
-    folder = os.path.abspath(folder)
+    folder = os.path.realpath(folder)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(f'{folder} exists and is not a folder: pass the path of a folder (new or one '
+                                 'that holds only what this command writes there)')
     parent, base = os.path.split(folder)
     os.makedirs(parent, exist_ok=True)
     _clean_leftovers(parent, base, folder)

@@ -56,6 +56,16 @@ def test_write_dataset_layout_and_split(tmp_path):
         anatomy.write_dataset(str(tmp_path), {'a': _toy_subject()}, {'a': _toy_subject()}, cases_per_subject=5)
 
 
+def test_a_rewrite_leaves_no_case_of_the_earlier_dataset(tmp_path):
+    anatomy.write_dataset(str(tmp_path), {'a': _toy_subject('a'), 'b': _toy_subject('b')}, {'c': _toy_subject('c')},
+                          cases_per_subject=3)
+    root = anatomy.write_dataset(str(tmp_path), {'a': _toy_subject('a')}, {'d': _toy_subject('d')},
+                                 cases_per_subject=5)
+    assert sorted(os.listdir(os.path.join(root, 'imagesTr'))) == [f'a_{i:03d}_0000.nii.gz' for i in range(5)]
+    assert os.listdir(os.path.join(root, 'labelsTs')) == ['d.nii.gz']
+    assert os.listdir(tmp_path) == [os.path.basename(root)]
+
+
 def test_missing_source_names_the_install_command(monkeypatch):
     monkeypatch.setattr(anatomy, 'MRICRON', '/nonexistent')
     with pytest.raises(FileNotFoundError, match='apt-get install mricron-data'):

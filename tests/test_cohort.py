@@ -199,3 +199,15 @@ def test_cli_writes_the_default_spacing_and_the_given_one(tmp_path, toy, monkeyp
                          '10021', '12876', '--cases-per-subject', '1', *flags]) == 0
         image = nib.load(str(raw / 'Dataset992_DKCohort' / 'imagesTs' / '9861_t1_0000.nii.gz'))
         np.testing.assert_allclose(image.header.get_zooms(), (spacing,) * 3)
+
+
+def test_a_rewrite_leaves_no_case_of_the_earlier_dataset(tmp_path, toy):
+    """Fewer subjects and cases over a complete cohort: the folder holds only the new cases (stale ones were left
+    beside a dataset.json that no longer listed them)."""
+    root, _ = _write(str(tmp_path), toy, 'c', donors=['9861', '10021', '12876'], cases_per_subject=3)
+    root2, _ = _write(str(tmp_path), toy, 'c', donors=['9861', '12876'], cases_per_subject=2, n_folds=2)
+    assert root2 == root
+    assert sorted(os.listdir(os.path.join(root, 'imagesTr'))) == [f'{d}_{n}_0000.nii.gz' for d in ('12876', '9861')
+                                                                  for n in range(2)]
+    assert sorted(os.listdir(os.path.join(root, 'imagesTs'))) == ['12876_t1_0000.nii.gz', '9861_t1_0000.nii.gz']
+    assert sorted(os.listdir(os.path.dirname(root))) == [os.path.basename(root)]  # nothing hidden left

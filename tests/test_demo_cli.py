@@ -47,3 +47,24 @@ def test_step_logs_are_written_line_by_line_and_silence_is_reported(tmp_path):
     import pytest
     with pytest.raises(StepFailed, match=f'exited with 3. Full log: {log}'):
         run_step([sys.executable, '-c', 'import sys; print("bad input"); sys.exit(3)'], dict(os.environ), str(log))
+
+
+def test_dataset_rewrite_is_whole_and_a_silent_write_failure_is_caught(tmp_path, monkeypatch):
+    """The demo's dataset is published as a whole: fewer cases leave no stale ones; an image that SimpleITK
+    writes empty without an error (a full disk) is an OSError and the previous dataset stays complete."""
+    import SimpleITK as sitk
+
+    from nnunetv2_ext.demo.dataset import write_dataset
+
+    root = write_dataset(str(tmp_path), num_train=7, num_test=1, shape=(8, 8, 8))
+    assert write_dataset(str(tmp_path), num_train=5, num_test=1, shape=(8, 8, 8)) == root
+    assert sorted(os.listdir(os.path.join(root, 'labelsTr'))) == [f'extdemo_tr_{i:03d}.nii.gz' for i in range(5)]
+    before = {n: os.path.getsize(os.path.join(root, 'imagesTr', n)) for n in os.listdir(os.path.join(root, 'imagesTr'))}
+
+    monkeypatch.setattr(sitk, 'WriteImage', lambda image, path: open(path, 'wb').close())
+    import pytest
+    with pytest.raises(OSError, match='could not write .*extdemo_tr_000_0000.nii.gz .is the disk full'):
+        write_dataset(str(tmp_path), num_train=6, num_test=1, shape=(8, 8, 8))
+    assert {n: os.path.getsize(os.path.join(root, 'imagesTr', n)) for n in os.listdir(os.path.join(root, 'imagesTr'))} \
+        == before and json.load(open(os.path.join(root, 'dataset.json')))['numTraining'] == 5
+    assert os.listdir(tmp_path) == [os.path.basename(root)]

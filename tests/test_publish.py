@@ -183,3 +183,56 @@ def test_a_failed_swap_puts_the_old_folder_back_and_an_own_leftover_does_not_blo
     publish_folder(str(out), lambda staging: open(os.path.join(staging, 'new.txt'), 'w').close())
     assert os.listdir(out) == ['new.txt'] and _hidden(tmp_path) == []
 
+
+
+def test_a_file_in_place_of_the_folder_is_refused_and_kept(tmp_path):
+    """``-o notes.txt`` (an existing file): refused before anything is written; the file stays (it was moved to a
+    hidden name and never put back)."""
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('mine')
+    with pytest.raises(NotADirectoryError, match='notes.txt exists and is not a folder'):
+        publish_folder(str(notes), lambda staging: open(os.path.join(staging, 'r.json'), 'w').close())
+    assert notes.read_text() == 'mine' and sorted(os.listdir(tmp_path)) == ['notes.txt']
+
+
+def test_a_link_to_a_folder_publishes_into_its_target(tmp_path):
+    """The link stays a link and its target gets the new set (it was replaced by a real folder, the target left
+    stale and a hidden link behind)."""
+    target, link = tmp_path / 'real', tmp_path / 'link'
+    target.mkdir()
+    (target / 'r.json').write_text('old')
+    link.symlink_to(target)
+    publish_files(str(link), {'r.json': lambda path: open(path, 'w').write('new')})
+    assert link.is_symlink() and (target / 'r.json').read_text() == 'new'
+    assert sorted(os.listdir(tmp_path)) == ['link', 'real']
+
+
+def test_a_stopped_step_stops_its_command(tmp_path):
+    """The demo's steps: when this process is stopped (here an exception from the output callback, as Ctrl-C or
+    SIGTERM raise), the running nnU-Net command is terminated, not left training."""
+    from nnunetv2_ext.demo.pipeline import run_step
+
+    pids = []
+
+    def on_line(line: str) -> None:
+        pids.append(int(line))
+        raise KeyboardInterrupt
+
+    code = 'import os, time; print(os.getpid(), flush=True); time.sleep(120)'
+    with pytest.raises(KeyboardInterrupt):
+        run_step([sys.executable, '-c', code], dict(os.environ), str(tmp_path / 'step.log'), on_line=on_line)
+    with pytest.raises(ProcessLookupError):  # terminated and reaped
+        os.kill(pids[0], 0)
+
+
+def test_cli_turns_an_os_error_into_one_line(monkeypatch, capsys):
+    """A full disk, a read-only folder, ...: ``error: ...`` naming the path, exit 1, no traceback."""
+    from nnunetv2_ext import cli
+
+    def full_disk(args):
+        raise OSError(28, 'No space left on device', '/data/out/compare.md')
+
+    monkeypatch.setattr(cli, '_cmd_demo', full_disk)
+    assert cli.main(['demo']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 28] No space left on device: '/data/out/compare.md'") and 'free space' in err

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from nnunetv2_ext.publish import write_atomically
+from nnunetv2_ext.publish import publish_folder, write_atomically
 
 LABELS = {'background': 0, 'sphere': 1, 'ellipsoid': 2}
 
@@ -40,24 +40,41 @@ def make_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np
 
 def write_dataset(raw_dir: str, dataset_id: int = 987, name: str = 'ExtDemo', num_train: int = 10,
                   num_test: int = 4, shape: tuple[int, int, int] = (32, 40, 40), seed: int = 0) -> str:
-    """Writes ``Dataset{id}_{name}`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json); returns its path."""
+    """Writes ``Dataset{id}_{name}`` (imagesTr, labelsTr, imagesTs, labelsTs, dataset.json); returns its path.
+
+    The folder is published as a whole (:func:`~nnunetv2_ext.publish.publish_folder`): a kill leaves the previous
+    complete dataset or the new one, and no case of an earlier, larger dataset stays behind. Each image is read
+    back after writing (SimpleITK does not report a full disk: it left empty files); OSError if one is wrong."""
     import SimpleITK as sitk
 
     if num_train < 5:
         raise ValueError(f"num_train={num_train}: nnU-Net's 5-fold split needs at least 5 training cases")
     root = os.path.join(raw_dir, f'Dataset{dataset_id:03d}_{name}')
-    rng = np.random.default_rng(seed)
-    for split, count in (('Tr', num_train), ('Ts', num_test)):
-        os.makedirs(os.path.join(root, f'images{split}'), exist_ok=True)
-        os.makedirs(os.path.join(root, f'labels{split}'), exist_ok=True)
-        for i in range(count):
-            image, label = make_case(rng, shape)
-            case = f'{name.lower()}_{split.lower()}_{i:03d}'
-            for array, path in ((image, f'images{split}/{case}_0000.nii.gz'), (label, f'labels{split}/{case}.nii.gz')):
-                itk = sitk.GetImageFromArray(array)
-                itk.SetSpacing((1.0, 1.0, 1.0))
-                sitk.WriteImage(itk, os.path.join(root, path))
-    write_atomically(os.path.join(root, 'dataset.json'), json.dumps(
-        {'channel_names': {'0': 'synthetic'}, 'labels': LABELS, 'numTraining': num_train, 'file_ending': '.nii.gz',
-         'name': name}, indent=2))
+
+    def write_image(array: np.ndarray, path: str) -> None:
+        itk = sitk.GetImageFromArray(array)
+        itk.SetSpacing((1.0, 1.0, 1.0))
+        sitk.WriteImage(itk, path)
+        try:
+            same = np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(path)), array)
+        except RuntimeError:
+            same = False
+        if not same:
+            raise OSError(f'could not write {path} (is the disk full?)')
+
+    def fill(staging: str) -> None:
+        rng = np.random.default_rng(seed)
+        for split, count in (('Tr', num_train), ('Ts', num_test)):
+            os.makedirs(os.path.join(staging, f'images{split}'))
+            os.makedirs(os.path.join(staging, f'labels{split}'))
+            for i in range(count):
+                image, label = make_case(rng, shape)
+                case = f'{name.lower()}_{split.lower()}_{i:03d}'
+                write_image(image, os.path.join(staging, f'images{split}', f'{case}_0000.nii.gz'))
+                write_image(label, os.path.join(staging, f'labels{split}', f'{case}.nii.gz'))
+        write_atomically(os.path.join(staging, 'dataset.json'), json.dumps(
+            {'channel_names': {'0': 'synthetic'}, 'labels': LABELS, 'numTraining': num_train,
+             'file_ending': '.nii.gz', 'name': name}, indent=2))
+
+    publish_folder(root, fill)
     return root

@@ -44,7 +44,8 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
     without output; ``pass_fds``: open file descriptors the command inherits (e.g. one holding a lock, so
     the lock lasts as long as the command even if this process is killed). Returns the step's seconds.
 
-    Raises :class:`StepFailed` naming the command, the log and its last 30 lines.
+    Raises :class:`StepFailed` naming the command, the log and its last 30 lines. If this process is stopped
+    meanwhile (Ctrl-C, or SIGTERM turned into SystemExit), the command is stopped too, not left running.
     """
     start = time.perf_counter()
     tail: list[str] = []
@@ -54,21 +55,30 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
                                 stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-        while True:
-            try:
-                line = lines.get(timeout=quiet_s)
-            except queue.Empty:
-                if on_quiet is not None:
-                    on_quiet(time.perf_counter() - start)
-                continue
-            if line is None:
-                break
-            log.write(line)
-            log.flush()
-            tail = (tail + [line.rstrip()])[-30:]
-            if on_line is not None:
-                on_line(line.rstrip())
-        code = proc.wait()
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=quiet_s)
+                except queue.Empty:
+                    if on_quiet is not None:
+                        on_quiet(time.perf_counter() - start)
+                    continue
+                if line is None:
+                    break
+                log.write(line)
+                log.flush()
+                tail = (tail + [line.rstrip()])[-30:]
+                if on_line is not None:
+                    on_line(line.rstrip())
+            code = proc.wait()
+        finally:
+            if proc.poll() is None:  # stopped while the command runs: stop it too
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
     if code != 0:
         raise StepFailed(f"`{' '.join(cmd)}` exited with {code}. Full log: {log_path}\n--- last lines ---\n"
                          + '\n'.join(tail))

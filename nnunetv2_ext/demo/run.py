@@ -7,6 +7,7 @@ nnUNetv2_evaluate_folder -> a Dice/time table (also saved as demo_results.md/.js
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -15,7 +16,7 @@ import time
 from nnunetv2_ext.demo.dataset import write_dataset
 from nnunetv2_ext.demo.pipeline import (StepFailed, foreground_dice, nnunet_command, nnunet_env, run_step,
                                         write_small_plans)
-from nnunetv2_ext.publish import write_atomically
+from nnunetv2_ext.publish import publish_files, write_atomically
 
 DATASET_ID = 987
 DATASET_NAME = f'Dataset{DATASET_ID}_ExtDemo'
@@ -92,6 +93,9 @@ def run_demo(work_dir: str | None = None, epochs: int = 4, iterations: int = 25,
         except ValueError as e:
             print(f'error: {e}')
             return 1
+        # an earlier run's split would be reused by nnU-Net even if --num-train changed the cases
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(env['nnUNet_preprocessed'], DATASET_NAME, 'splits_final.json'))
         step('nnUNetv2_plan_and_preprocess', nnunet_command('nnUNetv2_plan_and_preprocess') + [
             '-d', str(DATASET_ID), '-c', CONFIGURATION, '-np', n_proc, '-npfp', n_proc, '--verify_dataset_integrity'],
              'plan.log')
@@ -123,8 +127,8 @@ def run_demo(work_dir: str | None = None, epochs: int = 4, iterations: int = 25,
     note = (f'\nDataset {DATASET_NAME}: {num_train} synthetic training cases, 4 test cases; fold 0; '
             f'{epochs} epochs x {iterations} iterations each on {device}; identical plans ({plans_name}).\n'
             f'A few iterations cannot rank architectures: this shows the pipeline, not a benchmark.\n')
-    write_atomically(os.path.join(work_dir, 'demo_results.md'), table + note)
-    write_atomically(os.path.join(work_dir, 'demo_results.json'), json.dumps(rows, indent=2))
+    publish_files(work_dir, {'demo_results.md': lambda path: write_atomically(path, table + note),
+                             'demo_results.json': lambda path: write_atomically(path, json.dumps(rows, indent=2))})
     print('\n' + table + note)
     print(f'total {time.perf_counter() - start:.0f} s; everything is kept in {work_dir}')
     return 0
