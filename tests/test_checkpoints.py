@@ -70,6 +70,25 @@ def test_written_checkpoint_is_what_nnunet_writes_and_nothing_is_left_over(train
                                                                 os.path.basename(trainer.log_file)])
 
 
+def test_a_failed_write_keeps_the_previous_checkpoint_and_says_why(trainer, monkeypatch):
+    """A full disk mid-save: the previous checkpoint stays, the torn partial file is removed (it took the space a
+    retry needs), and the error names the checkpoint, the free space and --c."""
+    path = _save(trainer, 'checkpoint_latest.pth', 1)
+    before = open(path, 'rb').read()
+
+    def full_disk(self, filename):
+        with open(filename, 'wb') as f:
+            f.write(b'PK torn')
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 53248 vs 53136')
+
+    monkeypatch.setattr(nnUNetTrainer, 'save_checkpoint', full_disk)
+    with pytest.raises(RuntimeError, match=r'cannot write the checkpoint .*checkpoint_latest.pth \(RuntimeError: '
+                                           r'.*unexpected pos.*MiB free in .*resume with --c'):
+        _save(trainer, 'checkpoint_latest.pth', 2)
+    assert open(path, 'rb').read() == before
+    assert not os.path.lexists(partial_checkpoint_path(path))
+
+
 def test_disabled_checkpointing_writes_nothing(trainer):
     trainer.disable_checkpointing = True
     _save(trainer, 'checkpoint_latest.pth', 0)

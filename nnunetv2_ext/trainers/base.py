@@ -6,6 +6,7 @@ the newest readable checkpoint; :class:`nnUNetTrainerExtBase` adds the light dec
 from __future__ import annotations
 
 import os
+import shutil
 import zipfile
 
 import numpy as np
@@ -57,6 +58,8 @@ class CrashSafeCheckpoints:
     * :meth:`save_checkpoint` lets nnU-Net write its usual checkpoint (same content) to a hidden
       ``.<name>.partial`` file in the same folder, flushes it to disk, then renames it over ``<name>``
       (``os.replace``, atomic): a crash or ``kill -9`` at any moment leaves the previous checkpoint whole.
+      A write that fails (a full disk) removes the partial file and raises a ``RuntimeError`` naming the
+      checkpoint, the free space and the way on.
     * :meth:`load_checkpoint`: if the requested checkpoint (one of :data:`CHECKPOINT_NAMES`) cannot be read,
       e.g. torn by a crash under an older version, it loads the newest (modification time) of the others
       that can, printing which and why; a ``RuntimeError`` naming every file and its problem if none can.
@@ -68,8 +71,17 @@ class CrashSafeCheckpoints:
         partial = partial_checkpoint_path(filename)
         if os.path.lexists(partial):
             os.remove(partial)  # an interrupted save's leftover, or a link: never written through
-        super().save_checkpoint(partial)
-        fsync_path(partial)
+        try:
+            super().save_checkpoint(partial)
+            fsync_path(partial)
+        except Exception as e:  # e.g. a full disk: torch says "unexpected pos 53248 vs 53136"
+            if os.path.lexists(partial):
+                os.remove(partial)  # the torn file would only take the space a retry needs
+            folder = os.path.dirname(os.path.abspath(partial))
+            raise RuntimeError(
+                f"cannot write the checkpoint {filename} ({type(e).__name__}: {e}); "
+                f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {folder}. The previous checkpoint is "
+                f"intact: free space (or fix the folder's permissions), then resume with --c.") from e
         os.replace(partial, filename)
         if os.name == 'posix':
             fsync_path(os.path.dirname(partial))  # make the rename itself durable
