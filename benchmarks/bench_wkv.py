@@ -553,17 +553,18 @@ def run_targets(args) -> None:
         res = _spawn(sub, backend, T, ["fwd_bwd"], rss_allocator=False)
         if "error" in res:
             raise SystemExit(f"{backend} T={T} failed: {res['error']}")
-        return res["fwd_bwd_s"], res["fwd_bwd_min_s"]
+        return res["fwd_bwd_s"], res["fwd_bwd_min_s"], res["fwd_bwd_runs"]
 
     def both(t):
-        return f"{_fmt_s(t[0])} (fastest {_fmt_s(t[1])})"
+        return f"{_fmt_s(t[0])} (fastest {_fmt_s(t[1])}, {t[2]} runs)"
 
     def ratios(slow, fast, digits, goal):
         return (f"{slow[0] / fast[0]:.{digits}f}x (target >= {goal}x; "
                 f"by the fastest runs {slow[1] / fast[1]:.{digits}f}x)")
 
     print(f"machine load average before: {os.getloadavg()}", flush=True)
-    print(f"fwd+bwd times: median of {args.repeat} runs after one warm-up run", flush=True)
+    print(f"fwd+bwd times: median of up to {args.repeat} runs (fewer where one run exceeds "
+          f"--max-seconds / {args.repeat}) after one warm-up run", flush=True)
     threads = args.threads or torch.get_num_threads()
     kern = point("kernel", 2, 32768, 64, threads)
     lcse = point("lcse", 2, 32768, 64, threads)

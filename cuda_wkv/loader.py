@@ -49,6 +49,7 @@ a separate build).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import json
@@ -291,14 +292,15 @@ def _private_root(root: Path, origin: str) -> Path:
     """``root`` created (0700) and checked; :class:`_Fallback` if others could change it."""
     _make_private_dir(root)
     real = Path(os.path.realpath(root))
+    if not real.is_dir():
+        raise NotADirectoryError(f"kernel cache {root} ({origin}) is not a folder: remove the file, "
+                                 "or set TORCH_EXTENSIONS_DIR to a folder")
     problem = next(filter(None, (_unsafe(p, must_own=False) for p in reversed(real.parents))),
                    None) or _unsafe(real, must_own=True)
     if problem:
         raise _Fallback(f"refusing the kernel cache {root} ({origin}): {problem}. A "
                         "library planted there would run in this process; set "
                         "TORCH_EXTENSIONS_DIR to a folder only you can write")
-    if not real.is_dir():
-        raise NotADirectoryError(f"kernel cache {root} ({origin}) is not a folder")
     if not os.access(real, os.W_OK | os.X_OK):
         raise PermissionError(f"kernel cache {root} ({origin}) is not writable")
     return real
@@ -367,7 +369,7 @@ def _verified_library(folder: Path) -> Tuple[str, Path]:
         info = json.loads(record.read_text())
         module, fname = str(info["module"]), str(info["file"])
         size, digest = int(info["size"]), str(info["sha256"])
-        if module != folder.name:
+        if not re.fullmatch(rf"{re.escape(folder.name)}(_v\d+)?", module):  # torch may add _v1
             raise _Incomplete(f"the record names the module {module!r}, not {folder.name!r}")
     except FileNotFoundError:
         raise _Incomplete(f"no completion record {_RECORD}") from None
@@ -489,27 +491,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_lock(path: Path) -> Tuple[dict, Optional[float], bool]:
-    """(owner record or {}, seconds since the last heartbeat, whether the lock is a regular
-    file); age None if there is no lock.  A symbolic link is not followed."""
+class _LockView(NamedTuple):
+    info: dict  # the owner record, or {}
+    age: Optional[float]  # seconds since the last heartbeat by the file's clock; None: no lock
+    regular: bool  # a regular file, as every builder writes it
+    identity: Tuple[int, int]  # (inode, mtime in ns): changes with every heartbeat
+
+
+def _read_lock(path: Path) -> _LockView:
+    """What the lock file ``path`` says (a symbolic link is not followed)."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        return {}, None, True
-    age = time.time() - st.st_mtime
-    if not stat.S_ISREG(st.st_mode):
-        return {}, age, False
+        return _LockView({}, None, True, (0, 0))
+    view = _LockView({}, time.time() - st.st_mtime, stat.S_ISREG(st.st_mode), (st.st_ino, st.st_mtime_ns))
+    if not view.regular:
+        return view
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
         info = None
-    return (info if isinstance(info, dict) else {}), age, True
+    return view._replace(info=info if isinstance(info, dict) else {})
 
 
 def _stale_reason(info: dict, age: float, regular: bool = True) -> Optional[str]:
-    """Why a lock with owner ``info`` and heartbeat age ``age`` (negative: in the future) is
-    abandoned, or None.  ``regular``: whether the lock is a regular file, as every builder
-    writes it."""
+    """Why a lock with owner ``info`` and heartbeat age ``age`` is abandoned, or None.
+    ``regular``: whether the lock is a regular file, as every builder writes it.  (A heartbeat
+    that never changes while this process waits is judged in :func:`_acquire_lock`, by this
+    process's own clock, whatever the file's times say.)"""
     if not regular:
         return "it is not a regular file (a symbolic link or a folder), which no build writes"
     pid = info.get("pid")
@@ -518,9 +527,6 @@ def _stale_reason(info: dict, age: float, regular: bool = True) -> Optional[str]
         return f"its owner pid {pid} on this host is not running"
     if age > _LOCK_STALE_S:
         return f"no heartbeat for {age:.0f}s (> {_LOCK_STALE_S:.0f}s)"
-    if age < -_LOCK_STALE_S:
-        return (f"its last heartbeat is {-age:.0f}s in the future (a clock set back, or "
-                "hosts whose clocks differ)")
     return None
 
 
@@ -538,15 +544,17 @@ def _acquire_lock(path: Path, token: str, timeout: float,
     ``timeout`` seconds; then :class:`_Fallback` is raised."""
     start = time.monotonic()
     next_note = 0.0
+    first_seen: Dict[Tuple[int, int], float] = {}  # lock identity -> when this process saw it first
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except FileExistsError:
             pass
         except OSError as exc:
-            raise _Fallback(f"cannot create the build lock {path} ({exc}); make the cache "
-                            "folder writable, or set TORCH_EXTENSIONS_DIR to a folder only "
-                            "you can write") from None
+            fix = ("free space there" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                   else "make the cache folder writable")
+            raise _Fallback(f"cannot create the build lock {path} ({exc}); {fix}, or set "
+                            "TORCH_EXTENSIONS_DIR to a folder only you can write") from None
         else:
             with os.fdopen(fd, "w") as fh:
                 json.dump({"pid": os.getpid(), "host": socket.gethostname(),
@@ -554,11 +562,18 @@ def _acquire_lock(path: Path, token: str, timeout: float,
             return True
         if ready():
             return False
-        info, age, regular = _read_lock(path)
+        view = _read_lock(path)
+        info, age = view.info, view.age
         if age is None:
             continue
-        reason = _stale_reason(info, age, regular)
+        unchanged = time.monotonic() - first_seen.setdefault(view.identity, time.monotonic())
+        reason = _stale_reason(info, age, view.regular) or (
+            f"its heartbeat has not changed for {unchanged:.0f}s while this process waited "
+            f"(its time stamp says {age:.0f}s ago: the clocks differ)"
+            if unchanged > _LOCK_STALE_S else None)
         if reason:
+            if _read_lock(path).identity != view.identity:
+                continue  # replaced meanwhile (another waiter took over): judge the new one
             log.warning("cuda_wkv: removing stale build lock %s (%s)", path, reason)
             try:
                 if stat.S_ISDIR(os.lstat(path).st_mode):
@@ -602,7 +617,7 @@ def _holding_lock(path: Path, token: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-        if _read_lock(path)[0].get("token") == token:  # not taken over meanwhile
+        if _read_lock(path).info.get("token") == token:  # not taken over meanwhile
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -676,12 +691,13 @@ def _compile(target: _Target, build_dir: Path) -> ModuleType:
                 os.environ[k] = val
 
 
-def _remove_leftovers(base: Path) -> None:
-    """Delete the folders that killed builds (or discards) left in ``base``."""
+def _remove_leftovers(base: Path, name: Optional[str] = None) -> None:
+    """Delete the folders that killed builds (or discards) left in ``base``: of any build once
+    an hour old, or with ``name`` all of that build's (for a caller that knows none is running)."""
     now = time.time()
-    for p in base.glob(".cuda_wkv_*.*-*"):
+    for p in base.glob(f".{name}.*-*" if name else ".cuda_wkv_*.*-*"):
         with contextlib.suppress(OSError):
-            if ".old-" in p.name or now - p.lstat().st_mtime > _LEFTOVER_BUILD_S:
+            if name or ".old-" in p.name or now - p.lstat().st_mtime > _LEFTOVER_BUILD_S:
                 _remove(p)
 
 
@@ -701,7 +717,8 @@ def _load_or_build(kind: str, timeout: float) -> ModuleType:
     while True:
         mod = _load_complete(folder, warned)
         if mod is not None:
-            _remove_leftovers(base)
+            if not os.path.lexists(lock):  # complete and nobody building: what is left is dead
+                _remove_leftovers(base, target.name)
             return mod
         if _acquire_lock(lock, token, timeout, ready):
             break

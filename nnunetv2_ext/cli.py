@@ -13,6 +13,7 @@ environment variables nnUNet_raw, nnUNet_preprocessed and nnUNet_results (the de
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
 
@@ -90,8 +91,12 @@ def write_report(out: str, stem: str, report: dict, table: str, plot_fn, quiet: 
 
 def _own_folder_problem(out: str, stem: str) -> str | None:
     """An error message if ``out`` holds files that are not this report's (the set is replaced as a whole)."""
+    import os
+
     from nnunetv2_ext.publish import foreign_entries
 
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"output path {out} is a file, not a folder; pass -o NEW_FOLDER"
     foreign = foreign_entries(out, stem)
     if not foreign:
         return None
@@ -333,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--spacing', type=POSITIVE_FLOAT, default=3.0, help='isotropic grid spacing in mm')
     p.add_argument('--id', type=int, default=990, help='dataset ID (Dataset<ID>_BrainTemplates)')
     p.add_argument('--seed', type=int, default=0, help='random seed of the deformations')
-    p.add_argument('--raw', default=None, help='nnUNet_raw folder (default: $nnUNet_raw)')
+    p.add_argument('--raw', default=None, help='nnUNet_raw folder (default: $nnUNet_raw); the dataset folder in it '
+                                                'is replaced as a whole')
     p.set_defaults(func=_cmd_anatomy_dataset)
 
     p = sub.add_parser('cohort-dataset', help='write the six-subject real-anatomy cohort (label maps shipped in '
@@ -349,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                         '2.6x as much)')
     p.add_argument('--id', type=int, default=992, help='dataset ID (Dataset<ID>_DKCohort)')
     p.add_argument('--seed', type=int, default=0, help='random seed of the synthetic contrasts')
-    p.add_argument('--raw', default=None, help='nnUNet_raw folder (default: $nnUNet_raw)')
+    p.add_argument('--raw', default=None, help='nnUNet_raw folder (default: $nnUNet_raw); the dataset folder in it '
+                                                'is replaced as a whole')
     p.add_argument('--preprocessed', default=None,
                    help='nnUNet_preprocessed folder for splits_final.json (default: $nnUNet_preprocessed)')
     p.set_defaults(func=_cmd_cohort_dataset)
@@ -367,13 +374,29 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+#: OSErrors of a place we write to, and what to do about them (``main`` prints them as one line).
+_WRITE_PROBLEMS = {
+    errno.ENOSPC: 'The disk is full: free space there, or pass another path.',
+    errno.EDQUOT: 'The disk quota is used up: free space there, or pass another path.',
+    errno.EROFS: 'That file system is read-only: pass another path.',
+    errno.EACCES: 'No permission to write there: pass a path of your own.',
+    errno.EPERM: 'No permission to write there: pass a path of your own.',
+    errno.ENOTDIR: 'A file stands where a folder belongs: move it away, or pass another path.',
+    errno.EISDIR: 'A folder stands where a file belongs: move it away, or pass another path.',
+    errno.EXDEV: 'The output is on another file system than its parent folder: pass a folder inside it.',
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exit_on_sigterm()
     try:
         return args.func(args)
-    except OSError as e:  # a full disk, a read-only or foreign folder, a file where a folder belongs
-        print(f'error: {e}. Check the free space and the permissions there, or pass another path.', file=sys.stderr)
+    except OSError as e:  # where we write: the user's to fix, one line (anything else keeps its traceback)
+        hint = _WRITE_PROBLEMS.get(e.errno)
+        if hint is None:
+            raise
+        print(f'error: {e}. {hint}', file=sys.stderr)
         return 1
 
 

@@ -1,6 +1,7 @@
 """Crash-safe checkpoints of our trainers: same content as nnU-Net's, written atomically, and ``--c`` resumes
 from the newest readable checkpoint when one was torn (nnU-Net's own resume flow, ``maybe_load_checkpoint``)."""
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -87,6 +88,15 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_says_why(trainer, monk
         _save(trainer, 'checkpoint_latest.pth', 2)
     assert open(path, 'rb').read() == before
     assert not os.path.lexists(partial_checkpoint_path(path))
+
+    def unpicklable(self, filename):  # not a write problem: raised as it is, the partial file still removed
+        open(filename, 'wb').close()
+        raise pickle.PicklingError("Can't pickle <function <lambda>>")
+
+    monkeypatch.setattr(nnUNetTrainer, 'save_checkpoint', unpicklable)
+    with pytest.raises(pickle.PicklingError, match="Can't pickle"):
+        _save(trainer, 'checkpoint_latest.pth', 2)
+    assert open(path, 'rb').read() == before and not os.path.lexists(partial_checkpoint_path(path))
 
 
 def test_disabled_checkpointing_writes_nothing(trainer):

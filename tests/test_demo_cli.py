@@ -63,7 +63,8 @@ def test_dataset_rewrite_is_whole_and_a_silent_write_failure_is_caught(tmp_path,
 
     monkeypatch.setattr(sitk, 'WriteImage', lambda image, path: open(path, 'wb').close())
     import pytest
-    with pytest.raises(OSError, match='could not write .*extdemo_tr_000_0000.nii.gz .is the disk full'):
+    with pytest.raises(OSError, match='could not write imagesTr/extdemo_tr_000_0000.nii.gz of .*Dataset987_ExtDemo '
+                                      '.is the disk full'):
         write_dataset(str(tmp_path), num_train=6, num_test=1, shape=(8, 8, 8))
     assert {n: os.path.getsize(os.path.join(root, 'imagesTr', n)) for n in os.listdir(os.path.join(root, 'imagesTr'))} \
         == before and json.load(open(os.path.join(root, 'dataset.json')))['numTraining'] == 5

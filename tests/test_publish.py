@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -214,15 +215,29 @@ def test_a_stopped_step_stops_its_command(tmp_path):
 
     pids = []
 
+    def running(pid: int) -> bool:  # neither gone nor a zombie
+        try:
+            with open(f'/proc/{pid}/stat') as f:
+                return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+        except FileNotFoundError:
+            return False
+
+    # the command and a worker of its own (as nnU-Net's augmentation workers), each printing its pid
+    code = ('import os, subprocess, sys, time; '
+            'subprocess.Popen([sys.executable, "-c", "import os, time; print(os.getpid(), flush=True); '
+            'time.sleep(120)"]); time.sleep(1); print(os.getpid(), flush=True); time.sleep(120)')
+
     def on_line(line: str) -> None:
         pids.append(int(line))
-        raise KeyboardInterrupt
+        if len(pids) == 2:
+            raise KeyboardInterrupt
 
-    code = 'import os, time; print(os.getpid(), flush=True); time.sleep(120)'
     with pytest.raises(KeyboardInterrupt):
         run_step([sys.executable, '-c', code], dict(os.environ), str(tmp_path / 'step.log'), on_line=on_line)
-    with pytest.raises(ProcessLookupError):  # terminated and reaped
-        os.kill(pids[0], 0)
+    deadline = time.monotonic() + 10
+    while any(map(running, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(running, pids)), pids
 
 
 def test_cli_turns_an_os_error_into_one_line(monkeypatch, capsys):
@@ -235,4 +250,19 @@ def test_cli_turns_an_os_error_into_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, '_cmd_demo', full_disk)
     assert cli.main(['demo']) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: [Errno 28] No space left on device: '/data/out/compare.md'") and 'free space' in err
+    assert err.startswith("error: [Errno 28] No space left on device: '/data/out/compare.md'. The disk is full")
+
+    def missing_command(args):  # not a problem of where we write: keeps its traceback
+        raise FileNotFoundError(2, 'No such file or directory', 'nnUNetv2_plan_and_preprocess')
+
+    monkeypatch.setattr(cli, '_cmd_demo', missing_command)
+    with pytest.raises(FileNotFoundError):
+        cli.main(['demo'])
+
+
+def test_report_output_that_is_a_file_is_refused_before_measuring(tmp_path):
+    from nnunetv2_ext.cli import _own_folder_problem
+
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('mine')
+    assert _own_folder_problem(str(notes), 'benchmark') == f'output path {notes} is a file, not a folder; pass -o NEW_FOLDER'

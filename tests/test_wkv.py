@@ -843,22 +843,24 @@ def test_bench_wkv_targets_report_medians_fastest_runs_and_both_ratios(monkeypat
     def fake_spawn(args, backend, T, modes, rss_allocator=True):
         calls.append((backend, args.B, T, args.C, args.threads, modes, rss_allocator))
         med, fastest = times[(backend, args.B, args.threads)]
-        return {"fwd_bwd_s": med, "fwd_bwd_min_s": fastest}
+        return {"fwd_bwd_s": med, "fwd_bwd_min_s": fastest, "fwd_bwd_runs": 3 if backend == "lcse" else 5}
 
     monkeypatch.setattr(bench, "_spawn", fake_spawn)
-    bench.run_targets(argparse.Namespace(threads=2, repeat=5))
+    bench.run_targets(argparse.Namespace(threads=2, repeat=5, max_seconds=30.0))
     out = capsys.readouterr().out
     assert calls == [("kernel", 2, 32768, 64, 2, ["fwd_bwd"], False), ("lcse", 2, 32768, 64, 2, ["fwd_bwd"], False),
                      ("kernel", 1, 262144, 8, 1, ["fwd_bwd"], False), ("kernel", 1, 262144, 8, 2, ["fwd_bwd"], False)]
-    assert "median of 5 runs" in out
-    assert ("kernel 30.0 ms (fastest 25.0 ms), plain logcumsumexp 1200.0 ms (fastest 900.0 ms): 40.0x (target >= 30x; "
+    assert "median of up to 5 runs" in out
+    assert ("kernel 30.0 ms (fastest 25.0 ms, 5 runs), plain logcumsumexp 1200.0 ms (fastest 900.0 ms, 3 runs): "
+            "40.0x (target >= 30x; "
             "by the fastest runs 36.0x)") in out
-    assert ("1 thread 48.0 ms (fastest 46.0 ms), 2 threads 32.0 ms (fastest 23.0 ms): 1.50x (target >= 1.6x; "
+    assert ("1 thread 48.0 ms (fastest 46.0 ms, 5 runs), 2 threads 32.0 ms (fastest 23.0 ms, 5 runs): 1.50x "
+            "(target >= 1.6x; "
             "by the fastest runs 2.00x)") in out
 
     monkeypatch.setattr(bench, "_spawn", lambda *a, **k: {"error": "kernel unavailable: fell back to torch"})
     with pytest.raises(SystemExit, match="kernel T=32768 failed: kernel unavailable"):
-        bench.run_targets(argparse.Namespace(threads=2, repeat=5))
+        bench.run_targets(argparse.Namespace(threads=2, repeat=5, max_seconds=30.0))
 
 
 def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -187,17 +188,18 @@ def test_published_build_is_complete_and_private(good_library):
 
 
 def test_complete_build_is_loaded_without_compiling(tmp_path, monkeypatch, good_library):
-    """... and the private folder a killed build left (an hour old) goes, a recent one stays."""
+    """... and, with no lock (nobody building it), the private folders killed builds of it left go;
+    another build's recent folder stays (it may be compiling)."""
     root, folder = _private_folder(tmp_path, monkeypatch, good_library)
     _install(folder, good_library)
-    old, recent = (folder.with_name(f".{folder.name}.build-{n}") for n in ("killed", "running"))
-    old.mkdir()
-    recent.mkdir()
-    os.utime(old, (0, 0))
+    killed = folder.with_name(f".{folder.name}.build-killed")
+    other = folder.with_name(".cuda_wkv_cuda_0123456789ab.build-running")
+    killed.mkdir()
+    other.mkdir()
     result, err = _run_bi_wkv(good_library, TORCH_EXTENSIONS_DIR=str(root))
     assert result["backend"] == "cpu" and result["compiled"] == 0, (result, err)
     assert "not loading" not in err
-    assert not old.exists() and recent.exists()
+    assert not killed.exists() and other.exists()
 
 
 def test_record_is_private_whatever_the_umask(tmp_path, good_library):
@@ -411,11 +413,23 @@ def test_lock_staleness_rules(dead_pid):
     assert "heartbeat" in loader._stale_reason({"pid": os.getpid(), "host": host}, 61)
     assert loader._stale_reason({}, 5) is None  # being written
     assert "heartbeat" in loader._stale_reason({}, 61)  # unreadable and abandoned
-    # a heartbeat an hour in the future (a clock set back): no live builder keeps it there;
-    # a few seconds ahead is another host's clock and stays valid
-    assert "in the future" in loader._stale_reason({"pid": 4242, "host": "elsewhere"}, -3600)
-    assert loader._stale_reason({"pid": 4242, "host": "elsewhere"}, -5) is None
+    assert loader._stale_reason({"pid": 4242, "host": "elsewhere"}, -3600) is None  # judged by watching
     assert "not a regular file" in loader._stale_reason({}, 5, regular=False)
+
+
+def test_a_heartbeat_that_never_changes_is_stale_whatever_its_time_stamp(tmp_path, monkeypatch, caplog):
+    """A lock stamped an hour in the future (a clock set back, or another host's clock): its age by the file's
+    time says nothing, so a waiter takes it as abandoned once it has seen it unchanged for the stale time
+    (it waited the whole lock timeout, then used the PyTorch path)."""
+    monkeypatch.setattr(loader, "_LOCK_STALE_S", 1.0)
+    lock = tmp_path / "x.lock"
+    lock.write_text(json.dumps({"pid": 4242, "host": "node-17.cluster", "time": 0}))
+    future = time.time() + 3600
+    os.utime(lock, (future, future))
+    with caplog.at_level("WARNING", logger="cuda_wkv"):
+        assert loader._acquire_lock(lock, "mine", 30.0, lambda: False) is True
+    assert "has not changed for" in caplog.text and "the clocks differ" in caplog.text
+    assert json.loads(lock.read_text())["token"] == "mine"
 
 
 @pytest.mark.parametrize("kind", ["dangling-link", "folder"])
@@ -428,7 +442,7 @@ def test_lock_that_is_not_a_file_is_removed(tmp_path, monkeypatch, good_library,
         lock.mkdir()
     else:
         lock.symlink_to(tmp_path / "nowhere")
-    result, err = _run_bi_wkv(good_library, timeout=60, TORCH_EXTENSIONS_DIR=str(root),
+    result, err = _run_bi_wkv(good_library, timeout=120, TORCH_EXTENSIONS_DIR=str(root),
                               CUDA_WKV_LOCK_TIMEOUT="5")
     assert result["backend"] == "cpu" and result["compiled"] == 1, (result, err)
     assert f"removing stale build lock {lock}" in err and "not a regular file" in err, err

@@ -60,7 +60,8 @@ def write_dataset(raw_dir: str, dataset_id: int = 987, name: str = 'ExtDemo', nu
         except RuntimeError:
             same = False
         if not same:
-            raise OSError(f'could not write {path} (is the disk full?)')
+            raise OSError(f'could not write {os.path.relpath(path, os.path.dirname(os.path.dirname(path)))} of '
+                          f'{root} (is the disk full?); the previous dataset, if any, is unchanged')
 
     def fill(staging: str) -> None:
         rng = np.random.default_rng(seed)

@@ -1,10 +1,12 @@
 """Driving nnU-Net's real command-line tools in subprocesses (used by the demo and the e2e tests)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -36,6 +38,12 @@ def _pump(stream, lines: queue.Queue) -> None:
     lines.put(None)
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to ``proc``'s process group (the command and its workers)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
 def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[str], None] | None = None,
              on_quiet: Callable[[float], None] | None = None, quiet_s: float = 20.0,
              pass_fds: Sequence[int] = ()) -> float:
@@ -51,8 +59,10 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
     tail: list[str] = []
     lines: queue.Queue = queue.Queue()
     with open(log_path, 'w', buffering=1) as log:
+        # a session of its own: stopping the step stops the command's workers too (nnU-Net's augmentation and
+        # export processes), not only the command
         proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds))
+                                stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds), start_new_session=True)
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         try:
@@ -72,12 +82,12 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
                     on_line(line.rstrip())
             code = proc.wait()
         finally:
-            if proc.poll() is None:  # stopped while the command runs: stop it too
-                proc.terminate()
+            if proc.poll() is None:  # stopped while the command runs: stop it and its workers too
+                _signal_group(proc, signal.SIGTERM)
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    _signal_group(proc, signal.SIGKILL)
                     proc.wait()
     if code != 0:
         raise StepFailed(f"`{' '.join(cmd)}` exited with {code}. Full log: {log_path}\n--- last lines ---\n"

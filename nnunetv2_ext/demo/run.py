@@ -16,7 +16,7 @@ import time
 from nnunetv2_ext.demo.dataset import write_dataset
 from nnunetv2_ext.demo.pipeline import (StepFailed, foreground_dice, nnunet_command, nnunet_env, run_step,
                                         write_small_plans)
-from nnunetv2_ext.publish import publish_files, write_atomically
+from nnunetv2_ext.publish import write_atomically
 
 DATASET_ID = 987
 DATASET_NAME = f'Dataset{DATASET_ID}_ExtDemo'
@@ -127,8 +127,8 @@ def run_demo(work_dir: str | None = None, epochs: int = 4, iterations: int = 25,
     note = (f'\nDataset {DATASET_NAME}: {num_train} synthetic training cases, 4 test cases; fold 0; '
             f'{epochs} epochs x {iterations} iterations each on {device}; identical plans ({plans_name}).\n'
             f'A few iterations cannot rank architectures: this shows the pipeline, not a benchmark.\n')
-    publish_files(work_dir, {'demo_results.md': lambda path: write_atomically(path, table + note),
-                             'demo_results.json': lambda path: write_atomically(path, json.dumps(rows, indent=2))})
     print('\n' + table + note)
+    write_atomically(os.path.join(work_dir, 'demo_results.md'), table + note)
+    write_atomically(os.path.join(work_dir, 'demo_results.json'), json.dumps(rows, indent=2))
     print(f'total {time.perf_counter() - start:.0f} s; everything is kept in {work_dir}')
     return 0

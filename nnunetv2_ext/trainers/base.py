@@ -5,6 +5,7 @@ the newest readable checkpoint; :class:`nnUNetTrainerExtBase` adds the light dec
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import zipfile
@@ -74,14 +75,20 @@ class CrashSafeCheckpoints:
         try:
             super().save_checkpoint(partial)
             fsync_path(partial)
-        except Exception as e:  # e.g. a full disk: torch says "unexpected pos 53248 vs 53136"
-            if os.path.lexists(partial):
-                os.remove(partial)  # the torn file would only take the space a retry needs
+        except BaseException as e:
+            with contextlib.suppress(OSError):  # the torn file would only take the space a retry needs
+                os.remove(partial)
+            if not isinstance(e, (OSError, RuntimeError)):  # not a write problem (or a stop): as it is
+                raise
             folder = os.path.dirname(os.path.abspath(partial))
+            try:
+                free = f'{shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {folder}'
+            except OSError:
+                free = f'free space in {folder} unknown'
+            # e.g. a full disk, where torch says only "unexpected pos 53248 vs 53136"
             raise RuntimeError(
-                f"cannot write the checkpoint {filename} ({type(e).__name__}: {e}); "
-                f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free in {folder}. The previous checkpoint is "
-                f"intact: free space (or fix the folder's permissions), then resume with --c.") from e
+                f"cannot write the checkpoint {filename} ({type(e).__name__}: {e}); {free}. The previous "
+                f"checkpoint is intact: free space (or fix the folder's permissions), then resume with --c.") from e
         os.replace(partial, filename)
         if os.name == 'posix':
             fsync_path(os.path.dirname(partial))  # make the rename itself durable
