@@ -265,7 +265,8 @@ def _unsafe(path: Path, must_own: bool) -> Optional[str]:
     st = os.lstat(path) if must_own else os.stat(path)
     if stat.S_ISLNK(st.st_mode):
         return (f"{path} is a symbolic link; the cache's own folders and files must be "
-                "real (fix: delete it)")
+                "real (fix: delete it; to keep the cache elsewhere, set TORCH_EXTENSIONS_DIR "
+                "to that folder)")
     if must_own and st.st_uid != os.geteuid():
         return (f"{path} belongs to uid {st.st_uid}, not to the current user "
                 f"(uid {os.geteuid()})")
