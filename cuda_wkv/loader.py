@@ -420,13 +420,17 @@ def _load_complete(folder: Path, warned: set) -> Optional[ModuleType]:
         return None
 
 
-def _remove(path: Path) -> None:
-    """Delete a folder tree or a file, as far as possible."""
-    with contextlib.suppress(OSError):
+def _remove(path: Path, strict: bool = False) -> None:
+    """Delete a folder tree or a file (a symbolic link itself, never its target), as far as
+    possible; ``strict``: raise the OSError (FileNotFoundError included) instead."""
+    try:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=not strict)
         else:
             path.unlink()
+    except OSError:
+        if strict:
+            raise
 
 
 def _discard(folder: Path) -> None:
@@ -577,10 +581,7 @@ def _acquire_lock(path: Path, token: str, timeout: float,
                 continue  # replaced meanwhile (another waiter took over): judge the new one
             log.warning("cuda_wkv: removing stale build lock %s (%s)", path, reason)
             try:
-                if stat.S_ISDIR(os.lstat(path).st_mode):
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+                _remove(path, strict=True)
             except FileNotFoundError:
                 pass
             except OSError as exc:
