@@ -40,9 +40,9 @@ Other modes:
   kernel, with the automatic chunk length.
 * ``--call-cost``: what one call costs at B=1, T=1, C=8 (the op's fixed costs: the
   extension alone, ``bi_wkv`` from eager code, the custom op ``torch.compile`` traces).
-* ``--profile`` (with the sweep): one more call per point under the PyTorch profiler; the
-  markdown tabulates where its time went (CUDA: each kernel's device time and the bandwidth
-  on device time; CPU: operators' self time, the op's kernel calls named
+* ``--profile`` (with the sweep): more calls per point under the PyTorch profiler
+  (``PROFILE_CALLS``: 5 on CUDA, 1 on the CPU); the markdown tabulates where a call's time went,
+  their mean (CUDA: each kernel's device time and the bandwidth on device time; CPU: operators' self time, the op's kernel calls named
   ``cuda_wkv::forward_kernel`` / ``backward_kernel``).
 
     python benchmarks/bench_wkv.py                 # full CPU sweep (~10-20 min on 2 cores)
@@ -71,6 +71,8 @@ sys.path.insert(0, str(REPO))
 from nnunetv2_ext.publish import write_atomically  # noqa: E402  (this checkout's)
 
 DEFAULT_T = [256 * 2 ** i for i in range(11)]  # 256 ... 262144
+PROFILE_CALLS = {False: 1, True: 5}
+BACK_TO_BACK_CALLS = 20  # CUDA: calls per batch of the back-to-back time (median of 3 batches)  # calls profiled per point (--profile), by "on CUDA"
 
 
 def _rss_bytes() -> int:
@@ -237,9 +239,20 @@ def run_point(backend: str, T: int, B: int, C: int, device: str, dtype: str, rep
         out[f"{mode}_min_s"] = min(times)
         out[f"{mode}_runs"] = len(times)
         out[f"{mode}_peak_bytes"] = int(peak)
+        if dev.type == "cuda" and backend == "kernel":  # throughput: calls issued back to back, as in training
+            n = max(1, min(BACK_TO_BACK_CALLS, int(max_seconds / 3 / max(out[f"{mode}_s"], 1e-6))))
+            batches = []
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    f()  # its result dropped at once: the allocator reuses the memory
+                sync()
+                batches.append((time.perf_counter() - t0) / n)
+            out[f"{mode}_b2b_s"] = statistics.median(batches)
         if profile:  # where one call's time goes: kernels on CUDA, operators on CPU
             from nnunetv2_ext.benchmark import top_ops
-            out[f"{mode}_ops"] = top_ops(f, dev)
+            out[f"{mode}_ops"] = top_ops(f, dev, calls=PROFILE_CALLS[dev.type == "cuda"])
     return out
 
 
@@ -316,14 +329,20 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
         peak = meta.get("peak_gbps")
         lines += ["", "Kernel bandwidth: effective GB/s = minimal bytes (every input read once, "
                   "every output written once: 5 (B, T, C) tensors forward, 13 forward+backward) "
-                  f"/ time; peak {peak or 'unknown (pass --peak-gbps)'} GB/s.", "",
-                  "| T | fwd GB/s | fwd % of peak | fwd+bwd GB/s | fwd+bwd % of peak |",
-                  "|---:|---:|---:|---:|---:|"]
+                  f"/ time; peak {peak or 'unknown (pass --peak-gbps)'} GB/s.  *One call*: the "
+                  "median time above, each call waited for (its host-side cost included); *back to "
+                  f"back*: {BACK_TO_BACK_CALLS} calls issued without waiting, one wait at the end, "
+                  "time per call (median of 3 batches): the device's time once the host runs ahead, "
+                  "as in a training step (the host's, if that is longer).", "",
+                  "| T | fwd GB/s | fwd % of peak | fwd+bwd GB/s | fwd+bwd % of peak | "
+                  "back to back: fwd GB/s | fwd % of peak | fwd+bwd GB/s | fwd+bwd % of peak |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for T in Ts:
             kr = by.get(("kernel", T), {})
             cells = []
-            for mode in ("fwd", "fwd_bwd"):
-                sec = kr.get(f"{mode}_s")
+            for key in ("fwd_s", "fwd_bwd_s", "fwd_b2b_s", "fwd_bwd_b2b_s"):
+                sec = kr.get(key)
+                mode = "fwd_bwd" if key.startswith("fwd_bwd") else "fwd"
                 gbps = (min_bytes(meta["B"], T, meta["C"], meta["itemsize"], mode) / sec / 1e9
                         if sec else None)
                 cells.append(f"{gbps:.0f}" if gbps else "—")
@@ -332,7 +351,8 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
     profiled = [r for r in rows if "error" not in r and any(k.endswith("_ops") for k in r)]
     if profiled:
         from nnunetv2_ext.benchmark import top_ops_table, top_ops_unit
-        lines += ["", f"Profile of one call per point ({top_ops_unit(meta['device'] == 'cuda')}; "
+        calls = PROFILE_CALLS[meta["device"] == "cuda"]
+        lines += ["", f"Profile of a call per point, mean of {calls} ({top_ops_unit(meta['device'] == 'cuda')}; "
                   "`(total)` is their sum, to "
                   "compare with the wall time above: the difference is host-side overhead "
                   "and idle device time).", ""]
@@ -719,7 +739,7 @@ def main(argv=None) -> int:
                    help="--work-items: threads of the chunk kernels an SM keeps resident (default: "
                         "this GPU's, else 512, sm_90 in float32)")
     p.add_argument("--profile", action="store_true",
-                   help="also profile one call per point and tabulate where its time goes "
+                   help="also profile calls per point (5 on CUDA, 1 on the CPU) and tabulate where its time goes "
                         "(CUDA: each kernel's device time, so host overhead shows as the gap "
                         "to the wall time; CPU: operators' self time)")
     p.add_argument("--call-cost", action="store_true",

@@ -12,15 +12,17 @@
 # whole run stays within --budget seconds (default 480 = 8 minutes) and each step within its own
 # limit (--step-timeout caps them all). --steps runs only some of the steps, comma-separated, in
 # their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_ncu,wkv_chunks,
-# wkv_depths (all but the last three by default; networks needs plans). wkv_ncu profiles one forward +
+# wkv_depths,wkv_glsp (all but the last four by default; networks needs plans). wkv_ncu profiles one forward +
 # backward of the kernel at GLSP's largest sequence on default 3d_fullres plans (B=2, T=32768, C=128)
 # with Nsight Compute (benchmarks/wkv_ncu.py: DRAM bytes, L2 hit rate, occupancy, cycles per
 # instruction per kernel) for the automatic chunk length and 32; wkv_chunks times the kernel there for
 # the automatic and several forced chunk lengths (CUDA_WKV_CHUNK), to tune the automatic rule (about 2 minutes);
 # wkv_depths times it (T=4096 and 32768, C=128) for the default depth of its loads ahead (phases 1 and 2;
 # phase 3 loads by blocks of checkpoints, whatever the depth) and for
-# CUDA_WKV_ROWS_AHEAD=1 and 4 (two more builds, made beside the self-check's; about 2 minutes). On CUDA the WKV
-# benchmarks and the network benchmark also profile one call / one training step (--profile): each
+# CUDA_WKV_ROWS_AHEAD=1 and 4 (two more builds, made beside the self-check's; about 2 minutes); wkv_glsp times
+# it at each of GLSP's calls on those plans (T = 32768, 4096, 512, 64 at C = 128, 256, 320, 320; under a
+# minute). On CUDA the WKV benchmarks also give the bandwidth of calls issued back to back (as in training)
+# and, like the network benchmark, profile calls / one training step (--profile): each
 # kernel's device time, so the host overhead and the slowest kernels show. Exit status: 0 all
 # steps passed, 1 a step failed or timed out, 2 no GPU or bad arguments.
 #
@@ -38,7 +40,7 @@ set -u
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
-ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_ncu,wkv_chunks,wkv_depths
+ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_ncu,wkv_chunks,wkv_depths,wkv_glsp
 STEPS_WANTED=environment,wkv_selfcheck,tests,bench_wkv,plans,networks
 SMOKE=0
 BUDGET=480
@@ -314,6 +316,23 @@ wkv_depths() {
     done
 }
 
+# wkv_glsp CALLS BENCH_WKV_ARGS...: bench_wkv.py (kernel only) at each of GLSP's calls of the op, CALLS a list of
+# T:C (on default 3d_fullres plans -- 128^3 patch, batch 2, widths min(32 * 2^s, 320) -- its branch runs from
+# stage 2 down: T = 32768, 4096, 512, 64 at C = 128, 256, 320, 320), each into bench_wkv_glsp/T<T>_C<C>/,
+# printing its bandwidth rows (one call, back to back) and its profile lines
+wkv_glsp() {
+    local calls=$1 call T C
+    shift
+    for call in $calls; do
+        T=${call%%:*} C=${call##*:}
+        echo "== T=$T C=$C"
+        "$PY" benchmarks/bench_wkv.py --out-dir "$OUT/bench_wkv_glsp/T${T}_C$C" --T "$T" --C "$C" --backends kernel \
+            "$@" || return 1
+        grep -h -E '^\| [0-9]' "$OUT/bench_wkv_glsp/T${T}_C$C"/wkv_*.md  # time row, then bandwidth row
+        grep -h -E '^kernel fwd(\+bwd)?, T=' "$OUT/bench_wkv_glsp/T${T}_C$C"/wkv_*.md || true  # --profile
+    done
+}
+
 # prebuild_depths: the CUDA kernels that wkv_depths times besides the default (a build each, ~1 min of one
 # core), built beside the self-check's build and waited for before anything is timed, each at most 240 s
 # (the self-check step's limit) so that the wait is bounded; logs/prebuild_depths.log
@@ -331,7 +350,7 @@ prebuild_depths() {
 BUILD_KERNEL='import sys, cuda_wkv.loader as l; sys.exit(l.load_extension("cuda") is None)'
 NCU_CHUNKS="auto 32"  # the chunk lengths wkv_ncu profiles: the automatic one and short chunks
 export PY REPO OUT DEVICE SMOKE BUILD_KERNEL NCU_CHUNKS
-export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks wkv_ncu wkv_depths
+export -f environment write_plans network_benchmark wkv_selfcheck wkv_bench wkv_chunks wkv_ncu wkv_depths wkv_glsp
 TRAINERS=(nnUNetTrainer nnUNetTrainerGLSP nnUNetTrainerPVTGDLA)
 echo "gpu_check.sh: device $DEVICE, budget ${BUDGET}s, output $OUT"
 run_step environment 120 environment
@@ -342,7 +361,8 @@ fi
 run_step wkv_selfcheck 240 wkv_selfcheck
 if [ "$DEVICE" = cuda ]; then
     # the nvcc compile test runs without a GPU too (and the self-check step has built the kernel)
-    run_step tests 180 "$PY" -m pytest -q -rsP -p no:cacheprovider -k "cuda and not compiles and not cuda_host" tests
+    run_step tests 180 "$PY" -m pytest -q -rsP -p no:cacheprovider --continue-on-collection-errors \
+        -k "cuda and not compiles and not cuda_host" tests
     [ -n "$PREBUILD" ] && wait "$PREBUILD"  # no build beside the timed steps
     run_step bench_wkv 150 wkv_bench --device cuda --profile
     run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
@@ -350,6 +370,7 @@ if [ "$DEVICE" = cuda ]; then
     run_step wkv_ncu 120 wkv_ncu --B 2 --C 128 --T 32768
     run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
     run_step wkv_depths 300 wkv_depths --device cuda --B 2 --C 128 --T 4096 32768 --backends kernel --profile
+    run_step wkv_glsp 120 wkv_glsp "32768:128 4096:256 512:320 64:320" --device cuda --B 2 --profile
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
     run_step bench_wkv 150 wkv_bench --device cpu --T 256 --backends scan --modes fwd --repeat 1
@@ -361,6 +382,7 @@ else
     run_step wkv_chunks 120 wkv_chunks --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
     # the CPU kernel ignores the depth: this checks the step's loop and outputs only
     run_step wkv_depths 120 wkv_depths --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
+    run_step wkv_glsp 120 wkv_glsp "256:8 64:4" --device cpu --B 1 --modes fwd --repeat 1
 fi
 
 {
@@ -400,6 +422,13 @@ fi
         echo "## wkv_depths (rows loaded ahead: table rows of each depth; columns as in bench_wkv)"
         echo
         grep -E '^(== CUDA_WKV_ROWS_AHEAD|\| [0-9]|kernel fwd)' "$OUT/logs/wkv_depths.log" |
+            sed 's/^== /    /; s/^|/    |/; s/^kernel/    kernel/'
+        echo
+    fi
+    if [ -f "$OUT/logs/wkv_glsp.log" ]; then
+        echo "## wkv_glsp (GLSP's calls of the op: table rows of each (T, C); columns as in bench_wkv)"
+        echo
+        grep -E '^(== T=|\| [0-9]|kernel fwd)' "$OUT/logs/wkv_glsp.log" |
             sed 's/^== /    /; s/^|/    |/; s/^kernel/    kernel/'
         echo
     fi

@@ -45,7 +45,7 @@ from bench_wkv import min_bytes, wkv_inputs  # noqa: E402  (sibling script; puts
 
 # the CUDA kernels of cuda_wkv/csrc/wkv_cuda.cu, each named <short name>_kernel (the leftmost match names
 # the kernel: group_carry_kernel is group_carry, not carry)
-KERNEL_NAME = r'(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|group_summary|group_carry|carry|reduce)_kernel'
+KERNEL_NAME = r'(fwd_summary|fwd_rescan|bwd_summary|bwd_rescan|group_summary|group_carry|carry|sum_rows)_kernel'
 KERNEL_FILTER = f'regex:{KERNEL_NAME}'
 # ncu's options for the workload: the WKV kernels only (of the workload's process or a child), at the clocks
 # the benchmarks see (no locking), the sections whose metrics the table reads, and the DRAM bytes
@@ -57,7 +57,7 @@ NCU_ARGS = ['--target-processes', 'all', '--clock-control', 'none', '--kernel-na
 # one forward + backward launches these, in this order (a summary kernel unless the sequence is a single
 # block; phase 2 one carry kernel, or three for many chunks: the grouped carries)
 CARRIES = r'(carry|group_summary carry group_carry)'
-LAUNCHES = rf'(fwd_summary )?{CARRIES} fwd_rescan (bwd_summary )?{CARRIES} bwd_rescan reduce'
+LAUNCHES = rf'(fwd_summary )?{CARRIES} fwd_rescan (bwd_summary )?{CARRIES} bwd_rescan sum_rows( sum_rows)?'
 # (B, T, C) tensors the op must move at least, as bench_wkv counts them for its share of the peak
 MINIMAL_PASSES = {'forward': min_bytes(1, 1, 1, 1, 'fwd'),
                   'backward': min_bytes(1, 1, 1, 1, 'fwd_bwd') - min_bytes(1, 1, 1, 1, 'fwd')}

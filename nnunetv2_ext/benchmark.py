@@ -229,25 +229,46 @@ def fake_step_cost(trainer_cls, pm, cm, num_input_channels: int, num_heads: int,
     return cost
 
 
-def top_ops(run: Callable[[], object], device: torch.device, top: int = 8) -> list[dict]:
-    """Where one call of ``run()`` spends its time, from the PyTorch profiler: on CUDA the device-side events
-    (kernels, copies, memsets; self time), on CPU the operators' self CPU time. Returns up to ``top`` rows
-    ``{name, ms, share}`` (largest first, ``share`` of the summed time) and a last row ``'(total)'`` with the
-    summed time in ms and ``share`` 1. Names are cut to 100 characters. Raises RuntimeError if the profiler saw
-    no time at all (e.g. no CUDA activity recorded on a CUDA device)."""
-    from torch.autograd import DeviceType
+def top_ops(run: Callable[[], object], device: torch.device, top: int = 8, calls: int = 1) -> list[dict]:
+    """Where one call of ``run()`` spends its time, from the PyTorch profiler over ``calls`` calls (times per
+    call: their mean): on CUDA the device-side events (kernels, copies, memsets; self time), on CPU the
+    operators' self CPU time. Returns up to ``top`` rows ``{name, ms, share}`` (largest first, ``share`` of the
+    summed time) and a last row ``'(total)'`` with the summed time in ms and ``share`` 1. Names are cut to 100
+    characters. Raises RuntimeError if the profiler saw no time at all (e.g. no CUDA activity recorded on a
+    CUDA device)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == 'cuda'
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(device)
     with profile(activities=activities) as prof:
-        run()
+        for _ in range(calls):
+            run()
         _sync(device)
+    times = {name: ms / calls for name, ms in _self_times(prof.key_averages(), cuda).items()}
+    total = sum(times.values())
+    if total <= 0:
+        raise RuntimeError(f'the profiler recorded no {"CUDA kernel" if cuda else "CPU"} time on {device}')
+    rows = [{'name': n, 'ms': ms, 'share': ms / total}
+            for n, ms in sorted(times.items(), key=lambda kv: -kv[1])[:top]]
+    return rows + [{'name': '(total)', 'ms': total, 'share': 1.0}]
+
+
+def _self_times(events, cuda: bool) -> dict[str, float]:
+    """Self time in ms per event name (cut to 100 characters) of the profiler's averaged ``events``: on CUDA the
+    device-side ones only. A device-side *annotation* is left out: the span of a host range on the device
+    (a ``record_function`` or a custom op such as ``cuda_wkv::backward_kernel``), whose "self" time is that of
+    the kernels it encloses, which are counted themselves (counting both doubled the device time). The profiler
+    marks them ``is_user_annotation``; a device event named like a host operator of the same profile is taken
+    for one too."""
+    from torch.autograd import DeviceType
+
+    host_ops = {evt.key for evt in events if evt.device_type == DeviceType.CPU}
     times: dict[str, float] = {}
-    for evt in prof.key_averages():
+    for evt in events:
         if cuda:
-            if evt.device_type != DeviceType.CUDA:
+            if (evt.device_type != DeviceType.CUDA or getattr(evt, 'is_user_annotation', False)
+                    or evt.key in host_ops):
                 continue
             us = getattr(evt, 'self_device_time_total', None)
             us = evt.self_cuda_time_total if us is None else us
@@ -255,12 +276,7 @@ def top_ops(run: Callable[[], object], device: torch.device, top: int = 8) -> li
             us = evt.self_cpu_time_total
         if us > 0:
             times[evt.key[:100]] = times.get(evt.key[:100], 0.0) + us / 1e3
-    total = sum(times.values())
-    if total <= 0:
-        raise RuntimeError(f'the profiler recorded no {"CUDA kernel" if cuda else "CPU"} time on {device}')
-    rows = [{'name': n, 'ms': ms, 'share': ms / total}
-            for n, ms in sorted(times.items(), key=lambda kv: -kv[1])[:top]]
-    return rows + [{'name': '(total)', 'ms': total, 'share': 1.0}]
+    return times
 
 
 def top_ops_unit(cuda: bool) -> str:

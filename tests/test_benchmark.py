@@ -106,6 +106,36 @@ def test_top_ops_attributes_time_to_the_operations_that_ran():
         top_ops(lambda: None, torch.device('cpu'))
 
 
+def test_top_ops_runs_calls_times_and_gives_the_time_per_call(monkeypatch):
+    import nnunetv2_ext.benchmark as bm
+    ran = []
+    monkeypatch.setattr(bm, '_self_times', lambda events, cuda: {'aten::mm': 6.0, 'aten::add': 2.0})
+    rows = top_ops(lambda: ran.append(1), torch.device('cpu'), calls=4)
+    assert len(ran) == 4
+    assert [(r['name'], r['ms']) for r in rows] == [('aten::mm', 1.5), ('aten::add', 0.5), ('(total)', 2.0)]
+
+
+def test_device_times_leave_out_annotations_of_host_ranges():
+    """A custom op's (or record_function's) span on the device encloses its kernels: counted with them, the
+    device time doubled (the H200 run of 2026-12-04: cuda_wkv::backward_kernel beside its own kernels)."""
+    from types import SimpleNamespace
+    from torch.autograd import DeviceType
+
+    from nnunetv2_ext.benchmark import _self_times
+
+    def evt(key, dev, us, annotation=False):
+        return SimpleNamespace(key=key, device_type=dev, self_device_time_total=us, self_cpu_time_total=us,
+                               is_user_annotation=annotation)
+    events = [evt('cuda_wkv::forward_kernel', DeviceType.CPU, 40.0),
+              evt('cuda_wkv::forward_kernel', DeviceType.CUDA, 300.0),  # named like the host op
+              evt('## step ##', DeviceType.CUDA, 500.0, annotation=True),  # flagged by the profiler
+              evt('void fwd_rescan_kernel<float>', DeviceType.CUDA, 200.0),
+              evt('void fwd_summary_kernel<float>', DeviceType.CUDA, 100.0)]
+    assert _self_times(events, cuda=True) == {'void fwd_rescan_kernel<float>': 0.2,
+                                              'void fwd_summary_kernel<float>': 0.1}
+    assert _self_times(events[:1], cuda=False) == {'cuda_wkv::forward_kernel': 0.04}  # CPU: operators
+
+
 def test_cli_writes_outputs(tiny_plans, tmp_path):
     run = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.cli', 'benchmark', '-d', DATASET, '-tr',
                           'nnUNetTrainerLightDecoder', '--device', 'cpu', '--warmup', '0', '--repeats', '1', '-o',

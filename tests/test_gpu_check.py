@@ -179,6 +179,21 @@ def test_wkv_depths_times_the_default_and_each_forced_depth(tmp_path):
     assert (tmp_path / "out" / "bench_wkv_depths" / "4" / "wkv_cpu.md").is_file()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the machine without a GPU")
+def test_wkv_glsp_times_the_kernel_at_each_call(tmp_path):
+    """The opt-in step runs bench_wkv.py (the real one, the CPU kernel) once per (T, C) of its list, each
+    into a folder of its own, and the summary lists each call's rows."""
+    res = subprocess.run(["bash", str(SCRIPT), "--cpu-smoke", "--steps", "wkv_glsp", "out"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = tmp_path / "out"
+    for T, C in ((256, 8), (64, 4)):
+        md = (out / "bench_wkv_glsp" / f"T{T}_C{C}" / "wkv_cpu.md").read_text()
+        assert f"B=1, C={C})" in md and f"\n| {T} | " in md
+    summary = (out / "summary.md").read_text()
+    assert "## wkv_glsp" in summary and "    T=256 C=8\n    | 256 | " in summary and "    T=64 C=4\n    | 64 | " in summary
+
+
 def test_bench_wkv_cuda_sweep_keeps_the_points_around_a_failed_one(tmp_path, monkeypatch):
     """On CUDA every point runs in-process: one that raises (out of memory, say) becomes an error
     row, the others are measured, and the tables are on disk after each point."""

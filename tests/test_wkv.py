@@ -827,6 +827,29 @@ def test_bench_wkv_profile_names_the_kernel_calls(cpu_kernel, tmp_path):
     assert "kernel fwd+bwd, T=512: wall" in (tmp_path / "wkv_cpu.md").read_text()
 
 
+def test_bench_wkv_cuda_table_gives_one_call_and_back_to_back_bandwidth(tmp_path):
+    """The CUDA markdown (rows faked; no GPU needed): effective bandwidth per T from the one-call median
+    and from calls issued back to back, and the profile's bandwidth on device time, a call's mean."""
+    from bench_scripts import load
+
+    bench = load("bench_wkv")
+    meta = {"device": "cuda", "dtype": "float32", "B": 2, "C": 128, "command": "bench_wkv.py --device cuda",
+            "date": "2026-12-04", "machine": "NVIDIA H200", "torch": "2.11", "threads": 16,
+            "load_average": (0.1, 0.1, 0.1), "repeat": 5, "memory_method": "peak", "itemsize": 4,
+            "peak_gbps": 4800.0}
+    ops = [{"name": "void bwd_rescan_kernel<float>", "ms": 0.2, "share": 2 / 3},
+           {"name": "(total)", "ms": 0.3, "share": 1.0}]
+    row = {"backend": "kernel", "impl": "cuda", "T": 32768, "fwd_s": 0.2e-3, "fwd_bwd_s": 0.6e-3,
+           "fwd_b2b_s": 0.1e-3, "fwd_bwd_b2b_s": 0.3e-3, "fwd_bwd_ops": ops}
+    path = tmp_path / "wkv_cuda.md"
+    bench.write_markdown(path, meta, [row])
+    text = path.read_text()
+    # 13 (B, T, C) float32 tensors of 33.55 MB = 436.2 MB per fwd+bwd, 5 = 167.8 MB per forward
+    assert "| 32768 | 839 | 17.5 % | 727 | 15.1 % | 1678 | 35.0 % | 1454 | 30.3 % |" in text
+    assert "Profile of a call per point, mean of 5" in text
+    assert "kernel fwd+bwd, T=32768: wall 0.6 ms; 1454 GB/s on device time = 30.3 % of peak" in text
+
+
 def test_bench_wkv_targets_report_medians_fastest_runs_and_both_ratios(monkeypatch, capsys):
     """``bench_wkv.py --targets`` (its measured points replaced by fixed (median, fastest) times):
     each time with its fastest run, the ratios by the medians (the targets) and by the fastest

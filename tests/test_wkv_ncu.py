@@ -44,7 +44,7 @@ KERNELS = [
     ('bwd_summary_kernel', _metrics('150', 'usecond', '6', 'Mbyte', '0', 'byte')),
     ('carry_kernel', _metrics('10', 'usecond', '0', 'Mbyte', '0', 'Mbyte')),
     ('bwd_rescan_kernel', _metrics('400', 'usecond', '20', 'Mbyte', '0.004', 'Gbyte')),
-    ('reduce_kernel', _metrics('3', 'usecond', '0', 'byte', '0', 'byte')),
+    ('sum_rows_kernel', _metrics('3', 'usecond', '0', 'byte', '0', 'byte')),
 ]
 
 
@@ -63,7 +63,7 @@ def test_table_converts_units_and_counts_passes_per_part(tmp_path):
     assert [(r[0], r[1], r[2]) for r in rows] == [
         ('| 0', 'fwd_summary', 'forward'), ('| 1', 'carry', 'forward'), ('| 2', 'fwd_rescan', 'forward'),
         ('| 3', 'bwd_summary', 'backward'), ('| 4', 'carry', 'backward'), ('| 5', 'bwd_rescan', 'backward'),
-        ('| 6', 'reduce', 'backward')]
+        ('| 6', 'sum_rows', 'backward')]
     # µs, DRAM read MB, DRAM write MB of the first three kernels: usecond / nsecond / msecond; M/K/byte
     assert [r[3:6] for r in rows[:3]] == [['100', '2', '0.01'], ['5', '0.01', '0.01'], ['200', '7', '6']]
     assert rows[5][3:6] == ['400', '20', '4']  # Gbyte
@@ -108,9 +108,9 @@ def test_table_errors_name_the_problem(tmp_path, capsys, content, message):
 
 
 def test_a_kernel_sequence_other_than_one_forward_and_backward_is_refused(tmp_path):
-    extra = KERNELS + [KERNELS[6]]  # e.g. a PyTorch reduction caught by the filter
+    extra = KERNELS + [KERNELS[6]] * 2  # e.g. a PyTorch kernel caught by the filter
     with pytest.raises(wkv_ncu.NcuTableError, match='are fwd_summary carry fwd_rescan bwd_summary carry bwd_rescan '
-                                                    'reduce reduce, not one forward'):
+                                                    'sum_rows sum_rows sum_rows, not one forward'):
         wkv_ncu.table(str(_csv(tmp_path, extra)), B=1, T=1000, C=250, itemsize=4)
     single_chunk = [k for k in KERNELS if 'summary' not in k[0]]  # T within one chunk: no summary kernels
     assert '| forward | 205 |' in wkv_ncu.table(str(_csv(tmp_path, single_chunk)), B=1, T=1000, C=250, itemsize=4)
@@ -123,13 +123,14 @@ def test_grouped_carries_are_three_kernels_of_their_part(tmp_path):
              'void (anonymous namespace)::carry_kernel<float, 4>(const T1 *, const T1 *, T1 *, Shape)',
              'void (anonymous namespace)::group_carry_kernel<float, 4>(const T1 *, const T1 *, const T1 *, T1 *, Shape)']
     grouped = [KERNELS[0], *((n, KERNELS[1][1]) for n in names), *KERNELS[2:4],
-               *((n.replace(', 4>', ', 11>'), KERNELS[4][1]) for n in names), *KERNELS[5:]]
+               *((n.replace(', 4>', ', 11>'), KERNELS[4][1]) for n in names), *KERNELS[5:],
+               KERNELS[6]]  # gw, gu from many chunks: two sum_rows launches
     text = wkv_ncu.table(str(_csv(tmp_path, grouped)), B=1, T=1000, C=250, itemsize=4)
     rows = [line.split(' | ')[1:3] for line in text.splitlines() if line.startswith('| ') and line[2].isdigit()]
     assert rows == [['fwd_summary', 'forward'], ['group_summary', 'forward'], ['carry', 'forward'],
                     ['group_carry', 'forward'], ['fwd_rescan', 'forward'], ['bwd_summary', 'backward'],
                     ['group_summary', 'backward'], ['carry', 'backward'], ['group_carry', 'backward'],
-                    ['bwd_rescan', 'backward'], ['reduce', 'backward']]
+                    ['bwd_rescan', 'backward'], ['sum_rows', 'backward'], ['sum_rows', 'backward']]
     assert '| forward | 315 | 15.1 | 15.1 | 5 |' in text  # two more carry-sized kernels: 5 µs, 20 KB each
 
 
