@@ -101,6 +101,12 @@ def marker_env(python: str) -> dict[str, str]:
 
 
 ROOT = 'nnunetv2_ext'
+# pip's options for installing this checkout editable without a package index: no isolated build environment
+# (it would download setuptools) and PEP 660's editable hook, never `setup.py develop` -- which older pip runs
+# where `wheel` is installed, and which in recent setuptools calls `pip install -e . --use-pep517` itself,
+# isolated, so it reached for the index (the H200 machine, 2026-12-04: "No matching distribution found for
+# setuptools>=40.8.0", the install stopped before its placeholder modules)
+EDITABLE_OFFLINE = ('--no-build-isolation', '--use-pep517')
 IMPORT_CHECK = ('import cuda_wkv; '
                 'from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as find; '
                 "find('nnUNetTrainerGLSP'); find('nnUNetTrainerPVTGDLA')")  # nnUNetv2_train's own lookup
@@ -315,7 +321,7 @@ def install(src: Path) -> list[str]:
     site = Path(sysconfig.get_paths()['purelib'])
     wheels = [str(src / w['file']) for w in manifest['wheels'].values()]
     for cmd in (_pip('install', '--quiet', '--no-index', '--no-deps', '--no-compile', *wheels),
-                _pip('install', '--quiet', '--no-index', '--no-deps', '--no-build-isolation', '-e', str(REPO))):
+                _pip('install', '--quiet', '--no-index', '--no-deps', *EDITABLE_OFFLINE, '-e', str(REPO))):
         if _run(cmd).returncode != 0:
             raise RuntimeError(f'pip could not install into {site} ({" ".join(cmd[3:6])} ...; its message is above); '
                                f'run this as the user who owns that Python\'s site-packages')

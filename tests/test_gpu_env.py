@@ -156,6 +156,27 @@ def test_install_refuses_wheels_for_another_python(tmp_path, capsys):
     assert f'for Python 2.7, this is Python {this}; fetch again with --python {this}' in capsys.readouterr().err
 
 
+def test_install_builds_this_checkout_offline_through_pep_660(tmp_path, monkeypatch, capsys):
+    """The wheels, then this checkout editable: no index, no isolated build, PEP 517's editable hook (not
+    `setup.py develop`, which recent setuptools turns into an isolated pip run that needs the index)."""
+    (tmp_path / 'manifest.json').write_text(json.dumps({'python': f'{sys.version_info.major}.{sys.version_info.minor}',
+                                                        'mib': 0.1, 'wheels': {'yacs': {'file': 'yacs.whl'}}}))
+    ran = []
+
+    class Done:
+        returncode = 0
+        stderr = ''
+
+    monkeypatch.setattr(gpu_env, '_run', lambda cmd, **kw: ran.append(cmd) or Done())
+    monkeypatch.setattr(gpu_env, 'requirement_closure', lambda python: gpu_env.Closure({}, {}))
+    monkeypatch.setattr(gpu_env, 'write_placeholders', lambda site: [])
+    assert gpu_env.install(tmp_path) == []
+    wheels, editable = ran[0][3:], ran[1][3:]
+    assert wheels[-1] == str(tmp_path / 'yacs.whl') and '--no-index' in wheels
+    assert editable[-2:] == ['-e', str(gpu_env.REPO)]
+    assert {'--no-index', '--no-deps', '--no-build-isolation', '--use-pep517'} <= set(editable)
+
+
 def test_placeholder_imports_and_fails_on_use_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(gpu_env, 'PLACEHOLDERS', {'simpleitk': 'NoSuchImageLibrary_ext'})
     assert gpu_env.write_placeholders(tmp_path) == ['NoSuchImageLibrary_ext']
