@@ -55,8 +55,8 @@ NCU_ARGS = ['--target-processes', 'all', '--clock-control', 'none', '--kernel-na
               for a in ('--section', s)],
             '--metrics', 'dram__bytes_read.sum,dram__bytes_write.sum']
 # one forward + backward launches these, in this order (a summary kernel unless the sequence is a single
-# block; phase 2 one carry kernel, or three for many chunks: the grouped carries)
-CARRIES = r'(carry|group_summary carry group_carry)'
+# block; phase 2 one carry kernel, or two for many chunks: the grouped carries)
+CARRIES = r'(carry|group_summary group_carry)'
 LAUNCHES = rf'(fwd_summary )?{CARRIES} fwd_rescan (bwd_summary )?{CARRIES} bwd_rescan sum_rows( sum_rows)?'
 # (B, T, C) tensors the op must move at least, as bench_wkv counts them for its share of the peak
 MINIMAL_PASSES = {'forward': min_bytes(1, 1, 1, 1, 'fwd'),

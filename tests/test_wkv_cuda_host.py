@@ -113,21 +113,21 @@ def run_host(mod, w, u, k, v, gy, chunk, reversed_order=False):
     ff, bf = mod.wkv_host_state_fields(0), mod.wkv_host_state_fields(1)
     fck, bck = (mod.wkv_host_checkpoints(chunk, bwd) for bwd in (0, 1))
     groups = mod.wkv_host_carry_groups(nch)
-    ng = groups if groups > 1 else 0  # phase 2's group buffers (none for one group)
+    ng = groups if groups > 1 else 0  # phase 2's group summaries (none for one group)
     g = Guarded()
     wa, ua, ka, va, gya = (g(x.shape, dtype, x.numpy()) for x in (w, u, k, v, gy))
     y, m, r = (g((B, T, C), dtype) for _ in range(3))
     i64 = ctypes.c_int64
     err = getattr(mod, f"wkv_host_forward_{sfx}")(
         *map(_ptr, (wa, ua, ka, va, y, m, r, g((B, nch, 2, ff, C), dtype), g((B, nch, 2, ff, C), dtype),
-                    g((B, nch, fck, ff, C), dtype), g((2, B, ng, 2, ff, C), dtype))),
+                    g((B, nch, fck, ff, C), dtype), g((B, ng, 2, ff, C), dtype))),
         i64(B), i64(T), i64(C), i64(chunk), ctypes.c_int(int(reversed_order)))
     assert err == 0, f"forward: CUDA error {err}"
     gk, gv = g((B, T, C), dtype), g((B, T, C), dtype)
     gw, gu = g((C,), dtype), g((C,), dtype)
     err = getattr(mod, f"wkv_host_backward_{sfx}")(
         *map(_ptr, (wa, ua, ka, va, y, m, r, gya, gk, gv, g((B, nch, 2, bf, C), dtype),
-                    g((B, nch, 2, bf, C), dtype), g((B, nch, bck, bf, C), dtype), g((2, B, ng, 2, bf, C), dtype),
+                    g((B, nch, 2, bf, C), dtype), g((B, nch, bck, bf, C), dtype), g((B, ng, 2, bf, C), dtype),
                     g((B, nch, C), np.float64), g((B, nch, C), np.float64),
                     gw, gu)),
         i64(B), i64(T), i64(C), i64(chunk), ctypes.c_int(int(reversed_order)))

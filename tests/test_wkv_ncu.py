@@ -117,21 +117,20 @@ def test_a_kernel_sequence_other_than_one_forward_and_backward_is_refused(tmp_pa
 
 
 def test_grouped_carries_are_three_kernels_of_their_part(tmp_path):
-    """Many chunks: phase 2 is group_summary, carry, group_carry (ncu's names as the CUDA source has them),
+    """Many chunks: phase 2 is group_summary, group_carry (ncu's names as the CUDA source has them),
     counted with the forward's or the backward's traffic."""
     names = ['void (anonymous namespace)::group_summary_kernel<float, 4>(const T1 *, const T1 *, T1 *, Shape)',
-             'void (anonymous namespace)::carry_kernel<float, 4>(const T1 *, const T1 *, T1 *, Shape)',
              'void (anonymous namespace)::group_carry_kernel<float, 4>(const T1 *, const T1 *, const T1 *, T1 *, Shape)']
     grouped = [KERNELS[0], *((n, KERNELS[1][1]) for n in names), *KERNELS[2:4],
                *((n.replace(', 4>', ', 11>'), KERNELS[4][1]) for n in names), *KERNELS[5:],
                KERNELS[6]]  # gw, gu from many chunks: two sum_rows launches
     text = wkv_ncu.table(str(_csv(tmp_path, grouped)), B=1, T=1000, C=250, itemsize=4)
     rows = [line.split(' | ')[1:3] for line in text.splitlines() if line.startswith('| ') and line[2].isdigit()]
-    assert rows == [['fwd_summary', 'forward'], ['group_summary', 'forward'], ['carry', 'forward'],
+    assert rows == [['fwd_summary', 'forward'], ['group_summary', 'forward'],
                     ['group_carry', 'forward'], ['fwd_rescan', 'forward'], ['bwd_summary', 'backward'],
-                    ['group_summary', 'backward'], ['carry', 'backward'], ['group_carry', 'backward'],
+                    ['group_summary', 'backward'], ['group_carry', 'backward'],
                     ['bwd_rescan', 'backward'], ['sum_rows', 'backward'], ['sum_rows', 'backward']]
-    assert '| forward | 315 | 15.1 | 15.1 | 5 |' in text  # two more carry-sized kernels: 5 µs, 20 KB each
+    assert '| forward | 310 | 15.1 | 15.1 | 5 |' in text  # one more carry-sized kernel: 5 µs, 20 KB
 
 
 def test_an_unknown_unit_is_an_error_not_a_wrong_number(tmp_path):

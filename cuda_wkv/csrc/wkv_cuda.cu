@@ -45,7 +45,7 @@ struct Shape {
     return (((b * nch + ch) * 2 + dir) * fields) * C + c;
   }
   // offset of group g's (field 0, c) in direction dir of a (B, ngroups, 2, fields, C) buffer:
-  // at index chunk_at(g), as the carries of chunk summaries (wkv_recurrence.h)
+  // at index chunk_at(g), as the summaries of chunks (wkv_recurrence.h)
   __device__ int64_t group_state(int fields, int64_t b, int64_t g, int dir, int64_t c) const {
     return (((b * ngroups + wkv::chunk_at(g, ngroups, dir)) * 2 + dir) * fields) * C + c;
   }
@@ -147,17 +147,17 @@ __global__ void group_summary_kernel(const F* __restrict__ w, const F* __restric
                                                w[c], gsum + s.group_state(Fields, b, g, dir, c));
 }
 
-// (c): each group's chunk carries from its group carry in gcarry (laid out as gsum).
+// (b) and (c): each group's carry from the group summaries before it in gsum, then its chunk carries.
 template <typename F, int Fields>
 __global__ void group_carry_kernel(const F* __restrict__ w, const F* __restrict__ summ,
-                                   const F* __restrict__ gcarry, F* __restrict__ carry, Shape s) {
+                                   const F* __restrict__ gsum, F* __restrict__ carry, Shape s) {
   int64_t b, g, c;
   int dir;
   if (!group_task(s, b, g, dir, c)) return;
   const int64_t o = s.state(Fields, b, 0, dir, c);
-  wkv::group_carries<F, Fields == kBwdFields>(summ + o, carry + o,
-                                               gcarry + s.group_state(Fields, b, g, dir, c), g,
-                                               s.group, s.nch, 2 * Fields * s.C, s.C, dir, w[c]);
+  const int64_t og = ((b * s.ngroups * 2 + dir) * Fields) * s.C + c;  // (b, group 0, dir, field 0, c)
+  wkv::group_carries<F, Fields == kBwdFields>(summ + o, carry + o, gsum + og, s.ngroups, g, s.group,
+                                               s.nch, 2 * Fields * s.C, s.C, dir, w[c]);
 }
 
 template <typename F>
@@ -283,8 +283,8 @@ unsigned int lane_blocks(const Shape& s) {
 }
 
 // Phase 2: the carries of every chunk from the summaries, in one sequential scan per lane and
-// direction, or grouped (wkv_recurrence.h, "Grouped carries") with `groups` as scratch: two
-// (B, groups, 2, Fields, C) buffers, the group summaries and then the group carries.
+// direction, or grouped (wkv_recurrence.h, "Grouped carries") with `groups` as scratch: a
+// (B, groups, 2, Fields, C) buffer of group summaries.
 template <typename F, int Fields>
 void launch_carries(const F* w, const F* summ, F* carry, F* groups, const Shape& s,
                     cudaStream_t stream) {
@@ -292,15 +292,10 @@ void launch_carries(const F* w, const F* summ, F* carry, F* groups, const Shape&
     launch(carry_kernel<F, Fields>, dim3(lane_blocks(s)), dim3(128), stream, w, summ, carry, s);
     return;
   }
-  F* gsum = groups;
-  F* gcarry = groups + s.B * s.ngroups * 2 * Fields * s.C;
-  Shape over_groups = s;  // (b) scans the group summaries as carry_kernel scans chunk summaries
-  over_groups.nch = s.ngroups;
   const dim3 grid(static_cast<unsigned int>((s.B * s.ngroups * 2 * s.C + 127) / 128));
-  launch(group_summary_kernel<F, Fields>, grid, dim3(128), stream, w, summ, gsum, s);
-  launch(carry_kernel<F, Fields>, dim3(lane_blocks(s)), dim3(128), stream, w, gsum, gcarry,
-         over_groups);
-  launch(group_carry_kernel<F, Fields>, grid, dim3(128), stream, w, summ, gcarry, carry, s);
+  launch(group_summary_kernel<F, Fields>, grid, dim3(128), stream, w, summ, groups, s);
+  launch(group_carry_kernel<F, Fields>, grid, dim3(128), stream, w, summ,
+         static_cast<const F*>(groups), carry, s);
 }
 
 // gw, gu: the fixed-order sums over the `parts` rows (batch, chunk) of gw_part, gu_part.  From
@@ -397,7 +392,7 @@ cudaError_t wkv_cuda_resident_threads(bool dbl, int* per_sm) {
 // Entry points used by wkv_cuda_binding.cpp (plain overloads, no templates across TUs).
 // summ, carry: scratch of 2 * fields * B * ceil(T / len) * C elements (fields: kFwdFields,
 // kBwdFields); ckpt: fields * B * ceil(T / len) * wkv::checkpoints_per_chunk<backward>(len) * C
-// elements; groups: 2 * 2 * fields * B * ceil(ceil(T / len) / G) * C elements with
+// elements; groups: 2 * fields * B * ceil(ceil(T / len) / G) * C elements with
 // G = wkv::carry_group(ceil(T / len)); gw_part, gu_part: B * ceil(T / len) * C doubles.
 #define WKV_CUDA_ENTRY_POINTS(F)                                                          \
   cudaError_t wkv_cuda_forward(const F* w, const F* u, const F* k, const F* v, F* y, F* m, \

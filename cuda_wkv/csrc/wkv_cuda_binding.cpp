@@ -79,11 +79,11 @@ at::Tensor checkpoint_buffer(const at::Tensor& k, int64_t len, int64_t fields) {
                    k.options());
 }
 
-// Scratch of phase 2's grouped carries (wkv_recurrence.h): the group summaries and the group
-// carries, two (B, groups, 2, fields, C) buffers (groups = 1: unused).
+// Scratch of phase 2's grouped carries (wkv_recurrence.h): the group summaries, a
+// (B, groups, 2, fields, C) buffer (groups = 1: unused).
 at::Tensor group_buffer(const at::Tensor& k, int64_t len, int64_t fields) {
   const int64_t groups = wkv::carry_groups((k.size(1) + len - 1) / len);
-  return at::empty({2, k.size(0), groups > 1 ? groups : 0, 2, fields, k.size(2)}, k.options());
+  return at::empty({k.size(0), groups > 1 ? groups : 0, 2, fields, k.size(2)}, k.options());
 }
 
 std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k,

@@ -607,12 +607,17 @@ WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t
 // one thread per (batch, channel, direction) -- at GLSP's T = 32768 about 260 merges on a
 // few SMs, while the rest of the device waits.  With many chunks the CUDA kernel scans in
 // groups of G = ceil(sqrt(n)) consecutive scan indices instead: (a) each group's summaries
-// merged into a group summary, all groups in parallel; (b) one sequential scan over the
-// group summaries (carry_lane: the group carries); (c) each group's chunk carries from its
-// group carry, all groups in parallel: about 3 sqrt(n) dependent merges instead of n, for
-// two more launches.  Exact, in a fixed order (another order of the same merges than the
-// sequential scan: equal up to rounding).  Group g's summary and carry sit at index
-// chunk_at(g, groups, dir) of (B, groups, 2, fields, C) buffers, so that (b) is carry_lane.
+// merged into a group summary, all groups in parallel; (b) each group's carry, the merge of
+// the group summaries before it, and from it (c) the group's chunk carries, all groups in
+// parallel, each thread merging up to 2 G - 1 summaries in a row: about 3 sqrt(n) dependent
+// merges instead of n, for one more launch.  (b) repeats, in every group's thread, the scan
+// over the group summaries before it that a launch of its own would do once for all groups:
+// the same merges in the same order, so the same bits, without that launch's fixed cost (5-6 us
+// of the ~320 us forward + backward at GLSP's largest call on an H200, 2026-12-04).  Exact, in
+// a fixed order (another order of the same merges than the sequential scan: equal up to
+// rounding).  Group g's summary sits at index chunk_at(g, groups, dir) of a (B, groups, 2,
+// fields, C) buffer, so that (b) scans the group summaries as scan_carries scans chunk
+// summaries.
 constexpr int64_t kGroupCarriesFrom = 96;  // chunks; below, two launches cost more than they save
 
 // Group length for nch chunks: nch itself (one group: the sequential scan) below
@@ -641,12 +646,14 @@ WKV_HD void group_summary(const F* summ, int64_t g, int64_t G, int64_t nch, int6
   state_store(s, out, fs);
 }
 
-// (c): the carries of group g's chunks, from its group carry at `from`.
+// (b) and (c): the carries of group g's chunks, from its group carry -- the merge of the
+// summaries of groups [0, g) of gsum, the lane's `groups` group summaries at stride cs.
 template <typename F, bool Bwd>
-WKV_HD void group_carries(const F* summ, F* carry, const F* from, int64_t g, int64_t G, int64_t nch,
-                          int64_t cs, int64_t fs, int dir, F w) {
+WKV_HD void group_carries(const F* summ, F* carry, const F* gsum, int64_t groups, int64_t g, int64_t G,
+                          int64_t nch, int64_t cs, int64_t fs, int dir, F w) {
   StateOf<F, Bwd> s;
-  state_load(s, from, fs);
+  state_empty(s);
+  scan_carries<kAheadOf<F, Bwd>>(gsum, static_cast<F*>(nullptr), 0, g, groups, cs, fs, dir, w, s);
   const int64_t i1 = (g + 1) * G < nch ? (g + 1) * G : nch;
   scan_carries<kAheadOf<F, Bwd>>(summ, carry, g * G, i1, nch, cs, fs, dir, w, s);
 }
