@@ -71,8 +71,8 @@ sys.path.insert(0, str(REPO))
 from nnunetv2_ext.publish import write_atomically  # noqa: E402  (this checkout's)
 
 DEFAULT_T = [256 * 2 ** i for i in range(11)]  # 256 ... 262144
-PROFILE_CALLS = {False: 1, True: 5}
-BACK_TO_BACK_CALLS = 20  # CUDA: calls per batch of the back-to-back time (median of 3 batches)  # calls profiled per point (--profile), by "on CUDA"
+PROFILE_CALLS = {False: 1, True: 5}  # calls profiled per point (--profile), keyed by "on CUDA"
+BACK_TO_BACK_CALLS = 20  # CUDA: at most this many calls per batch of the back-to-back time (median of 3)
 
 
 def _rss_bytes() -> int:
@@ -250,6 +250,7 @@ def run_point(backend: str, T: int, B: int, C: int, device: str, dtype: str, rep
                 sync()
                 batches.append((time.perf_counter() - t0) / n)
             out[f"{mode}_b2b_s"] = statistics.median(batches)
+            out[f"{mode}_b2b_calls"] = n
         if profile:  # where one call's time goes: kernels on CUDA, operators on CPU
             from nnunetv2_ext.benchmark import top_ops
             out[f"{mode}_ops"] = top_ops(f, dev, calls=PROFILE_CALLS[dev.type == "cuda"])
@@ -331,9 +332,9 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
                   "every output written once: 5 (B, T, C) tensors forward, 13 forward+backward) "
                   f"/ time; peak {peak or 'unknown (pass --peak-gbps)'} GB/s.  *One call*: the "
                   "median time above, each call waited for (its host-side cost included); *back to "
-                  f"back*: {BACK_TO_BACK_CALLS} calls issued without waiting, one wait at the end, "
-                  "time per call (median of 3 batches): the device's time once the host runs ahead, "
-                  "as in a training step (the host's, if that is longer).", "",
+                  f"back*: up to {BACK_TO_BACK_CALLS} calls (`*_b2b_calls` in the json) issued without "
+                  "waiting, one wait at the end, time per call (median of 3 batches): the device's time "
+                  "once the host runs ahead, as in a training step (the host's, if that is longer).", "",
                   "| T | fwd GB/s | fwd % of peak | fwd+bwd GB/s | fwd+bwd % of peak | "
                   "back to back: fwd GB/s | fwd % of peak | fwd+bwd GB/s | fwd+bwd % of peak |",
                   "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -352,7 +353,8 @@ def write_markdown(path: Path, meta: dict, rows: list) -> None:
     if profiled:
         from nnunetv2_ext.benchmark import top_ops_table, top_ops_unit
         calls = PROFILE_CALLS[meta["device"] == "cuda"]
-        lines += ["", f"Profile of a call per point, mean of {calls} ({top_ops_unit(meta['device'] == 'cuda')}; "
+        what = "one call per point" if calls == 1 else f"a call per point, mean of {calls}"
+        lines += ["", f"Profile of {what} ({top_ops_unit(meta['device'] == 'cuda')}; "
                   "`(total)` is their sum, to "
                   "compare with the wall time above: the difference is host-side overhead "
                   "and idle device time).", ""]

@@ -257,18 +257,19 @@ def top_ops(run: Callable[[], object], device: torch.device, top: int = 8, calls
 def _self_times(events, cuda: bool) -> dict[str, float]:
     """Self time in ms per event name (cut to 100 characters) of the profiler's averaged ``events``: on CUDA the
     device-side ones only. A device-side *annotation* is left out: the span of a host range on the device
-    (a ``record_function`` or a custom op such as ``cuda_wkv::backward_kernel``), whose "self" time is that of
-    the kernels it encloses, which are counted themselves (counting both doubled the device time). The profiler
-    marks them ``is_user_annotation``; a device event named like a host operator of the same profile is taken
-    for one too."""
+    (a ``record_function`` such as ``cuda_wkv::backward_kernel``), whose "self" time is that of the kernels it
+    encloses, which are counted themselves (counting both doubled the device time). The profiler marks them
+    ``is_user_annotation``; where it does not, a device event named like a host range of the same profile
+    with a ``::`` in its name is taken for one (kernels' names are not host ranges' -- except Triton's, which
+    Inductor's launcher records under the kernel's own name, ``triton_...``, with no ``::``)."""
     from torch.autograd import DeviceType
 
-    host_ops = {evt.key for evt in events if evt.device_type == DeviceType.CPU}
+    host_ranges = {evt.key for evt in events if evt.device_type == DeviceType.CPU and '::' in evt.key}
     times: dict[str, float] = {}
     for evt in events:
         if cuda:
             if (evt.device_type != DeviceType.CUDA or getattr(evt, 'is_user_annotation', False)
-                    or evt.key in host_ops):
+                    or evt.key in host_ranges):
                 continue
             us = getattr(evt, 'self_device_time_total', None)
             us = evt.self_cuda_time_total if us is None else us

@@ -130,9 +130,11 @@ def test_device_times_leave_out_annotations_of_host_ranges():
               evt('cuda_wkv::forward_kernel', DeviceType.CUDA, 300.0),  # named like the host op
               evt('## step ##', DeviceType.CUDA, 500.0, annotation=True),  # flagged by the profiler
               evt('void fwd_rescan_kernel<float>', DeviceType.CUDA, 200.0),
-              evt('void fwd_summary_kernel<float>', DeviceType.CUDA, 100.0)]
+              evt('void fwd_summary_kernel<float>', DeviceType.CUDA, 100.0),
+              evt('triton_poi_fused_add_0', DeviceType.CPU, 5.0),  # Inductor's launcher names its range so
+              evt('triton_poi_fused_add_0', DeviceType.CUDA, 30.0)]  # ... and the kernel is one to count
     assert _self_times(events, cuda=True) == {'void fwd_rescan_kernel<float>': 0.2,
-                                              'void fwd_summary_kernel<float>': 0.1}
+                                              'void fwd_summary_kernel<float>': 0.1, 'triton_poi_fused_add_0': 0.03}
     assert _self_times(events[:1], cuda=False) == {'cuda_wkv::forward_kernel': 0.04}  # CPU: operators
 
 

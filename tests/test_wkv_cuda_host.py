@@ -209,6 +209,26 @@ def test_phase_two_groups_many_chunks(host_kernel):
     assert [groups(n) for n in (96, 100, 263, 1000, 1024)] == [10, 10, 16, 32, 32]
 
 
+@pytest.mark.parametrize("B, T", [(1, 31), (1, 32), (1, 33), (2, 16), (3, 200)], ids=lambda x: str(x))
+def test_gw_gu_sums_below_at_and_above_the_two_launch_threshold(host_kernel, B, T):
+    """gw, gu add B x chunks parts: one launch below 32 parts, from 32 on two (spans of ~sqrt(parts) summed
+    in place, then the spans); chunk length 1 gives B x T parts (31, 32, 33, 32, 600)."""
+    args, gy, y_ref, g_ref = _grad_ref((B, T, 3), seed=T, wT=4.0)
+    got = run_host(host_kernel, *(x.to(torch.float64) for x in (*args, gy)), chunk=1)
+    for name, x, r in zip(["gw", "gu"], got[1:3], g_ref[:2]):
+        assert _rel_err(x, r) <= 1e-10, (name, _rel_err(x, r))
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 5), (0, 7, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_empty_sequences_give_zero_gw_gu(host_kernel, shape):
+    """No (batch, position): gw, gu are sums over nothing, written as zeros (the buffers start as NaN)."""
+    w, u = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    k, v, gy = (torch.zeros(shape, dtype=torch.float64) for _ in range(3))
+    y, gw, gu, gk, gv = run_host(host_kernel, w, u, k, v, gy, chunk=1)
+    assert y.shape == gk.shape == gv.shape == shape
+    assert torch.equal(gw, torch.zeros(5, dtype=torch.float64)) and torch.equal(gu, torch.zeros(5, dtype=torch.float64))
+
+
 @pytest.fixture(scope="module", params=[1, 5], ids=lambda d: f"ahead{d}")
 def host_kernel_other_depth(request, tmp_path_factory):
     """The harness with another depth of loads ahead: 1 = each row and summary loaded one step

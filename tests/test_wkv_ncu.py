@@ -116,7 +116,7 @@ def test_a_kernel_sequence_other_than_one_forward_and_backward_is_refused(tmp_pa
     assert '| forward | 205 |' in wkv_ncu.table(str(_csv(tmp_path, single_chunk)), B=1, T=1000, C=250, itemsize=4)
 
 
-def test_grouped_carries_are_three_kernels_of_their_part(tmp_path):
+def test_grouped_carries_are_two_kernels_of_their_part(tmp_path):
     """Many chunks: phase 2 is group_summary, group_carry (ncu's names as the CUDA source has them),
     counted with the forward's or the backward's traffic."""
     names = ['void (anonymous namespace)::group_summary_kernel<float, 4>(const T1 *, const T1 *, T1 *, Shape)',

@@ -4,7 +4,8 @@
 // Phases 1 and 3 run one thread per (batch, channel, chunk); a block is 32 consecutive
 // channels (one warp, so every load/store of the (B, T, C) channel-contiguous tensors is
 // coalesced) x kRows chunks.  Phase 2 runs one thread per (batch, channel, direction)
-// over the chunk summaries.  Phase 1 also stores checkpoints of the left state every few
+// over the chunk summaries, or with many chunks one per (batch, group, direction, channel)
+// twice (wkv_recurrence.h, "Grouped carries").  Phase 1 also stores checkpoints of the left state every few
 // rows, from which phase 3 rescans each chunk in one pass (wkv_recurrence.h,
 // "Checkpoints").  gw / gu are per-(batch, chunk, channel) partial sums
 // (double) summed by the last kernels in a fixed order: no atomics, bitwise reproducible
@@ -121,9 +122,9 @@ __global__ void WKV_CHUNK_BOUNDS fwd_summary_kernel(FwdArgs<F> a, F* __restrict_
                                             kFwdFields * s.C});
 }
 
-// Phase 2 of the forward (Fields = kFwdFields) or the backward (kBwdFields): one sequential
-// scan per lane and direction over s.nch summaries -- the chunks', or (b) of the grouped
-// carries over the group summaries (s.nch = the groups, see launch_carries).
+// Phase 2 of the forward (Fields = kFwdFields) or the backward (kBwdFields) below
+// kGroupCarriesFrom chunks: one sequential scan per lane and direction over the s.nch chunk
+// summaries.
 template <typename F, int Fields>
 __global__ void carry_kernel(const F* __restrict__ w, const F* __restrict__ summ,
                              F* __restrict__ carry, Shape s) {

@@ -985,7 +985,8 @@ WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, const F* carry, int64_t ds, int
 // balances a sequential phase 2 (one step per chunk) against phases 1 and 3 (three
 // steps per element of a chunk).  With the grouped carries (from kGroupCarriesFrom chunks
 // on) phase 2 takes ~3 sqrt(n) steps, so where the cap binds (few lanes) more chunks may
-// pay; not changed before a GPU measures it.
+// pay; where the slots bind (GLSP's largest call, B = 2, T = 32768, C = 128) the rule's 125
+// measured best against forced 32 ... 2048 on an H200 (docs/wkv.md, 2026-12-04).
 //
 // Both choices are then capped for accuracy at kFloatChunkMax in float32 (capped_chunk: as few
 // chunks as the cap allows, of even length).  A rescan folds its chunk's terms one by one into
