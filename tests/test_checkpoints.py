@@ -143,14 +143,18 @@ def test_corrupted_member_is_detected(trainer):
 
 
 def test_no_readable_checkpoint_is_a_clear_error(trainer):
+    """Raised inside nnU-Net's run_training: a SystemExit, so nnUNetv2_train prints this message alone, exit 1."""
+    from nnunetv2_ext.trainers.base import NoReadableCheckpoint
+
     for name, epoch in (('checkpoint_latest.pth', 1), ('checkpoint_best.pth', 0)):
         with open(_save(trainer, name, epoch), 'r+b') as f:
             f.truncate(10)
     fresh = make_trainer(ours.nnUNetTrainerLightDecoder, make_configuration(**TINY))
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(NoReadableCheckpoint) as err:
         maybe_load_checkpoint(fresh, continue_training=True, validation_only=False)
+    assert isinstance(err.value, SystemExit)
     text = str(err.value)
-    assert 'No readable checkpoint in' in text and 'without --c' in text
+    assert text.startswith('error: no readable checkpoint in') and 'without --c' in text
     assert 'checkpoint_latest.pth: BadZipFile' in text and 'checkpoint_best.pth: BadZipFile' in text
 
 

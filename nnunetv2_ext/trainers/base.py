@@ -31,6 +31,12 @@ def deep_supervision_weights(num_outputs: int) -> np.ndarray:
 CHECKPOINT_NAMES = ('checkpoint_final.pth', 'checkpoint_latest.pth', 'checkpoint_best.pth')
 
 
+class NoReadableCheckpoint(SystemExit):
+    """``--c`` found checkpoints but could read none. A ``SystemExit`` carrying its message, so that
+    ``nnUNetv2_train``, in whose ``run_training`` it is raised, ends with that message alone and exit status 1
+    instead of a traceback through nnU-Net's code; catch it by this name when calling the trainer from Python."""
+
+
 def partial_checkpoint_path(filename: str) -> str:
     """The hidden file in ``filename``'s folder that a checkpoint is written to before it is renamed."""
     folder, name = os.path.split(os.path.abspath(filename))
@@ -107,7 +113,7 @@ class CrashSafeCheckpoints:
     @staticmethod
     def _readable_checkpoint(requested: str) -> tuple[str, str | None]:
         """``(requested, None)`` if it can be read, else the newest readable checkpoint beside it and the
-        requested file's problem; raises ``RuntimeError`` if there is none."""
+        requested file's problem; raises :class:`NoReadableCheckpoint` if there is none."""
         folder, name = os.path.split(os.path.abspath(requested))
         problems = {name: checkpoint_problem(requested)}
         if problems[name] is None:
@@ -118,9 +124,9 @@ class CrashSafeCheckpoints:
             if problems[os.path.basename(candidate)] is None:
                 return candidate, problems[name]
         listing = '; '.join(f'{n}: {p}' for n, p in problems.items())
-        raise RuntimeError(
-            f"No readable checkpoint in {folder} ({listing}). Restore a checkpoint from a backup, or start this "
-            f"fold afresh: move the folder away and run nnUNetv2_train without --c.")
+        raise NoReadableCheckpoint(
+            f"error: no readable checkpoint in {folder} ({listing}). Restore a checkpoint from a backup, or start "
+            f"this fold afresh: move the folder away and run nnUNetv2_train without --c.")
 
 
 class nnUNetTrainerExtBase(CrashSafeCheckpoints, nnUNetTrainer):
