@@ -142,6 +142,34 @@ def test_corrupted_member_is_detected(trainer):
     assert 'fails its CRC check' in checkpoint_problem(path)
 
 
+def test_val_refuses_a_model_standing_in_for_a_torn_final_checkpoint(trainer, monkeypatch):
+    """nnUNetv2_train --val loads checkpoint_final.pth; torn, the newest readable other checkpoint is loaded (as
+    for --c), but validating it would report a non-final model as the final one: refused with the ways on.
+    --val_best (best loaded as requested) and a finished --c (a new final written) validate again."""
+    from nnunetv2_ext.trainers.base import NoReadableCheckpoint
+
+    monkeypatch.setattr(nnUNetTrainer, 'perform_actual_validation', lambda self, save_probabilities=False: 'validated')
+    final = _save(trainer, 'checkpoint_final.pth', 9)
+    best = _save(trainer, 'checkpoint_best.pth', 4)
+    _save(trainer, 'checkpoint_latest.pth', 7)
+    with open(final, 'r+b') as f:
+        f.truncate(100)
+    maybe_load_checkpoint(trainer, continue_training=False, validation_only=True)
+    assert trainer.current_epoch == 8
+    with pytest.raises(NoReadableCheckpoint) as err:
+        trainer.perform_actual_validation()
+    text = str(err.value)
+    assert text.startswith('error: not validating:') and 'checkpoint_final.pth cannot be read (BadZipFile' in text
+    assert 'checkpoint_latest.pth (epoch 8)' in text and '--c' in text and '--val --val_best' in text
+    trainer.load_checkpoint(best)  # what --val_best does next
+    assert trainer.perform_actual_validation() == 'validated'
+    maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)  # --c: continues from latest
+    with pytest.raises(NoReadableCheckpoint):
+        trainer.perform_actual_validation()
+    _save(trainer, 'checkpoint_final.pth', 9)  # the end of that training
+    assert trainer.perform_actual_validation() == 'validated'
+
+
 def test_no_readable_checkpoint_is_a_clear_error(trainer):
     """Raised inside nnU-Net's run_training: a SystemExit, so nnUNetv2_train prints this message alone, exit 1."""
     from nnunetv2_ext.trainers.base import NoReadableCheckpoint

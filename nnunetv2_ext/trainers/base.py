@@ -32,9 +32,10 @@ CHECKPOINT_NAMES = ('checkpoint_final.pth', 'checkpoint_latest.pth', 'checkpoint
 
 
 class NoReadableCheckpoint(SystemExit):
-    """``--c`` found checkpoints but could read none. A ``SystemExit`` carrying its message, so that
-    ``nnUNetv2_train``, in whose ``run_training`` it is raised, ends with that message alone and exit status 1
-    instead of a traceback through nnU-Net's code; catch it by this name when calling the trainer from Python."""
+    """The checkpoint a run needs cannot be read: ``--c`` found checkpoints but could read none, or ``--val``
+    found ``checkpoint_final.pth`` torn. A ``SystemExit`` carrying its message, so that ``nnUNetv2_train``, in
+    whose ``run_training`` it is raised, ends with that message alone and exit status 1 instead of a traceback
+    through nnU-Net's code; catch it by this name when calling the trainer from Python."""
 
 
 def partial_checkpoint_path(filename: str) -> str:
@@ -69,10 +70,20 @@ class CrashSafeCheckpoints:
       checkpoint, the free space and the way on.
     * :meth:`load_checkpoint`: if the requested checkpoint (one of :data:`CHECKPOINT_NAMES`) cannot be read,
       e.g. torn by a crash under an older version, it loads the newest (modification time) of the others
-      that can, printing which and why; a ``RuntimeError`` naming every file and its problem if none can.
+      that can, printing which and why; :class:`NoReadableCheckpoint` naming every file and its problem if
+      none can.
+    * :meth:`perform_actual_validation` refuses to validate while the loaded model stands in for an unreadable
+      ``checkpoint_final.pth`` (``nnUNetv2_train --val``: the results would be reported as the final model's),
+      until training writes a new final checkpoint (``--c``) or another checkpoint is loaded as requested
+      (``--val --val_best``).
     """
 
+    #: why the loaded model is not the requested ``checkpoint_final.pth`` (None: it is, or none was requested)
+    _final_unreadable: str | None = None
+
     def save_checkpoint(self, filename: str) -> None:
+        if os.path.basename(filename) == CHECKPOINT_NAMES[0]:
+            self._final_unreadable = None  # every rank: training has ended with this model
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)  # writes nothing (logs that checkpointing is off)
         partial = partial_checkpoint_path(filename)
@@ -104,11 +115,22 @@ class CrashSafeCheckpoints:
             return super().load_checkpoint(filename_or_checkpoint)  # nnU-Net's own handling and errors
         chosen, problem = self._readable_checkpoint(filename_or_checkpoint)
         super().load_checkpoint(chosen)
+        final = os.path.basename(filename_or_checkpoint) == CHECKPOINT_NAMES[0] and chosen != filename_or_checkpoint
+        self._final_unreadable = (f"{filename_or_checkpoint} cannot be read ({problem}); the model loaded instead "
+                                  f"is {os.path.basename(chosen)} (epoch {self.current_epoch})") if final else None
         if chosen != filename_or_checkpoint:
             self.print_to_log_file(
                 f"WARNING: {filename_or_checkpoint} cannot be read ({problem}); it was probably torn by an "
                 f"interrupted write. Loaded {os.path.basename(chosen)} instead, the newest readable checkpoint "
                 f"(epoch {self.current_epoch}).")
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self._final_unreadable:
+            raise NoReadableCheckpoint(
+                f"error: not validating: {self._final_unreadable}, and its results would be reported as the "
+                f"final model's. Resume the training with --c (it continues from that checkpoint and writes a new "
+                f"checkpoint_final.pth, then validates), or validate the best checkpoint with --val --val_best.")
+        return super().perform_actual_validation(save_probabilities)
 
     @staticmethod
     def _readable_checkpoint(requested: str) -> tuple[str, str | None]:
