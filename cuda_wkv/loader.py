@@ -16,8 +16,9 @@ Cache layout (per user)::
         cuda_wkv_<kind>_<hash>.lock         # held while one process builds it
         .cuda_wkv_<kind>_<hash>.build-*/    # a build in progress (private folder)
 
-``<root>`` is ``TORCH_EXTENSIONS_DIR``, else ``$XDG_CACHE_HOME/torch_extensions`` or
-``~/.cache/torch_extensions``, else (when that cannot be created)
+``<root>`` is ``TORCH_EXTENSIONS_DIR``, else ``$XDG_CACHE_HOME/torch_extensions`` (an absolute
+``XDG_CACHE_HOME``) or ``~/.cache/torch_extensions`` (the password database's home where ``HOME`` is
+unset, empty or relative), else (when that cannot be created)
 ``$TMPDIR/torch_extensions_<uid>``; ``<hash>`` covers the sources, flags, toolchain,
 CUDA archs and (CPU kernel) the host CPU.
 
@@ -307,6 +308,23 @@ def _private_root(root: Path, origin: str) -> Path:
     return real
 
 
+def _user_cache() -> Path:
+    """The user's cache folder: ``$XDG_CACHE_HOME`` if it is an absolute path (the XDG spec: a relative one is
+    ignored, it would follow the current folder), else ``<home>/.cache``, the home being ``$HOME`` if absolute,
+    else the password database's (a batch job with ``HOME`` unset or empty, which ``~`` turns into ``/``)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg)
+    home = os.environ.get("HOME", "")
+    if not os.path.isabs(home):
+        home = os.path.expanduser("~")
+        if os.name == "posix":
+            import pwd
+            with contextlib.suppress(KeyError):
+                home = pwd.getpwuid(os.geteuid()).pw_dir
+    return Path(home) / ".cache"
+
+
 def _cache_base() -> Path:
     """This version's cache folder, created 0700 and checked (see :func:`_unsafe`)."""
     import torch
@@ -316,10 +334,8 @@ def _cache_base() -> Path:
     if env:
         root = _private_root(Path(env), "TORCH_EXTENSIONS_DIR")
     else:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-            os.path.expanduser("~"), ".cache")
         try:
-            root = _private_root(Path(cache) / "torch_extensions", "the default")
+            root = _private_root(_user_cache() / "torch_extensions", "the default")
         except OSError as exc:  # e.g. a read-only home: use a private folder in TMPDIR
             fallback = Path(tempfile.gettempdir()) / f"torch_extensions_{os.geteuid()}"
             log.info("cuda_wkv: %s; using %s", exc, fallback)

@@ -540,3 +540,26 @@ def test_planted_tmp_fallback_is_never_loaded(tmp_path, monkeypatch, good_librar
     warning = _assert_refused(good_library, planted_root, TMPDIR=str(tmp),
                               XDG_CACHE_HOME=str(not_a_dir / "cache"), TORCH_EXTENSIONS_DIR="")
     assert problem in warning and not marker.exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="the password database's home")
+def test_user_cache_ignores_relative_xdg_and_an_empty_home(monkeypatch, tmp_path):
+    """XDG_CACHE_HOME counts only when absolute (the XDG spec; a relative one would follow the current
+    folder); HOME unset, empty or relative ('~' would give '/' or a cwd-relative path) gives the password
+    database's home."""
+    import pwd
+
+    db_home = Path(pwd.getpwuid(os.geteuid()).pw_dir)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", "")
+    assert loader._user_cache() == tmp_path / "xdg"
+    for xdg in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        for home in ("", "relative_home"):
+            monkeypatch.setenv("HOME", home)
+            assert loader._user_cache() == db_home / ".cache", (xdg, home)
+        monkeypatch.delenv("HOME")
+        assert loader._user_cache() == db_home / ".cache"
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+        assert loader._user_cache() == tmp_path / "home" / ".cache"
