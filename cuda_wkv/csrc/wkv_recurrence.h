@@ -743,11 +743,15 @@ template <typename F, bool Bwd, typename S> struct RowBlocks {
   }
 };
 
-// body(j) for the steps i + j < len of the block at i (one unrolled copy: the guard is uniform
-// across a warp, whose threads share a chunk, and the steps form one dependent chain anyway).
-template <int Ahead, typename Body> WKV_HD void block_steps(int i, int len, Body&& body) {
+// body(j) for the steps i + j < len of the block at i, unrolled.  Full: the caller knows the
+// whole block lies in the chunk (i + Ahead <= len), and the steps run unguarded: a guard is
+// uniform across a warp, whose threads share a chunk, but nvcc still compiles each guarded
+// step as a branch of its own with its reconvergence (BSSY / BSYNC), which also keeps it from
+// scheduling one step's instructions among the next one's.  Only a chunk's last block can be
+// partial, so the guarded copy runs at most once per pass.
+template <int Ahead, bool Full, typename Body> WKV_HD void block_steps(int i, int len, Body&& body) {
   WKV_UNROLL for (int j = 0; j < Ahead; ++j) {
-    if (i + j < len) body(j);
+    if (Full || i + j < len) body(j);
   }
 }
 
@@ -757,9 +761,14 @@ template <typename F, bool Bwd, typename S, typename Step>
 WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, Step&& step) {
   RowBlocks<F, Bwd, S> rows(l, dir);
   constexpr int kAhead = RowBlocks<F, Bwd, S>::kAhead;
-  for (int i = 0; i < l.len; i += kAhead) {
+  int i = 0;
+  for (; i + kAhead <= l.len; i += kAhead) {  // whole blocks
     rows.advance(i);
-    block_steps<kAhead>(i, l.len, [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
+    block_steps<kAhead, true>(i, l.len, [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
+  }
+  if (i < l.len) {  // the partial last block, outside the loop
+    rows.advance(i);
+    block_steps<kAhead, false>(i, l.len, [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
   }
 }
 
@@ -892,23 +901,32 @@ WKV_HD void checkpointed_rescan(const Lane<F, S>& l, const F* carry, int64_t ds,
     }
     if (bi > 0) state_load(ck, checkpoints + (bi - 1) * ck_stride, fs);
   };
-  const int blocks = (l.len + K - 1) / K;
-  load_block(blocks - 1);
-  for (int bi = blocks - 1; bi >= 0; --bi) {
+  // block bi; Full: all its K positions lie in the chunk (every block but a partial last one),
+  // so its steps run unguarded (see block_steps)
+  const auto run_block = [&](int bi, auto full) {
+    constexpr bool kFull = decltype(full)::value;
     WKV_UNROLL for (int j = 0; j < K; ++j) cur[j] = next[j];
     state_load(left, carry, fs);
     if (bi > 0) state_merge(left, ck, l.w);
     const int ib = bi * K;
     Side side[K];
     WKV_UNROLL for (int j = 0; j < K; ++j) {
-      if (ib + j < l.len) store(left, l.position(ib + j), cur[j], side[j]);
+      if (kFull || ib + j < l.len) store(left, l.position(ib + j), cur[j], side[j]);
     }
     WKV_UNROLL for (int i = 0; i < K; ++i) {
       const int j = K - 1 - i;
-      if (ib + j < l.len) finish(right, ib + j, cur[j], side[j]);
+      if (kFull || ib + j < l.len) finish(right, ib + j, cur[j], side[j]);
       if (i == 0 && bi > 0) load_block(bi - 1);
     }
-  }
+  };
+  // float64 (the tests' dtype) keeps its guards: unguarded, nvcc 13 schedules the backward's
+  // double state beyond sm_90's registers (a 68-byte spill)
+  using Unguarded = std::integral_constant<bool, sizeof(F) <= 4>;
+  const int blocks = (l.len + K - 1) / K;
+  load_block(blocks - 1);
+  int bi = blocks - 1;
+  if (l.len % K != 0) run_block(bi--, std::false_type{});
+  for (; bi >= 0; --bi) run_block(bi, Unguarded{});
 }
 
 // ck: this chunk's checkpoints (see Checkpoints), stored for the rescan.
