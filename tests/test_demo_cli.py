@@ -1,8 +1,12 @@
 """The README's main job, `nnunetv2-ext demo`, on the smallest settings: every step runs and the table is written."""
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -44,9 +48,69 @@ def test_step_logs_are_written_line_by_line_and_silence_is_reported(tmp_path):
     assert seen_while_running and all(text == 'first line\n' for _, text in seen_while_running)
     assert seen_while_running[0][0] >= 0.3 and seconds >= 2
     assert log.read_text() == 'first line\nsecond line\n'
-    import pytest
     with pytest.raises(StepFailed, match=f'exited with 3. Full log: {log}'):
         run_step([sys.executable, '-c', 'import sys; print("bad input"); sys.exit(3)'], dict(os.environ), str(log))
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or only its zombie (an exit nobody has reaped yet, e.g. in a container without init)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+def _wait_for(predicate, seconds: float) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_a_step_and_its_workers_end_when_the_process_running_it_is_killed(tmp_path):
+    """`kill -9` of the demo (or of any driver of run_step) stops the running nnU-Net step and its workers within
+    about a second, instead of leaving them running until the step next prints a line into the closed pipe. The
+    descriptors the driver passes (a lock) reach the step through the supervisor."""
+    pids = tmp_path / 'pids'
+    step = (f'import os, subprocess, time; worker = subprocess.Popen(["sleep", "600"]); '
+            f'os.write(int(os.environ["LOCK_FD"]), b"held"); '
+            f'open({str(pids)!r} + ".tmp", "w").write(f"{{os.getpid()}} {{worker.pid}}"); '
+            f'os.replace({str(pids)!r} + ".tmp", {str(pids)!r}); time.sleep(600)')
+    driver = (f'import os, sys; from nnunetv2_ext.demo.pipeline import run_step; '
+              f'fd = os.open({str(tmp_path / "lock")!r}, os.O_WRONLY | os.O_CREAT); '
+              f'run_step([sys.executable, "-c", {step!r}], {{**os.environ, "LOCK_FD": str(fd)}}, '
+              f'{str(tmp_path / "step.log")!r}, pass_fds=[fd])')
+    proc = subprocess.Popen([sys.executable, '-c', driver], stdin=subprocess.DEVNULL)
+    try:
+        assert _wait_for(pids.exists, 60), 'the step did not start'
+        command, worker = map(int, pids.read_text().split())
+        assert (tmp_path / 'lock').read_text() == 'held'
+        assert not _gone(command) and not _gone(worker)
+        proc.kill()
+        proc.wait()
+        assert _wait_for(lambda: _gone(command) and _gone(worker), 10), 'the step outlived its killed driver'
+    finally:
+        proc.kill()
+        for pid in map(int, pids.read_text().split()) if pids.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+
+
+def test_supervisor_passes_the_exit_status_and_refuses_a_bad_command_line(tmp_path):
+    """The supervisor's status is the command's (128 + N for a signal N); a bad command line or a command that
+    cannot start gets a shell's statuses, not a traceback."""
+    sup = [sys.executable, '-m', 'nnunetv2_ext.demo.supervisor', str(os.getpid()), '--']
+    assert subprocess.run(sup + [sys.executable, '-c', 'import sys; sys.exit(3)']).returncode == 3
+    killed = subprocess.run(sup + [sys.executable, '-c', 'import os, signal; os.kill(os.getpid(), signal.SIGTERM)'])
+    assert killed.returncode == 128 + 15
+    missing = subprocess.run(sup + [str(tmp_path / 'no-such-command')], capture_output=True, text=True)
+    assert missing.returncode == 127 and 'cannot start' in missing.stderr and 'Traceback' not in missing.stderr
+    bad = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.demo.supervisor', 'x'], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith('usage:')
 
 
 def test_dataset_rewrite_is_whole_and_a_silent_write_failure_is_caught(tmp_path, monkeypatch):
@@ -62,7 +126,6 @@ def test_dataset_rewrite_is_whole_and_a_silent_write_failure_is_caught(tmp_path,
     before = {n: os.path.getsize(os.path.join(root, 'imagesTr', n)) for n in os.listdir(os.path.join(root, 'imagesTr'))}
 
     monkeypatch.setattr(sitk, 'WriteImage', lambda image, path: open(path, 'wb').close())
-    import pytest
     with pytest.raises(OSError, match='could not write imagesTr/extdemo_tr_000_0000.nii.gz of .*Dataset987_ExtDemo '
                                       '.is the disk full'):
         write_dataset(str(tmp_path), num_train=6, num_test=1, shape=(8, 8, 8))

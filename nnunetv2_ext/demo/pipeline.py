@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from nnunetv2_ext.demo import supervisor
 from nnunetv2_ext.publish import write_atomically
 
 
@@ -53,15 +54,18 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
     the lock lasts as long as the command even if this process is killed). Returns the step's seconds.
 
     Raises :class:`StepFailed` naming the command, the log and its last 30 lines. If this process is stopped
-    meanwhile (Ctrl-C, or SIGTERM turned into SystemExit), the command is stopped too, not left running.
+    meanwhile (Ctrl-C, or SIGTERM turned into SystemExit), the command is stopped too, not left running; if it
+    is killed (SIGKILL), :mod:`nnunetv2_ext.demo.supervisor`, which runs the command, stops it within a second.
     """
     start = time.perf_counter()
     tail: list[str] = []
     lines: queue.Queue = queue.Queue()
     with open(log_path, 'w', buffering=1) as log:
         # a session of its own: stopping the step stops the command's workers too (nnU-Net's augmentation and
-        # export processes), not only the command
-        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # export processes), not only the command; the supervisor (standard library only: -I -S) stops them
+        # all if this process dies without doing so
+        supervised = [sys.executable, '-I', '-S', supervisor.__file__, str(os.getpid()), '--', *cmd]
+        proc = subprocess.Popen(supervised, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds), start_new_session=True)
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
