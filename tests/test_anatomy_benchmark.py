@@ -225,8 +225,9 @@ def test_a_fold_is_trained_by_one_run_at_a_time(bench, tmp_path):
 
 
 def test_a_training_left_running_by_a_killed_driver_keeps_its_fold_locked(bench, tmp_path):
-    """``kill -9`` of a driver leaves its ``nnUNetv2_train`` running: that child inherited the lock, so a new
-    driver cannot start a second training of the same folder until the child is gone too."""
+    """``kill -9`` of a driver: its ``nnUNetv2_train`` inherited the lock, so while it is still running (the
+    supervisor stops it within a second; here it ignores SIGTERM, so it runs until the supervisor's SIGKILL 30 s
+    later) a new driver cannot start a second training of the same folder; the lock goes with the child."""
     import fcntl
     import signal
     import subprocess
@@ -234,7 +235,8 @@ def test_a_training_left_running_by_a_killed_driver_keeps_its_fold_locked(bench,
     import time
 
     marker = tmp_path / 'child.pid'
-    child = f"import os, time; open({str(marker)!r} + '.tmp', 'w').write(str(os.getpid())); " \
+    child = f"import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+            f"open({str(marker)!r} + '.tmp', 'w').write(str(os.getpid())); " \
             f"os.replace({str(marker)!r} + '.tmp', {str(marker)!r}); time.sleep(300)"
     driver = f"""
 import argparse, os, sys
@@ -261,7 +263,7 @@ b.train(bench.TrainerSpec('nnUNetTrainer'), 0)
         proc.wait()
         lock = tmp_path / 'results' / 'nnUNetTrainer_Anatomy__P__3d_fullres' / 'fold_0' / bench.TRAIN_LOCK
         with open(lock, 'a') as f:
-            with pytest.raises(BlockingIOError):  # the orphaned training still holds it
+            with pytest.raises(BlockingIOError):  # the training, still running, holds it
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.kill(child_pid, signal.SIGKILL)
             child_pid = None

@@ -2,6 +2,7 @@
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -111,6 +112,99 @@ def test_supervisor_passes_the_exit_status_and_refuses_a_bad_command_line(tmp_pa
     assert missing.returncode == 127 and 'cannot start' in missing.stderr and 'Traceback' not in missing.stderr
     bad = subprocess.run([sys.executable, '-m', 'nnunetv2_ext.demo.supervisor', 'x'], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith('usage:')
+    for pid in ('\u00b2', '-1'):  # str.isdigit() is true for '²', which int() refuses
+        bad = subprocess.run(sup[:3] + [pid, '--', 'true'], capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.startswith('usage:'), bad.stderr
+
+
+def _kill_all(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_the_workers_of_a_step_killed_by_the_oom_killer_neither_outlive_it_nor_keep_its_driver_waiting(tmp_path):
+    """The out-of-memory killer's SIGKILL of the command (nnUNetv2_train) left its augmentation workers running
+    (batchgenerators' workers never look for their parent) and holding the step's output pipe: run_step waited
+    for the pipe's end forever. The supervisor stops what is left of the group once the command has ended."""
+    pids = tmp_path / 'pids'
+    step = (f'import os, subprocess, time; worker = subprocess.Popen(["sleep", "600"]); '
+            f'open({str(pids)!r} + ".tmp", "w").write(f"{{os.getpid()}} {{worker.pid}}"); '
+            f'os.replace({str(pids)!r} + ".tmp", {str(pids)!r}); time.sleep(600)')
+    driver = (f'import os, sys; from nnunetv2_ext.demo.pipeline import run_step; '
+              f'run_step([sys.executable, "-c", {step!r}], dict(os.environ), {str(tmp_path / "step.log")!r})')
+    proc = subprocess.Popen([sys.executable, '-c', driver], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        assert _wait_for(pids.exists, 60), 'the step did not start'
+        command, worker = map(int, pids.read_text().split())
+        os.kill(command, signal.SIGKILL)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail('run_step still waits for a step whose command was killed')
+        assert 'exited with 137' in err and _wait_for(lambda: _gone(worker), 5), err[-2000:]
+    finally:
+        proc.kill()
+        proc.wait()
+        _kill_all(map(int, pids.read_text().split()) if pids.exists() else ())
+
+
+# the supervisor with a grace of one second between SIGTERM and SIGKILL
+_QUICK_SUPERVISOR = ('import sys; from nnunetv2_ext.demo import supervisor; supervisor.GRACE_S = 1.0; '
+                     'sys.exit(supervisor.main())')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
+def test_workers_that_ignore_sigterm_are_killed_after_the_grace_once_the_driver_is_gone(tmp_path):
+    """kill -9 of the driver: the command ends on SIGTERM, its worker ignores SIGTERM (or takes long); the worker
+    gets SIGKILL after the grace instead of running on with the step's pipe and descriptors."""
+    pids = tmp_path / 'pids'
+    command = (f'import os, subprocess, sys, time; worker = subprocess.Popen([sys.executable, "-c", '
+               f'"import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]); '
+               f'open({str(pids)!r} + ".tmp", "w").write(f"{{os.getpid()}} {{worker.pid}}"); '
+               f'os.replace({str(pids)!r} + ".tmp", {str(pids)!r}); time.sleep(600)')
+    driver = (f'import os, subprocess, sys, time; subprocess.Popen([sys.executable, "-c", {_QUICK_SUPERVISOR!r}, '
+              f'str(os.getpid()), "--", sys.executable, "-c", {command!r}], start_new_session=True); time.sleep(600)')
+    proc = subprocess.Popen([sys.executable, '-c', driver], stdin=subprocess.DEVNULL)
+    try:
+        assert _wait_for(pids.exists, 60), 'the command did not start'
+        command_pid, worker = map(int, pids.read_text().split())
+        proc.kill()
+        proc.wait()
+        assert _wait_for(lambda: _gone(command_pid), 5), 'the command outlived its killed driver'
+        assert _wait_for(lambda: _gone(worker), 10), 'a worker ignoring SIGTERM outlived the grace'
+    finally:
+        proc.kill()
+        _kill_all(map(int, pids.read_text().split()) if pids.exists() else ())
+
+
+def test_a_sigterm_sent_to_the_supervisor_alone_reaches_the_command(tmp_path):
+    """``kill SUPERVISOR_PID`` (what run_step sends, what `ps` shows a user) asks the command to stop, so it can end
+    cleanly, instead of nothing for the grace and then SIGKILL."""
+    marker = tmp_path / 'stopped'
+    command = (f'import signal, sys, time\n'
+               f'def stop(signum, frame):\n    open({str(marker)!r}, "w").write(str(signum)); sys.exit(5)\n'
+               f'signal.signal(signal.SIGTERM, stop); print("ready", flush=True); time.sleep(600)')
+    sup = subprocess.Popen([sys.executable, '-m', 'nnunetv2_ext.demo.supervisor', str(os.getpid()), '--',
+                            sys.executable, '-c', command], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert sup.stdout.readline() == 'ready\n'
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=10) == 5 and marker.read_text() == str(int(signal.SIGTERM))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(sup.pid, signal.SIGKILL)
+        sup.wait()
+
+
+def test_a_supervisor_run_inside_its_callers_group_never_signals_that_group(tmp_path):
+    """Run by hand or by another tool (not as a session leader, as run_step does) with a PARENT_PID that is not
+    its parent, the supervisor stopped "its group": its caller and the caller's other children."""
+    run = subprocess.run(['sh', '-c', f'"$0" -m nnunetv2_ext.demo.supervisor 1 -- sleep 5; echo "caller still here $?"',
+                          sys.executable], capture_output=True, text=True, start_new_session=True, timeout=60)
+    assert run.stdout == 'caller still here 2\n' and 'is not its parent' in run.stderr, (run.returncode, run.stderr)
 
 
 def test_dataset_rewrite_is_whole_and_a_silent_write_failure_is_caught(tmp_path, monkeypatch):

@@ -87,7 +87,8 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
             code = proc.wait()
         finally:
             if proc.poll() is None:  # stopped while the command runs: stop it and its workers too
-                _signal_group(proc, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):  # the supervisor passes it on to the group once
+                    proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:

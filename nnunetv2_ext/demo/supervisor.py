@@ -10,14 +10,20 @@ limit) cannot stop the step itself; the supervisor then finds itself re-parented
 SIGTERM, and SIGKILL for whatever is left after :data:`GRACE_S` seconds. Without it the step ran on until it
 next printed a line into the closed pipe (a training epoch or more later), holding its locks and the CPU.
 
-A SIGTERM or SIGINT the supervisor receives is taken as sent to the group, as ``run_step`` stops a step (the
-command has it too): the supervisor waits up to :data:`GRACE_S` seconds for the command to end, then sends
-the group SIGKILL. Open file descriptors the parent passed (e.g. one holding a lock) stay open in the
-command. The exit status is the command's (128 + N where a signal N ended it); 2 for a bad command line,
-127 for a command that cannot be started, as a shell does.
+A SIGTERM or SIGINT the supervisor receives (``run_step`` stops a step by sending it SIGTERM) is passed on to
+the group once; whatever is left of the group :data:`GRACE_S` seconds later gets SIGKILL. When the command
+ends (it exited, or was killed, e.g. by the out-of-memory killer), the supervisor does not leave its workers
+running: they hold the command's output pipe (``run_step`` would wait for its end forever) and inherited
+descriptors such as a lock; whatever is left of the group gets SIGTERM, and SIGKILL after :data:`GRACE_S`
+seconds (on Linux, where ``/proc`` lists the group). A supervisor not started as a group leader makes a group
+of its own, so that it never signals its caller's group. Open file descriptors the parent passed (e.g. one
+holding a lock) stay open in the command. The exit status is the command's (128 + N where a signal N ended
+it); 2 for a bad command line (or a ``PARENT_PID`` that is not its parent), 127 for a command that cannot be
+started, as a shell does.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -38,16 +44,47 @@ def _signal_own_group(sig: int) -> None:
         pass
 
 
+def _others_in_group() -> list[int] | None:
+    """The live processes of this process's group other than itself (zombies do not count); None where
+    ``/proc`` cannot tell (not Linux)."""
+    me, group = os.getpid(), os.getpgrp()
+    try:
+        names = [name for name in os.listdir('/proc') if name.isdigit()]
+    except OSError:
+        return None
+    if str(me) not in names:
+        return None
+    others = []
+    for name in names:
+        try:
+            with open(f'/proc/{name}/stat', 'rb') as f:
+                fields = f.read().rsplit(b')', 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(name) != me and int(fields[2]) == group and fields[0] != b'Z':
+            others.append(int(name))
+    return others
+
+
 def supervise(parent: int, cmd: list[str]) -> int:
     """Runs ``cmd`` in this process's group until it ends; stops the group if ``parent`` is no longer this
-    process's parent or a stop signal arrives. Returns ``cmd``'s exit status (128 + N for signal N)."""
+    process's parent or a stop signal arrives, and what is left of the group once ``cmd`` has ended. Returns
+    ``cmd``'s exit status (128 + N for signal N)."""
     stop_requested: list[int] = []
 
-    def on_signal(signum, frame):  # the group's signal reached the command too: wait for it to end
+    def on_signal(signum, frame):  # passed on to the group by the loop below
         stop_requested.append(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
+    if os.getpgrp() != os.getpid():  # run_step starts it as a session leader; anyone else: a group of its own,
+        os.setpgid(0, 0)  # so that stopping "the group" never signals the caller and its other children
+    if stop_requested:  # stopped before the command started
+        return 128 + stop_requested[0]
+    if os.getppid() != parent:
+        print(f'supervisor: {parent} is not its parent (gone already?): {cmd[0]!r} not started', file=sys.stderr,
+              flush=True)
+        return 2
     try:
         child = subprocess.Popen(cmd, close_fds=False)  # inheritable descriptors (pass_fds) stay open
     except OSError as e:
@@ -60,19 +97,29 @@ def supervise(parent: int, cmd: list[str]) -> int:
             break
         except subprocess.TimeoutExpired:
             pass
-        if deadline is None and stop_requested:
+        if deadline is None and (stop_requested or os.getppid() != parent):  # stopped, or the parent died
             deadline = time.monotonic() + GRACE_S
-        elif deadline is None and os.getppid() != parent:  # the parent died without stopping the step
-            deadline = time.monotonic() + GRACE_S
-            _signal_own_group(signal.SIGTERM)
+            _signal_own_group(stop_requested[0] if stop_requested else signal.SIGTERM)
         elif deadline is not None and time.monotonic() > deadline:
             _signal_own_group(signal.SIGKILL)  # this process too: the parent is gone or stops the group
+    # the command has ended; its workers must not outlive it (they hold its output pipe and its descriptors):
+    # SIGTERM (unless the group is being stopped already), SIGKILL at the deadline
+    while others := _others_in_group():
+        if deadline is None:
+            deadline = time.monotonic() + GRACE_S
+            _signal_own_group(signal.SIGTERM)
+        elif time.monotonic() > deadline:
+            for pid in others:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(POLL_S)
     return 128 - code if code < 0 else code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) < 3 or args[1] != '--' or not args[0].isdigit():
+    if len(args) < 3 or args[1] != '--' or not (args[0].isascii() and args[0].isdigit()):
         print(USAGE, file=sys.stderr)
         return 2
     return supervise(int(args[0]), args[2:])
