@@ -320,6 +320,17 @@ def test_other_checkpoint_spacings_vs_dense(host_kernel_other_spacing, shape, ch
             assert _rel_err(x, r) <= tol * (1 if name == "y" else 10), (name, dtype, _rel_err(x, r))
 
 
+@pytest.mark.parametrize("define", ["WKV_ROWS_AHEAD=0", "WKV_CHECKPOINT_ROWS=0", "WKV_ROWS_AHEAD=33",
+                                    "WKV_CHECKPOINT_ROWS=33"])
+def test_block_sizes_out_of_range_do_not_compile(tmp_path, define):
+    """The block sizes the header accepts are 1 ... 32: 0 compiled and then divided by zero (checkpoints)
+    or never advanced (sum_rows_kernel's loop), so the header refuses it, as it refuses more than 32."""
+    r = subprocess.run([*CXX, "-std=c++17", "-fsyntax-only", f"-D{define}", "-I",
+                        os.path.join(REPO, "cuda_wkv", "csrc"), os.path.join(REPO, "tests", "csrc", "wkv_cuda_host.cpp")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "static assert" in r.stderr.replace("static_assert", "static assert"), r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("wT", [1e2, 1e3, 1e4])
 def test_float32_accuracy_at_large_w_times_t(host_kernel, wT):
     """float32 error relative to the float64 kernel on the same rounded inputs stays ~1e-5 when

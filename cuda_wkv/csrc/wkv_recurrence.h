@@ -894,10 +894,19 @@ WKV_HD void checkpointed_rescan(const Lane<F, S>& l, const F* carry, int64_t ds,
   state_load(right, carry + ds, fs);
   state_empty(ck);
   Row<F> cur[K], next[K];
-  const auto load_block = [&](int bi) {
+  // float64 keeps every block guarded, and so needs no separate partial block (a second, guarded
+  // copy of the block's steps: 1.9x the rescans' code, 12 more registers in the forward's):
+  // unguarded, nvcc 13 schedules the backward's double state beyond sm_90's registers (a 68-byte
+  // spill, which tests/test_wkv_build.py refuses)
+  using Unguarded = std::integral_constant<bool, sizeof(F) <= 4>;
+  // The block before another is whole, so its loads need no guards either; the float32 forward
+  // drops them (12 instructions per position fewer), the backward keeps them (without, a 16-byte
+  // spill at the 128 registers its occupancy needs)
+  using WholeLoads = std::integral_constant<bool, !Bwd && Unguarded::value>;
+  const auto load_block = [&](int bi, auto full) {
     const int ib = bi * K;
     WKV_UNROLL for (int j = 0; j < K; ++j) {
-      if (ib + j < l.len) load_row<F, Bwd>(next[j], l, ib + j);
+      if (decltype(full)::value || ib + j < l.len) load_row<F, Bwd>(next[j], l, ib + j);
     }
     if (bi > 0) state_load(ck, checkpoints + (bi - 1) * ck_stride, fs);
   };
@@ -916,16 +925,13 @@ WKV_HD void checkpointed_rescan(const Lane<F, S>& l, const F* carry, int64_t ds,
     WKV_UNROLL for (int i = 0; i < K; ++i) {
       const int j = K - 1 - i;
       if (kFull || ib + j < l.len) finish(right, ib + j, cur[j], side[j]);
-      if (i == 0 && bi > 0) load_block(bi - 1);
+      if (i == 0 && bi > 0) load_block(bi - 1, WholeLoads{});
     }
   };
-  // float64 (the tests' dtype) keeps its guards: unguarded, nvcc 13 schedules the backward's
-  // double state beyond sm_90's registers (a 68-byte spill)
-  using Unguarded = std::integral_constant<bool, sizeof(F) <= 4>;
   const int blocks = (l.len + K - 1) / K;
-  load_block(blocks - 1);
+  load_block(blocks - 1, std::false_type{});
   int bi = blocks - 1;
-  if (l.len % K != 0) run_block(bi--, std::false_type{});
+  if (Unguarded::value && l.len % K != 0) run_block(bi--, std::false_type{});  // partial last block
   for (; bi >= 0; --bi) run_block(bi, Unguarded{});
 }
 
@@ -1047,6 +1053,9 @@ inline int64_t cpu_auto_chunk(int64_t B, int64_t T, int64_t C, int64_t block, in
 constexpr int64_t kIndexMargin = 64;
 static_assert(kCheckpointRows<false> <= 32 && kCheckpointRows<true> <= 32 && WKV_ROWS_AHEAD <= 32,
               "block loops may run kIndexMargin / 2 rows past a chunk's end");
+static_assert(kCheckpointRows<false> >= 1 && kCheckpointRows<true> >= 1 && WKV_ROWS_AHEAD >= 1,
+              "WKV_CHECKPOINT_ROWS and WKV_ROWS_AHEAD must be at least 1 (0 divides by zero in "
+              "checkpoints_per_chunk, and sum_rows_kernel's loop would not advance)");
 inline int64_t cuda_chunk_limit(int64_t C) {
   const int64_t limit = (INT32_MAX - kIndexMargin) / (C > 0 ? C : 1);
   return limit > 0 ? limit : 1;
