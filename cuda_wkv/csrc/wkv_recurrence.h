@@ -761,15 +761,14 @@ template <typename F, bool Bwd, typename S, typename Step>
 WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, Step&& step) {
   RowBlocks<F, Bwd, S> rows(l, dir);
   constexpr int kAhead = RowBlocks<F, Bwd, S>::kAhead;
+  const auto run_block = [&](int i, auto full) {
+    rows.advance(i);
+    block_steps<kAhead, decltype(full)::value>(i, l.len,
+                                               [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
+  };
   int i = 0;
-  for (; i + kAhead <= l.len; i += kAhead) {  // whole blocks
-    rows.advance(i);
-    block_steps<kAhead, true>(i, l.len, [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
-  }
-  if (i < l.len) {  // the partial last block, outside the loop
-    rows.advance(i);
-    block_steps<kAhead, false>(i, l.len, [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
-  }
+  for (; i + kAhead <= l.len; i += kAhead) run_block(i, std::true_type{});  // whole blocks
+  if (i < l.len) run_block(i, std::false_type{});  // the partial last block, outside the loop
 }
 
 // One (batch, channel, chunk) task of phase 1 and of phase 3, as a CUDA thread runs it.
