@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradients import parameters_without_gradient
 from plans_factory import expected_ds_shapes, make_configuration, make_trainer
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2_ext.benchmark import saved_activation_bytes
@@ -135,7 +136,7 @@ def test_gradients_reach_every_parameter(name, trainer_class):
     weights = 2.0 ** np.arange(n_out - 1, -1, -1)
     np.testing.assert_allclose(loss.weight_factors, weights / weights.sum())  # (8, 4, 2, 1)/15 for 4 outputs
     loss(out, _targets(trainer, out[0].shape, 3)).backward()
-    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    missing = parameters_without_gradient(net)
     # the WKV weight of neighbours, exp(−(|t−i|−1)·w/T), is 1: on a grid of two tokens the decay w has no effect
     assert missing == (['branch.glsp.3.mix.spatial_decay'] if name == '3d_7stages' else [])
 
