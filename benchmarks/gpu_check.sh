@@ -11,8 +11,10 @@
 # printed at the end. A step that fails or times out is recorded and the others still run; the
 # whole run stays within --budget seconds (default 480 = 8 minutes) and each step within its own
 # limit (--step-timeout caps them all). --steps runs only some of the steps, comma-separated, in
-# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_ncu,wkv_chunks,
-# wkv_depths,wkv_glsp (all but the last four by default; networks needs plans). wkv_ncu profiles one forward +
+# their fixed order: environment,wkv_selfcheck,tests,bench_wkv,wkv_glsp,wkv_ncu,wkv_chunks,wkv_depths,
+# plans,networks (by default all but wkv_glsp, wkv_ncu, wkv_chunks and wkv_depths; networks needs plans;
+# the short WKV steps come before the network benchmark, the longest, so that a budget too small for all
+# drops the network figures rather than the kernel's). wkv_ncu profiles one forward +
 # backward of the kernel at GLSP's largest sequence on default 3d_fullres plans (B=2, T=32768, C=128)
 # with Nsight Compute (benchmarks/wkv_ncu.py: DRAM bytes, L2 hit rate, occupancy, cycles per
 # instruction per kernel) for the automatic chunk length and 32; wkv_chunks times the kernel there for
@@ -40,7 +42,7 @@ set -u
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 
-ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,plans,networks,wkv_ncu,wkv_chunks,wkv_depths,wkv_glsp
+ALL_STEPS=environment,wkv_selfcheck,tests,bench_wkv,wkv_glsp,wkv_ncu,wkv_chunks,wkv_depths,plans,networks
 STEPS_WANTED=environment,wkv_selfcheck,tests,bench_wkv,plans,networks
 SMOKE=0
 BUDGET=480
@@ -365,24 +367,24 @@ if [ "$DEVICE" = cuda ]; then
         -k "cuda and not compiles and not cuda_host" tests
     [ -n "$PREBUILD" ] && wait "$PREBUILD"  # no build beside the timed steps
     run_step bench_wkv 150 wkv_bench --device cuda --profile
-    run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
-    run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
+    run_step wkv_glsp 120 wkv_glsp "32768:128 4096:256 512:320 64:320" --device cuda --B 2 --profile
     run_step wkv_ncu 120 wkv_ncu --B 2 --C 128 --T 32768
     run_step wkv_chunks 180 wkv_chunks --device cuda --B 2 --C 128 --T 32768 --backends kernel --profile
     run_step wkv_depths 300 wkv_depths --device cuda --B 2 --C 128 --T 4096 32768 --backends kernel --profile
-    run_step wkv_glsp 120 wkv_glsp "32768:128 4096:256 512:320 64:320" --device cuda --B 2 --profile
+    run_step plans 60 write_plans "$OUT/nnUNet" 128x128x128 320
+    run_step networks 330 network_benchmark -tr "${TRAINERS[@]}" -o "$OUT/networks"
 else
     run_step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_wkv_selfcheck.py -k healthy
     run_step bench_wkv 150 wkv_bench --device cpu --T 256 --backends scan --modes fwd --repeat 1
-    run_step plans 60 write_plans "$OUT/nnUNet" 16x16x16 16
-    # the WKV op's PyTorch path: the smoke run compiles no kernel for the networks
-    run_step networks 240 env CUDA_WKV_BACKEND=torch bash -c 'network_benchmark "$@"' _ \
-        -tr "${TRAINERS[@]}" --batch-size 1 --warmup 0 --repeats 1 -o "$OUT/networks"
+    run_step wkv_glsp 120 wkv_glsp "256:8 64:4" --device cpu --B 1 --modes fwd --repeat 1
     run_step wkv_ncu 120 wkv_ncu --B 1 --C 8 --T 256
     run_step wkv_chunks 120 wkv_chunks --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
     # the CPU kernel ignores the depth: this checks the step's loop and outputs only
     run_step wkv_depths 120 wkv_depths --device cpu --B 1 --C 8 --T 256 --backends kernel --modes fwd --repeat 1
-    run_step wkv_glsp 120 wkv_glsp "256:8 64:4" --device cpu --B 1 --modes fwd --repeat 1
+    run_step plans 60 write_plans "$OUT/nnUNet" 16x16x16 16
+    # the WKV op's PyTorch path: the smoke run compiles no kernel for the networks
+    run_step networks 240 env CUDA_WKV_BACKEND=torch bash -c 'network_benchmark "$@"' _ \
+        -tr "${TRAINERS[@]}" --batch-size 1 --warmup 0 --repeats 1 -o "$OUT/networks"
 fi
 
 {

@@ -365,15 +365,20 @@ def test_inductor_is_as_accurate_as_eager():
         assert error(g_c[name], ref) <= 4 * error(g_e[name], ref) + 1e-4 * scale, name
 
 
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason='no CUDA GPU'))])
 @pytest.mark.parametrize('backend', ['auto', 'torch'])
-def test_wkv_backends_inside_the_network(monkeypatch, backend):
-    """The production WKV kernel (`auto`: the C++ kernel on CPU) runs inside a GLSP network and gives the
-    outputs and gradients of the float64 `torch` path, as does the `torch` fallback."""
+def test_wkv_backends_inside_the_network(monkeypatch, backend, device):
+    """The production WKV kernel (`auto`: the C++ kernel on CPU, the CUDA kernel on a GPU) runs inside a GLSP
+    network and gives the outputs and gradients of the float64 `torch` path, as does the `torch` fallback."""
     import cuda_wkv
+    # float32 convolutions and matmuls in full precision on a GPU (TF32 would round their inputs to 10 bits)
+    monkeypatch.setattr(torch.backends.cudnn, 'allow_tf32', False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, 'allow_tf32', False)
     cm = make_configuration(**PLANS['3d_iso_5'])
     torch.manual_seed(0)
-    net = _unzero(nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2))
-    x = torch.randn(2, 1, *PLANS['3d_iso_5']['patch_size'])
+    net = _unzero(nnUNetTrainerGLSP.build_network_architecture(None, cm, 1, 2)).to(device)
+    x = torch.randn(2, 1, *PLANS['3d_iso_5']['patch_size'], device=device)
 
     def run(dtype):
         model = net.to(dtype)
@@ -385,9 +390,9 @@ def test_wkv_backends_inside_the_network(monkeypatch, backend):
     monkeypatch.setenv('CUDA_WKV_BACKEND', 'torch')
     ref_out, ref_grads = run(torch.float64)
     monkeypatch.setenv('CUDA_WKV_BACKEND', backend)
-    expected = 'torch' if backend == 'torch' else 'cpu'
+    expected = 'torch' if backend == 'torch' else device
     if cuda_wkv.backend_for(x) != expected:
-        pytest.skip('the C++ kernel cannot be built here')
+        pytest.skip(f'the {device} kernel cannot be built here')
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 2e-4)):
         out, grads = run(dtype)
         for a, b in zip(out, ref_out):
