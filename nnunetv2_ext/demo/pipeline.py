@@ -45,6 +45,18 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
 
 
+def _stop_orphaned_group(proc: subprocess.Popen, pump: threading.Thread) -> None:
+    """The supervisor has ended (``kill -9``, ``pkill -f`` of the command line, which the supervisor's shares; or no
+    /proc to find the command's leftovers) while something still holds the step's pipe: the command or its workers,
+    in its group, which nothing else stops. SIGTERM to the group, SIGKILL 30 s later."""
+    pump.join(1.0)  # its end of the pipe, the supervisor ended just now
+    for sig, seconds in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)):
+        if not pump.is_alive():
+            return
+        _signal_group(proc, sig)
+        pump.join(seconds)
+
+
 def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[str], None] | None = None,
              on_quiet: Callable[[float], None] | None = None, quiet_s: float = 20.0,
              pass_fds: Sequence[int] = ()) -> float:
@@ -68,12 +80,15 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
         proc = subprocess.Popen(supervised, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 stdin=subprocess.DEVNULL, pass_fds=tuple(pass_fds), start_new_session=True)
         assert proc.stdout is not None
-        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+        pump.start()
         try:
             while True:
                 try:
                     line = lines.get(timeout=quiet_s)
                 except queue.Empty:
+                    if proc.poll() is not None:  # the supervisor is gone, yet the pipe is held
+                        _stop_orphaned_group(proc, pump)
                     if on_quiet is not None:
                         on_quiet(time.perf_counter() - start)
                     continue
@@ -94,6 +109,8 @@ def run_step(cmd: Sequence[str], env: dict, log_path: str, on_line: Callable[[st
                 except subprocess.TimeoutExpired:
                     _signal_group(proc, signal.SIGKILL)
                     proc.wait()
+            elif pump.is_alive():  # stopped after the supervisor ended, not its group
+                _stop_orphaned_group(proc, pump)
     if code != 0:
         raise StepFailed(f"`{' '.join(cmd)}` exited with {code}. Full log: {log_path}\n--- last lines ---\n"
                          + '\n'.join(tail))

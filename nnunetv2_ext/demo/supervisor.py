@@ -10,13 +10,14 @@ limit) cannot stop the step itself; the supervisor then finds itself re-parented
 SIGTERM, and SIGKILL for whatever is left after :data:`GRACE_S` seconds. Without it the step ran on until it
 next printed a line into the closed pipe (a training epoch or more later), holding its locks and the CPU.
 
-A SIGTERM or SIGINT the supervisor receives (``run_step`` stops a step by sending it SIGTERM) is passed on to
-the group once; whatever is left of the group :data:`GRACE_S` seconds later gets SIGKILL. When the command
+A SIGTERM the supervisor receives (``run_step`` stops a step by sending it SIGTERM) is passed on to the group
+once; a SIGINT is not (it comes from a terminal's Ctrl-C, which the whole foreground group has); whatever is left
+of the group :data:`GRACE_S` seconds later gets SIGKILL. When the command
 ends (it exited, or was killed, e.g. by the out-of-memory killer), the supervisor does not leave its workers
 running: they hold the command's output pipe (``run_step`` would wait for its end forever) and inherited
 descriptors such as a lock; whatever is left of the group gets SIGTERM, and SIGKILL after :data:`GRACE_S`
-seconds (on Linux, where ``/proc`` lists the group). A supervisor not started as a group leader makes a group
-of its own, so that it never signals its caller's group. Open file descriptors the parent passed (e.g. one
+seconds (on Linux, where ``/proc`` lists the group), after :data:`SETTLE_S` seconds to end on their own. It
+refuses to run (status 2) unless it leads its process group, so that it never signals its caller's. Open file descriptors the parent passed (e.g. one
 holding a lock) stay open in the command. The exit status is the command's (128 + N where a signal N ended
 it); 2 for a bad command line (or a ``PARENT_PID`` that is not its parent), 127 for a command that cannot be
 started, as a shell does.
@@ -31,7 +32,9 @@ import sys
 import time
 
 POLL_S = 0.5  # seconds between checks that the parent is alive
+STOP_POLL_S = 0.05  # a stop signal is passed on to the group within this (Popen.wait polls as often anyway)
 GRACE_S = 30.0  # seconds between SIGTERM and SIGKILL when the group is stopped
+SETTLE_S = 1.0  # seconds the command's workers have to end on their own once it has ended
 
 USAGE = 'usage: python -m nnunetv2_ext.demo.supervisor PARENT_PID -- COMMAND [ARGS ...]'
 
@@ -72,13 +75,15 @@ def supervise(parent: int, cmd: list[str]) -> int:
     ``cmd``'s exit status (128 + N for signal N)."""
     stop_requested: list[int] = []
 
-    def on_signal(signum, frame):  # passed on to the group by the loop below
+    def on_signal(signum, frame):  # handled by the loop below
         stop_requested.append(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
-    if os.getpgrp() != os.getpid():  # run_step starts it as a session leader; anyone else: a group of its own,
-        os.setpgid(0, 0)  # so that stopping "the group" never signals the caller and its other children
+    if os.getpgrp() != os.getpid():  # stopping "its group" would stop its caller's
+        print('supervisor: it must lead its own process group (start it in a new session, as run_step does)',
+              file=sys.stderr, flush=True)
+        return 2
     if stop_requested:  # stopped before the command started
         return 128 + stop_requested[0]
     if os.getppid() != parent:
@@ -93,26 +98,35 @@ def supervise(parent: int, cmd: list[str]) -> int:
     deadline = None  # when the group gets SIGKILL, once it is being stopped
     while True:
         try:
-            code = child.wait(timeout=POLL_S)
+            code = child.wait(timeout=STOP_POLL_S)
             break
         except subprocess.TimeoutExpired:
             pass
         if deadline is None and (stop_requested or os.getppid() != parent):  # stopped, or the parent died
             deadline = time.monotonic() + GRACE_S
-            _signal_own_group(stop_requested[0] if stop_requested else signal.SIGTERM)
+            if stop_requested != [signal.SIGINT]:  # a SIGINT is a terminal's Ctrl-C: the command has it already
+                _signal_own_group(signal.SIGTERM)
         elif deadline is not None and time.monotonic() > deadline:
             _signal_own_group(signal.SIGKILL)  # this process too: the parent is gone or stops the group
     # the command has ended; its workers must not outlive it (they hold its output pipe and its descriptors):
     # SIGTERM (unless the group is being stopped already), SIGKILL at the deadline
+    killing_since = None
+    settled = time.monotonic() + SETTLE_S  # first let what ends on its own end (multiprocessing's resource tracker)
+    while deadline is None and time.monotonic() < settled and _others_in_group():
+        time.sleep(0.05)
     while others := _others_in_group():
         if deadline is None:
             deadline = time.monotonic() + GRACE_S
             _signal_own_group(signal.SIGTERM)
-        elif time.monotonic() > deadline:
+        elif time.monotonic() > deadline:  # then scan again: one may have started another after the scan
             for pid in others:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            break
+            killing_since = killing_since or time.monotonic()
+            if time.monotonic() - killing_since > max(GRACE_S, 1.0):  # SIGKILL cannot end it (uninterruptible)
+                break
+            time.sleep(0.05)
+            continue
         time.sleep(POLL_S)
     return 128 - code if code < 0 else code
 
