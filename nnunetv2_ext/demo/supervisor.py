@@ -5,20 +5,20 @@
 :func:`nnunetv2_ext.demo.pipeline.run_step` starts every nnU-Net step through this, as the leader of a new
 session (process group). It runs ``COMMAND`` as its child in that group, next to the command's own workers
 (nnU-Net's augmentation and export processes), and checks every :data:`POLL_S` seconds that ``PARENT_PID`` is
-still its parent. A parent stopped with SIGKILL (``kill -9``, the out-of-memory killer, a batch system's hard
+still its parent and whether a stop signal arrived. A parent stopped with SIGKILL (``kill -9``, the out-of-memory killer, a batch system's hard
 limit) cannot stop the step itself; the supervisor then finds itself re-parented and stops the whole group:
 SIGTERM, and SIGKILL for whatever is left after :data:`GRACE_S` seconds. Without it the step ran on until it
 next printed a line into the closed pipe (a training epoch or more later), holding its locks and the CPU.
 
 A SIGTERM the supervisor receives (``run_step`` stops a step by sending it SIGTERM) is passed on to the group
-once; a SIGINT is not (it comes from a terminal's Ctrl-C, which the whole foreground group has); whatever is left
-of the group :data:`GRACE_S` seconds later gets SIGKILL. When the command
-ends (it exited, or was killed, e.g. by the out-of-memory killer), the supervisor does not leave its workers
-running: they hold the command's output pipe (``run_step`` would wait for its end forever) and inherited
-descriptors such as a lock; whatever is left of the group gets SIGTERM, and SIGKILL after :data:`GRACE_S`
-seconds (on Linux, where ``/proc`` lists the group), after :data:`SETTLE_S` seconds to end on their own. It
-refuses to run (status 2) unless it leads its process group, so that it never signals its caller's. Open file descriptors the parent passed (e.g. one
-holding a lock) stay open in the command. The exit status is the command's (128 + N where a signal N ended
+once; a SIGINT is not (it comes from a terminal's Ctrl-C, which the whole foreground group has); whatever is
+left of the group :data:`GRACE_S` seconds later gets SIGKILL. When the command ends (it exited, or was killed,
+e.g. by the out-of-memory killer), the supervisor does not leave its workers running: they hold the command's
+output pipe (``run_step`` would wait for its end forever) and inherited descriptors such as a lock; whatever
+is left of the group :data:`SETTLE_S` seconds later gets SIGTERM, and SIGKILL after :data:`GRACE_S` seconds
+(on Linux, where ``/proc`` lists the group). It refuses to run (status 2) unless it leads its process group,
+so that it never signals its caller's. Open file descriptors the parent passed (e.g. one holding a lock) stay
+open in the command. The exit status is the command's (128 + N where a signal N ended
 it); 2 for a bad command line (or a ``PARENT_PID`` that is not its parent), 127 for a command that cannot be
 started, as a shell does.
 """
@@ -31,8 +31,7 @@ import subprocess
 import sys
 import time
 
-POLL_S = 0.5  # seconds between checks that the parent is alive
-STOP_POLL_S = 0.05  # a stop signal is passed on to the group within this (Popen.wait polls as often anyway)
+POLL_S = 0.05  # seconds between checks of the parent, of stop signals and of leftovers (Popen.wait polls as often)
 GRACE_S = 30.0  # seconds between SIGTERM and SIGKILL when the group is stopped
 SETTLE_S = 1.0  # seconds the command's workers have to end on their own once it has ended
 
@@ -98,7 +97,7 @@ def supervise(parent: int, cmd: list[str]) -> int:
     deadline = None  # when the group gets SIGKILL, once it is being stopped
     while True:
         try:
-            code = child.wait(timeout=STOP_POLL_S)
+            code = child.wait(timeout=POLL_S)
             break
         except subprocess.TimeoutExpired:
             pass
@@ -113,7 +112,7 @@ def supervise(parent: int, cmd: list[str]) -> int:
     killing_since = None
     settled = time.monotonic() + SETTLE_S  # first let what ends on its own end (multiprocessing's resource tracker)
     while deadline is None and time.monotonic() < settled and _others_in_group():
-        time.sleep(0.05)
+        time.sleep(POLL_S)
     while others := _others_in_group():
         if deadline is None:
             deadline = time.monotonic() + GRACE_S
@@ -125,8 +124,6 @@ def supervise(parent: int, cmd: list[str]) -> int:
             killing_since = killing_since or time.monotonic()
             if time.monotonic() - killing_since > max(GRACE_S, 1.0):  # SIGKILL cannot end it (uninterruptible)
                 break
-            time.sleep(0.05)
-            continue
         time.sleep(POLL_S)
     return 128 - code if code < 0 else code
 
