@@ -71,6 +71,12 @@ def _wait_for(predicate, seconds: float) -> bool:
     return predicate()
 
 
+def _kill_all(pids) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
 def test_a_step_and_its_workers_end_when_the_process_running_it_is_killed(tmp_path):
     """`kill -9` of the demo (or of any driver of run_step) stops the running nnU-Net step and its workers within
@@ -96,9 +102,7 @@ def test_a_step_and_its_workers_end_when_the_process_running_it_is_killed(tmp_pa
         assert _wait_for(lambda: _gone(command) and _gone(worker), 10), 'the step outlived its killed driver'
     finally:
         proc.kill()
-        for pid in map(int, pids.read_text().split()) if pids.exists() else ():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+        _kill_all(map(int, pids.read_text().split()) if pids.exists() else ())
 
 
 def test_supervisor_passes_the_exit_status_and_refuses_a_bad_command_line(tmp_path):
@@ -119,12 +123,6 @@ def test_supervisor_passes_the_exit_status_and_refuses_a_bad_command_line(tmp_pa
     for pid in ('\u00b2', '-1'):  # str.isdigit() is true for '²', which int() refuses
         bad = run(sup[:3] + [pid, '--', 'true'], capture_output=True, text=True)
         assert bad.returncode == 2 and bad.stderr.startswith('usage:'), bad.stderr
-
-
-def _kill_all(pids) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='reads /proc')
