@@ -504,3 +504,29 @@ def test_a_nan_key_makes_its_lane_nan(either_math, chunk):
         y = run_host(either_math, *(x.to(dtype) for x in (w, u, k, v, gy)), chunk=chunk)[0].double()
         assert torch.isnan(y[lanes]).all(), (dtype, int(torch.isnan(y[lanes]).sum()))
         assert _rel_err(y[~lanes], ref[~lanes]) <= (1e-11 if dtype == torch.float64 else 3e-5)
+
+
+def _asan_available(folder) -> bool:
+    probe = folder / "probe.cpp"
+    probe.write_text("int main() { return 0; }\n")
+    r = subprocess.run([*CXX, "-fsanitize=address,undefined", str(probe), "-o", str(folder / "probe")],
+                       capture_output=True, text=True, timeout=600)
+    return r.returncode == 0
+
+
+def test_no_access_outside_the_buffers_under_address_sanitizer(tmp_path):
+    """Every read and write of both passes stays inside the call's buffers, sized exactly as the
+    binding allocates them (tests/csrc/wkv_cuda_host_asan.cpp): a block of rows loaded ahead
+    without its guard past the end of (B, T, C) changes no result -- the NaN guards above miss it --
+    but on a GPU it reads outside the tensor."""
+    if not _asan_available(tmp_path):
+        pytest.skip(f"{CXX[0]} cannot build with -fsanitize=address,undefined")
+    exe = tmp_path / "wkv_asan"
+    r = subprocess.run([*CXX, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
+                        "-fno-sanitize-recover=all", "-I", os.path.join(REPO, "cuda_wkv", "csrc"),
+                        os.path.join(REPO, "tests", "csrc", "wkv_cuda_host_asan.cpp"), "-o", str(exe)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok "), (r.stdout + r.stderr)[-3000:]
+    assert int(r.stdout.split()[1]) > 0

@@ -291,11 +291,13 @@ template <typename F> WKV_HD F rel(F a1, F n1, F a2, F n2, F w) {
 // margin a reference moves once per factor e of growth.  The reference stays one of the
 // sum's terms, so the softmax weight emitted for it (bwd_emit's et) stays <= 1; the other
 // terms weigh up to e relative to it after folds of single terms, up to e^2 to e^3 after
-// merges of partial sums (carries, grouped carries).
+// merges of partial sums (carries, grouped carries).  With margin 0 the exponent, -d where
+// up and d otherwise, is -|d|: on a GPU an operand modifier of the multiply by log2 e
+// instead of a select (one instruction a merge; the same weight, bit for bit).
 constexpr float kRescaleMargin = 1.0f;
 template <typename F> WKV_HD void merge_scales(F d, F margin, F& s_old, F& s_new, bool& up) {
   up = d > margin;
-  const F e = wkv_exp(up ? -d : d);
+  const F e = wkv_exp(margin == F(0) ? -std::fabs(d) : (up ? -d : d));
   s_old = up ? e : F(1);
   s_new = up ? F(1) : e;
 }
@@ -676,6 +678,12 @@ template <typename F, typename Saved = F> struct Lane {
   WKV_HD int offset(int i) const { return i * C; }
   WKV_HD F position(int i) const { return static_cast<F>(t0 + i); }  // t of index i, as F
 };
+
+// The position of the step j places after a block's first step, at tb (as F), in direction
+// dir: one addition of a constant where converting the 64-bit t0 + i took three instructions
+// (an add with carry and the conversion).  Exact, hence equal to Lane::position, where
+// positions are exact (|t| < 2^24 in float32, 2^53 in float64).
+template <typename F> WKV_HD F position_after(F tb, int dir, int j) { return tb + static_cast<F>(dir * j); }
 template <typename F> using BwdLane = Lane<F, const F>;
 
 // Loads ahead.  The CUDA kernel runs one thread per (batch, channel, chunk): a thread's
@@ -732,14 +740,15 @@ template <typename F, bool Bwd, typename S> struct RowBlocks {
     load(0);
   }
   WKV_HD int pos(int i) const { return first + dir * i; }  // index in the chunk of step i
-  WKV_HD void load(int i) {
+  // Whole: the caller knows the block at i lies in the chunk (no guards)
+  template <bool Whole = false> WKV_HD void load(int i) {
     WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
-      if (i + j < l.len) load_row<F, Bwd>(next[j], l, pos(i + j));
+      if (Whole || i + j < l.len) load_row<F, Bwd>(next[j], l, pos(i + j));
     }
   }
-  WKV_HD void advance(int i) {
+  template <bool NextWhole> WKV_HD void advance(int i) {
     WKV_UNROLL for (int j = 0; j < kAhead; ++j) cur[j] = next[j];
-    load(i + kAhead);
+    load<NextWhole>(i + kAhead);
   }
 };
 
@@ -755,20 +764,28 @@ template <int Ahead, bool Full, typename Body> WKV_HD void block_steps(int i, in
   }
 }
 
-// Calls step(i, j, row) for the positions of a lane's chunk in direction dir: i the index in
-// the chunk, j the step's place in its block of kAheadOf<F, Bwd> (a constant once unrolled).
+// Calls step(i, t, j, row) for the positions of a lane's chunk in direction dir: i the index
+// in the chunk, t its position (as F), j the step's place in its block of kAheadOf<F, Bwd> (a
+// constant once unrolled).
 template <typename F, bool Bwd, typename S, typename Step>
 WKV_HD void pipelined_steps(const Lane<F, S>& l, int dir, Step&& step) {
   RowBlocks<F, Bwd, S> rows(l, dir);
   constexpr int kAhead = RowBlocks<F, Bwd, S>::kAhead;
-  const auto run_block = [&](int i, auto full) {
-    rows.advance(i);
-    block_steps<kAhead, decltype(full)::value>(i, l.len,
-                                               [&](int j) { step(rows.pos(i + j), j, rows.cur[j]); });
+  // Full: the block at i is whole; NextWhole: so is the one after it (its loads unguarded)
+  const auto run_block = [&](int i, auto full, auto next_whole) {
+    rows.template advance<decltype(next_whole)::value>(i);
+    const F tb = l.position(rows.pos(i));
+    block_steps<kAhead, decltype(full)::value>(i, l.len, [&](int j) {
+      step(rows.pos(i + j), position_after(tb, dir, j), j, rows.cur[j]);
+    });
   };
   int i = 0;
-  for (; i + kAhead <= l.len; i += kAhead) run_block(i, std::true_type{});  // whole blocks
-  if (i < l.len) run_block(i, std::false_type{});  // the partial last block, outside the loop
+  for (; i + 2 * kAhead <= l.len; i += kAhead) run_block(i, std::true_type{}, std::true_type{});
+  if (i + kAhead <= l.len) {  // the last whole block
+    run_block(i, std::true_type{}, std::false_type{});
+    i += kAhead;
+  }
+  if (i < l.len) run_block(i, std::false_type{}, std::false_type{});  // a partial last block
 }
 
 // One (batch, channel, chunk) task of phase 1 and of phase 3, as a CUDA thread runs it.
@@ -848,23 +865,23 @@ WKV_HD void lane_summary(const Lane<F, S>& l, int64_t ch, int64_t nch, F* st, in
   State sl, sr;
   state_empty(sl);
   state_empty(sr);
-  const auto fold_left = [&](int i, int j, const Row<F>& row) {
+  const auto fold_left = [&](int i, F t, int j, const Row<F>& row) {
     if (checkpoint_at<kAheadOf<F, Bwd>, kEvery>(i, j)) {  // the chunk's terms before i
       state_store(sl, ck.p, fs);
       ck.p += ck.stride;
     }
-    state_fold(sl, F(1), l.position(i), row, l.w);
+    state_fold(sl, F(1), t, row, l.w);
   };
   if (left && right) {
-    pipelined_steps<F, Bwd>(l, 1, [&](int i, int j, const Row<F>& row) {
-      fold_left(i, j, row);
-      state_fold(sr, F(-1), l.position(i), row, l.w);
+    pipelined_steps<F, Bwd>(l, 1, [&](int i, F t, int j, const Row<F>& row) {
+      fold_left(i, t, j, row);
+      state_fold(sr, F(-1), t, row, l.w);
     });
   } else if (left) {
     pipelined_steps<F, Bwd>(l, 1, fold_left);
   } else if (right) {
-    pipelined_steps<F, Bwd>(l, -1, [&](int i, int, const Row<F>& row) {
-      state_fold(sr, F(-1), l.position(i), row, l.w);
+    pipelined_steps<F, Bwd>(l, -1, [&](int, F t, int, const Row<F>& row) {
+      state_fold(sr, F(-1), t, row, l.w);
     });
   }
   if (ch + 1 < nch) state_store(sl, st, fs);
