@@ -383,11 +383,16 @@ WKV_HD void fwd_finish_step(F& a, F& n, F& s0, F& mean, F dir, F t, F k, F v, F 
   const F wd = ref_s || ref_c ? e1 : F(1);
   const F wc = (ref_c ? F(1) : e2) * s0;
   const F tot = ws + wc + wd;
-  const F inv = wkv_div(F(1), tot);
   const F aref = ref_s ? io_m : (ref_c ? a : ad);
   const bool none = aref == neg_inf<F>() || !(tot > F(0));  // every weight is 0: 0/0
-  io_y = none ? quiet_nan<F>() : (ws * inv) * io_y + (wc * inv) * mean + (wd * inv) * v;
-  io_m = none ? neg_inf<F>() : aref + wkv_log(tot);
+  // a total of 1 where there is no weight, so that the division and the log run on every row
+  // and only their results are selected (with them feeding the selects alone, nvcc branched
+  // around them: a basic block per step)
+  const F tsafe = none ? F(1) : tot;
+  const F inv = wkv_div(F(1), tsafe);
+  const F yv = (ws * inv) * io_y + (wc * inv) * mean + (wd * inv) * v, lv = aref + wkv_log(tsafe);
+  io_y = none ? quiet_nan<F>() : yv;
+  io_m = none ? neg_inf<F>() : lv;
   io_r = ref_s ? ns : (ref_c ? nc : F(0));
   fwd_fold(a, n, s0, mean, dir * t, k, v, w);
 }
