@@ -293,7 +293,7 @@ template <typename F> WKV_HD F rel(F a1, F n1, F a2, F n2, F w) {
 // terms weigh up to e relative to it after folds of single terms, up to e^2 to e^3 after
 // merges of partial sums (carries, grouped carries).  With margin 0 the exponent, -d where
 // up and d otherwise, is -|d|: on a GPU an operand modifier of the multiply by log2 e
-// instead of a select (one instruction a merge; the same weight, bit for bit).
+// instead of a select (one instruction a merge; the same weight, bit for bit, but for a NaN's sign).
 constexpr float kRescaleMargin = 1.0f;
 template <typename F> WKV_HD void merge_scales(F d, F margin, F& s_old, F& s_new, bool& up) {
   up = d > margin;
