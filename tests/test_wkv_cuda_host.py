@@ -506,6 +506,9 @@ def test_a_nan_key_makes_its_lane_nan(either_math, chunk):
         assert _rel_err(y[~lanes], ref[~lanes]) <= (1e-11 if dtype == torch.float64 else 3e-5)
 
 
+_ASAN_ENV = dict(os.environ, ASAN_OPTIONS="detect_leaks=0")
+
+
 def _asan_available(folder) -> bool:
     probe = folder / "probe.cpp"
     probe.write_text("int main() { return 0; }\n")
@@ -520,16 +523,13 @@ def _asan_available(folder) -> bool:
         return False
 
 
-_ASAN_ENV = dict(os.environ, ASAN_OPTIONS="detect_leaks=0")
-
-
 def test_no_access_outside_the_buffers_under_address_sanitizer(tmp_path):
     """Every read and write of both passes stays inside the call's buffers, sized exactly as the
     binding allocates them (tests/csrc/wkv_cuda_host_asan.cpp): a block of rows loaded ahead
     without its guard past the end of (B, T, C) changes no result -- the NaN guards above miss it --
     but on a GPU it reads outside the tensor."""
     if not _asan_available(tmp_path):
-        pytest.skip(f"{CXX[0]} cannot build with -fsanitize=address,undefined")
+        pytest.skip(f"{CXX[0]} cannot build and run a program with -fsanitize=address,undefined")
     exe = tmp_path / "wkv_asan"
     r = subprocess.run([*CXX, "-std=c++17", "-O1", "-g", "-fsanitize=address,undefined",
                         "-fno-sanitize-recover=all", "-I", os.path.join(REPO, "cuda_wkv", "csrc"),
