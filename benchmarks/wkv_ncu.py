@@ -3,7 +3,7 @@
 
 The wall-clock benchmark (``bench_wkv.py``) says how far the kernel is from the memory bandwidth; this says
 why: how many bytes each kernel really moves between DRAM and the chip (the forward is designed to move
-8 passes over one (B, T, C) tensor against the minimal 5, the backward 19.5 against 8, docs/wkv.md
+8 passes over one (B, T, C) tensor against the minimal 5, the backward 15.5 against 8, docs/wkv.md
 "Benchmark (GPU)"), whether the L2 serves the re-reads, how many warps stay resident and how long a warp
 waits per instruction.
 Two halves; ``benchmarks/gpu_check.sh`` (step ``wkv_ncu``) runs both::

@@ -13,7 +13,7 @@ the rescan runs its store and finish steps), each one ``MUFU.EX2``; a loop's pos
 ``MUFU.EX2`` over that number, and the main loop is the one whose positions are whole blocks of the
 header's rows (``kAheadOf`` in phase 1, ``kCheckpointRows`` in phase 3, read by compiling a few lines
 against ``wkv_recurrence.h`` with the same defines) and which reads each position's inputs (2 forward,
-6 backward, through the read-only cache) -- preferring a loop that reads exactly those (phase 1 also
+4 in the backward's summary, 6 in its rescan, through the read-only cache) -- preferring a loop that reads exactly those (phase 1 also
 has loops for the first and last chunks, which fold one side only and which nvcc may unroll further),
 then the most positions, then the longest.  Phase 2 and the final reduction are left out (per chunk, not per
 position), and so is float64 (the tests' dtype).
@@ -22,7 +22,7 @@ Then, for a (B, T, C) call on a device (``--sms``, ``--clock-ghz``, ``--bandwidt
 bounds on the device time of a forward and of a forward + backward: issue = positions x instructions
 per position / (32 threads x 4 schedulers x SMs x clock), at one instruction per scheduler and cycle
 -- a bound no latency or stall improves; traffic = passes x (B, T, C) bytes / bandwidth, with the
-passes of the design (8 forward, 19.5 backward: docs/wkv.md, "Benchmark (GPU)").  Whichever is larger
+passes of the design (8 forward, 15.5 backward: docs/wkv.md, "Benchmark (GPU)").  Whichever is larger
 is what the kernel's design allows at best; the share of the peak ``bench_wkv.py`` reports (minimal
 bytes, 5 and 13 passes, over the time) follows from it.
 
@@ -55,12 +55,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # this checkout's cuda_wkv (its toolkit lookup), installed or not
 SOURCE = REPO / "cuda_wkv" / "csrc" / "wkv_cuda.cu"
 KERNELS = ("fwd_summary", "fwd_rescan", "bwd_summary", "bwd_rescan")
-INPUTS_PER_POSITION = {"fwd": 2, "bwd": 6}  # k, v / k, v, y, m, r, gy: the loads through __ldg
+# the loads through __ldg: k, v in the forward; the backward's folds read y, m, r, gy, its rescan also k, v
+INPUTS_PER_POSITION = {"fwd_summary": 2, "fwd_rescan": 2, "bwd_summary": 4, "bwd_rescan": 6}
 # exps per position in each kernel's main loop (docs/wkv.md, "Three phases" and "Backward"): phase 1
-# folds the left and the right sum (forward: one exp a fold; backward: two, its forward and transposed
-# sums), phase 3 a store step and a finish step (forward 1 + 3, backward 4 + 5)
-EXPS_PER_POSITION = {"fwd_summary": 2, "fwd_rescan": 4, "bwd_summary": 4, "bwd_rescan": 9}
-PASSES = {"fwd": 8.0, "bwd": 19.5}  # (B, T, C) tensors moved by design (docs/wkv.md)
+# folds the left and the right sum (one exp a fold), phase 3 a store step and a finish step (forward
+# 1 + 3, backward 2 + 3)
+EXPS_PER_POSITION = {"fwd_summary": 2, "fwd_rescan": 4, "bwd_summary": 2, "bwd_rescan": 5}
+PASSES = {"fwd": 8.0, "bwd": 15.5}  # (B, T, C) tensors moved by design (docs/wkv.md)
 MINIMAL_PASSES = {"fwd": 5, "bwd": 8}  # every input read once, every output written once
 SCHEDULERS_PER_SM = 4
 WARP = 32
@@ -186,7 +187,7 @@ def main_loop(instructions: List[tuple], kernel: str, rows: int) -> Tuple[Counte
     """A kernel's main loop -- its opcodes counted, its length -- and the positions one iteration
     handles (see the module's docstring)."""
     best: Optional[tuple] = None
-    inputs = INPUTS_PER_POSITION[kernel[:3]]
+    inputs = INPUTS_PER_POSITION[kernel]
     for body in loops(instructions):
         ops = Counter(_opcode(t) for t in body)
         exps = ops["MUFU.EX2"]
@@ -276,7 +277,7 @@ def report(counts: List[LoopCount], est: Dict[str, dict], args: argparse.Namespa
                      f"{c.per_position:.1f} | {c.mufu / c.positions:.1f} | {c.branches} | {c.calls} |")
     lines += ["", f"Lower bounds at B={args.B}, T={args.T}, C={args.C}, float32, on {args.sms} SMs at "
               f"{args.clock_ghz} GHz and {args.bandwidth_gbps:.0f} GB/s: issue (one instruction per scheduler "
-              "and cycle) and traffic (the design's 8 / 19.5 passes); the best share of the peak the larger "
+              "and cycle) and traffic (the design's 8 / 15.5 passes); the best share of the peak the larger "
               "allows, on the minimal bytes (5 / 13 passes) as `bench_wkv.py` counts them.", "",
               "| call | instructions per position | issue µs | traffic µs | binding | best share of peak |",
               "|---|---:|---:|---:|---|---:|"]

@@ -50,7 +50,7 @@ ROWS = {"fwd_summary": 8, "fwd_rescan": 8, "bwd_summary": 4, "bwd_rescan": 4}
 
 
 def _kernel_loops(kernel: str, blocks: int = 1, extra=("@P4 BRA 0x10", "CALL.REL.NOINC 0x40")) -> list:
-    return [(ROWS[kernel] * blocks, wkv_sass.INPUTS_PER_POSITION[kernel[:3]],
+    return [(ROWS[kernel] * blocks, wkv_sass.INPUTS_PER_POSITION[kernel],
              wkv_sass.EXPS_PER_POSITION[kernel], list(extra))]
 
 
@@ -69,7 +69,8 @@ def test_main_loop_instructions_per_position_from_a_listing():
     assert fwd.per_position == pytest.approx(45 / 8)
     assert fwd.mufu == 16 and fwd.branches == 3 and fwd.calls == 1
     bwd = counts["bwd_rescan"]
-    assert bwd.positions == 4 and bwd.loop_instructions == 4 * 16 + 5 and bwd.registers == 103
+    per_position = wkv_sass.INPUTS_PER_POSITION["bwd_rescan"] + wkv_sass.EXPS_PER_POSITION["bwd_rescan"] + 1
+    assert bwd.positions == 4 and bwd.loop_instructions == 4 * per_position + 5 and bwd.registers == 103
 
 
 def test_a_loop_holding_two_blocks_counts_both():

@@ -314,21 +314,16 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at
 template <typename F> struct BwdLanes {
   F f[kBwdFields][kBlock];
   wkv::BwdState<F> get(int j) const {
-    return {f[0][j], f[1][j], f[2][j], f[3][j], f[4][j],  f[5][j],
-            f[6][j], f[7][j], f[8][j], f[9][j], f[10][j]};
+    return {f[0][j], f[1][j], f[2][j], f[3][j], f[4][j], f[5][j], f[6][j]};
   }
   void put(int j, const wkv::BwdState<F>& s) {
     f[0][j] = s.a;
     f[1][j] = s.n;
-    f[2][j] = s.s0;
-    f[3][j] = s.s1;
-    f[4][j] = s.d0;
-    f[5][j] = s.d1;
-    f[6][j] = s.ta;
-    f[7][j] = s.tn;
-    f[8][j] = s.g0;
-    f[9][j] = s.g1;
-    f[10][j] = s.ty;
+    f[2][j] = s.g0;
+    f[3][j] = s.g1;
+    f[4][j] = s.ty;
+    f[5][j] = s.d0;
+    f[6][j] = s.d1;
   }
   void empty(int cnt) {
     wkv::BwdState<F> e;
@@ -376,8 +371,8 @@ void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, con
     const int64_t t = step_at(dir, t0, t1, i);
     if (i + kAhead < t1 - t0) {
       const int64_t ahead = (t + dir * kAhead) * io.C;
-      if (P == Pass::kFold || P == Pass::kFoldBoth) {
-        prefetch_rows(ahead, io.k, io.v, io.y, io.m, io.r, io.gy);
+      if (P == Pass::kFold || P == Pass::kFoldBoth) {  // folds read no k, v (bwd_fold)
+        prefetch_rows(ahead, io.y, io.m, io.r, io.gy);
       } else {
         prefetch_rows(ahead, io.k, io.v, io.y, io.m, io.r, io.gy, io.gv, io.gk);
       }
@@ -390,20 +385,19 @@ void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, con
       const F kk = io.k[o + j], vv = io.v[o + j], yy = io.y[o + j], mm = io.m[o + j],
               rr = io.r[o + j], gg = io.gy[o + j];
       if constexpr (P == Pass::kStore) {
-        wkv::bwd_emit(st, fdir, tf, kk, vv, yy, mm, rr, gg, io.w[j], gw[j], io.gv[o + j],
-                      io.gk[o + j]);
+        wkv::bwd_emit(st, fdir, tf, kk, vv, io.w[j], gw[j], io.gv[o + j], io.gk[o + j]);
       } else if constexpr (P == Pass::kFinish) {
         F q0, q1;
-        wkv::bwd_emit(st, fdir, tf, kk, vv, yy, mm, rr, gg, io.w[j], gw[j], q0, q1);
+        wkv::bwd_emit(st, fdir, tf, kk, vv, io.w[j], gw[j], q0, q1);
         wkv::bwd_finish(io.u[j], kk, vv, yy, mm, rr, gg, io.gv[o + j] + q0,
                         io.gk[o + j] + q1, io.w[j], gu[j], gw[j], io.gv[o + j],
                         io.gk[o + j]);
       }
-      wkv::bwd_fold(st, fdir, tf, kk, vv, yy, mm, rr, gg, io.w[j]);
+      wkv::bwd_fold(st, fdir, tf, yy, mm, rr, gg, io.w[j]);
       s.put(j, st);
       if constexpr (P == Pass::kFoldBoth) {
         wkv::BwdState<F> sr = right.get(j);
-        wkv::bwd_fold(sr, F(-1), tf, kk, vv, yy, mm, rr, gg, io.w[j]);
+        wkv::bwd_fold(sr, F(-1), tf, yy, mm, rr, gg, io.w[j]);
         right.put(j, sr);
       }
     }

@@ -398,82 +398,76 @@ WKV_HD void fwd_finish_step(F& a, F& n, F& s0, F& mean, F dir, F t, F k, F v, F 
 }
 
 // ----------------------------------------------------------------------------- backward
-// Backward state of one direction: the forward sum of this side (a, n; s0 = sum e,
-// s1 = sum e v) with distance channels relative to its reference term (d0 = sum (n - n_i) e,
-// d1 = sum (n - n_i) e v: position independent, and small where the weights are not), and
-// the transposed sum (ta, tn; g0 = sum gy e, g1 = sum gy e (y - ty)) whose y-channel is
-// relative to ty, the y of its reference term: gk_j sums gy P (y_t - v_j), which cancels
-// where one token dominates many rows (y_t ~ v_j); relative to ty the channel stays
-// small exactly there.  Numerators are plain sums here (see docs/wkv.md for the range
-// this implies).
+// Backward state of one direction: the transposed sum of this side's rows t' (reference
+// (a, n) = (-m, dir t' - r) of its reference row, g0 = sum gy e, g1 = sum gy e (y - ty))
+// whose y-channel is relative to ty, the y of its reference row: gk_j sums gy P (y_t' - v_j),
+// which cancels where one token dominates many rows (y_t' ~ v_j); relative to ty the channel
+// stays small exactly there.  Distance channels relative to the reference row (d0 = sum
+// (n - n_t') gy e, d1 = sum (n - n_t') gy e (y - ty): integer distances, position
+// independent) give gw column by column (bwd_emit).  Only the rows' y, m, r, gy enter the
+// state; k_j, v_j enter where it is emitted.  Numerators are plain sums here (see
+// docs/wkv.md for the range this implies).
 template <typename F> struct BwdState {
-  F a, n, s0, s1, d0, d1;
-  F ta, tn, g0, g1, ty;
+  F a, n, g0, g1, ty, d0, d1;
 };
-constexpr int kFwdFields = 4;   // a forward sum in the summary / carry buffers: a, n, s0, mean
-constexpr int kBwdFields = 11;  // a BwdState there, field by field (bwd_load / bwd_store)
+constexpr int kFwdFields = 4;  // a forward sum in the summary / carry buffers: a, n, s0, mean
+constexpr int kBwdFields = 7;  // a BwdState there, field by field (bwd_load / bwd_store)
 
 template <typename F> WKV_HD void bwd_empty(BwdState<F>& s) {
-  s.a = s.ta = neg_inf<F>();
-  s.n = s.tn = s.s0 = s.s1 = s.d0 = s.d1 = s.g0 = s.g1 = s.ty = F(0);
+  s.a = neg_inf<F>();
+  s.n = s.g0 = s.g1 = s.ty = s.d0 = s.d1 = F(0);
 }
 
-// Merge `o` into `s` (forward and transposed parts); both of one direction.
+// Moves the channels of a transposed sum to the reference (n + dn, ty - ey), dn an exact
+// integer: distances grow by dn, y differences by ey.
+template <typename F> WKV_HD void bwd_shift(F& g0, F& g1, F& d0, F& d1, F dn, F ey) {
+  g1 += ey * g0;
+  d1 += ey * d0 + dn * g1;
+  d0 += dn * g0;
+}
+
+// Merge `o` into `s`; both of one direction.  The merged reference keeps lazy rescaling
+// (merge_scales with kRescaleMargin).
 template <typename F> WKV_HD void bwd_merge(BwdState<F>& s, const BwdState<F>& o, F w) {
   F so, sn;
   bool up;
-  merge_scales(rel(o.a, o.n, s.a, s.n, w), F(0), so, sn, up);
-  const F nm = up ? o.n : s.n;  // the merged reference; distances move to it
-  const F ds = nm - s.n, dn = nm - o.n;
-  s.d0 = (s.d0 + ds * s.s0) * so + (o.d0 + dn * o.s0) * sn;
-  s.d1 = (s.d1 + ds * s.s1) * so + (o.d1 + dn * o.s1) * sn;
-  s.s0 = s.s0 * so + o.s0 * sn;
-  s.s1 = s.s1 * so + o.s1 * sn;
+  merge_scales(rel(o.a, o.n, s.a, s.n, w), F(kRescaleMargin), so, sn, up);
+  const F n = up ? o.n : s.n, ty = up ? o.ty : s.ty;
+  F og0 = o.g0, og1 = o.g1, od0 = o.d0, od1 = o.d1;
+  bwd_shift(s.g0, s.g1, s.d0, s.d1, n - s.n, s.ty - ty);
+  bwd_shift(og0, og1, od0, od1, n - o.n, o.ty - ty);
+  s.g0 = s.g0 * so + og0 * sn;
+  s.g1 = s.g1 * so + og1 * sn;
+  s.d0 = s.d0 * so + od0 * sn;
+  s.d1 = s.d1 * so + od1 * sn;
   s.a = up ? o.a : s.a;
-  s.n = nm;
-  merge_scales(rel(o.ta, o.tn, s.ta, s.tn, w), F(kRescaleMargin), so, sn, up);
-  const F ty = up ? o.ty : s.ty;  // the y-channel moves to the merged reference's y
-  s.g1 = (s.g1 + (s.ty - ty) * s.g0) * so + (o.g1 + (o.ty - ty) * o.g0) * sn;
-  s.g0 = s.g0 * so + o.g0 * sn;
+  s.n = n;
   s.ty = ty;
-  s.ta = up ? o.ta : s.ta;
-  s.tn = up ? o.tn : s.tn;
 }
 
-// Fold position t into a state of direction dir (+1: left sums, scanned left to right;
-// -1: right sums).  Term t of the forward sum: (k_t, dir*t); of the transposed sum:
-// (-m_t, dir*t - r_t) with g0 = gy_t and reference ty = y_t (so g1 = 0).
-template <typename F>
-WKV_HD void bwd_fold(BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, F w) {
-  BwdState<F> o;
-  o.a = k;
-  o.n = dir * t;
-  o.s0 = F(1);
-  o.s1 = v;
-  o.d0 = o.d1 = F(0);
-  o.ta = -m;
-  o.tn = dir * t - r;
-  o.g0 = gy;
-  o.g1 = F(0);
-  o.ty = y;
+// Fold row t into a state of direction dir (+1: left sums, scanned left to right; -1: right
+// sums): its transposed term (-m_t, dir*t - r_t) with g0 = gy_t and reference ty = y_t
+// (so g1 = d0 = d1 = 0).
+template <typename F> WKV_HD void bwd_fold(BwdState<F>& s, F dir, F t, F y, F m, F r, F gy, F w) {
+  const BwdState<F> o{-m, dir * t - r, gy, F(0), y, F(0), F(0)};
   bwd_merge(s, o, w);
 }
 
-// This side's contributions at position j = t (before folding t): its part of gw (summed
-// into gw_acc) and the transposed sums q0 = sum_t' gy P_t'j, q1 = sum_t' gy P_t'j (y_t' - v_j).
-// gw uses sum_i P_ti (v_i - y_t) = 0 over the whole row: the distances c_ti = |t-i| - 1
-// are replaced by c_ti + r_t (r_t = minus the distance of the row's reference term), which
-// keeps the float sums free of cancellation between large distances.
+// This side's contributions at column j = t (before folding row t): the transposed sums
+// q0 = sum_t' gy P_t'j, q1 = sum_t' gy P_t'j (y_t' - v_j) over the side's rows t', and their
+// part of gw, -sum_t' gy P_t'j (c_t'j + r_t') (v_j - y_t'), summed into gw_acc.  With
+// x = n + seen_from(dir, t), row t' has c_t'j + r_t' = -(x - (n - n_t')): x for the reference
+// row, whose P_t'j <= 1, and the exact integer distance channels for the others, so the float
+// sums are free of cancellation between large distances (the row-wise shift by r_t of
+// docs/wkv.md, "Backward").
 template <typename F, typename A>
-WKV_HD void bwd_emit(const BwdState<F>& s, F dir, F t, F k, F v, F y, F m, F r, F gy, F w,
-                     A& gw_acc, F& q0, F& q1) {
-  const F pos = seen_from(dir, t);
-  const F ef = wkv_exp(rel(s.a, s.n + pos, m, r, w));  // e^{L_t,ref - lse_t} <= 1
-  const F shift = r - (s.n + pos);  // distance of this side's reference + r_t
-  gw_acc -= static_cast<A>(gy * ef * (shift * (s.s1 - y * s.s0) + (s.d1 - y * s.d0)));
-  const F et = wkv_exp((k + s.ta) + (s.tn + pos) * w);  // <= 1: a softmax weight
+WKV_HD void bwd_emit(const BwdState<F>& s, F dir, F t, F k, F v, F w, A& gw_acc, F& q0, F& q1) {
+  const F x = s.n + seen_from(dir, t);
+  const F et = wkv_exp((k + s.a) + x * w);  // <= 1: a softmax weight
+  const F dy = s.ty - v;
   q0 = et * s.g0;
-  q1 = et * (s.g1 + (s.ty - v) * s.g0);
+  q1 = et * (s.g1 + dy * s.g0);
+  gw_acc += static_cast<A>(et * ((s.d1 + dy * s.d0) - x * (s.g1 + dy * s.g0)));
 }
 
 // Final combination at position t (second backward pass): q0, q1 summed over both sides.
@@ -508,29 +502,21 @@ template <typename F> WKV_HD void fwd_store(F a, F n, F s0, F mean, F* p, int64_
 template <typename F> WKV_HD void bwd_load(BwdState<F>& s, const F* p, int64_t fs) {
   s.a = p[0];
   s.n = p[fs];
-  s.s0 = p[2 * fs];
-  s.s1 = p[3 * fs];
-  s.d0 = p[4 * fs];
-  s.d1 = p[5 * fs];
-  s.ta = p[6 * fs];
-  s.tn = p[7 * fs];
-  s.g0 = p[8 * fs];
-  s.g1 = p[9 * fs];
-  s.ty = p[10 * fs];
+  s.g0 = p[2 * fs];
+  s.g1 = p[3 * fs];
+  s.ty = p[4 * fs];
+  s.d0 = p[5 * fs];
+  s.d1 = p[6 * fs];
 }
 
 template <typename F> WKV_HD void bwd_store(const BwdState<F>& s, F* p, int64_t fs) {
   p[0] = s.a;
   p[fs] = s.n;
-  p[2 * fs] = s.s0;
-  p[3 * fs] = s.s1;
-  p[4 * fs] = s.d0;
-  p[5 * fs] = s.d1;
-  p[6 * fs] = s.ta;
-  p[7 * fs] = s.tn;
-  p[8 * fs] = s.g0;
-  p[9 * fs] = s.g1;
-  p[10 * fs] = s.ty;
+  p[2 * fs] = s.g0;
+  p[3 * fs] = s.g1;
+  p[4 * fs] = s.ty;
+  p[5 * fs] = s.d0;
+  p[6 * fs] = s.d1;
 }
 
 // A forward sum as one value, so that phase 2 handles forward sums and backward states alike.
@@ -718,11 +704,14 @@ template <typename F> WKV_HD F load_input(const F* p) {
 #endif
 }
 
-template <typename F, bool Bwd, typename S>
+// KV: also k, v (all but the backward's folds, which read only y, m, r, gy: bwd_fold).
+template <typename F, bool Bwd, bool KV = true, typename S>
 WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int i) {
   const int o = l.offset(i);
-  row.k = load_input(l.k + o);
-  row.v = load_input(l.v + o);
+  if (KV) {
+    row.k = load_input(l.k + o);
+    row.v = load_input(l.v + o);
+  }
   if (Bwd) {
     row.y = load_input<F>(l.y + o);
     row.m = load_input<F>(l.m + o);
@@ -731,9 +720,9 @@ WKV_HD void load_row(Row<F>& row, const Lane<F, S>& l, int i) {
   }
 }
 
-// The rows of one pass over a lane's chunk in direction dir, in blocks of kAhead:
+// The rows of one phase-1 pass over a lane's chunk in direction dir, in blocks of kAhead:
 // advance(i) makes the block of steps i .. i + kAhead - 1 current (cur) and issues the
-// loads of the next one (next).
+// loads of the next one (next).  Phase 1 folds: the backward's rows without k, v.
 template <typename F, bool Bwd, typename S> struct RowBlocks {
   static constexpr int kAhead = kAheadOf<F, Bwd>;
   const Lane<F, S>& l;
@@ -748,7 +737,7 @@ template <typename F, bool Bwd, typename S> struct RowBlocks {
   // Whole: the caller knows the block at i lies in the chunk (no guards)
   template <bool Whole = false> WKV_HD void load(int i) {
     WKV_UNROLL for (int j = 0; j < kAhead; ++j) {
-      if (Whole || i + j < l.len) load_row<F, Bwd>(next[j], l, pos(i + j));
+      if (Whole || i + j < l.len) load_row<F, Bwd, !Bwd>(next[j], l, pos(i + j));
     }
   }
   template <bool NextWhole> WKV_HD void advance(int i) {
@@ -807,7 +796,7 @@ WKV_HD void state_fold(FwdSum<F>& s, F dir, F t, const Row<F>& row, F w) {
 }
 template <typename F>
 WKV_HD void state_fold(BwdState<F>& s, F dir, F t, const Row<F>& row, F w) {
-  bwd_fold(s, dir, t, row.k, row.v, row.y, row.m, row.r, row.gy, w);
+  bwd_fold(s, dir, t, row.y, row.m, row.r, row.gy, w);
 }
 
 // Checkpoints.  The CUDA kernel rescans a chunk in one pass, right to left, in blocks of
@@ -1005,19 +994,19 @@ WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, const F* carry, int64_t ds, int
   checkpointed_rescan<BwdSide<F>, true>(
       l, carry, ds, fs, ck, ck_stride,
       [&](BwdState<F>& left, F t, const Row<F>& c, BwdSide<F>& side) {
-        bwd_emit(left, F(1), t, c.k, c.v, c.y, c.m, c.r, c.gy, l.w, sw, side.q0, side.q1);
-        bwd_fold(left, F(1), t, c.k, c.v, c.y, c.m, c.r, c.gy, l.w);
+        bwd_emit(left, F(1), t, c.k, c.v, l.w, sw, side.q0, side.q1);
+        bwd_fold(left, F(1), t, c.y, c.m, c.r, c.gy, l.w);
       },
       [&](BwdState<F>& right, int i, const Row<F>& c, BwdSide<F>& side) {
         const int o = l.offset(i);
         const F tf = l.position(i);
         F p0, p1, g_v, g_k;
-        bwd_emit(right, F(-1), tf, c.k, c.v, c.y, c.m, c.r, c.gy, l.w, sw, p0, p1);
+        bwd_emit(right, F(-1), tf, c.k, c.v, l.w, sw, p0, p1);
         bwd_finish(l.u, c.k, c.v, c.y, c.m, c.r, c.gy, side.q0 + p0, side.q1 + p1, l.w, su, sw,
                    g_v, g_k);
         l.gv[o] = g_v;
         l.gk[o] = g_k;
-        bwd_fold(right, F(-1), tf, c.k, c.v, c.y, c.m, c.r, c.gy, l.w);
+        bwd_fold(right, F(-1), tf, c.y, c.m, c.r, c.gy, l.w);
       });
   gw = sw;
   gu = su;
