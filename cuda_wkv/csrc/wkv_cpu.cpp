@@ -32,6 +32,16 @@ using wkv::kFwdFields;
 #define WKV_SIMD _Pragma("omp simd")
 #endif
 
+// A pass kept out of its caller.  Inlined into the parallel task loop, gcc 12 (-O3
+// -march=native) did not if-convert the backward's phase-1 lane loop ("control flow in loop",
+// -fopt-info-vec-missed) and ran it scalar: a float32 backward 2.3x slower at B=2, T=32768,
+// C=64 (docs/wkv.md, "Benchmark (CPU)").  One call per (task, chunk): no measurable cost.
+#if defined(__GNUC__)
+#define WKV_NOINLINE __attribute__((noinline))
+#else
+#define WKV_NOINLINE
+#endif
+
 // Software prefetch.  A task walks its block of kBlock channels along t at a stride of C
 // elements, touching one 64-byte line per tensor and step (two in float64): the hardware
 // prefetchers follow that poorly (a 4 KiB page holds few steps), and a forward step cost
@@ -354,7 +364,7 @@ template <typename F> struct BwdIO {
 // the gradients.
 // gw_io / gu_io: the task's partial sums of gw and gu, accumulated in place.
 template <typename F, int NB, Pass P>
-void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, const F* from,
+WKV_NOINLINE void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, int n_rt, const F* from,
               F* to, int64_t stride, double* gw_io, double* gu_io) {
   const int n = NB > 0 ? NB : n_rt;
   constexpr bool kRescan = P == Pass::kStore || P == Pass::kFinish;  // sums gw, gu

@@ -418,28 +418,22 @@ template <typename F> WKV_HD void bwd_empty(BwdState<F>& s) {
   s.n = s.g0 = s.g1 = s.ty = s.d0 = s.d1 = F(0);
 }
 
-// Moves the channels of a transposed sum to the reference (n + dn, ty - ey), dn an exact
-// integer: distances grow by dn, y differences by ey.
-template <typename F> WKV_HD void bwd_shift(F& g0, F& g1, F& d0, F& d1, F dn, F ey) {
-  g1 += ey * g0;
-  d1 += ey * d0 + dn * g1;
-  d0 += dn * g0;
-}
-
 // Merge `o` into `s`; both of one direction.  The merged reference keeps lazy rescaling
-// (merge_scales with kRescaleMargin).
+// (merge_scales with kRescaleMargin); each side's channels first move to it: distances grow by
+// the exact integer n - n_side, y differences by ty_side - ty (plain expressions, not a helper
+// updating by reference: with one, gcc 12 -O3 did not if-convert a lane loop of two folds, a
+// reduced copy of the CPU kernel's phase 1, and left it scalar).
 template <typename F> WKV_HD void bwd_merge(BwdState<F>& s, const BwdState<F>& o, F w) {
   F so, sn;
   bool up;
   merge_scales(rel(o.a, o.n, s.a, s.n, w), F(kRescaleMargin), so, sn, up);
   const F n = up ? o.n : s.n, ty = up ? o.ty : s.ty;
-  F og0 = o.g0, og1 = o.g1, od0 = o.d0, od1 = o.d1;
-  bwd_shift(s.g0, s.g1, s.d0, s.d1, n - s.n, s.ty - ty);
-  bwd_shift(og0, og1, od0, od1, n - o.n, o.ty - ty);
-  s.g0 = s.g0 * so + og0 * sn;
-  s.g1 = s.g1 * so + og1 * sn;
-  s.d0 = s.d0 * so + od0 * sn;
-  s.d1 = s.d1 * so + od1 * sn;
+  const F ds = n - s.n, dn = n - o.n, es = s.ty - ty, eo = o.ty - ty;
+  const F sg1 = s.g1 + es * s.g0, og1 = o.g1 + eo * o.g0;
+  s.d1 = (s.d1 + es * s.d0 + ds * sg1) * so + (o.d1 + eo * o.d0 + dn * og1) * sn;
+  s.d0 = (s.d0 + ds * s.g0) * so + (o.d0 + dn * o.g0) * sn;
+  s.g1 = sg1 * so + og1 * sn;
+  s.g0 = s.g0 * so + o.g0 * sn;
   s.a = up ? o.a : s.a;
   s.n = n;
   s.ty = ty;
