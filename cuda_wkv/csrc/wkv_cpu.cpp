@@ -392,11 +392,12 @@ WKV_NOINLINE void bwd_pass(const BwdIO<F>& io, int dir, int64_t t0, int64_t t1, 
     WKV_SIMD
     for (int j = 0; j < n; ++j) {
       wkv::BwdState<F> st = s.get(j);
-      const F kk = io.k[o + j], vv = io.v[o + j], yy = io.y[o + j], mm = io.m[o + j],
-              rr = io.r[o + j], gg = io.gy[o + j];
+      const F yy = io.y[o + j], mm = io.m[o + j], rr = io.r[o + j], gg = io.gy[o + j];
       if constexpr (P == Pass::kStore) {
-        wkv::bwd_emit(st, fdir, tf, kk, vv, io.w[j], gw[j], io.gv[o + j], io.gk[o + j]);
+        wkv::bwd_emit(st, fdir, tf, io.k[o + j], io.v[o + j], io.w[j], gw[j], io.gv[o + j],
+                      io.gk[o + j]);
       } else if constexpr (P == Pass::kFinish) {
+        const F kk = io.k[o + j], vv = io.v[o + j];
         F q0, q1;
         wkv::bwd_emit(st, fdir, tf, kk, vv, io.w[j], gw[j], q0, q1);
         wkv::bwd_finish(io.u[j], kk, vv, yy, mm, rr, gg, io.gv[o + j] + q0,

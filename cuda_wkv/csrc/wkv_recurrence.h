@@ -93,7 +93,8 @@
 namespace wkv {
 
 // Positions (or chunk summaries) a pass loads ahead: WKV_ROWS_AHEAD for the forward in
-// float, half as many for the backward's 11-field state and for double (registers).
+// float, half as many for the backward (its 7-field state in phase 2, its six inputs in phase
+// 3) and for double (registers).
 template <typename F, bool Bwd>
 constexpr int kAheadOf = WKV_ROWS_AHEAD / ((Bwd ? 2 : 1) * (sizeof(F) > 4 ? 2 : 1)) > 0
                              ? WKV_ROWS_AHEAD / ((Bwd ? 2 : 1) * (sizeof(F) > 4 ? 2 : 1))
@@ -106,7 +107,7 @@ template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
 // of weight 1, the largest or within a factor e of it (merge_scales): x <= 1 (up to
 // rounding).
 // * CUDA: 2^(x log2 e) from the hardware's ex2.approx.ftz (MUFU.EX2, within 2 ulp of 2^y; y
-//   rounded to float first): two instructions where expf takes eight (9 exps a position in
+//   rounded to float first): two instructions where expf takes eight (5 exps a position in
 //   the backward's rescan; the instructions, as wkv_sass.py counts them).  Rounding y costs a relative error up to |x| 2^-24 on top of the
 //   2 ulp, so up to ~1.2 |x| ulp (CUDA's __expf bound); the absolute error that adds to a
 //   weight e^x, |x| e^x 2^-24 <= e 2^-24 (x <= 1), is below an ulp of the reference's weight 1.
@@ -805,8 +806,9 @@ WKV_HD void state_fold(BwdState<F>& s, F dir, F t, const Row<F>& row, F w) {
 // each input once, plus the checkpoints.  Passes over a (B, T, C) tensor: the forward
 // reads k, v twice, writes y, m, r once and moves its checkpoints (4 fields every 8 rows)
 // once each way: 2 + 3 + 2 + 2 * 0.5 = 8 (15 with a store pass; the minimal 5); the
-// backward 2 * 6 + 2 + 2 * 11 / 4 = 19.5 (24; the minimal 8).  The sequential steps per
-// chunk stay about 3 L: phase 3's store and finish steps are two dependent chains per
+// backward reads y, m, r, gy in phase 1 and all six inputs in phase 3, writes gk, gv and moves
+// 7 fields every 4 rows each way: 4 + 6 + 2 + 2 * 7 / 4 = 15.5 (22 with a store pass; the
+// minimal 8).  The sequential steps per chunk stay about 3 L: phase 3's store and finish steps are two dependent chains per
 // block; what the checkpoints save is memory traffic.  A fixed spacing, not the depth of
 // the loads ahead, so the results do not depend on that depth; chosen so that a block's
 // rows, the next block's and the re-derived values stay in registers (docs/wkv.md, "CUDA registers").  WKV_CHECKPOINT_ROWS overrides it for
