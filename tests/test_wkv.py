@@ -252,15 +252,15 @@ def test_chunk_length_rules(cpu_kernel, monkeypatch):
     assert cl("cpu", 2, 32768, 64, 2, 8) == 32768  # 8 channel blocks >= 2 threads: one chunk
     assert cl("cpu", 1, 262144, 8, 2, 8) == 131072  # one block, two threads: two chunks
     assert cl("cpu", 1, 1000, 8, 2, 8) == 1000  # short sequences are not split
-    # float32: at most 1024 positions a chunk, for accuracy (wkv_recurrence.h, "chunk length")
-    assert cl("cpu", 2, 32768, 64, 2, 4) == 1024 and cl("cpu", 1, 262144, 8, 2, 4) == 1024
-    assert cl("cpu", 1, 1000, 8, 2, 4) == 1000 and cl("cpu", 1, 1500, 8, 1, 4) == 750  # even chunks
-    assert cl("cpu", 1, 2049, 8, 1, 4) == 683 and cl("cuda", 1, 2049, 8, 1, 4) == 683
+    # float32: at most 256 positions a chunk, for accuracy (wkv_recurrence.h, "chunk length")
+    assert cl("cpu", 2, 32768, 64, 2, 4) == 256 and cl("cpu", 1, 262144, 8, 2, 4) == 256
+    assert cl("cpu", 1, 256, 8, 2, 4) == 256 and cl("cpu", 1, 257, 8, 1, 4) == 129  # even chunks
+    assert cl("cpu", 1, 1500, 8, 2, 4) == 250 and cl("cuda", 1, 2049, 8, 1, 4) == 228
     L = cl("cuda", 2, 32768, 128, 132 * 2048, 4)
     assert 32 <= L < 32768 and (32768 + L - 1) // L <= int(math.sqrt(3 * 32768)) + 1
     assert cl("cuda", 128, 100, 4096, 132 * 2048, 4) == 100  # lanes fill the device: no split
     assert cl("cuda", 128, 32768, 4096, 132 * 2048, 8) == 32768  # ... in float64
-    assert cl("cuda", 128, 32768, 4096, 132 * 2048, 4) == 1024  # float32: the accuracy cap
+    assert cl("cuda", 128, 32768, 4096, 132 * 2048, 4) == 256  # float32: the accuracy cap
     with pytest.raises(RuntimeError, match="chunk_length: itemsize must be 4 .float32. or 8 .float64., got 2"):
         cl("cpu", 1, 100, 8, 2, 2)
     # the CUDA kernel's phase 2: one scan below 96 chunks, then about sqrt(n) groups (work-items table)
@@ -353,7 +353,7 @@ def test_float32_accuracy_long_sequence(cpu_kernel, monkeypatch, wT):
 @pytest.mark.parametrize("wT", [0.1, 1.0, 10.0])
 def test_float32_accuracy_one_long_chunk(cpu_kernel, monkeypatch, wT):
     """T = 32768 at GLSP's |w| T (w = decay / T), one chunk of 32768 (forced: the automatic float32
-    length is 1024): float32 values and all four gradients within 1e-5 of the float64 kernel on
+    length is 256): float32 values and all four gradients within 1e-5 of the float64 kernel on
     the same rounded inputs.  Over one long scan the transposed sums' reference moved at almost
     every step, rescaling the sum by the same rounded factor each time: gk and gv were 5e-5 to
     1.3e-4 off before the lazy rescaling (wkv_recurrence.h, merge_scales)."""
@@ -382,7 +382,7 @@ def test_float32_accuracy_does_not_grow_with_t(cpu_kernel, monkeypatch, wT):
     y was 1.1e-4 off here, gw 1.7e-4, gu, gk, gv 3-4e-5 (wkv_recurrence.h, "chunk length")."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
-    assert cpu_kernel.chunk_length("cpu", 1, 262144, 8, torch.get_num_threads(), 4) == 1024
+    assert cpu_kernel.chunk_length("cpu", 1, 262144, 8, torch.get_num_threads(), 4) == 256
     _assert_float32_close_to_float64(262144, 8, wT)
 
 
@@ -902,9 +902,30 @@ def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch
     assert [(r["backend"], r["dtype"]) for r in data["dense"]] == [
         ("kernel", "float32"), ("kernel", "float64"), ("scan", "float32"), ("scan", "float64")]
     assert [(r["backend"], r["impl"]) for r in data["long"]] == [("kernel", "cpu"), ("scan", "torch")]
-    assert data["long"][0]["chunks"] == [550, 1100]  # float32's chunks are capped (two of 550), float64's not
+    assert data["long"][0]["chunks"] == [220, 1100]  # float32's chunks are capped (five of 220), float64's not
     for r in data["dense"] + data["long"]:
         tol = 1e-9 if r.get("dtype") == "float64" else 1e-4
         assert all(0 <= r[c] <= tol for c in ("y", "gw", "gu", "gk", "gv")), r
     md = (tmp_path / "wkv_accuracy_cpu.md").read_text()
-    assert "## T = 1100 vs the float64 kernel" in md and "| 1×1100×5 | 1 | kernel (cpu) | 550 / 1100 |" in md
+    assert "## T = 1100 vs the float64 kernel" in md and "| 1×1100×5 | 1 | kernel (cpu) | 220 / 1100 |" in md
+
+
+def test_bench_wkv_chunk_sweep_writes_its_table(cpu_kernel, tmp_path, monkeypatch):
+    """``bench_wkv.py --chunk-sweep`` (one draw, two |w|T, a short sequence): one row per forced
+    chunk length with five small errors; the forced length does not leak into the environment."""
+    from bench_scripts import load
+
+    bench = load("bench_wkv")
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setattr(bench, "CHUNK_SWEEP_WT", (1.0, 1000.0))
+    assert bench.main(["--chunk-sweep", "--T", "300", "--C", "3", "--seeds", "1", "--chunks", "7",
+                       "300", "--out-dir", str(tmp_path)]) == 0
+    assert "CUDA_WKV_CHUNK" not in os.environ
+    md = (tmp_path / "wkv_chunk_sweep_cpu.md").read_text()
+    assert "--chunk-sweep --T 300 --C 3 --seeds 1 --chunks 7 300" in md
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", md, re.M)
+    assert [int(L) for L, _ in rows] == [7, 300]
+    for _, cells in rows:
+        errs = [float(x) for x in cells.split(" | ")]
+        assert len(errs) == 5 and all(0 <= e <= 1e-4 for e in errs), cells

@@ -8,7 +8,7 @@
 // two chunks the halves need no phase 1 or 2 (see "Two halves" below).  The partition
 // depends only on the shape and the chunk length, and every lane sums in a fixed order:
 // for a given chunk length the results are bitwise independent of the thread count.
-// The automatic chunk length is at most 1024 in float32 (for accuracy, wkv_recurrence.h) and
+// The automatic chunk length is at most 256 in float32 (for accuracy, wkv_recurrence.h) and
 // splits the sequence further only when there are fewer (batch, channel block) tasks than
 // threads; CUDA_WKV_CHUNK forces it.
 #include <torch/extension.h>

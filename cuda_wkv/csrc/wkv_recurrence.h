@@ -1024,16 +1024,20 @@ WKV_HD void lane_bwd_rescan(const BwdLane<F>& l, const F* carry, int64_t ds, int
 // are lost whole (with k ~ N(0, 2^2) most terms weigh e^-8 of the largest or less), and the
 // forward's running mean drifts by about an ulp a step.  One float32
 // chunk of 131072 (two halves of T = 262144, B = 1, C = 8) put y off by 1.1e-4 of its largest
-// value and gw by 3e-4 (bench_wkv.py --accuracy's long table; the target is 1e-5).  Chunks summed
-// on their own and merged (a two-level sum) bound the error by the chunk length rather than T:
-// worst column at T = 32768 / 262144 with 1024: 4.2e-6 / 5.2e-6 (2048: 7.9e-6 / 1.3e-5, 4096:
-// 1.0e-5 / 2.1e-5; docs/wkv.md, "The float32 cap").  float64 needs no cap.  The price on
-// the CPU is phase 1, a fold pass the one chunk or the two halves did not run (docs/wkv.md,
-// "Benchmark (CPU)").  CUDA_WKV_CHUNK overrides the cap too (the tests force one long chunk).
-constexpr int64_t kFloatChunkMax = 1024;
+// value and gw by 3e-4 (the target is 1e-5).  Chunks summed on their own and merged (a two-level
+// sum) bound the error by the chunk length rather than T.  gw is the most sensitive: where w T is
+// small (long memory) it is a covariance of distance and v over thousands of terms, and the
+// forward's y error enters it ~sqrt(terms) times amplified (a float64 backward on the float32
+// forward's y, m, r is as far off).  Worst gw over 192 draws at T = 32768, C = 64 (bench_wkv.py
+// --chunk-sweep, docs/wkv.md "The float32 cap"): 3.9e-6 with chunks of 128, 5.9e-6 with 256,
+// 6.7e-6 with 512, 1.3e-5 with 1024 (which the cap was until 2026-12-05).  256 cost the CPU
+// ~5 % of fwd+bwd time at B = 2, T = 32768, C = 64 against 1024 (bench_wkv.py --targets);
+// GLSP's CUDA calls use shorter chunks anyway.  float64 needs no cap.  CUDA_WKV_CHUNK overrides the
+// cap too (the tests force one long chunk).
+constexpr int64_t kFloatChunkMax = 256;
 
 // len for elements of `itemsize` bytes, or where it exceeds the float32 cap the even length of
-// ceil(T / cap) chunks (T = 1025: two of 513, not 1024 + 1).
+// ceil(T / cap) chunks (T = 257: two of 129, not 256 + 1).
 inline int64_t capped_chunk(int64_t T, int64_t len, int64_t itemsize) {
   const int64_t cap = itemsize > 4 ? INT64_MAX : kFloatChunkMax;
   if (len <= cap) return len;
