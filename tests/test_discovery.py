@@ -163,3 +163,23 @@ def test_register_trainers_survives_an_overwritten_variable(tmp_path, monkeypatc
     assert before == 'before: Could not find requested nnunet trainer nnUNetTrainerLightDecoder'
     assert after == 'after: LightDecoderUNet'
     assert json.loads(found) == {'names': sorted(all_ours), 'all_found': True, 'stock': True}
+
+
+def test_shim_in_a_python_without_nnunetv2_ext_names_the_interpreter_and_the_fix():
+    """The child ``nnUNetv2_train`` may belong to another Python than the parent that set
+    nnUNet_extTrainer (a --system-site-packages virtualenv whose nnunetv2 lives outside it): the
+    lookup then imports our shim where nnunetv2_ext is missing. It says so, not just 'No module'."""
+    shim = os.path.join(discovery.SHIM_FOLDER, 'nnunetv2_ext_trainers.py')
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('nnunetv2_ext_trainers', {shim!r})\n"
+            "try:\n"
+            "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "except ImportError as e:\n"
+            "    print(type(e).__name__, '|', e)\n")
+    env = {k: v for k, v in _clean_env().items() if k != 'PYTHONPATH'}
+    out = _python(code, env, '-S')  # no site-packages: nnunetv2_ext is not importable
+    kind, message = out.split(' | ', 1)
+    assert kind == 'ImportError'
+    assert f'this Python, {sys.executable}, cannot import nnunetv2_ext' in message
+    assert discovery.SHIM_FOLDER in message and 'nnUNet_extTrainer' in message
+    assert f'{sys.executable} -m pip install' in message
