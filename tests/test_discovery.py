@@ -165,21 +165,40 @@ def test_register_trainers_survives_an_overwritten_variable(tmp_path, monkeypatc
     assert json.loads(found) == {'names': sorted(all_ours), 'all_found': True, 'stock': True}
 
 
-def test_shim_in_a_python_without_nnunetv2_ext_names_the_interpreter_and_the_fix():
-    """The child ``nnUNetv2_train`` may belong to another Python than the parent that set
-    nnUNet_extTrainer (a --system-site-packages virtualenv whose nnunetv2 lives outside it): the
-    lookup then imports our shim where nnunetv2_ext is missing. It says so, not just 'No module'."""
+def _shim_error(code_before: str, *flags: str) -> tuple[str, str]:
+    """(exception type, message) of importing our shim the way nnU-Net's lookup does, in a child Python."""
     shim = os.path.join(discovery.SHIM_FOLDER, 'nnunetv2_ext_trainers.py')
-    code = ("import importlib.util, sys\n"
+    code = (code_before + "import importlib.util, sys\n"
             f"spec = importlib.util.spec_from_file_location('nnunetv2_ext_trainers', {shim!r})\n"
             "try:\n"
             "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
             "except ImportError as e:\n"
             "    print(type(e).__name__, '|', e)\n")
     env = {k: v for k, v in _clean_env().items() if k != 'PYTHONPATH'}
-    out = _python(code, env, '-S')  # no site-packages: nnunetv2_ext is not importable
-    kind, message = out.split(' | ', 1)
+    kind, message = _python(code, env, *flags).split(' | ', 1)
+    return kind, message
+
+
+def test_shim_in_a_python_without_nnunetv2_ext_names_the_interpreter_and_the_fix():
+    """The child ``nnUNetv2_train`` may belong to another Python than the parent that set
+    nnUNet_extTrainer (a --system-site-packages virtualenv whose nnunetv2 lives outside it): the
+    lookup then imports our shim where nnunetv2_ext is missing. It says so, not just 'No module'."""
+    # nnunetv2_ext made unimportable in an otherwise normal Python: a finder in front of the others that
+    # reports it missing, as an interpreter without it would
+    kind, message = _shim_error(
+        "import sys\n"
+        "class Missing:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'nnunetv2_ext':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Missing())\n"
+        "for m in [m for m in sys.modules if m.split('.')[0] == 'nnunetv2_ext']:\n"
+        "    del sys.modules[m]  # the startup hook imported nnunetv2_ext.discovery\n")
     assert kind == 'ImportError'
     assert f'this Python, {sys.executable}, cannot import nnunetv2_ext' in message
     assert discovery.SHIM_FOLDER in message and 'nnUNet_extTrainer' in message
     assert f'{sys.executable} -m pip install' in message
+    # without site-packages (python -S) the fix is the env command, not an install
+    kind, message = _shim_error('', '-S')
+    assert kind == 'ImportError'
+    assert 'without site-packages (python -S)' in message and 'nnunetv2-ext env --no-site' in message

@@ -912,7 +912,8 @@ def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch
 
 def test_bench_wkv_chunk_sweep_writes_its_table(cpu_kernel, tmp_path, monkeypatch):
     """``bench_wkv.py --chunk-sweep`` (one draw, two |w|T, a short sequence): one row per forced
-    chunk length with five small errors; the forced length does not leak into the environment."""
+    chunk length with five small errors; the forced length does not leak into the environment, and
+    the caller's CUDA_WKV_CHUNK / CUDA_WKV_BACKEND come back as they were."""
     from bench_scripts import load
 
     bench = load("bench_wkv")
@@ -921,7 +922,12 @@ def test_bench_wkv_chunk_sweep_writes_its_table(cpu_kernel, tmp_path, monkeypatc
     monkeypatch.setattr(bench, "CHUNK_SWEEP_WT", (1.0, 1000.0))
     assert bench.main(["--chunk-sweep", "--T", "300", "--C", "3", "--seeds", "1", "--chunks", "7",
                        "300", "--out-dir", str(tmp_path)]) == 0
-    assert "CUDA_WKV_CHUNK" not in os.environ
+    assert "CUDA_WKV_CHUNK" not in os.environ and "CUDA_WKV_BACKEND" not in os.environ
+    monkeypatch.setenv("CUDA_WKV_CHUNK", "5")
+    monkeypatch.setenv("CUDA_WKV_BACKEND", "torch")  # the sweep measures the kernel whatever this says
+    assert bench.main(["--chunk-sweep", "--T", "300", "--C", "3", "--seeds", "1", "--chunks", "7",
+                       "300", "--out-dir", str(tmp_path)]) == 0
+    assert os.environ["CUDA_WKV_CHUNK"] == "5" and os.environ["CUDA_WKV_BACKEND"] == "torch"
     md = (tmp_path / "wkv_chunk_sweep_cpu.md").read_text()
     assert "--chunk-sweep --T 300 --C 3 --seeds 1 --chunks 7 300" in md
     rows = re.findall(r"^\| (\d+) \| (.+) \|$", md, re.M)
@@ -929,3 +935,9 @@ def test_bench_wkv_chunk_sweep_writes_its_table(cpu_kernel, tmp_path, monkeypatc
     for _, cells in rows:
         errs = [float(x) for x in cells.split(" | ")]
         assert len(errs) == 5 and all(0 <= e <= 1e-4 for e in errs), cells
+    # without the compiled kernel there are no chunks to sweep: refused, the environment restored
+    import cuda_wkv
+    monkeypatch.setattr(cuda_wkv, "backend_for", lambda x, build=True: "torch")
+    with pytest.raises(SystemExit, match="--chunk-sweep needs the compiled kernel on cpu, which is not in use"):
+        bench.main(["--chunk-sweep", "--T", "300", "--C", "3", "--out-dir", str(tmp_path)])
+    assert os.environ["CUDA_WKV_CHUNK"] == "5" and os.environ["CUDA_WKV_BACKEND"] == "torch"

@@ -7,6 +7,12 @@ try:
 except ModuleNotFoundError as err:
     if err.name != 'nnunetv2_ext':
         raise
+    if sys.flags.no_site:
+        raise ImportError(
+            f'nnU-Net looked for a trainer in the nnunetv2_ext folder {os.path.dirname(os.path.abspath(__file__))} '
+            '(listed in nnUNet_extTrainer), but this Python runs without site-packages (python -S), where '
+            'nnunetv2_ext cannot be imported. Fix: run it without -S, or put what it needs on the path: '
+            'eval "$(nnunetv2-ext env --no-site)"') from None
     raise ImportError(
         f'nnU-Net looked for a trainer in the nnunetv2_ext folder {os.path.dirname(os.path.abspath(__file__))} '
         f'(listed in nnUNet_extTrainer), but this Python, {sys.executable}, cannot import nnunetv2_ext: it is '
