@@ -528,6 +528,26 @@ LONG_ACC_CASES = ([(1, 32768, C, wT) for C in (4, 64) for wT in (0.0, 0.1, 1.0, 
                   + [(1, 262144, 8, wT) for wT in (0.0, 1.0, 100.0)])
 
 
+def _glsp_like_inputs(B: int, T: int, C: int, wT: float, seed: int) -> list:
+    """Rounded float32 [w, u, k, v, gy] for the float32-vs-float64 comparisons: w = U(0, 1) wT / T > 0
+    (GLSP's decay / T), u ~ N(0, 1), k ~ N(0, 2^2), v, gy ~ N(0, 1), drawn in float64 in that order."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(C, generator=g, dtype=torch.float64) * wT / T
+    u = torch.randn(C, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * 2.0
+    v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    gy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
+    return [x.float() for x in (w, u, k, v, gy)]
+
+
+def _error_vs_largest(got, ref) -> float:
+    """max |got - ref| / max |ref| (the denominator at least 1e-3), in float64 on the CPU."""
+    ref = ref.double().cpu()
+    return ((got.double().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-3)).item()
+
+
 def run_long_accuracy(device: str) -> list:
     """float32 vs float64 of each backend at T = 32768 and 262144 (LONG_ACC_CASES), values and
     gradients."""
@@ -538,13 +558,7 @@ def run_long_accuracy(device: str) -> list:
     cpu_ext = loader.load_extension("cpu") if device == "cpu" else None
     rows = []
     for B, T, C, wT in LONG_ACC_CASES:
-        g = torch.Generator().manual_seed(5)
-        w = torch.rand(C, generator=g, dtype=torch.float64) * wT / T
-        u = torch.randn(C, generator=g, dtype=torch.float64)
-        k = torch.randn(B, T, C, generator=g, dtype=torch.float64) * 2.0
-        v = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-        gy = torch.randn(B, T, C, generator=g, dtype=torch.float64)
-        rounded = [x.float() for x in (w, u, k, v, gy)]
+        rounded = _glsp_like_inputs(B, T, C, wT, seed=5)
         for name, env, fn in _backends():
             os.environ["CUDA_WKV_BACKEND"] = env
             outs = {dt: _run(fn, rounded[:4], rounded[4], device, dt) for dt in (torch.float32, torch.float64)}
@@ -555,8 +569,7 @@ def run_long_accuracy(device: str) -> list:
                 rec["chunks"] = [cpu_ext.chunk_length("cpu", B, T, C, torch.get_num_threads(), size)
                                  for size in (4, 8)]
             for col, a, b in zip(("y", "gw", "gu", "gk", "gv"), outs[torch.float32][1], outs[torch.float64][1]):
-                b = b.double().cpu()
-                rec[col] = ((a.double().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-3)).item()
+                rec[col] = _error_vs_largest(a, b)
             rows.append(rec)
             print(json.dumps(rec), flush=True)
     os.environ.pop("CUDA_WKV_BACKEND", None)
@@ -582,31 +595,22 @@ def run_chunk_sweep(args) -> None:
     if len(args.T) > 1:
         print(f"--chunk-sweep: one sequence length, T = {T} (ignoring {args.T[1:]})", flush=True)
     saved = {name: os.environ.get(name) for name in ("CUDA_WKV_CHUNK", "CUDA_WKV_BACKEND")}
-    os.environ.pop("CUDA_WKV_BACKEND", None)
-    backend = cuda_wkv.backend_for(torch.device(args.device))
-    if backend not in ("cpu", "cuda"):
-        os.environ.update({k: v for k, v in saved.items() if v is not None})
-        raise SystemExit(f"--chunk-sweep needs the compiled kernel on {args.device}, which is not in use "
-                         f"(backend {backend!r}): the PyTorch path has no chunks")
     try:
+        os.environ.pop("CUDA_WKV_BACKEND", None)
+        backend = cuda_wkv.backend_for(torch.device(args.device))
+        if backend not in ("cpu", "cuda"):
+            raise SystemExit(f"--chunk-sweep needs the compiled kernel on {args.device}, which is not in use "
+                             f"(backend {backend!r}): the PyTorch path has no chunks")
         for wT in CHUNK_SWEEP_WT:
             for seed in range(args.seeds):
-                g = torch.Generator().manual_seed(seed)
-                w = torch.rand(C, generator=g, dtype=torch.float64) * wT / T
-                u = torch.randn(C, generator=g, dtype=torch.float64)
-                k = torch.randn(1, T, C, generator=g, dtype=torch.float64) * 2.0
-                v = torch.randn(1, T, C, generator=g, dtype=torch.float64)
-                gy = torch.randn(1, T, C, generator=g, dtype=torch.float64)
-                rounded = [x.float() for x in (w, u, k, v, gy)]
+                rounded = _glsp_like_inputs(1, T, C, wT, seed)
                 os.environ.pop("CUDA_WKV_CHUNK", None)
                 ref = _run(fn, rounded[:4], rounded[4], args.device, torch.float64)[1]
                 for L in args.chunks:
                     os.environ["CUDA_WKV_CHUNK"] = str(L)
                     got = _run(fn, rounded[:4], rounded[4], args.device, torch.float32)[1]
                     for c, a, b in zip(cols, got, ref):
-                        b = b.double().cpu()
-                        err = ((a.double().cpu() - b).abs().max() / b.abs().max().clamp_min(1e-3)).item()
-                        worst[L][c] = max(worst[L][c], err)
+                        worst[L][c] = max(worst[L][c], _error_vs_largest(a, b))
             print(f"|w|T = {wT:g} done", flush=True)
     finally:  # the caller's values back (unset where they were unset)
         for name, value in saved.items():

@@ -808,8 +808,8 @@ WKV_HD void state_fold(BwdState<F>& s, F dir, F t, const Row<F>& row, F w) {
 // once each way: 2 + 3 + 2 + 2 * 0.5 = 8 (15 with a store pass; the minimal 5); the
 // backward reads y, m, r, gy in phase 1 and all six inputs in phase 3, writes gk, gv and moves
 // 7 fields every 4 rows each way: 4 + 6 + 2 + 2 * 7 / 4 = 15.5 (22 with a store pass; the
-// minimal 8).  The sequential steps per chunk stay about 3 L: phase 3's store and finish steps are two dependent chains per
-// block; what the checkpoints save is memory traffic.  A fixed spacing, not the depth of
+// minimal 8).  The sequential steps per chunk stay about 3 L: phase 3's store and finish
+// steps are two dependent chains per block; what the checkpoints save is memory traffic.  A fixed spacing, not the depth of
 // the loads ahead, so the results do not depend on that depth; chosen so that a block's
 // rows, the next block's and the re-derived values stay in registers (docs/wkv.md, "CUDA registers").  WKV_CHECKPOINT_ROWS overrides it for
 // both directions: the tests move the block boundaries with it.
