@@ -4,7 +4,7 @@
 // Layout (B, T, C) is channel-contiguous, so the inner loops run over a block of NB
 // contiguous channels (independent lanes) and vectorise; the sequential scans run over
 // t.  Phases 1 and 3 are spread over (batch, channel block, chunk) tasks with
-// at::parallel_for; phase 2 is one short loop over the chunks per batch.  With exactly
+// at::parallel_for; phase 2 over (batch, channel block, group of chunks).  With exactly
 // two chunks the halves need no phase 1 or 2 (see "Two halves" below).  The partition
 // depends only on the shape and the chunk length, and every lane sums in a fixed order:
 // for a given chunk length the results are bitwise independent of the thread count.
@@ -114,6 +114,7 @@ template <typename Fn> void for_tasks(const Plan& p, Fn&& fn) {
 // ------------------------------------------------------------------------------ forward
 // Forward sums of a channel block, structure of arrays.
 template <typename F> struct FwdLanes {
+  static constexpr int kFields = kFwdFields;
   F a[kBlock], n[kBlock], s0[kBlock], mean[kBlock];
   void empty(int cnt) {
     for (int j = 0; j < cnt; ++j) wkv::fwd_empty(a[j], n[j], s0[j], mean[j]);
@@ -133,6 +134,13 @@ template <typename F> struct FwdLanes {
       p[stride + j] = n[j];
       p[2 * stride + j] = s0[j];
       p[3 * stride + j] = mean[j];
+    }
+  }
+  // merge o's sums into these, lane j with its w[j] (phase 2)
+  void merge(const FwdLanes& o, const F* w, int cnt) {
+    WKV_SIMD
+    for (int j = 0; j < cnt; ++j) {
+      wkv::fwd_merge(a[j], n[j], s0[j], mean[j], o.a[j], o.n[j], o.s0[j], o.mean[j], w[j]);
     }
   }
 };
@@ -231,28 +239,84 @@ void fwd_pass(const F* k, const F* v, const F* wp, const F* up, F* y, F* m, F* r
   if constexpr (P == Pass::kFoldBoth) right.store(to + kFwdFields * stride, stride, n);
 }
 
-// Phase 2 for one batch: every (channel, direction) lane in turn.
-template <typename F>
-void carries(const Plan& p, int fields, int64_t b, const F* summ, F* carry, const F* wp) {
-  const int64_t cs = 2 * fields * p.C;
-  for (int64_t c = 0; c < p.C; ++c) {
-    for (int dir = 0; dir < 2; ++dir) {
-      const int64_t o = state_off(p, fields, b, 0, dir, c);
-      if (fields == kFwdFields) {
-        wkv::carry_lane<F, false>(summ + o, carry + o, p.nch, cs, p.C, dir, wp[c]);
-      } else {
-        wkv::carry_lane<F, true>(summ + o, carry + o, p.nch, cs, p.C, dir, wp[c]);
-      }
+// Phase 2 over one block of n lanes (channels) in direction dir: the CPU's vectorised form of
+// wkv::scan_carries, the same merges in the same order.  Covers the scan indices [i0, i1) of the
+// summaries at summ (chunk ch's block at summ + ch * cs, field by field at stride C) from the
+// lanes' states s, storing each chunk's carry first unless carry is null; the summary of the last
+// chunk in scan order is never merged (phase 1 does not write it), nor the one after the last
+// stored carry.
+template <typename F, typename Lanes>
+void scan_block(const F* summ, F* carry, int64_t i0, int64_t i1, int64_t nch, int64_t cs, int64_t C,
+                int dir, const F* w, int n, Lanes& s) {
+  const int64_t merges = std::min(carry != nullptr ? i1 - 1 : i1, nch - 1);
+  Lanes o;
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t at = wkv::chunk_at(i, nch, dir) * cs;
+    if (carry != nullptr) s.store(carry + at, C, n);
+    if (i < merges) {
+      o.load(summ + at, C, n);
+      s.merge(o, w, n);
     }
   }
 }
 
+// Phase 2: the carries of every (batch, channel, direction) lane, as the CUDA kernel computes
+// them -- one sequential scan per lane below wkv::kGroupCarriesFrom chunks, grouped from there on
+// (wkv_recurrence.h, "Grouped carries"), its merges in its order.  Grouped, a carry is about
+// 3 sqrt(n) merges deep instead of n: each merge rounds the running mean by about an ulp, and
+// over the 8192 chunks of T = 2^21 one sequential scan put float32 gradients up to 1.6e-5 off
+// (docs/wkv.md, "Long sequences").  Tasks: (batch, channel block, group), both directions each;
+// the merges run over the block's lanes, vectorised.
+template <typename F, typename Lanes>
+void carries(const Plan& p, const F* wp, const F* summ, F* carry) {
+  constexpr int fields = Lanes::kFields;
+  const int64_t cs = 2 * fields * p.C;
+  const int64_t G = wkv::carry_group(p.nch), groups = wkv::carry_groups(p.nch);
+  // fn(s, n, g, dir, w, o, og) for every task and direction, s empty; o, og: offsets of the
+  // lanes' chunk 0 in the summary / carry buffers and of their group 0 in gsum
+  const auto for_groups = [&](auto&& fn) {
+    at::parallel_for(0, p.B * p.nblk * groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t g = task % groups, rest = task / groups;
+        const int64_t b = rest / p.nblk, c0 = (rest % p.nblk) * kBlock;
+        const int n = static_cast<int>(std::min<int64_t>(kBlock, p.C - c0));
+        for (int dir = 0; dir < 2; ++dir) {
+          Lanes s;
+          s.empty(n);
+          fn(s, n, g, dir, wp + c0, state_off(p, fields, b, 0, dir, c0),
+             (b * groups * 2 + dir) * fields * p.C + c0);
+        }
+      }
+    });
+  };
+  if (groups == 1) {
+    for_groups([&](Lanes& s, int n, int64_t, int dir, const F* w, int64_t o, int64_t) {
+      scan_block(summ + o, carry + o, 0, p.nch, p.nch, cs, p.C, dir, w, n, s);
+    });
+    return;
+  }
+  // group summaries, (B, groups, 2, fields, C): group g of direction dir at index chunk_at(g),
+  // as the chunk summaries are laid out
+  std::vector<F> gsum(static_cast<size_t>(p.B * groups * cs));
+  for_groups([&](Lanes& s, int n, int64_t g, int dir, const F* w, int64_t o, int64_t og) {
+    scan_block(summ + o, static_cast<F*>(nullptr), g * G, std::min((g + 1) * G, p.nch), p.nch, cs,
+               p.C, dir, w, n, s);
+    s.store(gsum.data() + og + wkv::chunk_at(g, groups, dir) * cs, p.C, n);
+  });
+  for_groups([&](Lanes& s, int n, int64_t g, int dir, const F* w, int64_t o, int64_t og) {
+    scan_block(gsum.data() + og, static_cast<F*>(nullptr), 0, g, groups, cs, p.C, dir, w, n, s);
+    scan_block(summ + o, carry + o, g * G, std::min((g + 1) * G, p.nch), p.nch, cs, p.C, dir, w,
+               n, s);
+  });
+}
+
 // The vectorised kernel's schedule over (batch, channel block, chunk) tasks, for the forward
-// or the backward (states of `fields` fields in the summary buffer sp and the carry buffer
-// cp): pass(kind, b, c0, n, ch, dir, from, to) runs one pass of that kind over chunk ch of
+// or the backward (Lanes: FwdLanes or BwdLanes, whose states of Lanes::kFields fields fill the
+// summary buffer sp and the carry buffer cp): pass(kind, b, c0, n, ch, dir, from, to) runs one pass of that kind over chunk ch of
 // block (b, c0) in direction dir.  Two halves for exactly two chunks, else phases 1-3.
-template <typename F, typename PassFn>
-void block_phases(const Plan& p, int fields, const F* wp, F* sp, F* cp, PassFn&& pass) {
+template <typename F, typename Lanes, typename PassFn>
+void block_phases(const Plan& p, const F* wp, F* sp, F* cp, PassFn&& pass) {
+  constexpr int fields = Lanes::kFields;
   auto state = [&](F* buf, int64_t b, int64_t ch, int dir, int64_t c0) {
     return buf + state_off(p, fields, b, ch, dir, c0);
   };
@@ -277,9 +341,7 @@ void block_phases(const Plan& p, int fields, const F* wp, F* sp, F* cp, PassFn&&
       }
     });
   }
-  at::parallel_for(0, p.B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) carries<F>(p, fields, b, sp, cp, wp);
-  });
+  carries<F, Lanes>(p, wp, sp, cp);
   for_tasks(p, [&](int64_t b, int64_t c0, int n, int64_t ch) {
     pass(kStore, b, c0, n, ch, 1, state(cp, b, ch, 0, c0), nullptr);
     pass(kFinish, b, c0, n, ch, -1, state(cp, b, ch, 1, c0), nullptr);
@@ -314,7 +376,7 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at
                                                mp + off, rp + off, dir, p.chunk_begin(ch),
                                                p.chunk_end(ch), p.C, n, from, to, p.C););
     };
-    block_phases<F>(p, kFwdFields, wp, sp, cp, pass);
+    block_phases<F, FwdLanes<F>>(p, wp, sp, cp, pass);
   });
   return {y, m, r};
 }
@@ -322,6 +384,7 @@ std::vector<at::Tensor> wkv_forward(at::Tensor w, at::Tensor u, at::Tensor k, at
 // ----------------------------------------------------------------------------- backward
 // Backward states of a channel block, structure of arrays (BwdState field by field).
 template <typename F> struct BwdLanes {
+  static constexpr int kFields = kBwdFields;
   F f[kBwdFields][kBlock];
   wkv::BwdState<F> get(int j) const {
     return {f[0][j], f[1][j], f[2][j], f[3][j], f[4][j], f[5][j], f[6][j]};
@@ -347,6 +410,14 @@ template <typename F> struct BwdLanes {
   void store(F* p, int64_t stride, int cnt) const {
     for (int i = 0; i < kBwdFields; ++i)
       for (int j = 0; j < cnt; ++j) p[i * stride + j] = f[i][j];
+  }
+  void merge(const BwdLanes& o, const F* w, int cnt) {  // as FwdLanes::merge
+    WKV_SIMD
+    for (int j = 0; j < cnt; ++j) {
+      wkv::BwdState<F> st = get(j);
+      wkv::bwd_merge(st, o.get(j), w[j]);
+      put(j, st);
+    }
   }
 };
 
@@ -479,7 +550,7 @@ std::vector<at::Tensor> wkv_backward(at::Tensor w, at::Tensor u, at::Tensor k,
                                                p.chunk_end(ch), n, from, to, p.C, gwp + part,
                                                gup + part););
     };
-    block_phases<F>(p, kBwdFields, w.data_ptr<F>(), sp, cp, pass);
+    block_phases<F, BwdLanes<F>>(p, w.data_ptr<F>(), sp, cp, pass);
   });
   auto g = reduce_parts(gw_part, gu_part, k.scalar_type());
   return {g[0], g[1], gk, gv};
@@ -501,8 +572,8 @@ int64_t chunk_length(const std::string& device, int64_t B, int64_t T, int64_t C,
                          : wkv::cuda_auto_chunk(B, T, C, parallel, itemsize);
 }
 
-// Groups of the CUDA kernel's phase 2 for nch chunks (1: one sequential scan; see "Grouped
-// carries" in wkv_recurrence.h), for the benchmarks' work-items table.
+// Groups of phase 2 for nch chunks, both kernels (1: one sequential scan; see "Grouped carries"
+// in wkv_recurrence.h), for the benchmarks' work-items table and the tests.
 int64_t carry_groups(int64_t nch) {
   TORCH_CHECK(nch >= 1, "carry_groups: nch must be >= 1, got ", nch);
   return wkv::carry_groups(nch);
@@ -520,5 +591,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "scan (parallel: CPU threads or CUDA resident threads; itemsize: 4 for float32, 8 for "
           "float64)");
   mod.def("carry_groups", &carry_groups,
-          "carry_groups(nch) -> groups of the CUDA kernel's phase 2 for nch chunks");
+          "carry_groups(nch) -> groups of phase 2 (both kernels) for nch chunks");
 }

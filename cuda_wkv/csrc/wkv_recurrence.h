@@ -582,8 +582,9 @@ WKV_HD void scan_carries(const F* summ, F* carry, int64_t i0, int64_t i1, int64_
 
 template <typename F, bool Bwd> using StateOf = typename std::conditional<Bwd, BwdState<F>, FwdSum<F>>::type;
 
-// Every carry of one lane and direction, in one sequential scan (the CPU kernel; the CUDA
-// kernel when there are few chunks).
+// Every carry of one lane and direction, in one sequential scan (the CUDA kernel below
+// kGroupCarriesFrom chunks; the CPU kernel runs the same scan over a block of lanes,
+// scan_block in wkv_cpu.cpp).
 template <typename F, bool Bwd>
 WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t fs, int dir, F w) {
   StateOf<F, Bwd> s;
@@ -591,9 +592,11 @@ WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t
   scan_carries<kAheadOf<F, Bwd>>(summ, carry, 0, nch, nch, cs, fs, dir, w, s);
 }
 
-// Grouped carries (CUDA).  One sequential scan over n chunks is n dependent merges, run by
-// one thread per (batch, channel, direction) -- at GLSP's T = 32768 about 260 merges on a
-// few SMs, while the rest of the device waits.  With many chunks the CUDA kernel scans in
+// Grouped carries (both kernels; the CPU's over blocks of lanes).  One sequential scan over n
+// chunks is n dependent merges, run by one thread per (batch, channel, direction) -- at GLSP's
+// T = 32768 about 260 merges on a few SMs, while the rest of the device waits -- and each merge
+// rounds the running mean by about an ulp (on the CPU, float32 gradients 1.6e-5 off after the
+// 8191 merges of T = 2^21 in chunks of 256; grouped, 5e-6: docs/wkv.md, "Long sequences").  With many chunks the CUDA kernel scans in
 // groups of G = ceil(sqrt(n)) consecutive scan indices instead: (a) each group's summaries
 // merged into a group summary, all groups in parallel; (b) each group's carry, the merge of
 // the group summaries before it, and from it (c) the group's chunk carries, all groups in
