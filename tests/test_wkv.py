@@ -245,6 +245,21 @@ def test_chunked_scan_vs_dense(cpu_kernel, monkeypatch, chunk, shape):
             assert _rel_err(g, r) <= tol * 10, (name, dtype, _rel_err(g, r))
 
 
+@pytest.mark.parametrize("T", [95, 96, 97, 193])
+def test_grouped_carries_vs_dense(cpu_kernel, monkeypatch, T):
+    """Chunks of one position on both sides of the grouping threshold (96 chunks: one sequential
+    phase-2 scan below, groups of ceil(sqrt(n)) chunks from there, the last one partial: 6, 7, 11),
+    B = 3 and C = 17 (a full and a partial channel block): float64 values and gradients exact."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.setenv("CUDA_WKV_CHUNK", "1")
+    assert cpu_kernel.carry_groups(T) == {95: 1, 96: 10, 97: 10, 193: 14}[T]
+    args, gy, y_ref, g_ref = _grad_ref((3, T, 17), seed=T)
+    got = _kernel_grads(args, gy)
+    assert (got[0] - y_ref).abs().max().item() <= 1e-11 * args[3].abs().max().item()
+    for name, g, r in zip("wukv", got[1:], g_ref):
+        assert _rel_err(g, r) <= 1e-10, (name, _rel_err(g, r))
+
+
 def test_chunk_length_rules(cpu_kernel, monkeypatch):
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
     cl = cpu_kernel.chunk_length
@@ -263,7 +278,7 @@ def test_chunk_length_rules(cpu_kernel, monkeypatch):
     assert cl("cuda", 128, 32768, 4096, 132 * 2048, 4) == 256  # float32: the accuracy cap
     with pytest.raises(RuntimeError, match="chunk_length: itemsize must be 4 .float32. or 8 .float64., got 2"):
         cl("cpu", 1, 100, 8, 2, 2)
-    # the CUDA kernel's phase 2: one scan below 96 chunks, then about sqrt(n) groups (work-items table)
+    # phase 2 (both kernels): one scan below 96 chunks, then about sqrt(n) groups (work-items table)
     assert [cpu_kernel.carry_groups(n) for n in (1, 95, 96, 263)] == [1, 1, 10, 16]
     with pytest.raises(RuntimeError, match="carry_groups: nch must be >= 1, got 0"):
         cpu_kernel.carry_groups(0)

@@ -264,9 +264,9 @@ void scan_block(const F* summ, F* carry, int64_t i0, int64_t i1, int64_t nch, in
 // them -- one sequential scan per lane below wkv::kGroupCarriesFrom chunks, grouped from there on
 // (wkv_recurrence.h, "Grouped carries"), its merges in its order.  Grouped, a carry is about
 // 3 sqrt(n) merges deep instead of n: each merge rounds the running mean by about an ulp, and
-// over the 8192 chunks of T = 2^21 one sequential scan put float32 gradients up to 1.6e-5 off
-// (docs/wkv.md, "Long sequences").  Tasks: (batch, channel block, group), both directions each;
-// the merges run over the block's lanes, vectorised.
+// over the 8192 chunks of T = 2^21 one sequential scan put float32 gk up to 1.6e-5 off, grouped
+// 5.3e-6 (docs/wkv.md, "Longer still").  Tasks: (batch, channel block, group), both directions
+// each; the merges run over the block's lanes, vectorised.
 template <typename F, typename Lanes>
 void carries(const Plan& p, const F* wp, const F* summ, F* carry) {
   constexpr int fields = Lanes::kFields;
@@ -297,14 +297,16 @@ void carries(const Plan& p, const F* wp, const F* summ, F* carry) {
   }
   // group summaries, (B, groups, 2, fields, C): group g of direction dir at index chunk_at(g),
   // as the chunk summaries are laid out
-  std::vector<F> gsum(static_cast<size_t>(p.B * groups * cs));
+  const at::Tensor gbuf =
+      at::empty({p.B * groups * cs}, at::TensorOptions().dtype(c10::CppTypeToScalarType<F>::value));
+  F* gsum = gbuf.data_ptr<F>();
   for_groups([&](Lanes& s, int n, int64_t g, int dir, const F* w, int64_t o, int64_t og) {
     scan_block(summ + o, static_cast<F*>(nullptr), g * G, std::min((g + 1) * G, p.nch), p.nch, cs,
                p.C, dir, w, n, s);
-    s.store(gsum.data() + og + wkv::chunk_at(g, groups, dir) * cs, p.C, n);
+    s.store(gsum + og + wkv::chunk_at(g, groups, dir) * cs, p.C, n);
   });
   for_groups([&](Lanes& s, int n, int64_t g, int dir, const F* w, int64_t o, int64_t og) {
-    scan_block(gsum.data() + og, static_cast<F*>(nullptr), 0, g, groups, cs, p.C, dir, w, n, s);
+    scan_block(gsum + og, static_cast<F*>(nullptr), 0, g, groups, cs, p.C, dir, w, n, s);
     scan_block(summ + o, carry + o, g * G, std::min((g + 1) * G, p.nch), p.nch, cs, p.C, dir, w,
                n, s);
   });
@@ -312,8 +314,9 @@ void carries(const Plan& p, const F* wp, const F* summ, F* carry) {
 
 // The vectorised kernel's schedule over (batch, channel block, chunk) tasks, for the forward
 // or the backward (Lanes: FwdLanes or BwdLanes, whose states of Lanes::kFields fields fill the
-// summary buffer sp and the carry buffer cp): pass(kind, b, c0, n, ch, dir, from, to) runs one pass of that kind over chunk ch of
-// block (b, c0) in direction dir.  Two halves for exactly two chunks, else phases 1-3.
+// summary buffer sp and the carry buffer cp): pass(kind, b, c0, n, ch, dir, from, to) runs one
+// pass of that kind over chunk ch of block (b, c0) in direction dir.  Two halves for exactly two
+// chunks, else phases 1-3.
 template <typename F, typename Lanes, typename PassFn>
 void block_phases(const Plan& p, const F* wp, F* sp, F* cp, PassFn&& pass) {
   constexpr int fields = Lanes::kFields;

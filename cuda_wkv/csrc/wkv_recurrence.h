@@ -595,8 +595,9 @@ WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t
 // Grouped carries (both kernels; the CPU's over blocks of lanes).  One sequential scan over n
 // chunks is n dependent merges, run by one thread per (batch, channel, direction) -- at GLSP's
 // T = 32768 about 260 merges on a few SMs, while the rest of the device waits -- and each merge
-// rounds the running mean by about an ulp (on the CPU, float32 gradients 1.6e-5 off after the
-// 8191 merges of T = 2^21 in chunks of 256; grouped, 5e-6: docs/wkv.md, "Long sequences").  With many chunks the CUDA kernel scans in
+// rounds the running mean by about an ulp (on the CPU, float32 y, gu, gk, gv up to 1.6e-5 off
+// after the 8191 merges of T = 2^21 in chunks of 256; grouped, at most 7.8e-6: docs/wkv.md,
+// "Longer still").  With many chunks the CUDA kernel scans in
 // groups of G = ceil(sqrt(n)) consecutive scan indices instead: (a) each group's summaries
 // merged into a group summary, all groups in parallel; (b) each group's carry, the merge of
 // the group summaries before it, and from it (c) the group's chunk carries, all groups in
