@@ -597,15 +597,17 @@ WKV_HD void carry_lane(const F* summ, F* carry, int64_t nch, int64_t cs, int64_t
 // T = 32768 about 260 merges on a few SMs, while the rest of the device waits -- and each merge
 // rounds the running mean by about an ulp (on the CPU, float32 y, gu, gk, gv up to 1.6e-5 off
 // after the 8191 merges of T = 2^21 in chunks of 256; grouped, at most 7.8e-6: docs/wkv.md,
-// "Longer still").  With many chunks the CUDA kernel scans in
-// groups of G = ceil(sqrt(n)) consecutive scan indices instead: (a) each group's summaries
-// merged into a group summary, all groups in parallel; (b) each group's carry, the merge of
+// "Longer still").  With many chunks both kernels scan in groups of G = ceil(sqrt(n))
+// consecutive scan indices instead: (a) each group's summaries merged into a group summary, all
+// groups in parallel; (b) each group's carry, the merge of
 // the group summaries before it, and from it (c) the group's chunk carries, all groups in
 // parallel, each thread merging up to 2 G - 1 summaries in a row: about 3 sqrt(n) dependent
 // merges instead of n, for one more launch.  (b) repeats, in every group's thread, the scan
 // over the group summaries before it that a launch of its own would do once for all groups:
 // the same merges in the same order, so the same bits, without that launch's fixed cost (5-6 us
-// of the ~320 us forward + backward at GLSP's largest call on an H200, 2026-12-04).  Exact, in
+// of the ~320 us forward + backward at GLSP's largest call on an H200, 2026-12-04); the CPU kernel
+// repeats it too (about n / 2 merges more per lane, no measurable time at its targets' shapes),
+// so that both kernels merge alike.  Exact, in
 // a fixed order (another order of the same merges than the sequential scan: equal up to
 // rounding).  Group g's summary sits at index chunk_at(g, groups, dir) of a (B, groups, 2,
 // fields, C) buffer, so that (b) scans the group summaries as scan_carries scans chunk
