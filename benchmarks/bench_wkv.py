@@ -584,14 +584,19 @@ def run_chunk_sweep(args) -> None:
     chunk length in ``--chunks``: B = 1, T = ``--T[0]``, C = ``--C``, |w| T in CHUNK_SWEEP_WT
     (w = U(0, 1) |w| T / T > 0, GLSP's decay / T), k ~ N(0, 2^2), ``--seeds`` draws each; per
     chunk length the worst error of y and of the four gradients (each relative to the largest
-    reference entry).  What the automatic float32 chunk cap (wkv::kFloatChunkMax) is chosen
-    from; writes ``wkv_chunk_sweep_<device>.md`` under ``--out-dir``."""
+    reference entry), and in a last row that of ``bi_wkv`` itself in float32 (automatic chunks;
+    beyond FLOAT32_KERNEL_MAX_T the float64 kernel's results rounded).  What the automatic float32
+    chunk cap (wkv::kFloatChunkMax) is chosen from; writes ``wkv_chunk_sweep_<device>.md`` under
+    ``--out-dir``."""
     import torch
     import cuda_wkv
 
+    from cuda_wkv import dispatch
+
     T, C, cols = args.T[0], args.C, ("y", "gw", "gu", "gk", "gv")
-    worst = {L: {c: 0.0 for c in cols} for L in args.chunks}
-    fn = cuda_wkv.bi_wkv
+    rows = [*args.chunks, "bi_wkv"]
+    worst = {L: {c: 0.0 for c in cols} for L in rows}
+    fn = dispatch.kernel_bi_wkv  # the kernel in the dtype asked for, whatever T
     if len(args.T) > 1:
         print(f"--chunk-sweep: one sequence length, T = {T} (ignoring {args.T[1:]})", flush=True)
     saved = {name: os.environ.get(name) for name in ("CUDA_WKV_CHUNK", "CUDA_WKV_BACKEND")}
@@ -606,9 +611,13 @@ def run_chunk_sweep(args) -> None:
                 rounded = _glsp_like_inputs(1, T, C, wT, seed)
                 os.environ.pop("CUDA_WKV_CHUNK", None)
                 ref = _run(fn, rounded[:4], rounded[4], args.device, torch.float64)[1]
-                for L in args.chunks:
-                    os.environ["CUDA_WKV_CHUNK"] = str(L)
-                    got = _run(fn, rounded[:4], rounded[4], args.device, torch.float32)[1]
+                for L in rows:
+                    if L == "bi_wkv":
+                        os.environ.pop("CUDA_WKV_CHUNK", None)
+                    else:
+                        os.environ["CUDA_WKV_CHUNK"] = str(L)
+                    got = _run(cuda_wkv.bi_wkv if L == "bi_wkv" else fn, rounded[:4], rounded[4], args.device,
+                               torch.float32)[1]
                     for c, a, b in zip(cols, got, ref):
                         worst[L][c] = max(worst[L][c], _error_vs_largest(a, b))
             print(f"|w|T = {wT:g} done", flush=True)
@@ -627,9 +636,10 @@ def run_chunk_sweep(args) -> None:
              f"{', '.join(f'{x:g}' for x in CHUNK_SWEEP_WT)}, {args.seeds} draws each "
              "(w = U(0, 1)·|w|·T / T > 0, k ~ N(0, 2²), v, gy ~ N(0, 1)); float32 against the "
              "float64 kernel on the same rounded inputs; each column the worst over all draws of "
-             "max |error| / max |reference|.", "",
+             "max |error| / max |reference|.  Last row: `bi_wkv` in float32 (automatic chunks; "
+             f"for T > {dispatch.FLOAT32_KERNEL_MAX_T} the float64 kernel's results rounded).", "",
              "| chunk length | y | gw | gu | gk | gv |", "|---:|---:|---:|---:|---:|---:|"]
-    for L in args.chunks:
+    for L in rows:
         lines.append(f"| {L} | " + " | ".join(f"{worst[L][c]:.1e}" for c in cols) + " |")
     text = "\n".join(lines) + "\n"
     print(text, flush=True)

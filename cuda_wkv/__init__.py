@@ -12,7 +12,8 @@ fallback).  See docs/wkv.md.
 """
 from .loader import VERSION as __version__
 from .loader import WKVBuildWarning
-from .dispatch import BACKEND_ENV, backend_for, bi_wkv, kernel_backend, requested_backend
+from .dispatch import (BACKEND_ENV, FLOAT32_KERNEL_MAX_T, backend_for, bi_wkv, kernel_backend,
+                       requested_backend)
 from .reference import bi_wkv_dense, bi_wkv_scan
 
 
@@ -42,6 +43,7 @@ __all__ = [
     "kernel_backend",
     "requested_backend",
     "BACKEND_ENV",
+    "FLOAT32_KERNEL_MAX_T",
     "SELFCHECK_ENV",
     "WKVBuildWarning",
     "WKVSelfCheckWarning",

@@ -15,7 +15,7 @@ from . import loader
 from .reference import _compute_dtype, bi_wkv_scan
 
 __all__ = ["bi_wkv", "backend_for", "requested_backend", "kernel_backend", "kernel_bi_wkv",
-           "BACKEND_ENV"]
+           "BACKEND_ENV", "FLOAT32_KERNEL_MAX_T"]
 
 BACKEND_ENV = "CUDA_WKV_BACKEND"
 _VALID_BACKENDS = ("auto", "cpu", "cuda", "torch")
@@ -148,6 +148,22 @@ def kernel_backend(x: Union[torch.Tensor, torch.device, str]) -> Optional[str]:
     ignoring the self-check; None where :func:`bi_wkv` can only use the PyTorch path."""
     backend = _select(_device_of(x).type, True)
     return None if backend == "torch" else backend
+
+
+# The longest sequence the compiled kernels compute in float32: longer float32 (and float16 /
+# bfloat16) calls run the float64 kernel and round its results, because the float32 kernel's gw
+# drifts past 1e-5 of the largest entry from about T = 2^20 (docs/wkv.md, "Longer still": the
+# rounding of the backward states' float32 sums adds up).  Up to 2^18 it is within 8.8e-6 (measured);
+# GLSP's calls are at most 32 768 long.
+FLOAT32_KERNEL_MAX_T = 1 << 18
+
+
+def _kernel_dtype(compute_dtype: torch.dtype, T: int) -> torch.dtype:
+    """The dtype the compiled kernel runs in for a call of length ``T`` whose inputs compute in
+    ``compute_dtype``: float64 for float32 calls longer than :data:`FLOAT32_KERNEL_MAX_T`."""
+    if compute_dtype == torch.float32 and T > FLOAT32_KERNEL_MAX_T:
+        return torch.float64
+    return compute_dtype
 
 
 def _validate(w, u, k, v) -> None:
@@ -336,6 +352,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     if k.numel() == 0:
         zero = (w.to(cd) * 0 + u.to(cd) * 0)
         return (k.to(cd) * 0 + v.to(cd) * 0 + zero).to(out_dtype)
-    if _select_for_call(str(k.device), cd) == "torch":
+    kd = _kernel_dtype(cd, k.shape[1])
+    if _select_for_call(str(k.device), kd) == "torch":
         return bi_wkv_scan(w, u, k, v)
-    return kernel_bi_wkv(*(x.to(cd).contiguous() for x in (w, u, k, v))).to(out_dtype)
+    return kernel_bi_wkv(*(x.to(kd).contiguous() for x in (w, u, k, v))).to(out_dtype)

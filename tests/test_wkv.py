@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cuda_wkv
-from cuda_wkv import bi_wkv, bi_wkv_dense, bi_wkv_scan, loader
+from cuda_wkv import bi_wkv, bi_wkv_dense, bi_wkv_scan, dispatch, loader
 
 HAS_CXX = shutil.which(os.environ.get("CXX", "c++")) is not None
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
@@ -412,6 +412,51 @@ def test_float32_accuracy_many_chunks(cpu_kernel, monkeypatch, wT):
     monkeypatch.setenv("CUDA_WKV_CHUNK", "1")
     assert cpu_kernel.carry_groups(65536) == 256
     _assert_float32_close_to_float64(65536, 8, wT)
+
+
+def _kernel_rounded(args, gy, dtype, kernel_dtype):
+    """The ``kernel_dtype`` kernel's values and gradients for ``args`` and ``gy`` (called directly,
+    not through bi_wkv's choice of dtype), rounded to ``dtype``."""
+    leaves = [a.to(kernel_dtype).requires_grad_() for a in args]
+    y = dispatch.kernel_bi_wkv(*leaves)
+    grads = torch.autograd.grad(y, leaves, gy.to(kernel_dtype))
+    return [x.to(dtype) for x in (y.detach(), *grads)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("T", [100, 101])
+def test_long_float32_calls_run_the_float64_kernel(cpu_kernel, monkeypatch, T, dtype):
+    """Calls longer than FLOAT32_KERNEL_MAX_T (lowered here to 100) that would compute in float32
+    give the float64 kernel's values and gradients rounded, bit for bit; calls up to it the float32
+    kernel's (which differ from those in the last bits)."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
+    monkeypatch.setattr(dispatch, "FLOAT32_KERNEL_MAX_T", 100)
+    args = _inputs(2, T, 5, wT=3.0, kscale=2.0, dtype=dtype, seed=11)
+    gy = torch.randn(2, T, 5, generator=torch.Generator().manual_seed(12)).to(dtype)
+    got = _kernel_grads(args, gy)
+    f32 = _kernel_rounded(args, gy, dtype, torch.float32)
+    f64 = _kernel_rounded(args, gy, dtype, torch.float64)
+    assert [x.dtype for x in got] == [dtype] * 5
+    expected, other = (f64, f32) if T > 100 else (f32, f64)
+    for name, x, e, o in zip(["y", "gw", "gu", "gk", "gv"], got, expected, other):
+        assert torch.equal(x, e), name
+    assert not all(torch.equal(x, o) for x, o in zip(got, other))
+
+
+def test_float32_beyond_the_limit_is_float64_rounded(cpu_kernel, monkeypatch):
+    """At the shipped limit: T = 2^18 + 1 in float32 runs the float64 kernel (its values and
+    gradients rounded to float32, bit for bit)."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
+    T = cuda_wkv.FLOAT32_KERNEL_MAX_T + 1
+    assert T == 262145
+    args = _inputs(1, T, 2, wT=10.0, kscale=2.0, dtype=torch.float32, seed=13)
+    gy = torch.randn(1, T, 2, generator=torch.Generator().manual_seed(14))
+    got = _kernel_grads(args, gy)
+    for name, x, e in zip(["y", "gw", "gu", "gk", "gv"], got,
+                          _kernel_rounded(args, gy, torch.float32, torch.float64)):
+        assert torch.equal(x, e), name
 
 
 def test_determinism_across_threads_and_chunks(cpu_kernel, monkeypatch):
@@ -940,7 +985,7 @@ def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch
 
 def test_bench_wkv_chunk_sweep_writes_its_table(cpu_kernel, tmp_path, monkeypatch):
     """``bench_wkv.py --chunk-sweep`` (one draw, two |w|T, a short sequence): one row per forced
-    chunk length with five small errors; the forced length does not leak into the environment, and
+    chunk length and one of bi_wkv, each with five small errors; the forced length does not leak into the environment, and
     the caller's CUDA_WKV_CHUNK / CUDA_WKV_BACKEND come back as they were."""
     from bench_scripts import load
 
@@ -958,11 +1003,20 @@ def test_bench_wkv_chunk_sweep_writes_its_table(cpu_kernel, tmp_path, monkeypatc
     assert os.environ["CUDA_WKV_CHUNK"] == "5" and os.environ["CUDA_WKV_BACKEND"] == "torch"
     md = (tmp_path / "wkv_chunk_sweep_cpu.md").read_text()
     assert "--chunk-sweep --T 300 --C 3 --seeds 1 --chunks 7 300" in md
-    rows = re.findall(r"^\| (\d+) \| (.+) \|$", md, re.M)
-    assert [int(L) for L, _ in rows] == [7, 300]
+    rows = re.findall(r"^\| (\d+|bi_wkv) \| (.+) \|$", md, re.M)
+    assert [L for L, _ in rows] == ["7", "300", "bi_wkv"]
     for _, cells in rows:
         errs = [float(x) for x in cells.split(" | ")]
         assert len(errs) == 5 and all(0 <= e <= 1e-4 for e in errs), cells
+    # beyond FLOAT32_KERNEL_MAX_T (lowered to 299) bi_wkv's row is the float64 kernel's rounding
+    from cuda_wkv import dispatch
+    monkeypatch.setattr(dispatch, "FLOAT32_KERNEL_MAX_T", 299)
+    assert bench.main(["--chunk-sweep", "--T", "300", "--C", "3", "--seeds", "1", "--chunks", "7",
+                       "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "wkv_chunk_sweep_cpu.md").read_text()
+    assert "for T > 299 the float64 kernel's results rounded" in md
+    cells = re.search(r"^\| bi_wkv \| (.+) \|$", md, re.M).group(1)
+    assert all(0 <= float(x) <= 2 ** -24 for x in cells.split(" | ")), cells
     # without the compiled kernel there are no chunks to sweep: refused, the environment restored
     import cuda_wkv
     monkeypatch.setattr(cuda_wkv, "backend_for", lambda x, build=True: "torch")
