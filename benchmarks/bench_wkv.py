@@ -805,7 +805,7 @@ def main(argv=None) -> int:
     p.add_argument("--B", type=int, default=2)
     p.add_argument("--C", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--backends", nargs="+", default=["kernel", "scan", "lcse", "dense"],
                    choices=["kernel", "scan", "lcse", "dense"])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"], choices=["fwd", "fwd_bwd"])
