@@ -57,6 +57,9 @@ def _build_host_kernel(folder, *defines: str):
     mod.wkv_host_carry_groups.argtypes = [ctypes.c_int64]
     mod.wkv_host_checkpoints.restype = ctypes.c_int64
     mod.wkv_host_checkpoints.argtypes = [ctypes.c_int64, ctypes.c_int]
+    for name in ("exp", "log"):
+        for sfx in ("f32", "f64"):
+            getattr(mod, f"wkv_host_{name}_{sfx}").restype = None
     for name in ("forward", "backward"):
         for sfx in ("f32", "f64"):
             getattr(mod, f"wkv_host_{name}_{sfx}").restype = ctypes.c_int
@@ -405,6 +408,48 @@ def _device_math_vs_float64(host_kernel, device_kernel, T, C, wT, kscale):
     length = host_kernel.wkv_host_auto_chunk(1, T, C, H200_SLOTS, 4)
     ref = run_host(host_kernel, *(x.double() for x in args32), chunk=length)
     return run_host(device_kernel, *args32, chunk=length), ref
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_host_exp_and_log_within_an_ulp(host_kernel, dtype):
+    """The CPU kernel's exp and log (branch-free polynomials, so that its channel loops vectorise)
+    over their range in the kernels: exp of x from the normal range's edge to 1 (weights relative
+    to a reference) and log of totals x >= 1, within 1 ulp of the exact value (float32: e^x and
+    log x in float64; float64: the C library's, Python's math, itself within half an ulp).  exp is
+    0 below the normal range, as e^-inf, and exactly 1 at 0; log exactly 0 at 1.  Until 2026-12-06
+    the float exp returned e^-87 for every x in [-87.3, -87) and the double one was the library's."""
+    rng = np.random.default_rng(7)
+    n = 100_000
+    f64 = dtype == np.float64
+    edge = -708.39 if f64 else -87.3  # e^edge is just above the smallest normal number
+    sfx = "f64" if f64 else "f32"
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+
+    def run(name, x):
+        x = np.asarray(x, dtype)
+        out = np.empty_like(x)
+        getattr(host_kernel, f"wkv_host_{name}_{sfx}")(ptr(x), ptr(out), ctypes.c_int64(x.size))
+        return out.astype(np.float64)
+
+    def exact(fn, x):
+        x = np.asarray(x, dtype)
+        return np.array([fn(float(t)) for t in x])
+
+    def ulps(got, ref):  # |error| in units of the last place of dtype at the reference
+        return np.abs(got - ref) / np.spacing(np.abs(ref).astype(dtype)).astype(np.float64)
+
+    x = np.concatenate([rng.uniform(edge, 1.0, n), rng.uniform(-1.0, 1.0, n),
+                        [edge, edge + 0.05, edge + 0.2, -np.log(2.0) / 2, np.log(2.0) / 2, 1.0]])
+    assert ulps(run("exp", x), exact(math.exp, x)).max() <= 1.0
+    assert run("exp", [0.0])[0] == 1.0
+    assert (run("exp", [-np.inf, edge - 0.01, edge - 40.0, -1e30]) == 0.0).all()
+    top = 700.0 if f64 else 88.0
+    x = np.concatenate([np.exp(rng.uniform(0.0, top, n)), 1.0 + rng.uniform(0.0, 1.0, n),
+                        1.0 + np.arange(1, 1000) * np.finfo(dtype).eps, np.exp2(np.arange(0.0, 100.0)),
+                        [np.sqrt(2.0), np.nextafter(np.sqrt(2.0), 2.0), np.finfo(dtype).max]])
+    x = x.astype(dtype)
+    assert ulps(run("log", x), exact(math.log, x)).max() <= 1.0
+    assert run("log", [1.0])[0] == 0.0
 
 
 def test_device_division_is_ieee_division_in_the_kernels_range(host_kernel):

@@ -147,8 +147,8 @@ WKV_HD float wkv_exp(float x) {
   const float e = mufu_bias_ulps(static_cast<float>(std::exp2(static_cast<double>(y))));
   return e < FLT_MIN ? 0.0f : e;
 #else
-  const bool under = x < -87.3f;
-  x = x < -87.0f ? -87.0f : x;
+  const bool under = x < -87.3f;  // e^x < 2^-126 (and e^-87.3 > 2^-126, so n >= -126 below)
+  x = x < -87.3f ? -87.3f : x;
   x = x > 88.0f ? 88.0f : x;
   // round(x / ln2) with the 1.5*2^23 trick (exact for |x/ln2| < 2^22, no libm call)
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -178,8 +178,8 @@ WKV_HD double wkv_exp(double x) {
 #if defined(__CUDA_ARCH__)
   return ::exp(x);
 #else
-  const bool under = x < -708.39;  // e^x < 2^-1022
-  x = x < -708.0 ? -708.0 : x;
+  const bool under = x < -708.39;  // e^x < 2^-1022 (and e^-708.39 > 2^-1022, so n >= -1022 below)
+  x = x < -708.39 ? -708.39 : x;
   x = x > 709.0 ? 709.0 : x;
   // round(x / ln2) with the 1.5*2^52 trick (exact for |x/ln2| < 2^51)
   const double n = (x * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
@@ -198,7 +198,7 @@ WKV_HD double wkv_exp(double x) {
   q = q * r + 1.0 / 6.0;
   q = q * r + 0.5;
   q = q * r * r + r + 1.0;
-  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;  // 2^n, n in [-1021, 1023]
+  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;  // 2^n, n in [-1022, 1023]
   double scale;
   std::memcpy(&scale, &bits, sizeof(double));
   return under ? 0.0 : q * scale;

@@ -115,6 +115,18 @@ extern "C" void wkv_host_div_from_rcp(const float* x, const float* y, const floa
   for (int64_t i = 0; i < n; ++i) q[i] = wkv::div_from_rcp(x[i], y[i], r0[i]);
 }
 
+// The host's exp and log (wkv::wkv_exp, wkv::wkv_log; the device's models under
+// WKV_DEVICE_MATH_ON_HOST), elementwise.
+#define WKV_HOST_MATH(F, SUFFIX)                                                 \
+  extern "C" void wkv_host_exp_##SUFFIX(const F* x, F* y, int64_t n) {          \
+    for (int64_t i = 0; i < n; ++i) y[i] = wkv::wkv_exp(x[i]);                  \
+  }                                                                              \
+  extern "C" void wkv_host_log_##SUFFIX(const F* x, F* y, int64_t n) {          \
+    for (int64_t i = 0; i < n; ++i) y[i] = wkv::wkv_log(x[i]);                  \
+  }
+WKV_HOST_MATH(float, f32)
+WKV_HOST_MATH(double, f64)
+
 // Checkpoints per chunk of length len (of the backward if bwd), for the checkpoint buffers.
 extern "C" int64_t wkv_host_checkpoints(int64_t len, int bwd) {
   return bwd ? wkv::checkpoints_per_chunk<true>(len) : wkv::checkpoints_per_chunk<false>(len);
