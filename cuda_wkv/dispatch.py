@@ -340,7 +340,11 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
     Differentiable w.r.t. all four inputs.  Computation happens in float32 (float64
     for float64 inputs); float16 / bfloat16 inputs (e.g. under AMP) are upcast
-    internally and the result is cast back.  Backend: the C++ kernel for CPU tensors,
+    internally and the result is cast back.  The compiled kernels compute calls longer
+    than :data:`FLOAT32_KERNEL_MAX_T` (2^18) in float64, whose values and gradients are
+    then rounded (on a CPU about 3.5x the time and memory of the float32 kernel;
+    docs/wkv.md, "Longer still"): the float32 kernel's ``gw`` would miss 1e-5 from about
+    T = 2^20.  Backend: the C++ kernel for CPU tensors,
     the CUDA kernel for CUDA tensors, the PyTorch O(T) scan (:func:`bi_wkv_scan`) if the
     kernel cannot be built, if ``CUDA_WKV_BACKEND=torch``, or if the CUDA kernel failed
     its self-check (run on its first use per device and dtype, see
