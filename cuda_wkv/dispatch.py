@@ -131,15 +131,20 @@ def backend_for(x: Union[torch.Tensor, torch.device, str], build: bool = True) -
     """Backend that :func:`bi_wkv` uses for tensors like ``x``: 'cpu', 'cuda' or 'torch'.
 
     With ``build=True`` (default) the kernel is built/loaded if needed and self-checked
-    (for ``x``'s computation dtype; float32 for a device), so the answer accounts for
-    build failures and failed checks (then 'torch').  With ``build=False`` nothing is
+    (for the dtype a call on ``x`` runs the kernel in: its computation dtype, float64 for a
+    float32 ``(B, T, C)`` tensor with T > :data:`FLOAT32_KERNEL_MAX_T`; float32 for a
+    device), so the answer accounts for build failures and failed checks (then 'torch').  With ``build=False`` nothing is
     compiled or run and the intended backend is returned (a kernel that already failed
     to build in this process still reports 'torch').
     """
     device = _device_of(x)
     if not build:
         return _select(device.type, False)
-    dtype = _compute_dtype(x) if isinstance(x, torch.Tensor) else torch.float32
+    dtype = torch.float32
+    if isinstance(x, torch.Tensor):
+        dtype = _compute_dtype(x)
+        if x.dim() == 3:  # like k: (B, T, C)
+            dtype = _kernel_dtype(dtype, x.shape[1])
     return _select_for_call(str(device), dtype)
 
 

@@ -444,6 +444,20 @@ def test_long_float32_calls_run_the_float64_kernel(cpu_kernel, monkeypatch, T, d
     assert not all(torch.equal(x, o) for x, o in zip(got, other))
 
 
+def test_backend_for_checks_the_dtype_the_call_runs_in(monkeypatch):
+    """backend_for(k) answers for (and self-checks) the kernel's dtype of a call on k: float64 for
+    a float32 (B, T, C) tensor longer than FLOAT32_KERNEL_MAX_T, else k's own."""
+    asked = []
+    monkeypatch.setattr(dispatch, "_select_for_call", lambda device, dtype: asked.append(dtype) or "cpu")
+    monkeypatch.setattr(dispatch, "FLOAT32_KERNEL_MAX_T", 100)
+    for T in (100, 101):
+        cuda_wkv.backend_for(torch.zeros(1, T, 2))
+    cuda_wkv.backend_for(torch.zeros(1, 101, 2, dtype=torch.float16))
+    cuda_wkv.backend_for(torch.zeros(101))  # not (B, T, C): its own dtype
+    cuda_wkv.backend_for("cpu")
+    assert asked == [torch.float32, torch.float64, torch.float64, torch.float32, torch.float32]
+
+
 def test_float32_beyond_the_limit_is_float64_rounded(cpu_kernel, monkeypatch):
     """At the shipped limit: T = 2^18 + 1 in float32 runs the float64 kernel (its values and
     gradients rounded to float32, bit for bit)."""
