@@ -15,7 +15,7 @@ from . import loader
 from .reference import _compute_dtype, bi_wkv_scan
 
 __all__ = ["bi_wkv", "backend_for", "requested_backend", "kernel_backend", "kernel_bi_wkv",
-           "BACKEND_ENV", "FLOAT32_KERNEL_MAX_T"]
+           "BACKEND_ENV", "FLOAT32_KERNEL_MAX_T", "FLOAT32_MAX_T_ENV", "float32_max_t"]
 
 BACKEND_ENV = "CUDA_WKV_BACKEND"
 _VALID_BACKENDS = ("auto", "cpu", "cuda", "torch")
@@ -132,7 +132,7 @@ def backend_for(x: Union[torch.Tensor, torch.device, str], build: bool = True) -
 
     With ``build=True`` (default) the kernel is built/loaded if needed and self-checked
     (for the dtype a call on ``x`` runs the kernel in: its computation dtype, float64 for a
-    float32 ``(B, T, C)`` tensor with T > :data:`FLOAT32_KERNEL_MAX_T`; float32 for a
+    float32 ``(B, T, C)`` tensor with T > :func:`float32_max_t`; float32 for a
     device), so the answer accounts for build failures and failed checks (then 'torch').  With ``build=False`` nothing is
     compiled or run and the intended backend is returned (a kernel that already failed
     to build in this process still reports 'torch').
@@ -155,18 +155,41 @@ def kernel_backend(x: Union[torch.Tensor, torch.device, str]) -> Optional[str]:
     return None if backend == "torch" else backend
 
 
-# The longest sequence the compiled kernels compute in float32: longer float32 (and float16 /
-# bfloat16) calls run the float64 kernel and round its results, because the float32 kernel's gw
-# drifts past 1e-5 of the largest entry from about T = 2^20 (docs/wkv.md, "Longer still": the
-# rounding of the backward states' float32 sums adds up).  Up to 2^18 it is within 8.8e-6 (measured);
-# GLSP's calls are at most 32 768 long.
+# The longest sequence the compiled kernels compute in float32 by default: longer float32 (and
+# float16 / bfloat16) calls run the float64 kernel and round its results, because the float32
+# kernel's gw drifts past 1e-5 of the largest entry from about T = 2^20 (docs/wkv.md, "Longer
+# still": the rounding of the backward states' float32 sums adds up).  Up to 2^18 it is within
+# 8.8e-6 (measured); GLSP's calls are at most 32 768 long.  FLOAT32_MAX_T_ENV overrides it.
 FLOAT32_KERNEL_MAX_T = 1 << 18
+FLOAT32_MAX_T_ENV = "CUDA_WKV_FLOAT32_MAX_T"
+
+
+def float32_max_t() -> int:
+    """The longest T the compiled kernels compute in float32: ``CUDA_WKV_FLOAT32_MAX_T`` (a
+    positive integer; read at every call) or :data:`FLOAT32_KERNEL_MAX_T`.  Raises ValueError
+    naming the variable for any other value."""
+    raw = os.environ.get(FLOAT32_MAX_T_ENV, "").strip()
+    if not raw:
+        return FLOAT32_KERNEL_MAX_T
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{FLOAT32_MAX_T_ENV}={raw!r} is not a positive integer: it is the longest "
+                         f"sequence the WKV kernels compute in float32 (default {FLOAT32_KERNEL_MAX_T}; "
+                         "longer float32 calls run in float64); unset it or give e.g. 1048576")
+    return value
+
+
+if _assume_const is not None:  # torch.compile: evaluated eagerly, baked into the graph
+    float32_max_t = _assume_const(float32_max_t)
 
 
 def _kernel_dtype(compute_dtype: torch.dtype, T: int) -> torch.dtype:
     """The dtype the compiled kernel runs in for a call of length ``T`` whose inputs compute in
-    ``compute_dtype``: float64 for float32 calls longer than :data:`FLOAT32_KERNEL_MAX_T`."""
-    if compute_dtype == torch.float32 and T > FLOAT32_KERNEL_MAX_T:
+    ``compute_dtype``: float64 for float32 calls longer than :func:`float32_max_t`."""
+    if compute_dtype == torch.float32 and T > float32_max_t():
         return torch.float64
     return compute_dtype
 
@@ -346,10 +369,10 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     Differentiable w.r.t. all four inputs.  Computation happens in float32 (float64
     for float64 inputs); float16 / bfloat16 inputs (e.g. under AMP) are upcast
     internally and the result is cast back.  The compiled kernels compute calls longer
-    than :data:`FLOAT32_KERNEL_MAX_T` (2^18) in float64, whose values and gradients are
-    then rounded (on a CPU about 3.5x the time and memory of the float32 kernel;
-    docs/wkv.md, "Longer still"): the float32 kernel's ``gw`` would miss 1e-5 from about
-    T = 2^20.  Backend: the C++ kernel for CPU tensors,
+    than :func:`float32_max_t` (2^18 unless ``CUDA_WKV_FLOAT32_MAX_T`` says otherwise) in
+    float64, whose values and gradients are then rounded (on a CPU about 3.5x the time and
+    3.3x the memory of the float32 kernel; docs/wkv.md, "Longer still"): the float32
+    kernel's ``gw`` would miss 1e-5 from about T = 2^20.  Backend: the C++ kernel for CPU tensors,
     the CUDA kernel for CUDA tensors, the PyTorch O(T) scan (:func:`bi_wkv_scan`) if the
     kernel cannot be built, if ``CUDA_WKV_BACKEND=torch``, or if the CUDA kernel failed
     its self-check (run on its first use per device and dtype, see

@@ -426,12 +426,12 @@ def _kernel_rounded(args, gy, dtype, kernel_dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("T", [100, 101])
 def test_long_float32_calls_run_the_float64_kernel(cpu_kernel, monkeypatch, T, dtype):
-    """Calls longer than FLOAT32_KERNEL_MAX_T (lowered here to 100) that would compute in float32
+    """Calls longer than CUDA_WKV_FLOAT32_MAX_T (here 100) that would compute in float32
     give the float64 kernel's values and gradients rounded, bit for bit; calls up to it the float32
     kernel's (which differ from those in the last bits)."""
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
-    monkeypatch.setattr(dispatch, "FLOAT32_KERNEL_MAX_T", 100)
+    monkeypatch.setenv("CUDA_WKV_FLOAT32_MAX_T", "100")
     args = _inputs(2, T, 5, wT=3.0, kscale=2.0, dtype=dtype, seed=11)
     gy = torch.randn(2, T, 5, generator=torch.Generator().manual_seed(12)).to(dtype)
     got = _kernel_grads(args, gy)
@@ -446,10 +446,10 @@ def test_long_float32_calls_run_the_float64_kernel(cpu_kernel, monkeypatch, T, d
 
 def test_backend_for_checks_the_dtype_the_call_runs_in(monkeypatch):
     """backend_for(k) answers for (and self-checks) the kernel's dtype of a call on k: float64 for
-    a float32 (B, T, C) tensor longer than FLOAT32_KERNEL_MAX_T, else k's own."""
+    a float32 (B, T, C) tensor longer than CUDA_WKV_FLOAT32_MAX_T, else k's own."""
     asked = []
     monkeypatch.setattr(dispatch, "_select_for_call", lambda device, dtype: asked.append(dtype) or "cpu")
-    monkeypatch.setattr(dispatch, "FLOAT32_KERNEL_MAX_T", 100)
+    monkeypatch.setenv("CUDA_WKV_FLOAT32_MAX_T", "100")
     for T in (100, 101):
         cuda_wkv.backend_for(torch.zeros(1, T, 2))
     cuda_wkv.backend_for(torch.zeros(1, 101, 2, dtype=torch.float16))
@@ -458,9 +458,38 @@ def test_backend_for_checks_the_dtype_the_call_runs_in(monkeypatch):
     assert asked == [torch.float32, torch.float64, torch.float64, torch.float32, torch.float32]
 
 
+@needs_gpu
+def test_cuda_long_float32_calls_run_the_float64_kernel(monkeypatch):
+    """On CUDA as on the CPU: beyond CUDA_WKV_FLOAT32_MAX_T (here 100) a float32 call is the float64
+    CUDA kernel's values and gradients rounded, bit for bit, after that kernel's own self-check."""
+    monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
+    monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
+    monkeypatch.setenv("CUDA_WKV_FLOAT32_MAX_T", "100")
+    args = [x.cuda() for x in _inputs(2, 101, 5, wT=3.0, kscale=2.0, dtype=torch.float32, seed=15)]
+    gy = torch.randn(2, 101, 5, generator=torch.Generator().manual_seed(16)).cuda()
+    assert cuda_wkv.backend_for(args[2]) == "cuda"
+    got = _kernel_grads(args, gy)
+    for name, x, e in zip(["y", "gw", "gu", "gk", "gv"], got,
+                          _kernel_rounded(args, gy, torch.float32, torch.float64)):
+        assert torch.equal(x, e), name
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1e6", "abc"])
+def test_bad_float32_max_t_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("CUDA_WKV_FLOAT32_MAX_T", value)
+    args = _inputs(1, 5, 2, dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"CUDA_WKV_FLOAT32_MAX_T='{re.escape(value)}' is not a positive "
+                                         "integer: it is the longest sequence the WKV kernels compute in "
+                                         "float32 \\(default 262144"):
+        bi_wkv(*args)
+    monkeypatch.setenv("CUDA_WKV_FLOAT32_MAX_T", " ")  # blank: the default
+    assert dispatch.float32_max_t() == cuda_wkv.FLOAT32_KERNEL_MAX_T == 262144
+
+
 def test_float32_beyond_the_limit_is_float64_rounded(cpu_kernel, monkeypatch):
     """At the shipped limit: T = 2^18 + 1 in float32 runs the float64 kernel (its values and
     gradients rounded to float32, bit for bit)."""
+    monkeypatch.delenv("CUDA_WKV_FLOAT32_MAX_T", raising=False)
     monkeypatch.delenv("CUDA_WKV_BACKEND", raising=False)
     monkeypatch.delenv("CUDA_WKV_CHUNK", raising=False)
     T = cuda_wkv.FLOAT32_KERNEL_MAX_T + 1
@@ -1022,15 +1051,16 @@ def test_bench_wkv_chunk_sweep_writes_its_table(cpu_kernel, tmp_path, monkeypatc
     for _, cells in rows:
         errs = [float(x) for x in cells.split(" | ")]
         assert len(errs) == 5 and all(0 <= e <= 1e-4 for e in errs), cells
-    # beyond FLOAT32_KERNEL_MAX_T (lowered to 299) bi_wkv's row is the float64 kernel's rounding
-    from cuda_wkv import dispatch
-    monkeypatch.setattr(dispatch, "FLOAT32_KERNEL_MAX_T", 299)
+    # beyond CUDA_WKV_FLOAT32_MAX_T = 299 bi_wkv's row is the float64 kernel's rounding
+    monkeypatch.setenv("CUDA_WKV_FLOAT32_MAX_T", "299")
     assert bench.main(["--chunk-sweep", "--T", "300", "--C", "3", "--seeds", "1", "--chunks", "7",
-                       "--out-dir", str(tmp_path)]) == 0
+                       "--vs-scan", "--out-dir", str(tmp_path)]) == 0
     md = (tmp_path / "wkv_chunk_sweep_cpu.md").read_text()
-    assert "for T > 299 the float64 kernel's results rounded" in md
+    assert "for T > 299 the float64 kernel's results rounded" in md and "--chunks 7 --vs-scan`" in md
     cells = re.search(r"^\| bi_wkv \| (.+) \|$", md, re.M).group(1)
     assert all(0 <= float(x) <= 2 ** -24 for x in cells.split(" | ")), cells
+    cells = re.search(r"^\| float64 kernel vs bi_wkv_scan \| (.+) \|$", md, re.M).group(1)
+    assert all(0 <= float(x) <= 1e-12 for x in cells.split(" | ")), cells
     # without the compiled kernel there are no chunks to sweep: refused, the environment restored
     import cuda_wkv
     monkeypatch.setattr(cuda_wkv, "backend_for", lambda x, build=True: "torch")

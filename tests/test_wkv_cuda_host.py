@@ -414,8 +414,9 @@ def _device_math_vs_float64(host_kernel, device_kernel, T, C, wT, kscale):
 def test_host_exp_and_log_within_an_ulp(host_kernel, dtype):
     """The CPU kernel's exp and log (branch-free polynomials, so that its channel loops vectorise)
     over their range in the kernels: exp of x from the normal range's edge to 1 (weights relative
-    to a reference) and log of totals x >= 1, within 1 ulp of the exact value (float32: e^x and
-    log x in float64; float64: the C library's, Python's math, itself within half an ulp).  exp is
+    to a reference) and log of totals x >= 1: float32 within 1 ulp of e^x and log x (computed in
+    float64), float64 within 1.5 ulp of the C library's (Python's math, itself within half an ulp
+    of the exact value; ours measured within 1.003 ulp of it, 1.0 of the library's).  exp is
     0 below the normal range, as e^-inf, and exactly 1 at 0; log exactly 0 at 1.  Until 2026-12-06
     the float exp returned e^-87 for every x in [-87.3, -87) and the double one was the library's."""
     rng = np.random.default_rng(7)
@@ -440,7 +441,8 @@ def test_host_exp_and_log_within_an_ulp(host_kernel, dtype):
 
     x = np.concatenate([rng.uniform(edge, 1.0, n), rng.uniform(-1.0, 1.0, n),
                         [edge, edge + 0.05, edge + 0.2, -np.log(2.0) / 2, np.log(2.0) / 2, 1.0]])
-    assert ulps(run("exp", x), exact(math.exp, x)).max() <= 1.0
+    bound = 1.5 if f64 else 1.0
+    assert ulps(run("exp", x), exact(math.exp, x)).max() <= bound
     assert run("exp", [0.0])[0] == 1.0
     assert (run("exp", [-np.inf, edge - 0.01, edge - 40.0, -1e30]) == 0.0).all()
     top = 700.0 if f64 else 88.0
@@ -448,7 +450,7 @@ def test_host_exp_and_log_within_an_ulp(host_kernel, dtype):
                         1.0 + np.arange(1, 1000) * np.finfo(dtype).eps, np.exp2(np.arange(0.0, 100.0)),
                         [np.sqrt(2.0), np.nextafter(np.sqrt(2.0), 2.0), np.finfo(dtype).max]])
     x = x.astype(dtype)
-    assert ulps(run("log", x), exact(math.log, x)).max() <= 1.0
+    assert ulps(run("log", x), exact(math.log, x)).max() <= bound
     assert run("log", [1.0])[0] == 0.0
 
 

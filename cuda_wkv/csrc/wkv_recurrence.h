@@ -115,8 +115,9 @@ template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
 //   (x ~ -ln n for a sum that matters), ~12 ulp at n = 32768.  Results below 2^-126 are
 //   flushed to 0, as the host's polynomial does (the kernels' totals are then exactly 0).
 // * Host, float: a branch-free polynomial that gcc/clang vectorise (Cody-Waite range
-//   reduction + degree-6 minimax polynomial, ~1-2 ulp), 0 below the normal range (e^{-inf} =
-//   0); double: the library exp.
+//   reduction + degree-6 minimax polynomial, within ~1 ulp), 0 below e^-87.3, just above the
+//   smallest normal number (e^{-inf} = 0); double: likewise, below.  Both assume x <= ~88
+//   (float) or ~709 (double): larger x give e^88 or e^709, not infinity; the kernels' x are <= 1.
 // * WKV_DEVICE_MATH_ON_HOST (the tests' stand-in for the GPU): the same rounded y, 2^y
 //   correctly rounded, then moved 2 ulps in the direction WKV_DEVICE_MUFU_BIAS (-1, 0 = none,
 //   +1; the tests bias every result to the hardware's bound), flushed below 2^-126; with
@@ -171,7 +172,8 @@ WKV_HD float wkv_exp(float x) {
 // e^x in double.  CUDA: the library's exp.  Host: as the float version -- Cody-Waite range
 // reduction (ln 2 split in a high part with 11 trailing zero bits, so n * ln2_hi is exact, and
 // a low correction) to |r| <= ln(2)/2, then the degree-13 Taylor polynomial of e^r (truncation
-// r^14/14! < 5e-18, 0.02 ulp), ~1 ulp; 0 below the normal range.  Branch-free, so the channel
+// r^14/14! < 5e-18, 0.02 ulp), ~1 ulp; 0 below e^-708.39, just above the smallest normal
+// number; x above 709 gives e^709 (see the float version).  Branch-free, so the channel
 // loops vectorise (std::exp is a scalar call: the float64 kernel took 13x the float32 one's
 // time at B = 2, T = 32768, C = 64; docs/wkv.md, "Longer still").
 WKV_HD double wkv_exp(double x) {
@@ -198,7 +200,9 @@ WKV_HD double wkv_exp(double x) {
   q = q * r + 1.0 / 6.0;
   q = q * r + 0.5;
   q = q * r * r + r + 1.0;
-  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;  // 2^n, n in [-1022, 1023]
+  // 2^n, n in [-1022, 1023]; through int32, as conversions between double and int64 need
+  // AVX-512DQ to vectorise (with AVX2 alone gcc 12 left every loop of the float64 kernel scalar)
+  const int64_t bits = static_cast<int64_t>(static_cast<int32_t>(n) + 1023) << 52;
   double scale;
   std::memcpy(&scale, &bits, sizeof(double));
   return under ? 0.0 : q * scale;
@@ -256,7 +260,8 @@ WKV_HD float wkv_log(float x) {
 #endif
 }
 
-// log x in double of a positive normal number.  CUDA: the library's log.  Host: exponent e
+// log x in double of a positive normal finite number (the host version returns garbage for
+// anything else: 0, subnormals, infinities, NaN).  CUDA: the library's log.  Host: exponent e
 // from the bits, mantissa m in [sqrt(1/2), sqrt(2)), f = m - 1, s = f / (2 + f) (|s| <= 0.172):
 // log m = 2 atanh s = f - (f^2/2 - s (f^2/2 + R)), R = sum_{j=1..11} 2 s^{2j} / (2j + 1)
 // (truncation < 1e-18 relative), plus e ln 2 in the two parts of the exp; ~1 ulp, one
@@ -267,7 +272,7 @@ WKV_HD double wkv_log(double x) {
 #else
   int64_t bits;
   std::memcpy(&bits, &x, sizeof(double));
-  int64_t e = ((bits >> 52) & 0x7ff) - 1023;
+  int32_t e = static_cast<int32_t>((bits >> 52) & 0x7ff) - 1023;  // int32: see wkv_exp
   bits = (bits & 0x000fffffffffffffLL) | 0x3ff0000000000000LL;  // mantissa in [1, 2)
   double m;
   std::memcpy(&m, &bits, sizeof(double));
