@@ -11,6 +11,8 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
+from nnunetv2_ext.env_options import env_int
+
 from . import loader
 from .reference import _compute_dtype, bi_wkv_scan
 
@@ -165,21 +167,11 @@ FLOAT32_MAX_T_ENV = "CUDA_WKV_FLOAT32_MAX_T"
 
 
 def float32_max_t() -> int:
-    """The longest T the compiled kernels compute in float32: ``CUDA_WKV_FLOAT32_MAX_T`` (a
-    positive integer; read at every call) or :data:`FLOAT32_KERNEL_MAX_T`.  Raises ValueError
-    naming the variable for any other value."""
-    raw = os.environ.get(FLOAT32_MAX_T_ENV, "").strip()
-    if not raw:
-        return FLOAT32_KERNEL_MAX_T
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"{FLOAT32_MAX_T_ENV}={raw!r} is not a positive integer: it is the longest "
-                         f"sequence the WKV kernels compute in float32 (default {FLOAT32_KERNEL_MAX_T}; "
-                         "longer float32 calls run in float64); unset it or give e.g. 1048576")
-    return value
+    """The longest T the compiled kernels compute in float32: ``CUDA_WKV_FLOAT32_MAX_T`` (an
+    integer >= 1; read at every call) or :data:`FLOAT32_KERNEL_MAX_T`.  Raises
+    :class:`nnunetv2_ext.env_options.EnvOptionError` (a ValueError) naming the variable for any
+    other value."""
+    return env_int(FLOAT32_MAX_T_ENV, FLOAT32_KERNEL_MAX_T, 1, 1 << 62)
 
 
 if _assume_const is not None:  # torch.compile: evaluated eagerly, baked into the graph

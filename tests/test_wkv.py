@@ -478,9 +478,8 @@ def test_cuda_long_float32_calls_run_the_float64_kernel(monkeypatch):
 def test_bad_float32_max_t_is_a_clear_error(monkeypatch, value):
     monkeypatch.setenv("CUDA_WKV_FLOAT32_MAX_T", value)
     args = _inputs(1, 5, 2, dtype=torch.float32)
-    with pytest.raises(ValueError, match=f"CUDA_WKV_FLOAT32_MAX_T='{re.escape(value)}' is not a positive "
-                                         "integer: it is the longest sequence the WKV kernels compute in "
-                                         "float32 \\(default 262144"):
+    with pytest.raises(ValueError, match=f"CUDA_WKV_FLOAT32_MAX_T='{re.escape(value)}' is invalid: expected "
+                                         "an integer in \\[1, "):
         bi_wkv(*args)
     monkeypatch.setenv("CUDA_WKV_FLOAT32_MAX_T", " ")  # blank: the default
     assert dispatch.float32_max_t() == cuda_wkv.FLOAT32_KERNEL_MAX_T == 262144
