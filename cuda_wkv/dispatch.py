@@ -362,7 +362,7 @@ def bi_wkv(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     for float64 inputs); float16 / bfloat16 inputs (e.g. under AMP) are upcast
     internally and the result is cast back.  The compiled kernels compute calls longer
     than :func:`float32_max_t` (2^18 unless ``CUDA_WKV_FLOAT32_MAX_T`` says otherwise) in
-    float64, whose values and gradients are then rounded (on a CPU about 3.5x the time and
+    float64, whose values and gradients are then rounded (on a CPU about 3.1x the time and
     3.3x the memory of the float32 kernel; docs/wkv.md, "Longer still"): the float32
     kernel's ``gw`` would miss 1e-5 from about T = 2^20.  Backend: the C++ kernel for CPU tensors,
     the CUDA kernel for CUDA tensors, the PyTorch O(T) scan (:func:`bi_wkv_scan`) if the
