@@ -124,6 +124,10 @@ template <typename F> WKV_HD F quiet_nan() { return static_cast<F>(NAN); }
 //   WKV_DEVICE_EXP_KEEPS_SUBNORMALS as well, the library's accurate exp, which keeps
 //   subnormal results as CUDA's expf does (the tests of the totals such results make).
 constexpr float kLog2e = 1.44269504088896341f;
+// ln 2 in two parts for the host exp's and log's Cody-Waite reductions: a high part whose
+// trailing zero bits make n * hi exact for their exponents n, and the rest.
+constexpr float kLn2HiF = 0.693359375f, kLn2LoF = -2.12194440e-4f;
+constexpr double kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
 #ifndef WKV_DEVICE_MUFU_BIAS
 #define WKV_DEVICE_MUFU_BIAS 0
 #endif
@@ -153,8 +157,8 @@ WKV_HD float wkv_exp(float x) {
   x = x > 88.0f ? 88.0f : x;
   // round(x / ln2) with the 1.5*2^23 trick (exact for |x/ln2| < 2^22, no libm call)
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = x - n * 0.693359375f;  // ln2 split in a high part exact in float ...
-  r = r - n * -2.12194440e-4f;     // ... and a low correction
+  float r = x - n * kLn2HiF;
+  r = r - n * kLn2LoF;
   float q = 1.9875691500e-4f;
   q = q * r + 1.3981999507e-3f;
   q = q * r + 8.3334519073e-3f;
@@ -185,8 +189,8 @@ WKV_HD double wkv_exp(double x) {
   x = x > 709.0 ? 709.0 : x;
   // round(x / ln2) with the 1.5*2^52 trick (exact for |x/ln2| < 2^51)
   const double n = (x * 1.4426950408889634 + 6755399441055744.0) - 6755399441055744.0;
-  double r = x - n * 6.93147180369123816490e-01;
-  r = r - n * 1.90821492927058770002e-10;
+  double r = x - n * kLn2Hi;
+  r = r - n * kLn2Lo;
   double q = 1.0 / 6227020800.0;  // 1/13!
   q = q * r + 1.0 / 479001600.0;
   q = q * r + 1.0 / 39916800.0;
@@ -255,8 +259,8 @@ WKV_HD float wkv_log(float x) {
   p = p * f + 2.0000714765e-1f;
   p = p * f - 2.4999993993e-1f;
   p = p * f + 3.3333331174e-1f;
-  const float y = f * z * p + ef * -2.12194440e-4f - 0.5f * z;
-  return (f + y) + ef * 0.693359375f;
+  const float y = f * z * p + ef * kLn2LoF - 0.5f * z;
+  return (f + y) + ef * kLn2HiF;
 #endif
 }
 
@@ -293,8 +297,7 @@ WKV_HD double wkv_log(double x) {
   p = p * z + 2.0 / 5.0;
   p = p * z + 2.0 / 3.0;
   const double R = z * p;
-  return ed * 6.93147180369123816490e-01 -
-         ((hfsq - (s * (hfsq + R) + ed * 1.90821492927058770002e-10)) - f);
+  return ed * kLn2Hi - ((hfsq - (s * (hfsq + R) + ed * kLn2Lo)) - f);
 #endif
 }
 
