@@ -1,4 +1,6 @@
 """Light conv decoder: shapes/scales from varied plans, deep-supervision weights, loss wiring, gradients."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -109,6 +111,16 @@ def test_loss_wiring_weights_and_sum():
     manual = sum(w * loss.loss(o, t) for w, o, t in zip(np.array([8, 4, 2, 1]) / 15, out, targets))
     torch.testing.assert_close(total, manual)
     assert type(loss.loss).__name__ == 'DC_and_CE_loss'
+
+
+def test_two_stage_plans_supervise_one_output_without_a_numpy_warning():
+    """One supervised output gets weight 1; nnU-Net's own weights (0/0 there, replaced) warn nothing."""
+    cm = make_configuration(patch_size=[8, 12, 16], strides=[[1, 1, 1], [2, 2, 2]], features=[4, 4])
+    trainer = make_trainer(nnUNetTrainerLightDecoder, cm)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        loss = trainer._build_loss()
+    np.testing.assert_allclose(loss.weight_factors, [1.0])
 
 
 def test_regions_use_bce_dice_and_one_head_per_region():

@@ -163,7 +163,8 @@ class nnUNetTrainerExtBase(CrashSafeCheckpoints, nnUNetTrainer):
         return None if scales is None else scales[:NUM_DS_OUTPUTS]
 
     def _build_loss(self):
-        loss = super()._build_loss()
+        with np.errstate(invalid='ignore'):  # nnU-Net's own weights, replaced below, are 0/0 for one output
+            loss = super()._build_loss()
         if self.enable_deep_supervision:
             loss.weight_factors = tuple(deep_supervision_weights(len(self._get_deep_supervision_scales())))
         return loss
