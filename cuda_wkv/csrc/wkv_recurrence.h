@@ -156,7 +156,7 @@ WKV_HD float wkv_exp(float x) {
   x = x < -87.3f ? -87.3f : x;
   x = x > 88.0f ? 88.0f : x;
   // round(x / ln2) with the 1.5*2^23 trick (exact for |x/ln2| < 2^22, no libm call)
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float n = (x * kLog2e + 12582912.0f) - 12582912.0f;
   float r = x - n * kLn2HiF;
   r = r - n * kLn2LoF;
   float q = 1.9875691500e-4f;
