@@ -134,10 +134,10 @@ def backend_for(x: Union[torch.Tensor, torch.device, str], build: bool = True) -
 
     With ``build=True`` (default) the kernel is built/loaded if needed and self-checked
     (for the dtype a call on ``x`` runs the kernel in: its computation dtype, float64 for a
-    float32 ``(B, T, C)`` tensor with T > :func:`float32_max_t`; float32 for a
-    device), so the answer accounts for build failures and failed checks (then 'torch').  With ``build=False`` nothing is
-    compiled or run and the intended backend is returned (a kernel that already failed
-    to build in this process still reports 'torch').
+    float32 ``(B, T, C)`` tensor with T > :func:`float32_max_t`; float32 for a device), so
+    the answer accounts for build failures and failed checks (then 'torch').  With
+    ``build=False`` nothing is compiled or run and the intended backend is returned (a
+    kernel that already failed to build in this process still reports 'torch').
     """
     device = _device_of(x)
     if not build:

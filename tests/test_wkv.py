@@ -1027,8 +1027,9 @@ def test_bench_wkv_accuracy_writes_both_tables(cpu_kernel, tmp_path, monkeypatch
 
 def test_bench_wkv_chunk_sweep_writes_its_table(cpu_kernel, tmp_path, monkeypatch):
     """``bench_wkv.py --chunk-sweep`` (one draw, two |w|T, a short sequence): one row per forced
-    chunk length and one of bi_wkv, each with five small errors; the forced length does not leak into the environment, and
-    the caller's CUDA_WKV_CHUNK / CUDA_WKV_BACKEND come back as they were."""
+    chunk length and one of bi_wkv, each with five small errors; the forced length does not leak
+    into the environment, and the caller's CUDA_WKV_CHUNK / CUDA_WKV_BACKEND come back as they
+    were."""
     from bench_scripts import load
 
     bench = load("bench_wkv")
